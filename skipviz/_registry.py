@@ -1,0 +1,135 @@
+"""One entry point over a registry of model families, as timm's ``create_model``.
+
+``create_model("cifar_resnet56")`` builds a randomly initialised network; ``create_model("cifar_resnet56",
+weights="cifar10_gated")`` or ``create_model("cifar_resnet56.cifar10_gated")`` loads a pretrained tag that
+the family registered; ``weights="path/to/file.safetensors"`` loads a local file safely.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ._checkpoint import CheckpointError, apply_state_dict, load_state_dict
+from .weights import read_card, sha256_file
+
+_MODELS: dict[str, Callable[..., Any]] = {}
+_PRETRAINED: dict[tuple[str, str], "PretrainedWeights"] = {}
+
+
+def data_dir() -> Path:
+    """Where shipped weights live: ``$SKIPVIZ_DATA_DIR`` or the repository's ``data/``."""
+    env = os.environ.get("SKIPVIZ_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "data"
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """A named set of weights for an architecture: a file under ``data/`` plus its model card."""
+
+    arch: str
+    tag: str
+    filename: str
+    description: str
+
+    @property
+    def path(self) -> Path:
+        return data_dir() / self.filename
+
+    @property
+    def card_path(self) -> Path:
+        return self.path.with_suffix(".json")
+
+    def available(self) -> bool:
+        return self.path.is_file()
+
+
+def register_model(name: str) -> Callable:
+    """Decorator: register a builder ``fn(**kwargs) -> SkipNetwork`` under ``name``."""
+
+    def deco(fn: Callable) -> Callable:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} registered twice")
+        _MODELS[name] = fn
+        return fn
+
+    return deco
+
+
+def register_pretrained(weights: PretrainedWeights) -> None:
+    _PRETRAINED[(weights.arch, weights.tag)] = weights
+
+
+def list_models(pretrained: bool = False) -> list[str]:
+    """Registered architectures, or with ``pretrained=True`` the ``arch.tag`` names whose file is present."""
+    _import_families()
+    if pretrained:
+        return sorted(f"{a}.{t}" for (a, t), w in _PRETRAINED.items() if w.available())
+    return sorted(_MODELS)
+
+
+def list_pretrained() -> list[PretrainedWeights]:
+    _import_families()
+    return sorted(_PRETRAINED.values(), key=lambda w: (w.arch, w.tag))
+
+
+def _import_families() -> None:
+    from . import models  # noqa: F401  (registers the families)
+
+
+def create_model(name: str, weights: str | os.PathLike | None = None, **kwargs: Any):
+    """Build a registered model, optionally with weights.
+
+    Args:
+        name: an architecture (``list_models()``), or ``arch.tag`` for registered pretrained weights.
+        weights: ``None`` (random init, or the tag in ``name``), a registered tag, or a path to a
+            ``.safetensors`` / weights-only torch file.
+        **kwargs: passed to the family's builder (e.g. ``gates=False``).
+    Returns:
+        a :class:`~skipviz.network.SkipNetwork` in eval mode.
+    """
+    _import_families()
+    arch, _, tag = name.partition(".")
+    if tag and weights is not None:
+        raise ValueError(f"give weights either in the name ({name!r}) or as weights=, not both")
+    if arch not in _MODELS:
+        raise KeyError(f"unknown model {arch!r}; registered: {', '.join(sorted(_MODELS))}")
+    tag = tag or None
+    if weights is not None and (arch, str(weights)) in _PRETRAINED:
+        tag, weights = str(weights), None
+    builder = _MODELS[arch]
+    if tag is not None:
+        pre = _PRETRAINED.get((arch, tag))
+        if pre is None:
+            # families with their own weight sources (torchvision) resolve tags themselves
+            model = builder(weights_tag=tag, **kwargs)
+            return model.eval()
+        if not pre.available():
+            raise FileNotFoundError(f"weights {arch}.{tag} are not in {pre.path.parent}; train them with the command "
+                                    f"in the README, or pass weights=PATH")
+        card = read_card(pre.card_path)
+        model = builder(**{**card.get("model_kwargs", {}), **kwargs})
+        _load_file(model, pre.path, weights_name=tag, card=card)
+        return model.eval()
+    if weights is not None:
+        p = Path(weights)
+        if not p.exists():
+            raise CheckpointError(f"{p}: no such weights file (and not a registered tag for {arch}: "
+                                  f"{[t for (a, t) in _PRETRAINED if a == arch]})")
+        if getattr(builder, "loads_own_weights", False):
+            # families wrapping another library's models read that library's key layout themselves
+            return builder(weights_path=str(p), **kwargs).eval()
+    model = builder(**kwargs)
+    if weights is not None:
+        _load_file(model, p, weights_name=p.stem, card=read_card(p.with_suffix(".json")) if p.suffix != ".json" else {})
+    return model.eval()
+
+
+def _load_file(model, path: Path, weights_name: str, card: dict) -> None:
+    state = load_state_dict(path)
+    apply_state_dict(model, state, source=path.name)
+    model.meta.weights_name = weights_name
+    model.meta.weights_path = str(path)
+    model.meta.weights_sha256 = sha256_file(path)
+    model.meta.card = card

@@ -1,0 +1,119 @@
+"""The ``skipviz`` command: ``predict``, ``train`` (and ``audit``/``bench`` where those modules provide them)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+
+def _load_model(name: str, weights: str | None):
+    from . import create_model
+
+    return create_model(name, weights=weights) if weights else create_model(name)
+
+
+def default_policy_for(net, threshold: float | None):
+    """The policy a model ships with (its card's default threshold), or full when it has no gates."""
+    from .policies import FullPolicy, GatePolicy
+
+    if not net.gated_blocks:
+        return FullPolicy()
+    if threshold is None:
+        threshold = float(net.meta.card.get("default_policy", {}).get("threshold", 0.5))
+    return GatePolicy(threshold)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import DEFAULT_MODEL
+    from ._checkpoint import CheckpointError
+    from ._imageio import ImageLoadError, load_image
+
+    try:
+        net = _load_model(args.model or DEFAULT_MODEL, args.weights)
+    except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    policy = default_policy_for(net, args.threshold)
+    status = 0
+    for path in args.images:
+        try:
+            image, info = load_image(path)
+        except ImageLoadError as e:
+            print(f"{path}: error: {e}", file=sys.stderr)
+            status = 1
+            continue
+        with torch.no_grad():
+            trace = net.run(net.meta.preprocess(image), policy).traces()[0]
+        print(f"\n{path}  ({info.width}x{info.height} {info.format}, sha256 {info.sha256[:12]})")
+        print(f"model {net.meta.display_name}, policy {policy.config()}")
+        print(f"prediction: {trace.predicted_label} ({trace.confidence:.1%})")
+        table = pd.DataFrame([{"block": b.name, "executed": "yes" if b.executed else "no",
+                               "gate": "" if b.score is None else f"{b.score:.3f}", "reason": b.reason,
+                               "MFLOPs": b.flops / 1e6} for b in trace.blocks])
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        print(f"blocks run {trace.blocks_executed}/{trace.blocks_total}; FLOPs {trace.flops_executed / 1e6:.2f}M of "
+              f"{trace.flops_full / 1e6:.2f}M full: {trace.flops_saved_fraction:.1%} saved")
+    return status
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, export, train
+
+    cfg = TrainConfig(arch=args.arch, epochs=args.epochs, seed=args.seed, target_rate=args.target_rate,
+                      batch_size=args.batch_size, lr=args.lr, data_root=args.data,
+                      out_dir=args.out or f"runs/{args.arch}", limit_train=args.limit_train)
+    run_dir = train(cfg)
+    if args.export:
+        path, card = export(cfg, run_dir, dest=Path(args.dest) if args.dest else None)
+        m = card["metrics_test"]
+        print(f"wrote {path}: full {m['full_accuracy']:.2%}, gated {m['gated_accuracy']:.2%} at threshold "
+              f"{m['gated_threshold']}, {m['gated_flops_saved_fraction']:.1%} FLOPs saved")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="skipviz", description="Layer-skipping networks: run, inspect, audit.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="classify images and show every block's decision")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model", default=None, help="registered name (default: the embedded default model)")
+    p.add_argument("--weights", default=None, help="a .safetensors or weights-only torch file")
+    p.add_argument("--threshold", type=float, default=None, help="gate threshold (default: the model card's)")
+    p.set_defaults(func=cmd_predict)
+
+    t = sub.add_parser("train", help="train a gated CIFAR ResNet (resumable)")
+    t.add_argument("--arch", default="cifar_resnet20")
+    t.add_argument("--epochs", type=int, default=15)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--target-rate", type=float, default=0.4)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--data", default=None, help="ImageFolder root (default: $SKIPVIZ_CIFAR10 or ../shared)")
+    t.add_argument("--out", default=None, help="run folder (default runs/ARCH)")
+    t.add_argument("--limit-train", type=int, default=None, help="use only this many training images")
+    t.add_argument("--export", action="store_true", help="evaluate and write weights + model card to data/")
+    t.add_argument("--dest", default=None, help="export folder (default data/)")
+    t.set_defaults(func=cmd_train)
+
+    for extra in ("audit", "bench"):
+        try:
+            module = __import__(f"skipviz.{'audit' if extra == 'audit' else 'timing'}", fromlist=["add_cli"])
+        except ImportError:
+            continue
+        if hasattr(module, "add_cli"):
+            module.add_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Data: any torchvision ``ImageFolder`` root (CIFAR-10 from ``../shared`` by default), decoded once into
+uint8 tensors, a seeded validation split carved from ``train/``, and batched GPU/CPU augmentation.
+
+The data set is never copied into the project: it is found at ``$SKIPVIZ_CIFAR10`` or
+``<repo>/../shared/datasets/cifar10``; decoded tensors are cached under ``$SKIPVIZ_CACHE`` (default
+``~/.cache/skipviz``), keyed by a hash of the file list.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.datasets import ImageFolder
+from tqdm import tqdm
+
+CIFAR10_ENV = "SKIPVIZ_CIFAR10"
+
+
+def cifar10_root() -> Path | None:
+    """The CIFAR-10 ImageFolder root, or ``None`` when it is not on this machine."""
+    env = os.environ.get(CIFAR10_ENV)
+    root = Path(env) if env else Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "cifar10"
+    return root if (root / "train").is_dir() and (root / "test").is_dir() else None
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("SKIPVIZ_CACHE", Path.home() / ".cache" / "skipviz"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@dataclass
+class TensorDataset:
+    """A decoded split: ``images`` (N, 3, H, W) uint8, ``labels`` (N,) long, plus provenance."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    files: list[str]
+    root: str
+    files_sha256: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: torch.Tensor | np.ndarray | list[int]) -> "TensorDataset":
+        idx_t = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        files = [self.files[i] for i in idx_t.tolist()]
+        return TensorDataset(self.images[idx_t], self.labels[idx_t], self.classes, files, self.root,
+                             file_list_sha256(files))
+
+
+def file_list_sha256(files: list[str]) -> str:
+    """SHA-256 of the sorted relative file list: identifies exactly which images a split holds."""
+    return hashlib.sha256("\n".join(sorted(files)).encode()).hexdigest()
+
+
+def _decode(path: str, size: tuple[int, int]) -> np.ndarray:
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.size != size:
+            im = im.resize(size, Image.BILINEAR)
+        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def load_split(root: str | Path, split: str, size: tuple[int, int] = (32, 32), progress: bool = True) -> TensorDataset:
+    """Decode ``root/split`` (ImageFolder layout) to uint8 tensors, using the on-disk cache when valid."""
+    folder = ImageFolder(str(Path(root) / split))
+    rel = [os.path.relpath(p, folder.root) for p, _ in folder.samples]
+    digest = file_list_sha256(rel)
+    cache = cache_dir() / f"{Path(root).name}_{split}_{size[0]}x{size[1]}_{digest[:16]}.pt"
+    if cache.is_file():
+        blob = torch.load(cache, weights_only=True)
+        return TensorDataset(blob["images"], blob["labels"], folder.classes, rel, str(root), digest)
+    paths = [p for p, _ in folder.samples]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        arrays = list(tqdm(pool.map(lambda p: _decode(p, size), paths, chunksize=256), total=len(paths),
+                           desc=f"decoding {split}", disable=not progress))
+    images = torch.from_numpy(np.stack(arrays))
+    labels = torch.tensor(folder.targets, dtype=torch.long)
+    tmp = cache.with_suffix(".tmp")
+    torch.save({"images": images, "labels": labels}, tmp)
+    tmp.replace(cache)
+    return TensorDataset(images, labels, folder.classes, rel, str(root), digest)
+
+
+def train_val_split(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``range(n)`` into (train indices, validation indices)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[val_size:]), np.sort(perm[:val_size])
+
+
+def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(N, 3, H, W) uint8 -> float32 normalised."""
+    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - m) / s
+
+
+def augment(images: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop with zero padding + horizontal flip, batched. (N, 3, H, W) uint8 -> same shape."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
+    out = padded[torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+    flip = torch.rand(n, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def batches(n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None = None):
+    """Index tensors covering ``range(n)`` in batches."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for i in range(0, n, batch_size):
+        yield order[i: i + batch_size]

@@ -1,0 +1,113 @@
+"""Accuracy and compute of a policy over a data set, and threshold curves (threshold -> accuracy, FLOPs cut)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from .data import TensorDataset, normalize
+from .network import SkipNetwork
+from .policies import EarlyExitPolicy, FullPolicy, GatePolicy, Policy
+
+
+@dataclass
+class PolicyEval:
+    """One policy over one data set. Arrays: ``predictions``/``labels``/``flops`` (N,), ``executed`` (N, L)."""
+
+    policy: dict
+    predictions: np.ndarray
+    labels: np.ndarray
+    executed: np.ndarray
+    flops: np.ndarray
+    flops_full: int
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.predictions == self.labels
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean())
+
+    @property
+    def flops_mean(self) -> float:
+        return float(self.flops.mean())
+
+    @property
+    def flops_saved_fraction(self) -> float:
+        return 1.0 - self.flops_mean / self.flops_full
+
+    @property
+    def blocks_mean(self) -> float:
+        return float(self.executed.sum(1).mean())
+
+    def agreement(self, other: "PolicyEval") -> float:
+        return float((self.predictions == other.predictions).mean())
+
+    def summary(self, reference: "PolicyEval | None" = None) -> dict:
+        out = {"policy": self.policy, "accuracy": self.accuracy, "flops_mean": self.flops_mean,
+               "flops_full": self.flops_full, "flops_saved_fraction": self.flops_saved_fraction,
+               "blocks_mean": self.blocks_mean, "n": int(len(self.labels))}
+        if reference is not None:
+            out["agreement_with_full"] = self.agreement(reference)
+            out["accuracy_drop_points"] = 100.0 * (reference.accuracy - self.accuracy)
+        return out
+
+
+@torch.no_grad()
+def evaluate_policy(net: SkipNetwork, data: TensorDataset, policy: Policy, batch_size: int = 500,
+                    device: torch.device | str | None = None, progress: bool = False) -> PolicyEval:
+    """Run ``policy`` over every image of ``data`` with the real skipping engine."""
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    preds, executed, flops = [], [], []
+    for i in tqdm(range(0, len(data), batch_size), desc=policy.name, disable=not progress, leave=False):
+        x = normalize(data.images[i: i + batch_size].to(device), net.meta.mean, net.meta.std)
+        res = net.run(x, policy)
+        preds.append(res.logits.argmax(1).cpu())
+        executed.append(res.executed)
+        flops.append(res.flops_executed())
+    return PolicyEval(policy=policy.config(), predictions=torch.cat(preds).numpy(), labels=data.labels.numpy(),
+                      executed=torch.cat(executed).numpy(), flops=torch.cat(flops).numpy(),
+                      flops_full=net.flop_table(tuple(data.images.shape[-2:])).full)
+
+
+def threshold_curve(net: SkipNetwork, data: TensorDataset, thresholds: Sequence[float],
+                    make_policy: Callable[[float], Policy] = GatePolicy, reference: PolicyEval | None = None,
+                    batch_size: int = 500, progress: bool = False) -> tuple[pd.DataFrame, list[PolicyEval]]:
+    """Accuracy and FLOPs cut at each threshold. Returns (table, the per-threshold evaluations)."""
+    reference = reference or evaluate_policy(net, data, FullPolicy(), batch_size)
+    rows, evals = [], []
+    for t in tqdm(thresholds, desc="thresholds", disable=not progress):
+        ev = evaluate_policy(net, data, make_policy(float(t)), batch_size)
+        evals.append(ev)
+        rows.append({"threshold": float(t), **{k: v for k, v in ev.summary(reference).items() if k != "policy"}})
+    return pd.DataFrame(rows), evals
+
+
+def early_exit_policy(t: float) -> Policy:
+    return EarlyExitPolicy(t)
+
+
+def pick_threshold(curve: pd.DataFrame, max_drop_points: float = 0.5) -> float:
+    """The threshold with the largest FLOPs cut whose accuracy drop against full is <= ``max_drop_points``;
+    if none qualifies, the one with the smallest drop."""
+    ok = curve[curve["accuracy_drop_points"] <= max_drop_points]
+    if len(ok):
+        return float(ok.sort_values(["flops_saved_fraction", "accuracy"], ascending=False).iloc[0]["threshold"])
+    return float(curve.sort_values("accuracy_drop_points").iloc[0]["threshold"])
+
+
+def blocks_by_outcome(ev: PolicyEval, classes: Sequence[str]) -> tuple[dict, pd.DataFrame]:
+    """Mean blocks executed for correctly vs wrongly classified inputs, and per class."""
+    blocks = ev.executed.sum(1)
+    correct = ev.correct
+    overall = {"correct": float(blocks[correct].mean()) if correct.any() else float("nan"),
+               "wrong": float(blocks[~correct].mean()) if (~correct).any() else float("nan")}
+    per_class = pd.DataFrame({"class": [classes[k] for k in ev.labels], "blocks": blocks, "correct": correct,
+                              "flops": ev.flops}).groupby("class", sort=False).agg(
+        blocks_mean=("blocks", "mean"), accuracy=("correct", "mean"), flops_mean=("flops", "mean")).reset_index()
+    return overall, per_class

@@ -1,0 +1,338 @@
+"""The skipping engine: a residual network whose blocks can be bypassed per input, for real.
+
+A :class:`SkipNetwork` is a stem, an ordered list of :class:`SkippableBlock` and a head, plus optional
+per-block gate heads (decide whether a block runs) and probe heads (a class distribution after every block).
+
+:meth:`SkipNetwork.run` executes a batch under a :class:`~skipviz.policies.Policy`. For every block the
+samples that execute it are gathered, the block runs on them alone, and the result is scattered back; the
+other samples take the block's bypass (identity, or the shortcut of a downsampling block). A bypassed block's
+``forward`` is never called for that sample, so the saved FLOPs are saved time too. Nothing is multiplied by
+zero.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .policies import FullPolicy, Policy
+from .trace import BlockRecord, Reason, SkipResult
+from .weights import ModelMeta
+
+
+class SkippableBlock(nn.Module):
+    """A residual block ``y = act(residual(x) + shortcut(x))`` that can be bypassed.
+
+    ``forward(x)``: (N, C_in, H, W) -> (N, C_out, H', W'). ``bypass(x)``: the output when the block is
+    skipped, same shapes: ``x`` itself for an identity-shortcut block, the shortcut alone for a downsampling
+    block (kept non-negative, like the block's post-activation output).
+    """
+
+    downsample: bool = False
+
+    def bypass(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class GateHead(nn.Module):
+    """ConvNet-AIG-style gate: pooled features -> tiny MLP -> one logit per sample.
+
+    Input (N, C, H, W); output (N,) logits; ``sigmoid`` of it is the probability that the block executes.
+    """
+
+    def __init__(self, channels: int, hidden: int = 16, init_bias: float = 2.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(channels, hidden)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.fc2 = nn.Linear(hidden, 1)
+        nn.init.constant_(self.fc2.bias, init_bias)  # start with every block executing
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = F.relu(self.bn(self.fc1(h.mean((2, 3)))))
+        return self.fc2(z).squeeze(1)
+
+
+class ProbeHead(nn.Module):
+    """Linear classifier on a block's pooled output: (N, C, H, W) -> (N, K) logits."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc(h.mean((2, 3)))
+
+
+@dataclass(frozen=True)
+class FlopTable:
+    """FLOPs (``FlopCounterMode`` counts, 2 per multiply-add) of each part for ONE input of a given size."""
+
+    input_hw: tuple[int, int]
+    stem: int
+    blocks: list[int]
+    bypass: list[int]
+    head: int
+    gates: dict[int, int] = field(default_factory=dict)
+    probes: list[int] = field(default_factory=list)
+
+    @property
+    def full(self) -> int:
+        """The full network: stem + every block + classifier head (no gates, no probes)."""
+        return self.stem + sum(self.blocks) + self.head
+
+
+def count_flops(fn, *args) -> int:
+    """FLOPs of ``fn(*args)`` by ``torch.utils.flop_counter.FlopCounterMode``."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return int(counter.get_total_flops())
+
+
+class SkipNetwork(nn.Module):
+    """A skippable residual network.
+
+    Args:
+        stem: (N, 3, H, W) -> (N, C0, H0, W0).
+        blocks: residual blocks in execution order.
+        head: (N, C_L, H_L, W_L) -> (N, K) logits (pooling + classifier).
+        block_names: one readable name per block (``"stage1.block0"``).
+        meta: classes, input size, normalisation, weights identity (see :class:`~skipviz.weights.ModelMeta`).
+        gates: block index -> gate head, for the blocks that have one.
+        probes: one probe head per block, or ``None``.
+    """
+
+    def __init__(self, stem: nn.Module, blocks: Sequence[SkippableBlock], head: nn.Module, block_names: Sequence[str],
+                 meta: ModelMeta, gates: dict[int, GateHead] | None = None,
+                 probes: Sequence[ProbeHead] | None = None) -> None:
+        super().__init__()
+        if len(block_names) != len(blocks):
+            raise ValueError("one name per block")
+        self.stem = stem
+        self.blocks = nn.ModuleList(blocks)
+        self.head = head
+        self.gates = nn.ModuleDict({str(i): g for i, g in (gates or {}).items()})
+        self.probes = nn.ModuleList(probes) if probes is not None else None
+        self.block_names = list(block_names)
+        self.meta = meta
+        self._flop_cache: dict[tuple[int, int], FlopTable] = {}
+        self._flop_lock = threading.Lock()
+
+    # ----------------------------------------------------------------------------------------- structure
+    def gate(self, index: int) -> GateHead | None:
+        return self.gates[str(index)] if str(index) in self.gates else None
+
+    def probe(self, index: int) -> ProbeHead | None:
+        return self.probes[index] if self.probes is not None else None
+
+    @property
+    def gated_blocks(self) -> list[int]:
+        return sorted(int(k) for k in self.gates.keys())
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def block_channels(self) -> list[int]:
+        """Output channels of each block."""
+        return [b.out_channels for b in self.blocks]
+
+    # ----------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain full forward, (N, 3, H, W) -> (N, K) logits; no gates evaluated."""
+        h = self.stem(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+    def run(self, x: torch.Tensor, policy: Policy | None = None) -> SkipResult:
+        """Run a batch under ``policy`` (default: full), really skipping bypassed blocks.
+
+        Args:
+            x: (N, 3, H, W) normalised images.
+        Returns:
+            :class:`~skipviz.trace.SkipResult` with ``logits`` (N, K) and the decisions (``executed`` (N, L),
+            ``scores`` (N, L), ``traces()``).
+        """
+        policy = policy or FullPolicy()
+        n = x.shape[0]
+        hw = (int(x.shape[-2]), int(x.shape[-1]))
+        h = self.stem(x)
+        records: list[BlockRecord] = []
+        rows: torch.Tensor | None = None  # None: every sample still running (no early exits yet)
+        exit_block: torch.Tensor | None = None
+        exit_logits: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for i, block in enumerate(self.blocks):
+            d = policy.decide(self, i, h)
+            h = self._apply_block(block, h, d.execute)
+            rec = BlockRecord(rows=rows, execute=d.execute, reason=d.reason, score=d.score, threshold=d.threshold,
+                              gate_evaluated=d.evaluated)
+            records.append(rec)
+            ex = policy.exit_after(self, i, h)
+            if ex is not None:
+                leave, logits, conf = ex
+                rec.score, rec.gate_evaluated = conf, True
+                rec.exit_now = leave
+                if bool(leave.any()):
+                    all_rows = rows if rows is not None else torch.arange(n, device=x.device)
+                    if exit_block is None:
+                        exit_block = torch.full((n,), -1, dtype=torch.long)
+                    exit_block[all_rows[leave].cpu()] = i
+                    exit_logits.append((all_rows[leave], logits[leave]))
+                    stay = ~leave
+                    rows, h = all_rows[stay], h[stay]
+                    if rows.numel() == 0:
+                        # everyone has left: later blocks are bypassed with no work at all
+                        for j in range(i + 1, len(self.blocks)):
+                            records.append(BlockRecord(rows=rows, execute=False, reason=int(Reason.EXITED), score=None,
+                                                       threshold=None, gate_evaluated=False))
+                        break
+        if rows is not None and rows.numel() == 0:
+            logits = exit_logits[0][1].new_empty((n, exit_logits[0][1].shape[1]))
+        else:
+            final = self.head(h)
+            logits = final if rows is None else final.new_empty((n, final.shape[1])).index_copy(0, rows, final)
+        for r, lg in exit_logits:
+            logits = logits.index_copy(0, r, lg.to(logits.dtype))
+        return SkipResult(self, policy, logits, records, hw, exit_block)
+
+    @staticmethod
+    def _apply_block(block: SkippableBlock, h: torch.Tensor, execute: torch.Tensor | bool) -> torch.Tensor:
+        """Gather the samples that execute ``block``, run it on them alone, scatter the result back.
+
+        h: (M, C, H, W); execute: (M,) bool or a bool for all. Returns (M, C', H', W').
+        """
+        if not torch.is_tensor(execute):
+            return block(h) if execute else block.bypass(h)
+        run_idx = execute.nonzero().squeeze(1)  # one host sync per block
+        k = run_idx.numel()
+        if k == h.shape[0]:
+            return block(h)
+        if k == 0:
+            return block.bypass(h)
+        ran = block(h.index_select(0, run_idx))
+        if not block.downsample:
+            return h.index_copy(0, run_idx, ran)
+        skip_idx = (~execute).nonzero().squeeze(1)
+        skipped = block.bypass(h.index_select(0, skip_idx))
+        out = ran.new_zeros((h.shape[0],) + ran.shape[1:])
+        return out.index_copy(0, run_idx, ran).index_copy(0, skip_idx, skipped)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] | int | None = None,
+                              policy: Policy | None = None, intermediates_only: bool = False,
+                              include_stem: bool = False):
+        """Every block's output for a batch, as timm's ``forward_intermediates``.
+
+        Args:
+            x: (N, 3, H, W).
+            indices: block indices to return (negative counts from the end), an int n for the last n blocks,
+                or ``None`` for all.
+            policy: run under a skipping policy (default: full). A bypassed block's "output" is its bypass.
+            intermediates_only: return only the list.
+            include_stem: put the stem output (the first block's input) first in the list.
+        Returns:
+            ``(logits (N, K), [ (N, C_i, H_i, W_i), ... ])`` or just the list.
+        """
+        nb = len(self.blocks)
+        if indices is None:
+            wanted = list(range(nb))
+        elif isinstance(indices, int):
+            wanted = list(range(nb - indices, nb))
+        else:
+            wanted = sorted(i % nb for i in indices)
+        feats: list[torch.Tensor] = []
+        h = self.stem(x)
+        if include_stem:
+            feats.append(h)
+        policy = policy or FullPolicy()
+        last = wanted[-1] if (intermediates_only and wanted) else nb - 1
+        for i, block in enumerate(self.blocks[: last + 1]):
+            d = policy.decide(self, i, h)
+            h = self._apply_block(block, h, d.execute)
+            if i in wanted:
+                feats.append(h)
+        if intermediates_only:
+            return feats
+        return self.head(h), feats
+
+    # ------------------------------------------------------------------------------------------- FLOPs
+    def flop_table(self, input_hw: tuple[int, int] | None = None) -> FlopTable:
+        """Per-part FLOPs for one input of ``input_hw`` (default: the model's input size), cached."""
+        hw = tuple(input_hw or self.meta.input_size[-2:])
+        with self._flop_lock:
+            table = self._flop_cache.get(hw)
+            if table is None:
+                table = self._count_flops(hw)
+                self._flop_cache[hw] = table
+        return table
+
+    def _count_flops(self, hw: tuple[int, int]) -> FlopTable:
+        was_training = self.training
+        self.eval()
+        try:
+            dev = next(self.parameters()).device
+            x = torch.zeros(1, 3, *hw, device=dev)
+            with torch.no_grad():
+                stem_flops = count_flops(self.stem, x)
+                h = self.stem(x)
+                blocks, bypass, gates, probes = [], [], {}, []
+                for i, block in enumerate(self.blocks):
+                    g = self.gate(i)
+                    if g is not None:
+                        gates[i] = count_flops(g, h)
+                    blocks.append(count_flops(block, h))
+                    bypass.append(count_flops(block.bypass, h))
+                    h = block(h)
+                    p = self.probe(i)
+                    if p is not None:
+                        probes.append(count_flops(p, h))
+                head = count_flops(self.head, h)
+        finally:
+            self.train(was_training)
+        return FlopTable(input_hw=hw, stem=stem_flops, blocks=blocks, bypass=bypass, head=head, gates=gates,
+                         probes=probes)
+
+    # ---------------------------------------------------------------------------------------- training
+    def forward_train(self, x: torch.Tensor, gate_temperature: float = 1.0, hard: bool = True,
+                      drop_prob: float = 0.0, force_full: bool = False):
+        """Training forward with differentiable gates (Gumbel-sigmoid, straight-through when ``hard``).
+
+        During training every block is computed and mixed as ``g * block(h) + (1 - g) * bypass(h)``
+        (the only way gradients reach the gates); at inference :meth:`run` skips for real.
+        ``drop_prob``: stochastic depth for ungated networks (a block is dropped with this probability).
+        ``force_full``: every block runs (gates are not evaluated), for training the full network.
+
+        Returns ``(logits (N, K), gate_probs (N, G) for the gated blocks, probe_logits list of (N, K))``;
+        probe heads see detached features, so they never change the backbone.
+        """
+        h = self.stem(x)
+        gate_probs, probe_logits = [], []
+        for i, block in enumerate(self.blocks):
+            g_head = self.gate(i)
+            out = block(h)
+            if g_head is not None and not force_full:
+                logit = g_head(h)
+                soft = torch.sigmoid(logit)
+                if self.training:
+                    u = torch.rand_like(logit).clamp(1e-6, 1 - 1e-6)
+                    noisy = torch.sigmoid((logit + torch.log(u) - torch.log1p(-u)) / gate_temperature)
+                    g = ((noisy >= 0.5).to(noisy.dtype) - noisy).detach() + noisy if hard else noisy
+                else:
+                    g = (soft >= 0.5).to(soft.dtype)
+                gate_probs.append(soft)
+                g = g.view(-1, 1, 1, 1)
+                h = g * out + (1 - g) * block.bypass(h)
+            elif drop_prob > 0 and self.training and not block.downsample and not force_full:
+                keep = (torch.rand(h.shape[0], 1, 1, 1, device=h.device) >= drop_prob).to(h.dtype)
+                h = keep * out + (1 - keep) * h
+            else:
+                h = out
+            if self.probes is not None:
+                probe_logits.append(self.probes[i](h.detach()))
+        logits = self.head(h)
+        probs = torch.stack(gate_probs, 1) if gate_probs else logits.new_zeros((x.shape[0], 0))
+        return logits, probs, probe_logits

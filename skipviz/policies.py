@@ -1,0 +1,235 @@
+"""Decision sources: which blocks run for which input, and why.
+
+A policy is asked once per block with the features entering that block, ``h`` of shape (M, C, H, W) for
+the M samples still running, and returns a :class:`Decision`. A decision that is the same for every sample
+(``execute`` a Python bool) lets the engine run or bypass the whole batch without gathering.
+
+Policies here:
+
+* :class:`FullPolicy` - nothing skipped; the reference every other run is compared against.
+* :class:`StaticMaskPolicy` - a fixed set of blocks bypassed for every input.
+* :class:`GatePolicy` - learned gate heads (ConvNet-AIG / SkipNet style): execute when the gate's
+  probability >= threshold, one global threshold plus per-block overrides (force run, force skip, or a
+  per-block threshold).
+* :class:`EarlyExitPolicy` - probe heads after each block; a sample stops once its top-class probability
+  reaches the threshold and every later block is bypassed.
+
+The KL-redundancy policy lives in :mod:`skipviz.redundancy` and builds on :class:`StaticMaskPolicy`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping, Union
+
+import torch
+
+from .trace import Reason
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .network import FlopTable, SkipNetwork
+
+Override = Union[str, float]  # "run" | "skip" | a per-block threshold in [0, 1]
+
+
+@dataclass
+class Decision:
+    """What to do with one block for the M samples entering it.
+
+    ``execute``: (M,) bool tensor, or a Python bool for "the same for all". ``reason``: (M,) int tensor of
+    :class:`~skipviz.trace.Reason` codes, or one code. ``score``: (M,) float tensor, a float, or ``None``.
+    ``evaluated``: whether the policy's head (gate) ran, so its FLOPs count.
+    """
+
+    execute: torch.Tensor | bool
+    reason: torch.Tensor | int
+    score: torch.Tensor | float | None = None
+    threshold: float | None = None
+    evaluated: bool = False
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+class Policy:
+    """Base class. Subclasses implement :meth:`decide`; early-exit policies also :meth:`exit_after`."""
+
+    name = "policy"
+
+    def decide(self, net: "SkipNetwork", index: int, h: torch.Tensor) -> Decision:
+        raise NotImplementedError
+
+    def exit_after(self, net: "SkipNetwork", index: int,
+                   h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """After block ``index``: ``(exit (M,) bool, probe_logits (M, K), confidence (M,))``, or ``None``."""
+        return None
+
+    def head_flops(self, table: "FlopTable") -> list[int]:
+        """FLOPs of the per-block head this policy evaluates (gate or probe), one entry per block."""
+        return [0] * len(table.blocks)
+
+    def config(self) -> dict:
+        """JSON-ready description of the policy (recorded in traces and audits)."""
+        return {"name": self.name}
+
+    def reason_text(self, code: Reason, score: float | None, threshold: float | None, index: int,
+                    exit_block: int | None = None) -> str:
+        texts = {
+            Reason.FULL: "full network: every block runs",
+            Reason.GATE_RUN: f"gate {_fmt(score)} >= {_fmt(threshold)}",
+            Reason.GATE_SKIP: f"gate {_fmt(score)} < {_fmt(threshold)}",
+            Reason.FORCED_RUN: "forced run by override",
+            Reason.FORCED_SKIP: "forced skip by override",
+            Reason.STATIC_SKIP: "static mask",
+            Reason.STATIC_RUN: "not in static mask",
+            Reason.NOT_GATED: "no gate on this block: always runs",
+            Reason.EXITED: f"bypassed: early exit after block {exit_block}",
+            Reason.EXIT_CONTINUE: f"probe {_fmt(score)} < {_fmt(threshold)}: continue",
+            Reason.EXIT_NOW: f"probe {_fmt(score)} >= {_fmt(threshold)}: exit after this block",
+        }
+        return texts.get(code, code.name.lower())
+
+
+class FullPolicy(Policy):
+    """Every block runs for every input (no gate is evaluated)."""
+
+    name = "full"
+
+    def decide(self, net: "SkipNetwork", index: int, h: torch.Tensor) -> Decision:
+        return Decision(execute=True, reason=int(Reason.FULL))
+
+
+class StaticMaskPolicy(Policy):
+    """Bypass a fixed set of blocks for every input."""
+
+    name = "static"
+
+    def __init__(self, skip: set[int] | list[int] | tuple[int, ...]) -> None:
+        self.skip = frozenset(int(i) for i in skip)
+
+    def decide(self, net: "SkipNetwork", index: int, h: torch.Tensor) -> Decision:
+        if index in self.skip:
+            return Decision(execute=False, reason=int(Reason.STATIC_SKIP))
+        return Decision(execute=True, reason=int(Reason.STATIC_RUN))
+
+    def config(self) -> dict:
+        return {"name": self.name, "skip": sorted(self.skip)}
+
+
+def _check_threshold(t: float, what: str) -> float:
+    t = float(t)
+    if not 0.0 <= t <= 1.0 or math.isnan(t):
+        raise ValueError(f"{what} must be in [0, 1], got {t}")
+    return t
+
+
+class GatePolicy(Policy):
+    """Learned gates: block i runs for a sample when ``sigmoid(gate_i(h)) >= threshold_i``.
+
+    ``threshold`` is the global threshold; ``overrides`` maps a block index to ``"run"`` (force run),
+    ``"skip"`` (force skip) or a float (that block's own threshold). Blocks without a gate head always run.
+    The gate is evaluated on every running sample (its FLOPs count) unless the block is forced.
+    """
+
+    name = "gates"
+
+    def __init__(self, threshold: float = 0.5, overrides: Mapping[int, Override] | None = None) -> None:
+        self.threshold = _check_threshold(threshold, "threshold")
+        self.overrides: dict[int, Override] = {}
+        for k, v in (overrides or {}).items():
+            if isinstance(v, str):
+                if v not in ("run", "skip"):
+                    raise ValueError(f"override for block {k} must be 'run', 'skip' or a threshold, got {v!r}")
+                self.overrides[int(k)] = v
+            else:
+                self.overrides[int(k)] = _check_threshold(v, f"threshold override for block {k}")
+
+    def threshold_for(self, index: int) -> float:
+        ov = self.overrides.get(index)
+        return ov if isinstance(ov, float) else self.threshold
+
+    def decide(self, net: "SkipNetwork", index: int, h: torch.Tensor) -> Decision:
+        ov = self.overrides.get(index)
+        if ov == "run":
+            return Decision(execute=True, reason=int(Reason.FORCED_RUN))
+        if ov == "skip":
+            return Decision(execute=False, reason=int(Reason.FORCED_SKIP))
+        gate = net.gate(index)
+        if gate is None:
+            return Decision(execute=True, reason=int(Reason.NOT_GATED))
+        t = self.threshold_for(index)
+        prob = torch.sigmoid(gate(h))
+        execute = prob >= t
+        if execute.shape[0] == 1:  # batch of one: decide on the host, no gather/scatter needed
+            run = bool(execute.item())
+            return Decision(execute=run, reason=int(Reason.GATE_RUN if run else Reason.GATE_SKIP),
+                            score=prob, threshold=t, evaluated=True)
+        reason = torch.where(execute, int(Reason.GATE_RUN), int(Reason.GATE_SKIP))
+        return Decision(execute=execute, reason=reason, score=prob, threshold=t, evaluated=True)
+
+    def head_flops(self, table: "FlopTable") -> list[int]:
+        return [table.gates.get(i, 0) if not isinstance(self.overrides.get(i), str) else 0
+                for i in range(len(table.blocks))]
+
+    def config(self) -> dict:
+        return {"name": self.name, "threshold": self.threshold,
+                "overrides": {str(k): v for k, v in sorted(self.overrides.items())}}
+
+    def reason_text(self, code: Reason, score: float | None, threshold: float | None, index: int,
+                    exit_block: int | None = None) -> str:
+        text = super().reason_text(code, score, threshold, index, exit_block)
+        if code in (Reason.GATE_RUN, Reason.GATE_SKIP) and isinstance(self.overrides.get(index), float):
+            text += " (block threshold)"
+        return text
+
+
+class EarlyExitPolicy(Policy):
+    """Stop once the probe head after a block is confident: top-class probability >= ``threshold``.
+
+    Every block runs until the exit; the blocks after it are bypassed and the prediction is the probe's.
+    ``min_block`` keeps the earliest (weakest) probes from exiting.
+    """
+
+    name = "early_exit"
+
+    def __init__(self, threshold: float = 0.9, min_block: int = 0) -> None:
+        self.threshold = _check_threshold(threshold, "threshold")
+        self.min_block = int(min_block)
+
+    def decide(self, net: "SkipNetwork", index: int, h: torch.Tensor) -> Decision:
+        return Decision(execute=True, reason=int(Reason.EXIT_CONTINUE), threshold=self.threshold)
+
+    def exit_after(self, net: "SkipNetwork", index: int,
+                   h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        probe = net.probe(index)
+        if probe is None or index < self.min_block or index == len(net.blocks) - 1:
+            return None
+        logits = probe(h)
+        conf = torch.softmax(logits, dim=1).amax(1)
+        return conf >= self.threshold, logits, conf
+
+    def head_flops(self, table: "FlopTable") -> list[int]:
+        n = len(table.blocks)
+        return [table.probes[i] if table.probes and self.min_block <= i < n - 1 else 0 for i in range(n)]
+
+    def config(self) -> dict:
+        return {"name": self.name, "threshold": self.threshold, "min_block": self.min_block}
+
+
+def policy_from_config(config: Mapping) -> Policy:
+    """Rebuild a policy from :meth:`Policy.config` output (used to reproduce audited runs)."""
+    name = config.get("name")
+    if name == "full":
+        return FullPolicy()
+    if name == "static":
+        return StaticMaskPolicy(config.get("skip", []))
+    if name == "gates":
+        return GatePolicy(config.get("threshold", 0.5), {int(k): v for k, v in config.get("overrides", {}).items()})
+    if name == "early_exit":
+        return EarlyExitPolicy(config.get("threshold", 0.9), config.get("min_block", 0))
+    if name == "kl_redundancy":
+        from .redundancy import KLRedundancyPolicy
+
+        return KLRedundancyPolicy.from_config(config)
+    raise ValueError(f"unknown policy {name!r}")

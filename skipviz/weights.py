@@ -1,0 +1,94 @@
+"""Model metadata that travels with the weights (as torchvision's ``Weights``): classes, input size,
+normalisation, the preprocessing transform, and the identity of the weights file (path, SHA-256, card)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class ModelMeta:
+    """What a run must record to say exactly what it used.
+
+    ``input_size`` is (3, H, W). ``resize`` is the size the shorter image side is resized to before the
+    centre crop to (H, W). ``card`` is the model card (training data, accuracy, FLOPs...) when the weights
+    have one.
+    """
+
+    arch: str
+    classes: list[str]
+    input_size: tuple[int, int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: int
+    weights_name: str | None = None
+    weights_path: str | None = None
+    weights_sha256: str | None = None
+    card: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def display_name(self) -> str:
+        return f"{self.arch}.{self.weights_name}" if self.weights_name else f"{self.arch} (random init)"
+
+    def transforms(self) -> v2.Compose:
+        """PIL RGB image (any size) -> float tensor (3, H, W), normalised."""
+        h, w = self.input_size[1:]
+        return v2.Compose([
+            v2.ToImage(),
+            v2.Resize(self.resize, antialias=True),
+            v2.CenterCrop((h, w)),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(self.mean, self.std),
+        ])
+
+    def preprocess(self, images: Image.Image | list[Image.Image]) -> torch.Tensor:
+        """One or several PIL RGB images -> (N, 3, H, W) batch."""
+        tf = self.transforms()
+        if isinstance(images, Image.Image):
+            images = [images]
+        return torch.stack([tf(im) for im in images])
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalised -> (N, 3, H, W) in [0, 1] for display."""
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x * std + mean).clamp(0, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": self.arch, "classes": self.classes, "input_size": list(self.input_size),
+                "mean": list(self.mean), "std": list(self.std), "resize": self.resize,
+                "weights_name": self.weights_name, "weights_path": self.weights_path,
+                "weights_sha256": self.weights_sha256}
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """Read a model card (JSON) next to a weights file; empty dict if there is none."""
+    p = Path(path)
+    if not p.exists():
+        return {}
+    return json.loads(p.read_text())

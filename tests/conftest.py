@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny models and images made by the tests themselves (no downloads, no shared data)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_net():
+    """A CIFAR ResNet-20 with random weights and gates that fire on some inputs and not others."""
+    from skipviz import create_model
+
+    torch.manual_seed(0)
+    net = create_model("cifar_resnet20")
+    with torch.no_grad():
+        for g in net.gates.values():
+            torch.nn.init.normal_(g.fc2.weight, std=3.0)
+            torch.nn.init.normal_(g.fc2.bias, std=1.0)
+        for m in net.modules():  # non-trivial BN statistics so blocks are not identities
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.1)
+    return net.eval()
+
+
+@pytest.fixture()
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 3, 32, 32, generator=g)
