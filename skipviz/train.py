@@ -165,7 +165,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sums["loss"] += float(loss) * len(y)
+            sums["loss"] += float(loss.detach()) * len(y)
             sums["correct"] += int((logits.argmax(1) == y).sum())
             sums["seen"] += len(y)
             bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.3f}", acc=f"{sums['correct'] / sums['seen']:.3f}",
@@ -203,7 +203,7 @@ def export(cfg: TrainConfig, run_dir: Path, thresholds: list[float] | None = Non
 
     from .evaluate import (blocks_by_outcome, early_exit_policy, evaluate_policy, pick_threshold,
                            threshold_curve)
-    from .policies import FullPolicy, GatePolicy
+    from .policies import FullPolicy
 
     device = pick_device()
     train_set, val_set, test_set = load_data(cfg)
@@ -217,8 +217,8 @@ def export(cfg: TrainConfig, run_dir: Path, thresholds: list[float] | None = Non
     default_t = pick_threshold(val_curve)
     test_full = evaluate_policy(net, test_set, FullPolicy(), progress=progress)
     test_curve, test_evals = threshold_curve(net, test_set, thresholds, reference=test_full, progress=progress)
-    gated = evaluate_policy(net, test_set, GatePolicy(default_t), progress=progress)
-    exit_thresholds = [0.6, 0.8, 0.9, 0.95, 0.99]
+    gated = test_evals[thresholds.index(default_t)]
+    exit_thresholds = [0.6, 0.8, 0.9, 0.99]
     exit_curve, _ = threshold_curve(net, test_set, exit_thresholds, make_policy=early_exit_policy,
                                     reference=test_full, progress=progress)
     outcome, per_class = blocks_by_outcome(gated, test_set.classes)

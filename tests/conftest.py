@@ -24,10 +24,24 @@ def tiny_net():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.weight.normal_(1.0, 0.2)
                 m.bias.normal_(0.0, 0.1)
-    return net.eval()
+        net.eval()
+        # centre each gate on a calibration batch so that about half of varied inputs execute each block
+        feats = net.forward_intermediates(varied_images(64, seed=123), intermediates_only=True, include_stem=True)
+        for i in net.gated_blocks:
+            gate = net.gate(i)
+            gate.fc2.bias -= gate(feats[i]).median()
+    return net
+
+
+def varied_images(n: int, seed: int) -> torch.Tensor:
+    """(n, 3, 32, 32) inputs whose brightness, contrast and colour differ per sample."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    scale = torch.rand(n, 1, 1, 1, generator=g) * 2 + 0.2
+    shift = torch.randn(n, 3, 1, 1, generator=g)
+    return x * scale + shift
 
 
 @pytest.fixture()
 def batch():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(8, 3, 32, 32, generator=g)
+    return varied_images(8, seed=1)

@@ -1,0 +1,294 @@
+"""The audit store: one SQLite file (stdlib ``sqlite3``) holding runs and their per-input records.
+
+Durability and concurrency:
+
+* WAL journal mode and ``synchronous=FULL``: a process killed at any point (kill -9) leaves a consistent
+  database; only the transaction in flight is lost.
+* Each batch of records is written in ONE ``BEGIN IMMEDIATE`` transaction, so a batch is all-or-nothing.
+* ``busy_timeout``: a second process writing at the same time waits for the lock instead of failing.
+
+The module imports only the standard library at load time (pandas and the record class are imported when
+used), so a writer process starts quickly.
+
+Schema versioning: the version lives in ``PRAGMA user_version`` (and in the ``meta`` table for people reading
+the file). Opening a file written by a NEWER SkipViz raises :class:`SchemaVersionError`; an older one is
+migrated in place by the steps in ``MIGRATIONS``.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from .audit import AuditRecord
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+
+_SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    finished_at TEXT,
+    status TEXT NOT NULL,
+    model_name TEXT NOT NULL,
+    weights_sha256 TEXT,
+    policy_json TEXT NOT NULL,
+    config_json TEXT NOT NULL,
+    n_records INTEGER NOT NULL DEFAULT 0,
+    summary_json TEXT
+);
+CREATE TABLE IF NOT EXISTS records (
+    record_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    batch_index INTEGER,
+    batch_pos INTEGER,
+    timestamp TEXT NOT NULL,
+    status TEXT NOT NULL,
+    input_name TEXT NOT NULL,
+    input_sha256 TEXT,
+    model_name TEXT NOT NULL,
+    weights_sha256 TEXT,
+    label TEXT,
+    predicted_label TEXT,
+    full_predicted_label TEXT,
+    agree INTEGER,
+    record_json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_run ON records(run_id, batch_index, batch_pos);
+CREATE INDEX IF NOT EXISTS records_model ON records(model_name);
+CREATE INDEX IF NOT EXISTS records_sha ON records(input_sha256);
+CREATE INDEX IF NOT EXISTS records_time ON records(timestamp);
+"""
+
+# MIGRATIONS[v] upgrades a database at version v to v + 1 (run inside one transaction).
+MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1}
+
+
+class StoreError(RuntimeError):
+    """The audit database could not be opened or used; the message says why."""
+
+
+class SchemaVersionError(StoreError):
+    """The database was written by a newer SkipViz with a schema this version does not know."""
+
+
+def utc_now() -> str:
+    """The current time as an ISO-8601 UTC string (sortable, what the store compares dates with)."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _iso(value: str | datetime | None) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+class AuditStore:
+    """Runs and records in one SQLite file. Safe to share between threads of a process and between processes.
+
+    Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | Path, timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise StoreError(f"{self.path}: is a folder; give a database file path")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        try:
+            self._conn = sqlite3.connect(str(self.path), timeout=timeout_ms / 1000, isolation_level=None,
+                                         check_same_thread=False)
+            self._conn.execute(f"PRAGMA busy_timeout = {int(timeout_ms)}")
+            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self.path}: could not switch to WAL journal mode (got {mode})")
+            self._conn.execute("PRAGMA synchronous = FULL")
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: not a usable SkipViz audit database ({e})") from e
+
+    # -------------------------------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> "AuditStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        version = self.schema_version
+        if version > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{self.path}: audit database schema version {version} is newer than this SkipViz supports "
+                f"({SCHEMA_VERSION}); upgrade SkipViz to read it (the file was left untouched)")
+        if version == SCHEMA_VERSION:
+            return
+        with self._transaction() as conn:  # re-read inside the write lock: another process may have migrated
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            while version < SCHEMA_VERSION:
+                for statement in MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                version += 1
+                conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (str(version),))
+            conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('created_at', ?)", (utc_now(),))
+
+    class _Tx:
+        def __init__(self, store: "AuditStore") -> None:
+            self.store = store
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.store._lock.acquire()
+            try:
+                self.store._conn.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.store._lock.release()
+                raise
+            return self.store._conn
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            try:
+                self.store._conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            finally:
+                self.store._lock.release()
+
+    def _transaction(self) -> "AuditStore._Tx":
+        return AuditStore._Tx(self)
+
+    # ------------------------------------------------------------------------------------------ writes
+    def create_run(self, run_id: str, model_name: str, weights_sha256: str | None, policy: dict,
+                   config: dict) -> None:
+        """Register a run (status ``running``) with its configuration."""
+        with self._transaction() as conn:
+            conn.execute("INSERT INTO runs(run_id, created_at, status, model_name, weights_sha256, policy_json, "
+                         "config_json) VALUES (?, ?, 'running', ?, ?, ?, ?)",
+                         (run_id, utc_now(), model_name, weights_sha256, json.dumps(policy, sort_keys=True),
+                          json.dumps(config, sort_keys=True, default=str)))
+
+    def finish_run(self, run_id: str, summary: dict | None = None, status: str = "finished") -> None:
+        with self._transaction() as conn:
+            n = conn.execute("SELECT COUNT(*) FROM records WHERE run_id = ?", (run_id,)).fetchone()[0]
+            conn.execute("UPDATE runs SET finished_at = ?, status = ?, n_records = ?, summary_json = ? "
+                         "WHERE run_id = ?", (utc_now(), status, n,
+                                              None if summary is None else json.dumps(summary, default=str),
+                                              run_id))
+
+    def add_records(self, records: Sequence["AuditRecord"]) -> list[int]:
+        """Insert a batch of records in one transaction (all or nothing); returns their ``record_id``s and sets
+        them on the records."""
+        ids: list[int] = []
+        with self._transaction() as conn:
+            for r in records:
+                cur = conn.execute(
+                    "INSERT INTO records(run_id, batch_index, batch_pos, timestamp, status, input_name, "
+                    "input_sha256, model_name, weights_sha256, label, predicted_label, full_predicted_label, "
+                    "agree, record_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (r.run_id, r.batch_index, r.batch_pos, r.timestamp, r.status, r.input_name, r.input_sha256,
+                     r.model_name, r.weights_sha256, r.label, r.predicted_label, r.full_predicted_label,
+                     None if r.agree is None else int(r.agree), r.to_json()))
+                ids.append(int(cur.lastrowid))
+        for r, i in zip(records, ids):
+            r.record_id = i
+        return ids
+
+    # ----------------------------------------------------------------------------------------- queries
+    def query(self, run_id: str | None = None, model_name: str | None = None, input_sha256: str | None = None,
+              since: str | datetime | None = None, until: str | datetime | None = None,
+              status: str | None = None, record_ids: Iterable[int] | None = None,
+              batch_index: int | None = None, limit: int | None = None) -> list["AuditRecord"]:
+        """Records matching every given filter, in insertion order. ``since``/``until``: ISO strings or
+        datetimes (naive = UTC), inclusive."""
+        from .audit import AuditRecord
+
+        where, args = [], []
+        for column, value in (("run_id", run_id), ("model_name", model_name), ("input_sha256", input_sha256),
+                              ("status", status), ("batch_index", batch_index)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if since is not None:
+            where.append("timestamp >= ?")
+            args.append(_iso(since))
+        if until is not None:
+            where.append("timestamp <= ?")
+            args.append(_iso(until))
+        if record_ids is not None:
+            ids = [int(i) for i in record_ids]
+            where.append(f"record_id IN ({','.join('?' * len(ids))})" if ids else "0")
+            args.extend(ids)
+        sql = "SELECT record_id, record_json FROM records"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY record_id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        with self._lock:
+            rows = self._conn.execute(sql, args).fetchall()
+        out = []
+        for rid, text in rows:
+            rec = AuditRecord.from_json(text)
+            rec.record_id = int(rid)
+            out.append(rec)
+        return out
+
+    def get(self, record_id: int) -> "AuditRecord":
+        found = self.query(record_ids=[record_id])
+        if not found:
+            raise StoreError(f"{self.path}: no record {record_id}")
+        return found[0]
+
+    def count(self, run_id: str | None = None) -> int:
+        with self._lock:
+            if run_id is None:
+                return int(self._conn.execute("SELECT COUNT(*) FROM records").fetchone()[0])
+            return int(self._conn.execute("SELECT COUNT(*) FROM records WHERE run_id = ?", (run_id,)).fetchone()[0])
+
+    def run_info(self, run_id: str) -> dict[str, Any]:
+        runs = self.runs()
+        match = runs[runs["run_id"] == run_id]
+        if match.empty:
+            raise StoreError(f"{self.path}: no run {run_id!r}")
+        return match.iloc[0].to_dict()
+
+    def runs(self) -> "pd.DataFrame":
+        """One row per run: id, times, status, model, weights hash, policy and configuration (parsed)."""
+        import pandas as pd
+
+        with self._lock:
+            df = pd.read_sql_query("SELECT run_id, created_at, finished_at, status, model_name, weights_sha256, "
+                                   "policy_json, config_json, n_records, summary_json FROM runs "
+                                   "ORDER BY created_at", self._conn)
+        for col in ("policy_json", "config_json", "summary_json"):
+            df[col.removesuffix("_json")] = df.pop(col).map(lambda s: json.loads(s) if s else None)
+        return df
+
+    def records_dataframe(self, **filters: Any) -> "pd.DataFrame":
+        """:meth:`query` as a flat table (one row per record; see ``AuditRecord.flat``)."""
+        from .audit import records_to_dataframe
+
+        return records_to_dataframe(self.query(**filters))
+
+    def integrity_check(self) -> str:
+        """SQLite's ``PRAGMA integrity_check`` result (``"ok"`` for a healthy file)."""
+        with self._lock:
+            return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])

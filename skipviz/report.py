@@ -1,0 +1,377 @@
+"""Audit reports: one self-contained HTML page (Plotly inlined, opens offline), plus JSON and CSV.
+
+Pure pieces, each testable without Streamlit:
+
+* :func:`summarize` - agreement with the full network (Wilson 95% interval, ``scipy.stats.binomtest``),
+  accuracy when labels are known, FLOPs and latency saved, throughput, KL statistics.
+* :func:`skip_rate_per_block`, :func:`skip_rate_per_class` - pandas tables.
+* ``fig_*`` - Plotly figures built from those tables.
+* :func:`render_report` -> ``(html, json, csv)`` strings; :func:`write_report` writes the three files.
+
+Every string that came from an input (file names, labels, error texts) is HTML-escaped.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+from scipy import stats
+
+from .audit import AuditRecord, AuditRun, ReproResult, records_to_dataframe
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .network import SkipNetwork
+
+REPORT_VERSION = 1
+CONFIDENCE = 0.95
+
+
+# ----------------------------------------------------------------------------------------------- numbers
+def proportion(k: int, n: int, confidence: float = CONFIDENCE) -> dict:
+    """``k`` successes of ``n`` with a Wilson score interval (``None`` values when ``n == 0``)."""
+    if n == 0:
+        return {"k": 0, "n": 0, "rate": None, "ci_low": None, "ci_high": None, "method": "wilson",
+                "confidence": confidence}
+    ci = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return {"k": int(k), "n": int(n), "rate": k / n, "ci_low": float(ci.low), "ci_high": float(ci.high),
+            "method": "wilson", "confidence": confidence}
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def summarize(run: AuditRun) -> dict:
+    """Headline numbers of an audit run (JSON-ready)."""
+    ok = run.ok_records
+    labelled = [r for r in ok if r.label is not None]
+    flops_exec, flops_full = _mean([r.flops_executed for r in ok]), _mean([r.flops_full for r in ok])
+    lat, full_lat = _mean([r.latency_ms for r in ok]), _mean([r.full_latency_ms for r in ok])
+    kls = [r.kl_full_skipped for r in ok if r.kl_full_skipped is not None]
+    return {
+        "n_inputs": len(run.records), "n_ok": len(ok), "n_failed": len(run.failed_records),
+        "agreement": proportion(sum(bool(r.agree) for r in ok), len(ok)),
+        "accuracy_skipped": proportion(sum(bool(r.correct) for r in labelled), len(labelled)),
+        "accuracy_full": proportion(sum(bool(r.full_correct) for r in labelled), len(labelled)),
+        "flops_executed_mean": flops_exec, "flops_full": flops_full,
+        "flops_saved_fraction": None if not flops_full else 1.0 - flops_exec / flops_full,
+        "blocks_executed_mean": _mean([r.blocks_executed for r in ok]),
+        "latency_ms_mean": lat, "full_latency_ms_mean": full_lat,
+        "latency_saved_fraction": None if not full_lat else 1.0 - lat / full_lat,
+        "kl_full_skipped_mean": float(np.mean(kls)) if kls else None,
+        "kl_full_skipped_max": float(np.max(kls)) if kls else None,
+        "throughput": run.throughput(),
+    }
+
+
+def skip_rate_per_block(records: Sequence[AuditRecord]) -> pd.DataFrame:
+    """One row per block: index, name, whether it downsamples, skip rate over the successful inputs, mean gate
+    score (where there is one), mean FLOPs spent."""
+    rows = []
+    for r in records:
+        if r.ok and r.trace:
+            for b in r.trace["blocks"]:
+                rows.append({"block": b["index"], "name": b["name"], "downsample": b["downsample"],
+                             "skipped": not b["executed"], "score": b["score"], "flops": b["flops"]})
+    cols = ["block", "name", "downsample", "skip_rate", "score_mean", "flops_mean", "n"]
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    df = pd.DataFrame(rows)
+    df["score"] = pd.to_numeric(df["score"], errors="coerce")
+    return (df.groupby(["block", "name", "downsample"], sort=True)
+            .agg(skip_rate=("skipped", "mean"), score_mean=("score", "mean"), flops_mean=("flops", "mean"),
+                 n=("skipped", "size")).reset_index()[cols])
+
+
+def skip_rate_per_class(records: Sequence[AuditRecord]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per class: ``(summary, by_block)``. The class is the label when known, else the full network's
+    prediction (column ``class_source`` says which). ``summary``: n, skip rate over all blocks, mean blocks run,
+    agreement, accuracy. ``by_block``: class x block skip-rate matrix (rows classes, columns block names)."""
+    rows, cells = [], []
+    for r in records:
+        if not (r.ok and r.trace):
+            continue
+        cls = r.label if r.label is not None else r.full_predicted_label
+        mask = r.executed_mask
+        rows.append({"class": cls, "class_source": "label" if r.label is not None else "full prediction",
+                     "skip_rate": 1.0 - sum(mask) / len(mask), "blocks_executed": sum(mask), "agree": bool(r.agree),
+                     "correct": r.correct})
+        for b in r.trace["blocks"]:
+            cells.append({"class": cls, "name": b["name"], "block": b["index"], "skipped": not b["executed"]})
+    if not rows:
+        return (pd.DataFrame(columns=["class", "class_source", "n", "skip_rate", "blocks_executed_mean",
+                                      "agreement", "accuracy"]), pd.DataFrame())
+    df = pd.DataFrame(rows)
+    df["correct"] = df["correct"].astype("float")
+    summary = (df.groupby(["class", "class_source"], sort=True)
+               .agg(n=("skip_rate", "size"), skip_rate=("skip_rate", "mean"),
+                    blocks_executed_mean=("blocks_executed", "mean"), agreement=("agree", "mean"),
+                    accuracy=("correct", "mean")).reset_index())
+    c = pd.DataFrame(cells)
+    order = c.drop_duplicates("block").sort_values("block")["name"].tolist()
+    by_block = c.pivot_table(index="class", columns="name", values="skipped", aggfunc="mean")[order]
+    return summary, by_block
+
+
+# ----------------------------------------------------------------------------------------------- figures
+def fig_skip_rate_per_block(per_block: pd.DataFrame) -> go.Figure:
+    """Bar chart: fraction of inputs for which each block was bypassed."""
+    fig = go.Figure(go.Bar(x=per_block["name"], y=per_block["skip_rate"],
+                           marker_color=["#999" if d else "#3b7dd8" for d in per_block["downsample"]],
+                           hovertemplate="%{x}<br>skipped for %{y:.1%} of inputs<extra></extra>"))
+    fig.update_layout(title="Skip rate per block (grey: downsampling block)", yaxis_tickformat=".0%",
+                      yaxis_range=[0, 1], xaxis_title="block", yaxis_title="inputs bypassing the block",
+                      height=360, margin=dict(t=50, b=40, l=60, r=20))
+    return fig
+
+
+def fig_skip_rate_per_class(by_block: pd.DataFrame) -> go.Figure:
+    """Heat map: skip rate of each block (columns) for each class (rows)."""
+    fig = go.Figure(go.Heatmap(z=by_block.to_numpy(dtype=float), x=list(by_block.columns),
+                               y=[str(i) for i in by_block.index], zmin=0, zmax=1, colorscale="Blues",
+                               colorbar=dict(title="skip rate", tickformat=".0%"),
+                               hovertemplate="class %{y}<br>%{x}: skipped %{z:.1%}<extra></extra>"))
+    fig.update_layout(title="Skip rate per class and block", height=120 + 28 * max(len(by_block), 1),
+                      margin=dict(t=50, b=40, l=100, r=20))
+    return fig
+
+
+def fig_flops_saved(records: Sequence[AuditRecord]) -> go.Figure:
+    """Histogram of the fraction of FLOPs saved per input, agreeing and disagreeing inputs separately."""
+    fig = go.Figure()
+    for agree, color, name in ((True, "#3b7dd8", "agrees with full"), (False, "#d62728", "disagrees")):
+        vals = [r.flops_saved_fraction for r in records if r.ok and bool(r.agree) == agree]
+        if vals:
+            fig.add_trace(go.Histogram(x=vals, name=name, marker_color=color, xbins=dict(start=0, end=1, size=0.02)))
+    fig.update_layout(title="FLOPs saved per input", barmode="stack", xaxis_tickformat=".0%",
+                      xaxis_title="fraction of the full network's FLOPs saved", yaxis_title="inputs", height=340,
+                      margin=dict(t=50, b=40, l=60, r=20))
+    return fig
+
+
+def fig_throughput(throughput: dict) -> go.Figure:
+    """Bar chart: images/s of the skipped run, skipped + shadow full run, and the plain full network."""
+    names = ["skipped", "skipped + shadow full", "full network"]
+    vals = [throughput.get("skip_images_per_s"), throughput.get("skip_with_shadow_images_per_s"),
+            throughput.get("full_images_per_s")]
+    fig = go.Figure(go.Bar(x=names, y=[v or 0 for v in vals], marker_color=["#3b7dd8", "#7fa7e0", "#999"],
+                           text=[f"{v:.1f}" if v else "n/a" for v in vals], textposition="auto"))
+    fig.update_layout(title="Throughput measured during the audit (images/s)", yaxis_title="images / s",
+                      height=320, margin=dict(t=50, b=40, l=60, r=20))
+    return fig
+
+
+def fig_agreement(summary: dict) -> go.Figure:
+    """Agreement with the full network and accuracies, with their 95% Wilson intervals."""
+    items = [("agreement with full", summary["agreement"]), ("accuracy (skipped)", summary["accuracy_skipped"]),
+             ("accuracy (full)", summary["accuracy_full"])]
+    items = [(n, p) for n, p in items if p["n"]]
+    fig = go.Figure(go.Bar(
+        x=[n for n, _ in items], y=[p["rate"] for _, p in items], marker_color="#3b7dd8",
+        error_y=dict(type="data", symmetric=False, array=[p["ci_high"] - p["rate"] for _, p in items],
+                     arrayminus=[p["rate"] - p["ci_low"] for _, p in items]),
+        text=[f"{p['rate']:.1%} ({p['k']}/{p['n']})" for _, p in items], textposition="auto"))
+    fig.update_layout(title="Agreement and accuracy (95% Wilson intervals)", yaxis_tickformat=".0%",
+                      yaxis_range=[0, 1.05], height=320, margin=dict(t=50, b=40, l=60, r=20))
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------- HTML
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1%}"
+
+
+def _prop(p: dict) -> str:
+    if not p["n"]:
+        return "n/a (no inputs)"
+    return f"{p['rate']:.1%} ({p['k']}/{p['n']}; 95% CI {p['ci_low']:.1%} to {p['ci_high']:.1%}, Wilson)"
+
+
+def _decisions_html(rec: AuditRecord) -> str:
+    cells = []
+    for b in (rec.trace or {}).get("blocks", []):
+        score = "" if b["score"] is None else f" score {b['score']:.3f}"
+        color = "#3b7dd8" if b["executed"] else "#ddd"
+        cells.append(f'<span class="blk" style="background:{color}" title="{_e(b["name"])}: '
+                     f'{"ran" if b["executed"] else "skipped"}{_e(score)} - {_e(b["reason"])}"></span>')
+    return "".join(cells)
+
+
+def _img(rec: AuditRecord) -> str:
+    if not rec.thumbnail_png_b64:
+        return ""
+    return f'<img class="thumb" alt="{_e(rec.input_name)}" src="data:image/png;base64,{rec.thumbnail_png_b64}">'
+
+
+def _record_rows(records: Sequence[AuditRecord]) -> str:
+    out = []
+    for r in records:
+        cls = "bad" if r.agree is False else ""
+        out.append(
+            f'<tr class="{cls}"><td>{_img(r)}</td><td>{_e(r.input_name)}<br><small>{_e((r.input_sha256 or "")[:16])}'
+            f'</small></td><td>{_e(r.label)}</td><td>{_e(r.predicted_label)} ({_pct(r.confidence)})</td>'
+            f'<td>{_e(r.full_predicted_label)} ({_pct(r.full_confidence)})</td>'
+            f'<td>{"" if r.kl_full_skipped is None else f"{r.kl_full_skipped:.4f}"}</td>'
+            f'<td>{r.blocks_executed}/{r.blocks_total}</td><td>{_pct(r.flops_saved_fraction)}</td>'
+            f'<td class="dec">{_decisions_html(r)}</td></tr>')
+    head = ("<tr><th></th><th>input</th><th>label</th><th>skipped prediction</th><th>full prediction</th>"
+            "<th>KL(full||skipped)</th><th>blocks run</th><th>FLOPs saved</th><th>decisions (hover)</th></tr>")
+    return f"<table>{head}{''.join(out)}</table>"
+
+
+def _kv_table(d: dict) -> str:
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(json.dumps(v, default=str) if isinstance(v, (dict, list)) else v)}"
+                   f"</td></tr>" for k, v in d.items())
+    return f"<table class='kv'>{rows}</table>"
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px;color:#222;max-width:1300px}
+table{border-collapse:collapse;margin:8px 0 20px;font-size:13px}
+td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:middle}
+th{background:#f4f6f9} tr.bad{background:#fdecec} .kv th{width:220px}
+.thumb{width:48px;height:48px;image-rendering:pixelated}
+.blk{display:inline-block;width:10px;height:18px;margin-right:1px;border:1px solid #bbb}
+.ok{color:#1a7f37;font-weight:600} .no{color:#c62828;font-weight:600} small{color:#777}
+"""
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: NaN/inf become null, numpy scalars become Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def report_data(run: AuditRun, reproducibility: Sequence[ReproResult] | None = None) -> dict:
+    """Everything the report shows, as one JSON-ready dict (what report.json holds)."""
+    per_block = skip_rate_per_block(run.records)
+    per_class, _ = skip_rate_per_class(run.records)
+    ordered = sorted(run.records, key=lambda r: (r.agree is not False, r.ok, r.record_id or 0))
+    repro = list(reproducibility or [])
+    return _clean({
+        "report_version": REPORT_VERSION, "run_id": run.run_id, "database": run.db_path,
+        "configuration": {**run.config, "model": run.model_name, "weights_sha256": run.weights_sha256,
+                          "params_sha256": run.params_sha256, "policy": run.policy},
+        "summary": summarize(run),
+        "skip_rate_per_block": per_block.to_dict(orient="records"),
+        "skip_rate_per_class": per_class.to_dict(orient="records"),
+        "reproducibility": {"sampled": len(repro), "reproduced": sum(r.reproduced for r in repro),
+                            "results": [r.to_dict() for r in repro]},
+        "environment": run.environment,
+        "failed": [{"record_id": r.record_id, "input_name": r.input_name, "error": r.error}
+                   for r in run.failed_records],
+        "records": [r.to_dict(thumbnail=False) for r in ordered],
+    })
+
+
+def render_report(run: AuditRun, reproducibility: Sequence[ReproResult] | None = None,
+                  net: "SkipNetwork | None" = None, n_reproduce: int = 0) -> tuple[str, str, str]:
+    """The report as ``(html, json, csv)`` strings (what the dashboard offers as downloads).
+
+    ``reproducibility``: results of :func:`skipviz.audit.reproduce_sample`; or give ``net`` and
+    ``n_reproduce > 0`` to reproduce a sample here.
+    """
+    if reproducibility is None and n_reproduce > 0:
+        from .audit import reproduce_sample
+
+        reproducibility = reproduce_sample(run, net, k=n_reproduce)
+    data = report_data(run, reproducibility)
+    s = data["summary"]
+    per_block = skip_rate_per_block(run.records)
+    per_class, by_block = skip_rate_per_class(run.records)
+    figures: list[go.Figure] = [fig_agreement(s), fig_throughput(s["throughput"])]
+    if not per_block.empty:
+        figures += [fig_skip_rate_per_block(per_block), fig_skip_rate_per_class(by_block),
+                    fig_flops_saved(run.records)]
+    fig_html = [pio.to_html(f, full_html=False, include_plotlyjs=(i == 0), config={"displaylogo": False})
+                for i, f in enumerate(figures)]
+    disagreements = [r for r in run.ok_records if r.agree is False]
+    agreeing = [r for r in run.ok_records if r.agree is not False]
+    repro = data["reproducibility"]
+    repro_line = ("not run" if not repro["sampled"] else
+                  f"<span class='{'ok' if repro['reproduced'] == repro['sampled'] else 'no'}'>"
+                  f"{repro['reproduced']}/{repro['sampled']} sampled records reproduced</span>")
+    repro_table = pd.DataFrame(repro["results"]).to_html(index=False, escape=True, na_rep="") if repro[
+        "sampled"] else ""
+    tp = s["throughput"]
+    headline = {
+        "inputs": f"{s['n_inputs']} ({s['n_ok']} audited, {s['n_failed']} failed)",
+        "agreement with the full network": _prop(s["agreement"]),
+        "accuracy, skipped": _prop(s["accuracy_skipped"]),
+        "accuracy, full network": _prop(s["accuracy_full"]),
+        "FLOPs saved": (f"{_pct(s['flops_saved_fraction'])} (mean {s['flops_executed_mean'] / 1e6:.2f}M of "
+                        f"{s['flops_full'] / 1e6:.2f}M)" if s["flops_full"] else "n/a"),
+        "latency saved (model time per image)": (
+            f"{_pct(s['latency_saved_fraction'])} ({s['latency_ms_mean']:.3f} ms skipped vs "
+            f"{s['full_latency_ms_mean']:.3f} ms full)" if s["full_latency_ms_mean"] else "n/a"),
+        "throughput (images/s)": (f"skipped {tp['skip_images_per_s']:.1f}, with shadow run "
+                                  f"{tp['skip_with_shadow_images_per_s']:.1f}, full {tp['full_images_per_s']:.1f}"
+                                  if tp["skip_images_per_s"] else "n/a"),
+        "KL(full || skipped)": ("n/a" if s["kl_full_skipped_mean"] is None else
+                                f"mean {s['kl_full_skipped_mean']:.4g}, max {s['kl_full_skipped_max']:.4g}"),
+        "reproducibility": repro_line,
+    }
+    head_rows = "".join(f"<tr><th>{_e(k)}</th><td>{v if k == 'reproducibility' else _e(v)}</td></tr>"
+                        for k, v in headline.items())
+    failed_rows = "".join(f"<tr><td>{_e(r.input_name)}</td><td>{_e(r.error)}</td></tr>" for r in run.failed_records)
+    cfg = data["configuration"]
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>SkipViz audit {_e(run.run_id)}</title>
+<style>{_CSS}</style></head><body>
+<h1>SkipViz audit report</h1>
+<p>Run <code>{_e(run.run_id)}</code> &middot; model <b>{_e(run.model_name)}</b> &middot; policy
+<code>{_e(json.dumps(run.policy, sort_keys=True))}</code></p>
+<h2>Summary</h2><table class="kv">{head_rows}</table>
+<h2>Disagreements with the full network ({len(disagreements)})</h2>
+{_record_rows(disagreements) if disagreements else "<p>None: every audited input got the full network's prediction.</p>"}
+<h2>Failed inputs ({len(run.failed_records)})</h2>
+{f"<table><tr><th>input</th><th>reason</th></tr>{failed_rows}</table>" if failed_rows else "<p>None.</p>"}
+<h2>Figures</h2>
+{''.join(f'<div>{h}</div>' for h in fig_html)}
+<h2>Skip rate per block</h2>{per_block.to_html(index=False, escape=True, float_format=lambda v: f"{v:.3f}")}
+<h2>Skip rate per class</h2>{per_class.to_html(index=False, escape=True, float_format=lambda v: f"{v:.3f}")}
+<h2>Reproducibility</h2><p>{repro_line}. Each sampled record's whole batch was re-run from its stored source
+(input SHA-256 checked, policy rebuilt from its stored configuration) with deterministic algorithms; on CPU the
+logits and gate scores must match bit for bit, elsewhere within the tolerance shown.</p>{repro_table}
+<h2>Configuration and hashes</h2>{_kv_table(cfg)}
+<h2>Environment</h2>{_kv_table(run.environment)}
+<h2>All audited inputs ({len(run.ok_records)}, disagreements first)</h2>
+{_record_rows(disagreements + agreeing)}
+<p><small>SkipViz audit report version {REPORT_VERSION}; database {_e(run.db_path)}.</small></p>
+</body></html>"""
+    text = json.dumps(data, indent=1, sort_keys=False, allow_nan=False)
+    csv = records_to_dataframe(run.records).to_csv(index=False)
+    return page, text, csv
+
+
+def write_report(run: AuditRun, out_html: str | Path, reproducibility: Sequence[ReproResult] | None = None,
+                 net: "SkipNetwork | None" = None, n_reproduce: int = 0) -> tuple[Path, Path, Path]:
+    """Write ``out.html`` plus ``out.json`` and ``out.csv`` beside it; returns the three paths."""
+    out = Path(out_html)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    page, text, csv = render_report(run, reproducibility, net=net, n_reproduce=n_reproduce)
+    paths = (out, out.with_suffix(".json"), out.with_suffix(".csv"))
+    for p, content in zip(paths, (page, text, csv)):
+        p.write_text(content, encoding="utf-8")
+    return paths

@@ -1,0 +1,35 @@
+"""`skipviz predict`: prediction, per-block table, compute saved; clear errors for bad files."""
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from skipviz import create_model
+from skipviz.cli import main
+
+
+def test_predict_prints_decisions_and_savings(tmp_path, capsys):
+    torch.manual_seed(0)
+    weights = tmp_path / "r20.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model("cifar_resnet20").state_dict().items()}, str(weights))
+    img = tmp_path / "cat.png"
+    Image.new("RGB", (100, 80), (200, 120, 40)).save(img)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not really a jpeg")
+    code = main(["predict", str(img), str(bad), "--model", "cifar_resnet20", "--weights", str(weights),
+                 "--threshold", "0.99"])
+    out, err = capsys.readouterr()
+    assert code == 1  # one input failed, the other was still classified
+    assert "prediction:" in out and "stage3.block2" in out and "gate" in out
+    assert "FLOPs saved" not in err and "saved" in out and "blocks run" in out
+    assert "bad.jpg: error:" in err and "not a recognised image" in err
+
+
+def test_predict_with_a_malicious_weights_file_fails_cleanly(tmp_path, capsys):
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": print}, evil)
+    img = tmp_path / "a.png"
+    Image.new("RGB", (32, 32)).save(img)
+    assert main(["predict", str(img), "--model", "cifar_resnet20", "--weights", str(evil)]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -1,0 +1,194 @@
+"""The skipping engine: exact equivalence with references, real skipping, FLOP accounting."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from skipviz import (EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy, create_model)
+from skipviz.models.torchvision_resnet import wrap_torchvision
+from skipviz.network import count_flops
+
+from conftest import varied_images
+
+
+def reference_forward(net, x, skip=frozenset()):
+    """Hand-written CIFAR ResNet forward that omits the blocks in ``skip`` (written out, not the engine's code)."""
+    h = net.stem(x)
+    for i, b in enumerate(net.blocks):
+        if i in skip:
+            if b.downsample:  # option-A shortcut: subsample by 2, zero-pad the new channels
+                h = h[:, :, ::2, ::2]
+                extra = b.out_channels - b.in_channels
+                h = torch.cat([h.new_zeros(h.shape[0], extra // 2, *h.shape[2:]), h,
+                               h.new_zeros(h.shape[0], extra - extra // 2, *h.shape[2:])], 1)
+            continue
+        out = F.relu(b.bn1(b.conv1(h)))
+        out = b.bn2(b.conv2(out))
+        sc = h
+        if b.downsample:
+            sc = h[:, :, ::2, ::2]
+            extra = b.out_channels - b.in_channels
+            sc = torch.cat([sc.new_zeros(sc.shape[0], extra // 2, *sc.shape[2:]), sc,
+                            sc.new_zeros(sc.shape[0], extra - extra // 2, *sc.shape[2:])], 1)
+        h = F.relu(out + sc)
+    return net.head.fc(h.mean((2, 3)))
+
+
+@torch.no_grad()
+def test_full_policy_equals_plain_backbone_exactly(tiny_net, batch):
+    res = tiny_net.run(batch, FullPolicy())
+    assert torch.equal(res.logits, tiny_net(batch))
+    assert torch.equal(res.logits, reference_forward(tiny_net, batch))
+    assert res.executed.all()
+
+
+@torch.no_grad()
+def test_full_policy_equals_torchvision_resnet_exactly():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    expected = model(x)
+    net = wrap_torchvision(model, "resnet18", [str(i) for i in range(10)]).eval()
+    assert torch.equal(net.run(x, FullPolicy()).logits, expected)
+
+
+@torch.no_grad()
+def test_static_mask_equals_reference_without_those_blocks(tiny_net, batch):
+    for skip in ({1}, {1, 4, 8}, {3}, {0, 2, 6, 7}):
+        res = tiny_net.run(batch, StaticMaskPolicy(skip))
+        assert torch.allclose(res.logits, reference_forward(tiny_net, batch, frozenset(skip)), atol=1e-6)
+        assert not res.executed[:, sorted(skip)].any()
+        assert res.executed[:, [i for i in range(tiny_net.num_blocks) if i not in skip]].all()
+
+
+@torch.no_grad()
+def test_batched_mixed_decisions_equal_single_sample_runs(tiny_net):
+    x = varied_images(16, seed=3)
+    policy = GatePolicy(0.5)
+    batched = tiny_net.run(x, policy)
+    executed = batched.executed
+    mixed = [i for i in range(tiny_net.num_blocks) if 0 < int(executed[:, i].sum()) < len(x)]
+    assert mixed, "the fixture's gates must give mixed decisions within the batch"
+    for n in range(len(x)):
+        single = tiny_net.run(x[n: n + 1], policy)
+        assert torch.equal(single.executed[0], executed[n])
+        assert torch.allclose(single.logits[0], batched.logits[n], atol=1e-5, rtol=1e-5)
+
+
+class CallCounter:
+    def __init__(self, net):
+        self.samples = [0] * net.num_blocks
+        self.handles = [b.register_forward_pre_hook(self._hook(i)) for i, b in enumerate(net.blocks)]
+
+    def _hook(self, i):
+        def hook(module, args):
+            self.samples[i] += args[0].shape[0]
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def test_bypassed_block_forward_is_never_called(tiny_net):
+    for n in (1, 12):
+        x = varied_images(n, seed=10 + n)
+        counter = CallCounter(tiny_net)
+        try:
+            res = tiny_net.run(x, GatePolicy(0.5))
+        finally:
+            counter.close()
+        assert counter.samples == res.executed.sum(0).tolist()
+    counter = CallCounter(tiny_net)
+    try:
+        tiny_net.run(torch.randn(4, 3, 32, 32), StaticMaskPolicy({0, 1, 2}))
+    finally:
+        counter.close()
+    assert counter.samples[:3] == [0, 0, 0] and counter.samples[3:] == [4] * 6
+
+
+@torch.no_grad()
+def test_flop_totals_are_consistent(tiny_net, batch):
+    table = tiny_net.flop_table()
+    assert table.full == count_flops(tiny_net, torch.zeros(1, 3, 32, 32))
+    res = tiny_net.run(batch, GatePolicy(0.5))
+    executed = res.flops_executed()
+    for tr, f in zip(res.traces(), executed.tolist()):
+        assert tr.flops_full - tr.flops_saved == tr.flops_executed == f
+        assert sum(b.flops for b in tr.blocks) + table.stem + table.head == tr.flops_executed
+        for b in tr.blocks:
+            if not b.executed and not b.downsample:
+                # a bypassed identity block costs nothing but its gate's evaluation
+                assert b.flops == table.gates.get(b.index, 0)
+    static = tiny_net.run(batch, StaticMaskPolicy({1, 2}))
+    assert (static.flops_per_block()[:, [1, 2]] == 0).all()
+    assert int(static.flops_executed()[0]) == table.full - table.blocks[1] - table.blocks[2]
+    assert sum(table.gates.values()) <= 0.02 * table.full
+
+
+@torch.no_grad()
+def test_traces_explain_each_decision(tiny_net, batch):
+    policy = GatePolicy(0.5, overrides={0: "skip", 1: "run", 2: 0.9})
+    tr = tiny_net.run(batch, policy).traces()[0]
+    assert tr.blocks[0].reason == "forced skip by override" and not tr.blocks[0].executed
+    assert tr.blocks[1].reason == "forced run by override" and tr.blocks[1].executed
+    b2 = tr.blocks[2]
+    assert b2.threshold == 0.9 and "(block threshold)" in b2.reason
+    assert b2.executed == (b2.score >= 0.9)
+    assert tr.blocks[3].reason == "no gate on this block: always runs" and tr.blocks[3].downsample
+    for b in tr.blocks[4:]:
+        if b.index in tiny_net.gated_blocks:
+            assert b.reason == (f"gate {b.score:.2f} >= 0.50" if b.executed else f"gate {b.score:.2f} < 0.50")
+
+
+@torch.no_grad()
+def test_early_exit_stops_computing_and_uses_probe(tiny_net, batch):
+    res = tiny_net.run(batch, EarlyExitPolicy(0.0))  # everyone is "confident" after the first block
+    assert res.exit_block == [0] * len(batch)
+    assert res.executed[:, 0].all() and not res.executed[:, 1:].any()
+    h = tiny_net.blocks[0](tiny_net.stem(batch))
+    assert torch.allclose(res.logits, tiny_net.probe(0)(h), atol=1e-6)
+    tr = res.traces()[0]
+    assert tr.blocks[1].reason == "bypassed: early exit after block 0"
+    assert "exit after this block" in tr.blocks[0].reason
+    never = tiny_net.run(batch, EarlyExitPolicy(1.0))
+    assert torch.allclose(never.logits, tiny_net(batch), atol=1e-6)
+
+
+@torch.no_grad()
+def test_forward_intermediates_returns_every_block_output(tiny_net, batch):
+    logits, feats = tiny_net.forward_intermediates(batch)
+    assert torch.equal(logits, tiny_net(batch))
+    assert len(feats) == tiny_net.num_blocks
+    assert [f.shape[1] for f in feats] == tiny_net.block_channels()
+    assert feats[-1].shape == (len(batch), 64, 8, 8)
+    only = tiny_net.forward_intermediates(batch, indices=[0, -1], intermediates_only=True, include_stem=True)
+    assert len(only) == 3 and only[0].shape == (len(batch), 16, 32, 32)
+    assert torch.equal(only[2], feats[-1])
+    _, skipped = tiny_net.forward_intermediates(batch, policy=StaticMaskPolicy({1}))
+    assert torch.equal(skipped[1], skipped[0])  # a bypassed identity block passes its input on
+
+
+def test_gradients_flow_through_the_skipped_run(tiny_net, batch):
+    x = batch.clone().requires_grad_(True)
+    res = tiny_net.run(x, GatePolicy(0.5))
+    res.logits.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_forward_train_mixes_blocks_and_reports_gate_probabilities():
+    torch.manual_seed(0)
+    net = create_model("cifar_resnet20").train()
+    x = torch.randn(4, 3, 32, 32)
+    logits, probs, probes = net.forward_train(x)
+    assert logits.shape == (4, 10) and probs.shape == (4, len(net.gated_blocks)) and len(probes) == net.num_blocks
+    (logits.sum() + probs.sum() + probes[0].sum()).backward()
+    assert net.gate(0).fc2.weight.grad is not None and net.gate(0).fc2.weight.grad.abs().sum() > 0
+    assert net.probe(0).fc.weight.grad is not None and net.probe(0).fc.weight.grad.abs().sum() > 0
+    # probe heads see detached features: their loss alone leaves the backbone untouched
+    net.zero_grad()
+    _, _, probes = net.forward_train(x)
+    sum(p.sum() for p in probes).backward()
+    assert net.stem[0].weight.grad is None or net.stem[0].weight.grad.abs().sum() == 0
