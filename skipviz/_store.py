@@ -279,7 +279,7 @@ class AuditStore:
                                    "policy_json, config_json, n_records, summary_json FROM runs "
                                    "ORDER BY created_at", self._conn)
         for col in ("policy_json", "config_json", "summary_json"):
-            df[col.removesuffix("_json")] = df.pop(col).map(lambda s: json.loads(s) if s else None)
+            df[col.removesuffix("_json")] = df.pop(col).map(lambda s: json.loads(s) if isinstance(s, str) else None)
         return df
 
     def records_dataframe(self, **filters: Any) -> "pd.DataFrame":

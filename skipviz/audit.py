@@ -144,7 +144,8 @@ class AuditRecord:
         return cls.from_dict(json.loads(text))
 
     def flat(self) -> dict:
-        """One flat row (CSV/DataFrame): identity, outcome, agreement, cost, the executed mask as 0/1 text."""
+        """One flat row (CSV/DataFrame): identity, outcome, agreement, cost, and the executed mask as text, one
+        character per block: ``R`` ran, ``-`` bypassed (letters, so spreadsheets do not read it as a number)."""
         return {
             "record_id": self.record_id, "run_id": self.run_id, "input_name": self.input_name,
             "input_path": self.input_path, "input_sha256": self.input_sha256, "status": self.status,
@@ -153,7 +154,7 @@ class AuditRecord:
             "full_confidence": self.full_confidence, "agree": self.agree, "correct": self.correct,
             "full_correct": self.full_correct, "kl_full_skipped": self.kl_full_skipped,
             "blocks_executed": self.blocks_executed, "blocks_total": self.blocks_total,
-            "executed_mask": "".join("1" if e else "0" for e in self.executed_mask) or None,
+            "executed_mask": "".join("R" if e else "-" for e in self.executed_mask) or None,
             "flops_executed": self.flops_executed, "flops_full": self.flops_full,
             "flops_saved_fraction": self.flops_saved_fraction, "latency_ms": self.latency_ms,
             "full_latency_ms": self.full_latency_ms, "model_name": self.model_name,
@@ -315,12 +316,12 @@ def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy |
         if progress:
             progress(0.0, f"0/{total} inputs")
         warmed = False
+        tf = net.meta.transforms()
         for b, start in enumerate(range(0, total, batch_size)):
             chunk = items[start: start + batch_size]
             batch_records: list[AuditRecord] = []
             batch_data: list[bytes | None] = []
             loaded: list[tuple[AuditRecord, Image.Image, torch.Tensor]] = []
-            tf = net.meta.transforms()
             for item in chunk:
                 base = dict(run_id=run_id, input_name=item.name, input_path=item.source, model_name=model_name,
                             weights_sha256=net.meta.weights_sha256, params_sha256=psha, policy=pconf,

@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from captum.attr import (IntegratedGradients, LayerAttribution, LayerConductance, LayerGradCam,
+                         LayerGradientXActivation)
 
 from .policies import Decision, FullPolicy, Policy
 from .trace import Reason
@@ -224,8 +226,6 @@ class BlockImportance:
 
 def _layer_gradients(model: "SkipNetwork", x: torch.Tensor, target: int) -> list[torch.Tensor]:
     """d logit_target / d out_i for every block output, full network: list of (1, C_i, H_i, W_i)."""
-    from captum.attr import LayerGradientXActivation
-
     lga = LayerGradientXActivation(model, list(model.blocks), multiply_by_inputs=False)
     grads = lga.attribute(x, target=target)
     return [g.detach() for g in grads]
@@ -235,8 +235,6 @@ def _importance_values(model: "SkipNetwork", x: torch.Tensor, target: int, metho
                        n_steps: int) -> np.ndarray:
     """(L,) per-block importance on the full network of ``model`` (the caller holds the replica lock)."""
     if method == "conductance":
-        from captum.attr import LayerConductance
-
         vals = []
         for block in model.blocks:
             attr = LayerConductance(model, block).attribute(x, baselines=torch.zeros_like(x), target=target,
@@ -244,8 +242,6 @@ def _importance_values(model: "SkipNetwork", x: torch.Tensor, target: int, metho
             vals.append(float(attr.detach().sum()))
         return np.array(vals, dtype=np.float64)
     if method == "grad_x_act":
-        from captum.attr import LayerGradientXActivation
-
         attrs = LayerGradientXActivation(model, list(model.blocks)).attribute(x, target=target)
         return np.array([float(a.detach().sum()) for a in attrs], dtype=np.float64)
     grads = _layer_gradients(model, x, target)
@@ -294,8 +290,6 @@ def executed_block_gradients(net: "SkipNetwork", x: torch.Tensor, policy: Policy
     A bypassed block produces no activation for this input: it is not hooked and its row says
     ``"bypassed"`` with NaN values. Returns one row per block: name, executed, grad_x_act, status.
     """
-    from captum.attr import LayerGradientXActivation
-
     x = _check_one(net, x)
     model, lock = replica(net)
     with lock:
@@ -362,8 +356,6 @@ def _readout_layer(model: "SkipNetwork", exit_block: int | None) -> tuple[torch.
 def _map(model: "SkipNetwork", forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, target: int,
          method: str, exit_block: int | None, ig_steps: int) -> tuple[np.ndarray, str]:
     """(H, W) attribution map for one run (the caller holds the replica lock)."""
-    from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
-
     if method == "gradcam":
         layer, where = _readout_layer(model, exit_block)
         cam = LayerGradCam(forward, layer).attribute(x, target=target, attribute_to_layer_input=True,

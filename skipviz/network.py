@@ -54,21 +54,27 @@ class GateHead(nn.Module):
         self._folded: tuple | None = None  # inference fast path: (key, w1 (hidden, C), b1 (hidden,), w2, b2)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if not self.training and not torch.is_grad_enabled() and self.bn.running_mean is not None:
+        if not self.training and not torch.is_grad_enabled() and self._modules["bn"].track_running_stats:
             return self._forward_folded(h)
         z = F.relu(self.bn(self.fc1(h.mean((2, 3)))))
         return self.fc2(z).squeeze(1)
 
     def _forward_folded(self, h: torch.Tensor) -> torch.Tensor:
         """Inference fast path, the same maths in 5 kernels instead of 8 module calls: the spatial mean's
-        1/(H*W) and the eval-mode BatchNorm are folded into ``fc1`` (cached until a parameter, buffer, device,
-        dtype or input size changes). (N, C, H, W) -> (N,) logits, equal to the module path up to float rounding.
+        1/(H*W) and the eval-mode BatchNorm are folded into ``fc1``. The folded weights are cached until a
+        parameter or buffer is replaced or changed in place (version counters), the module is moved or cast
+        (``_apply``), or the input size or dtype changes. (N, C, H, W) -> (N,) logits, equal to the module
+        path up to float rounding.
         """
-        fc1, bn, fc2 = self.fc1, self.bn, self.fc2
-        tensors = (fc1.weight, fc1.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, fc2.weight, fc2.bias)
-        key = (h.shape[2] * h.shape[3], h.dtype, h.device) + tuple((t.data_ptr(), t._version) for t in tensors)
+        m = self._modules  # plain dict reads: no nn.Module.__getattr__ on the hot path
+        p1, p2, bn = m["fc1"]._parameters, m["fc2"]._parameters, m["bn"]
+        pb, bb = bn._parameters, bn._buffers
+        tensors = (p1["weight"], p1["bias"], pb["weight"], pb["bias"], bb["running_mean"], bb["running_var"],
+                   p2["weight"], p2["bias"])
+        key = (h.shape[2] * h.shape[3], h.dtype, *map(id, tensors), *[t._version for t in tensors])
         cache = self._folded
         if cache is None or cache[0] != key:
+            fc1, bn, fc2 = self.fc1, self.bn, self.fc2
             with torch.no_grad():
                 scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
                 w1 = (fc1.weight * (scale / key[0]).unsqueeze(1)).to(h.dtype).t().contiguous()
@@ -77,6 +83,10 @@ class GateHead(nn.Module):
         _, w1, b1, w2, b2 = cache
         z = torch.addmm(b1, h.sum((2, 3)), w1).relu_()
         return torch.addmm(b2, z, w2).squeeze(1)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._folded = None  # moved or cast: fold again on the next inference call
+        return super()._apply(fn, *args, **kwargs)
 
 
 class ProbeHead(nn.Module):
@@ -146,7 +156,7 @@ class SkipNetwork(nn.Module):
 
     # ----------------------------------------------------------------------------------------- structure
     def gate(self, index: int) -> GateHead | None:
-        return self.gates[str(index)] if str(index) in self.gates else None
+        return self.gates._modules.get(str(index))  # one dict lookup (hot path: once per block per run)
 
     def probe(self, index: int) -> ProbeHead | None:
         return self.probes[index] if self.probes is not None else None
@@ -241,8 +251,8 @@ class SkipNetwork(nn.Module):
             return h.index_copy(0, run_idx, ran)
         skip_idx = (~execute).nonzero().squeeze(1)
         skipped = block.bypass(h.index_select(0, skip_idx))
-        out = ran.new_zeros((h.shape[0],) + ran.shape[1:])
-        return out.index_copy(0, run_idx, ran).index_copy(0, skip_idx, skipped)
+        out = ran.new_empty((h.shape[0],) + ran.shape[1:])  # every row is written below, in place
+        return out.index_copy_(0, run_idx, ran).index_copy_(0, skip_idx, skipped)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] | int | None = None,
                               policy: Policy | None = None, intermediates_only: bool = False,

@@ -18,6 +18,7 @@ The KL-redundancy policy lives in :mod:`skipviz.redundancy` and builds on :class
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Union
@@ -124,6 +125,12 @@ def _check_threshold(t: float, what: str) -> float:
     return t
 
 
+@functools.lru_cache(maxsize=256)
+def _threshold_as(t: float, dtype: torch.dtype) -> float:
+    """``t`` rounded to ``dtype``, as a tensor comparison ``prob >= t`` of that dtype rounds it."""
+    return float(torch.tensor(t, dtype=dtype).item())
+
+
 class GatePolicy(Policy):
     """Learned gates: block i runs for a sample when ``sigmoid(gate_i(h)) >= threshold_i``.
 
@@ -158,13 +165,15 @@ class GatePolicy(Policy):
         gate = net.gate(index)
         if gate is None:
             return Decision(execute=True, reason=int(Reason.NOT_GATED))
-        t = self.threshold_for(index)
+        t = ov if isinstance(ov, float) else self.threshold
         prob = torch.sigmoid(gate(h))
-        execute = prob >= t
-        if execute.shape[0] == 1:  # batch of one: decide on the host, no gather/scatter needed
-            run = bool(execute.item())
+        if prob.shape[0] == 1:  # batch of one: decide on the host, no gather/scatter needed
+            # one device->host read and a host comparison against the threshold rounded to prob's dtype,
+            # exactly what ``prob >= t`` computes, without its extra kernel
+            run = bool(prob.item() >= _threshold_as(t, prob.dtype))
             return Decision(execute=run, reason=int(Reason.GATE_RUN if run else Reason.GATE_SKIP),
                             score=prob, threshold=t, evaluated=True)
+        execute = prob >= t
         reason = torch.where(execute, int(Reason.GATE_RUN), int(Reason.GATE_SKIP))
         return Decision(execute=execute, reason=reason, score=prob, threshold=t, evaluated=True)
 

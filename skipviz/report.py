@@ -93,8 +93,9 @@ def skip_rate_per_block(records: Sequence[AuditRecord]) -> pd.DataFrame:
 
 def skip_rate_per_class(records: Sequence[AuditRecord]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per class: ``(summary, by_block)``. The class is the label when known, else the full network's
-    prediction (column ``class_source`` says which). ``summary``: n, skip rate over all blocks, mean blocks run,
-    agreement, accuracy. ``by_block``: class x block skip-rate matrix (rows classes, columns block names)."""
+    prediction. ``summary``: n, how many of them are labelled, skip rate over all blocks, mean blocks run,
+    agreement, accuracy (over the labelled ones). ``by_block``: class x block skip-rate matrix (rows classes,
+    columns block names)."""
     rows, cells = [], []
     for r in records:
         if not (r.ok and r.trace):
@@ -107,12 +108,13 @@ def skip_rate_per_class(records: Sequence[AuditRecord]) -> tuple[pd.DataFrame, p
         for b in r.trace["blocks"]:
             cells.append({"class": cls, "name": b["name"], "block": b["index"], "skipped": not b["executed"]})
     if not rows:
-        return (pd.DataFrame(columns=["class", "class_source", "n", "skip_rate", "blocks_executed_mean",
+        return (pd.DataFrame(columns=["class", "n", "n_labelled", "skip_rate", "blocks_executed_mean",
                                       "agreement", "accuracy"]), pd.DataFrame())
     df = pd.DataFrame(rows)
     df["correct"] = df["correct"].astype("float")
-    summary = (df.groupby(["class", "class_source"], sort=True)
-               .agg(n=("skip_rate", "size"), skip_rate=("skip_rate", "mean"),
+    df["labelled"] = df["class_source"].eq("label")
+    summary = (df.groupby("class", sort=True)
+               .agg(n=("skip_rate", "size"), n_labelled=("labelled", "sum"), skip_rate=("skip_rate", "mean"),
                     blocks_executed_mean=("blocks_executed", "mean"), agreement=("agree", "mean"),
                     accuracy=("correct", "mean")).reset_index())
     c = pd.DataFrame(cells)
@@ -286,11 +288,13 @@ def report_data(run: AuditRun, reproducibility: Sequence[ReproResult] | None = N
 
 
 def render_report(run: AuditRun, reproducibility: Sequence[ReproResult] | None = None,
-                  net: "SkipNetwork | None" = None, n_reproduce: int = 0) -> tuple[str, str, str]:
+                  net: "SkipNetwork | None" = None, n_reproduce: int = 0,
+                  max_rows: int = 500) -> tuple[str, str, str]:
     """The report as ``(html, json, csv)`` strings (what the dashboard offers as downloads).
 
     ``reproducibility``: results of :func:`skipviz.audit.reproduce_sample`; or give ``net`` and
-    ``n_reproduce > 0`` to reproduce a sample here.
+    ``n_reproduce > 0`` to reproduce a sample here. The HTML lists every disagreement and failed input, and
+    agreeing inputs up to ``max_rows`` rows in all (the JSON and CSV always hold every record).
     """
     if reproducibility is None and n_reproduce > 0:
         from .audit import reproduce_sample
@@ -344,7 +348,7 @@ def render_report(run: AuditRun, reproducibility: Sequence[ReproResult] | None =
 <code>{_e(json.dumps(run.policy, sort_keys=True))}</code></p>
 <h2>Summary</h2><table class="kv">{head_rows}</table>
 <h2>Disagreements with the full network ({len(disagreements)})</h2>
-{_record_rows(disagreements) if disagreements else "<p>None: every audited input got the full network's prediction.</p>"}
+{_record_rows(disagreements) if disagreements else "<p>None: every input got the full network's prediction.</p>"}
 <h2>Failed inputs ({len(run.failed_records)})</h2>
 {f"<table><tr><th>input</th><th>reason</th></tr>{failed_rows}</table>" if failed_rows else "<p>None.</p>"}
 <h2>Figures</h2>
@@ -357,7 +361,9 @@ logits and gate scores must match bit for bit, elsewhere within the tolerance sh
 <h2>Configuration and hashes</h2>{_kv_table(cfg)}
 <h2>Environment</h2>{_kv_table(run.environment)}
 <h2>All audited inputs ({len(run.ok_records)}, disagreements first)</h2>
-{_record_rows(disagreements + agreeing)}
+{_record_rows(disagreements + agreeing[: max(max_rows - len(disagreements), 0)])}
+{f"<p>{len(run.ok_records) - max(max_rows, len(disagreements))} more agreeing inputs are in the CSV and JSON "
+ "files.</p>" if len(run.ok_records) > max(max_rows, len(disagreements)) else ""}
 <p><small>SkipViz audit report version {REPORT_VERSION}; database {_e(run.db_path)}.</small></p>
 </body></html>"""
     text = json.dumps(data, indent=1, sort_keys=False, allow_nan=False)
@@ -366,11 +372,12 @@ logits and gate scores must match bit for bit, elsewhere within the tolerance sh
 
 
 def write_report(run: AuditRun, out_html: str | Path, reproducibility: Sequence[ReproResult] | None = None,
-                 net: "SkipNetwork | None" = None, n_reproduce: int = 0) -> tuple[Path, Path, Path]:
+                 net: "SkipNetwork | None" = None, n_reproduce: int = 0,
+                 max_rows: int = 500) -> tuple[Path, Path, Path]:
     """Write ``out.html`` plus ``out.json`` and ``out.csv`` beside it; returns the three paths."""
     out = Path(out_html)
     out.parent.mkdir(parents=True, exist_ok=True)
-    page, text, csv = render_report(run, reproducibility, net=net, n_reproduce=n_reproduce)
+    page, text, csv = render_report(run, reproducibility, net=net, n_reproduce=n_reproduce, max_rows=max_rows)
     paths = (out, out.with_suffix(".json"), out.with_suffix(".csv"))
     for p, content in zip(paths, (page, text, csv)):
         p.write_text(content, encoding="utf-8")

@@ -212,6 +212,8 @@ def _calibrate(fn: Callable[[], object], device: torch.device, min_repeat_s: flo
     """How many calls make one repeat last about ``min_repeat_s`` (at least 1)."""
     import time
 
+    if min_repeat_s <= 0:
+        return 1
     _synchronize(device)
     t0 = time.perf_counter()
     fn()
@@ -388,7 +390,7 @@ class PolicyTiming:
 
 def time_policy(net: SkipNetwork, x: torch.Tensor, policy: Policy, batch_size: int | None = None, warmup: int = 3,
                 repeats: int = 20, device: str | torch.device | None = None, include_masked: bool = True,
-                threads: int | None = None, number: int | None = None) -> PolicyTiming:
+                threads: int | None = None, number: int | None = None, min_repeat_s: float = 0.02) -> PolicyTiming:
     """Time ``net(x)`` (full), ``net.run(x, policy)`` (skipped) and :func:`run_masked` interleaved.
 
     Args:
@@ -438,7 +440,7 @@ def time_policy(net: SkipNetwork, x: torch.Tensor, policy: Policy, batch_size: i
         if include_masked:
             fns["masked"] = masked
         stats = measure_interleaved(fns, warmup=warmup, repeats=repeats, device=dev, number=number, threads=threads,
-                                    batch_size=bs, batches_per_call=len(chunks))
+                                    batch_size=bs, batches_per_call=len(chunks), min_repeat_s=min_repeat_s)
     finally:
         net.train(was_training)
     dtype = next(net.parameters()).dtype
@@ -672,7 +674,7 @@ class PredictionCheck:
 
 
 def check_prediction(profile: BlockProfile, net: SkipNetwork, x: torch.Tensor, policy: Policy, warmup: int = 3,
-                     repeats: int = 15, threads: int | None = None) -> PredictionCheck:
+                     repeats: int = 15, threads: int | None = None, min_repeat_s: float = 0.02) -> PredictionCheck:
     """Predict ``net.run(x, policy)``'s latency from ``profile`` and measure it; x: (B, 3, H, W), B = batch size.
 
     With B a multiple of the profile's batch size, each batch is predicted and measured separately and the
@@ -700,7 +702,7 @@ def check_prediction(profile: BlockProfile, net: SkipNetwork, x: torch.Tensor, p
                 net.run(c, policy)
 
     st = measure_latency(call, warmup=warmup, repeats=repeats, device=dev, threads=threads, label="skipped",
-                         batch_size=bs, batches_per_call=len(chunks))
+                         batch_size=bs, batches_per_call=len(chunks), min_repeat_s=min_repeat_s)
     return PredictionCheck(policy=policy.config(), batch_size=bs, blocks_executed_mean=float(np.mean(blocks)),
                            predicted_ms=float(np.mean(preds)), measured_ms=st.per_batch_ms,
                            measured_iqr_ms=st.iqr_ms / len(chunks))
@@ -776,10 +778,11 @@ class BenchConfig:
     threads: int | None = None
     inputs: str = "auto"  # auto | cifar10 | random
     seed: int = 0
+    min_repeat_s: float = 0.02  # calls per repeat are calibrated so one repeat lasts this long (0: one call)
 
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
-        base = dict(batch_sizes=[1, 8], batch1_images=2, repeats=3, warmup=1, profile_repeats=2)
+        base = dict(batch_sizes=[1, 4], batch1_images=2, repeats=2, warmup=1, profile_repeats=2, min_repeat_s=0.0)
         base.update(kw)
         return cls(**base)
 
@@ -843,15 +846,15 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
     for bs in cfg.batch_sizes:
         x = x_all[: cfg.batch1_images] if bs == 1 else x_all[:bs]
         prof = profile_blocks(net, bs, dev, x=x_all[:bs], warmup=cfg.warmup, repeats=cfg.profile_repeats,
-                              threads=cfg.threads)
+                              threads=cfg.threads, min_repeat_s=cfg.min_repeat_s / 2)
         profiles.append(prof.to_dict())
         gate_costs.append(gate_cost(net, prof).to_dict())
         for t in cfg.thresholds:
             pol = GatePolicy(float(t))
             tm = time_policy(net, x, pol, batch_size=bs, warmup=cfg.warmup, repeats=cfg.repeats, device=dev,
-                             threads=cfg.threads)
-            check = check_prediction(prof, net, x, pol, warmup=cfg.warmup, repeats=max(3, cfg.repeats // 2),
-                                     threads=cfg.threads)
+                             threads=cfg.threads, min_repeat_s=cfg.min_repeat_s)
+            check = check_prediction(prof, net, x, pol, warmup=cfg.warmup, repeats=max(2, cfg.repeats // 2),
+                                     threads=cfg.threads, min_repeat_s=cfg.min_repeat_s)
             row = tm.to_dict()
             row.update(threshold=float(t), predicted_ms=check.predicted_ms,
                        prediction_measured_ms=check.measured_ms, prediction_relative_error=check.relative_error)

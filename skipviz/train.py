@@ -158,7 +158,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             loss = F.cross_entropy(logits, y)
             if gate_probs.numel() and not full_batch:
                 loss = loss + cfg.rate_weight * ((gate_probs.mean(0) - target) ** 2).mean()
-                sums["rate"] += float(gate_probs.mean())
+                sums["rate"] += float(gate_probs.detach().mean())
                 sums["gated_batches"] += 1
             if probe_logits:
                 loss = loss + cfg.probe_weight * sum(F.cross_entropy(p, y) for p in probe_logits) / len(probe_logits)

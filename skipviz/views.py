@@ -652,3 +652,18 @@ def overrides_from_choices(choices: Mapping[int, str]) -> dict[int, Override]:
 
 def finite_or_none(v: float | None) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def compare_points(points: Mapping[str, CalibrationPoint]) -> pd.DataFrame:
+    """Several policies over the same calibration set: accuracy, agreement, FLOPs cut, measured latency."""
+    return pd.DataFrame([{"policy": name, "accuracy": p.accuracy, "agreement with full": p.agreement,
+                          "FLOPs cut": 1.0 - p.flops_fraction, "latency ms/image": p.latency_ms,
+                          "blocks run (mean)": float(p.executed.sum(1).mean())} for name, p in points.items()])
+
+
+def calibration_dataset(calib: CalibrationSet):
+    """The calibration set as a :class:`skipviz.data.TensorDataset` (for the redundancy/audit functions)."""
+    from .data import TensorDataset, file_list_sha256
+
+    files = [f"calibration/{i}" for i in range(len(calib))]
+    return TensorDataset(calib.images, calib.labels, calib.classes, files, calib.source, file_list_sha256(files))

@@ -1,0 +1,86 @@
+"""Accuracy against compute of the shipped default model, recomputed from its weights on CIFAR-10 test/.
+
+    python benchmarks/bench_default_model.py [--model cifar_resnet20.cifar10_gated] [--limit N] [--out DIR]
+
+Prints and writes (``benchmarks/results/default_model.{json,md}``): the full network's accuracy, the gated
+network at the model card's default threshold (accuracy, drop, FLOPs cut, blocks run), the whole gate curve
+(threshold -> accuracy, FLOPs cut), the early-exit curve, mean blocks executed for correct vs wrong
+predictions and per class. Runs in a few minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from skipviz import DEFAULT_MODEL, FullPolicy, create_model  # noqa: E402
+from skipviz.data import cifar10_root, load_split  # noqa: E402
+from skipviz.evaluate import blocks_by_outcome, early_exit_policy, evaluate_policy, threshold_curve  # noqa: E402
+from skipviz.train import software_versions  # noqa: E402
+
+
+def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], exits: list[float]) -> dict:
+    root = cifar10_root()
+    if root is None:
+        raise SystemExit("CIFAR-10 not found: set SKIPVIZ_CIFAR10 to an ImageFolder root with test/")
+    test = load_split(root, "test")
+    if limit:
+        test = test.subset(np.random.default_rng(0).permutation(len(test))[:limit])
+    net = create_model(model)
+    default_t = float(net.meta.card.get("default_policy", {}).get("threshold", 0.5))
+    if default_t not in thresholds:
+        thresholds = sorted(thresholds + [default_t])
+    full = evaluate_policy(net, test, FullPolicy(), progress=True)
+    curve, evals = threshold_curve(net, test, thresholds, reference=full, progress=True)
+    gated = evals[thresholds.index(default_t)]
+    exit_curve, _ = threshold_curve(net, test, exits, make_policy=early_exit_policy, reference=full, progress=True)
+    outcome, per_class = blocks_by_outcome(gated, test.classes)
+    result = {
+        "model": model, "weights_sha256": net.meta.weights_sha256, "test_images": len(test),
+        "test_files_sha256": test.files_sha256, "device": "cpu", "threads": torch.get_num_threads(),
+        "software": software_versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "full_accuracy": full.accuracy, "default_threshold": default_t, "gated": gated.summary(full),
+        "blocks_mean_correct": outcome["correct"], "blocks_mean_wrong": outcome["wrong"],
+        "gate_curve": curve.to_dict(orient="records"), "early_exit_curve": exit_curve.to_dict(orient="records"),
+        "per_class": per_class.to_dict(orient="records"),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "default_model.json").write_text(json.dumps(result, indent=2))
+    md = [f"# Default model on CIFAR-10 test ({len(test)} JPEG images)", "",
+          f"Model `{model}` (weights sha256 `{(net.meta.weights_sha256 or '')[:16]}`), measured {result['date']} on CPU "
+          f"({torch.get_num_threads()} threads), torch {torch.__version__}.", "",
+          f"- Full network: **{full.accuracy:.2%}**",
+          f"- Gated at the default threshold {default_t}: **{gated.accuracy:.2%}** "
+          f"(drop {100 * (full.accuracy - gated.accuracy):.2f} points), **{gated.flops_saved_fraction:.1%}** of FLOPs "
+          f"skipped (gate heads counted), {gated.blocks_mean:.2f} of {net.num_blocks} blocks run, agreement with full "
+          f"{gated.agreement(full):.2%}",
+          f"- Mean blocks run: correct {outcome['correct']:.2f}, wrong {outcome['wrong']:.2f}", "",
+          "## Gate threshold curve", "", curve.to_markdown(index=False, floatfmt=".4f"), "",
+          "## Early-exit curve (probe heads)", "", exit_curve.to_markdown(index=False, floatfmt=".4f"), "",
+          "## Per class at the default threshold", "", per_class.to_markdown(index=False, floatfmt=".3f"), ""]
+    (out_dir / "default_model.md").write_text("\n".join(md))
+    print("\n".join(md))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--limit", type=int, default=None, help="evaluate a seeded subset of this many test images")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--thresholds", type=float, nargs="+", default=[round(t, 2) for t in np.linspace(0.1, 0.9, 9)])
+    p.add_argument("--exits", type=float, nargs="+", default=[0.6, 0.8, 0.9, 0.99])
+    args = p.parse_args(argv)
+    run(args.model, args.limit, Path(args.out), list(args.thresholds), list(args.exits))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Latency benchmark: full vs. really skipped vs. masked (compute-all) runs of a gated network.
+
+For the default model (``skipviz.DEFAULT_MODEL`` when its weights are in data/, else a random-init
+cifar_resnet20 with randomised gates, labelled as such) at several gate thresholds and batch sizes, measures
+full latency, skipped latency, masked latency, time saved, FLOPs saved and efficiency = time saved / FLOPs
+saved, plus the gate heads' share of FLOPs and latency and the error of the per-block latency prediction.
+Writes ``latency_<device>.json`` (device, versions, date, settings, every figure) and ``latency_<device>.md``.
+
+    python benchmarks/bench_latency.py                       # recorded settings -> benchmarks/results/
+    python benchmarks/bench_latency.py --quick --out /tmp/b  # smoke test, seconds
+    python benchmarks/bench_latency.py --device cuda --batch-sizes 1,256 --thresholds 0.3,0.5,0.7
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from skipviz.timing import add_bench_arguments, cmd_bench  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_latency", description=__doc__.splitlines()[0])
+    add_bench_arguments(parser)
+    return cmd_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Streamlit glue shared by the pages: process-wide caches (one model per process, shared by every session),
+the session's current model, image, threshold and overrides. No computation here: see ``skipviz.views``."""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+
+import streamlit as st
+from PIL import Image
+
+from skipviz import DEFAULT_MODEL, ImageInfo, ImageLoadError, load_image, views
+from skipviz.samples import sample_bytes, sample_names
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+# Pages backed by another module: listed only when the page file exists and the module provides these names.
+OPTIONAL_PAGES: list[dict] = [
+    {"path": "pages/redundancy.py", "title": "Redundancy", "icon": "🧩",
+     "requires": [("skipviz.redundancy", ("dataset_redundancy", "KLRedundancyPolicy", "METHODS", "DIVERGENCES")),
+                  ("skipviz.figures", ("kl_heatmap", "adjacent_kl_series", "kl_policy_scores"))]},
+    {"path": "pages/explain.py", "title": "Explain", "icon": "💡",
+     "requires": [("skipviz.explain", ("explain", "MAP_METHODS")),
+                  ("skipviz.figures", ("attribution_overlay", "importance_bars"))]},
+    {"path": "pages/audit.py", "title": "Audit", "icon": "📋",
+     "requires": [("skipviz.audit", ("audit_uploaded_files",)), ("skipviz.report", ("render_report",))]},
+]
+
+
+def optional_pages() -> list[dict]:
+    """Specs ``{path, title, icon, requires: [(module, (names...))]}`` whose page file is present."""
+    return [spec for spec in OPTIONAL_PAGES if (ROOT / spec["path"]).is_file()]
+
+
+IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif"]
+
+
+def default_model_name() -> str:
+    """``$SKIPVIZ_MODEL`` or the project's default (the trained gated ResNet-20)."""
+    return os.environ.get("SKIPVIZ_MODEL", DEFAULT_MODEL)
+
+
+def calibration_size() -> int:
+    return int(os.environ.get("SKIPVIZ_CALIB_N", "256"))
+
+
+def latency_repeats() -> int:
+    return int(os.environ.get("SKIPVIZ_LATENCY_REPEATS", "5"))
+
+
+@st.cache_resource(show_spinner="Loading the model (once per process)...")
+def registry_model(name: str) -> views.LoadedModel:
+    views.configure_threads()
+    return views.load_model(name)
+
+
+@st.cache_resource(max_entries=8, show_spinner="Loading the uploaded weights...")
+def uploaded_model(arch: str, sha256: str, filename: str, _data: bytes) -> views.LoadedModel:
+    return views.load_uploaded_weights(arch, _data, filename)
+
+
+def current_model() -> tuple[str, views.LoadedModel]:
+    """The session's model: ``(key, LoadedModel)``; the key identifies it in every cache."""
+    key = st.session_state.get("sv_model_key") or f"registry:{default_model_name()}"
+    if key.startswith("upload:"):
+        up = st.session_state.get("sv_model_upload")
+        if up is not None:
+            return key, uploaded_model(up["arch"], up["sha256"], up["filename"], up["data"])
+        key = f"registry:{default_model_name()}"
+    return key, registry_model(key.split(":", 1)[1])
+
+
+@dataclass
+class CurrentImage:
+    image: Image.Image
+    info: ImageInfo
+    label: str
+
+
+def _set_image(data: bytes, name: str) -> None:
+    st.session_state["sv_image"] = {"data": data, "name": name}
+
+
+def current_image() -> CurrentImage | None:
+    """The session's image (default: the first built-in sample); shows ``st.error`` and returns None if bad."""
+    img = st.session_state.get("sv_image")
+    if img is None:
+        name = sample_names()[0]
+        img = {"data": sample_bytes(name), "name": name}
+    try:
+        image, info = load_image(img["data"])
+    except ImageLoadError as e:
+        st.error(f"Cannot use {img['name']!r}: {e}")
+        return None
+    return CurrentImage(image, info, img["name"])
+
+
+def image_picker() -> None:
+    """Upload or built-in sample; puts the chosen bytes in the session (errors are shown by current_image)."""
+    source = st.radio("Image source", ["Built-in sample", "Upload"], horizontal=True, key="sv_source")
+    if source == "Upload":
+        up = st.file_uploader("Upload an image (PNG, JPEG, WebP, BMP, GIF: first frame)", type=IMAGE_TYPES,
+                              key="sv_upload")
+        if up is not None:
+            _set_image(up.getvalue(), up.name)
+    else:
+        names = sample_names()
+        current = st.session_state.get("sv_image", {}).get("name")
+        choice = st.selectbox("Sample image", names, index=names.index(current) if current in names else 0,
+                              key="sv_sample")
+        _set_image(sample_bytes(choice), choice)
+
+
+@st.cache_resource(max_entries=64)
+def prepared_input(model_key: str, sha256: str, _net, _image: Image.Image):
+    """``(x (1, 3, H, W), full-network trace)`` for an image, once per model and image."""
+    x = views.preprocess(_net, _image)
+    return x, views.run_full(_net, x)
+
+
+def threshold(default: float) -> float:
+    return float(st.session_state.get("sv_threshold", default))
+
+
+def overrides() -> dict[int, str]:
+    return dict(st.session_state.get("sv_overrides", {}))
+
+
+@st.cache_resource
+def _sweep_store() -> dict:
+    return {"lock": threading.Lock(), "sweeps": {}}
+
+
+def calibration_sweep(model_key: str, lm: views.LoadedModel) -> views.CalibrationSweep:
+    """The precomputed calibration sweep for a model (once per process, with a progress bar the first time)."""
+    store = _sweep_store()
+    n = calibration_size() if tuple(lm.net.meta.input_size[-2:]) <= (64, 64) else min(32, calibration_size())
+    key = (model_key, n)
+    with store["lock"]:
+        if key not in store["sweeps"]:
+            bar = st.progress(0.0, text="Preparing the calibration set...")
+            calib = views.load_calibration(lm.net, n)
+
+            def progress(frac: float, text: str) -> None:
+                bar.progress(min(1.0, frac), text=f"Precomputing {len(calib)} images x {len(views.threshold_grid())}"
+                                                  f" thresholds: {text}")
+
+            store["sweeps"][key] = views.sweep_calibration(lm.net, calib, progress=progress)
+            bar.empty()
+        return store["sweeps"][key]
+
+
+def model_banner(lm: views.LoadedModel) -> None:
+    if lm.warning:
+        st.warning(lm.warning, icon="⚠️")
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _kl_heatmap(net, x, trace) -> None:
+    from skipviz import figures, redundancy
+
+    st.subheader("Inter-layer divergence for this input")
+    methods = [m for m in redundancy.METHODS if m != "prediction" or net.probes is not None]
+    method = st.radio("KL definition", methods, horizontal=True, key="inspect_kl_method",
+                      format_func=lambda m: m.capitalize() + " KL")
+    st.caption(redundancy.METHOD_DESCRIPTIONS[method])
+    m = redundancy.kl_matrix(net, x, method)[0]
+    st.plotly_chart(figures.kl_heatmap(m, net.block_names, "kl", method), key="inspect_kl", width="stretch")
+
+
+def inspect_extras() -> list:
+    """Renderers ``fn(net, x, trace)`` added to the Inspect page by optional modules (the per-input KL heatmap)."""
+    try:
+        from skipviz import figures, redundancy  # noqa: F401
+    except Exception:  # the redundancy issue's modules are optional
+        return []
+    if hasattr(redundancy, "kl_matrix") and hasattr(figures, "kl_heatmap"):
+        return [_kl_heatmap]
+    return []

@@ -1,0 +1,46 @@
+"""Model: pick a registered model, read its card, load a weights file safely."""
+from __future__ import annotations
+
+import streamlit as st
+
+from pages import _shared
+from skipviz import CheckpointError, list_models, views
+
+st.title("🧠 Model")
+model_key, lm = _shared.current_model()
+_shared.model_banner(lm)
+
+st.subheader("Registered models")
+st.dataframe(views.models_table(), hide_index=True, key="models_table")
+choices = list_models(pretrained=True) + list_models()
+if _shared.default_model_name() not in choices:
+    choices.insert(0, _shared.default_model_name())
+current_name = model_key.split(":", 1)[1] if model_key.startswith("registry:") else None
+name = st.selectbox("Model", choices, index=choices.index(current_name) if current_name in choices else 0,
+                    key="model_choice")
+if st.button("Use this model", key="use_model"):
+    st.session_state["sv_model_key"] = f"registry:{name}"
+    st.session_state.pop("sv_model_upload", None)
+    st.rerun()
+
+st.subheader(f"Model card: {lm.net.meta.display_name}")
+st.dataframe(views.model_card_table(lm.net), hide_index=True, key="card_table")
+
+st.subheader("Load a weights file")
+st.caption("Safetensors or a weights-only PyTorch file: nothing is unpickled, and the file must fit the "
+           "architecture exactly.")
+arch = st.selectbox("Architecture", list_models(), index=list_models().index(lm.net.meta.arch)
+                    if lm.net.meta.arch in list_models() else 0, key="weights_arch")
+up = st.file_uploader("Weights file", type=["safetensors", "pt", "pth"], key="weights_upload")
+if up is not None:
+    data = up.getvalue()
+    sha = _shared.digest(data)
+    try:
+        loaded = _shared.uploaded_model(arch, sha, up.name, data)
+    except CheckpointError as e:
+        st.error(f"Cannot load {up.name}: {e}")
+    else:
+        st.session_state["sv_model_upload"] = {"arch": arch, "sha256": sha, "filename": up.name, "data": data}
+        st.session_state["sv_model_key"] = f"upload:{sha}"
+        st.success(f"Loaded {up.name} into {arch} (SHA-256 {sha[:16]}...); every page now uses it.")
+        st.dataframe(views.model_card_table(loaded.net), hide_index=True, key="uploaded_card")

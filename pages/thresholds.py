@@ -1,0 +1,74 @@
+"""Thresholds: a global threshold and per-block overrides, live for the current image and a calibration set."""
+from __future__ import annotations
+
+import streamlit as st
+
+from pages import _shared
+from skipviz import views
+
+st.title("🎚️ Tune thresholds")
+model_key, lm = _shared.current_model()
+_shared.model_banner(lm)
+net = lm.net
+
+if not net.gated_blocks:
+    st.info(f"{net.meta.display_name} has no gate heads: every block always runs unless forced to skip below.")
+
+cur = _shared.current_image()
+sweep = _shared.calibration_sweep(model_key, lm)
+st.caption(f"Calibration set: {sweep.calib.source}. Precomputed once per process for every slider value "
+           f"({len(sweep.points)} thresholds) on {sweep.device}; per-block overrides are computed on demand and "
+           "cached.")
+
+
+@st.fragment
+def live_view() -> None:
+    t = st.slider("Global gate threshold", 0.0, 1.0, value=_shared.threshold(lm.default_threshold), step=0.05,
+                  key="thresholds_threshold")
+    st.session_state["sv_threshold"] = t
+    with st.expander("Per-block overrides (run / skip / auto)", expanded=False):
+        saved = _shared.overrides()
+        cols = st.columns(3)
+        choices = {}
+        for i, name in enumerate(net.block_names):
+            label = f"{i}: {name}" + (" ▼" if net.blocks[i].downsample else "") + \
+                ("" if i in net.gated_blocks else " (no gate)")
+            options = ["auto", "run", "skip"]
+            choices[i] = cols[i % 3].selectbox(label, options, index=options.index(saved.get(i, "auto")),
+                                              key=f"override_{i}")
+    ov = views.overrides_from_choices(choices)
+    st.session_state["sv_overrides"] = ov
+    policy = views.make_policy(net, t, ov)
+
+    st.subheader("Current image")
+    if cur is not None:
+        x, full_trace = _shared.prepared_input(model_key, cur.info.sha256, net, cur.image)
+        res = views.inspect(net, x, policy, full_trace, measure=False)
+        tr = res.trace
+        a, b = st.columns([1, 3])
+        a.image(cur.image, caption=cur.label, width=140)
+        a.metric("Prediction", tr.predicted_label, f"{'agrees' if res.agrees else 'differs from'} full "
+                 f"({res.full_trace.predicted_label})", delta_color="normal" if res.agrees else "inverse")
+        a.metric("Blocks fired", f"{tr.blocks_executed}/{tr.blocks_total}", f"{tr.flops_saved_fraction:.1%} FLOPs saved",
+                 delta_color="off")
+        b.plotly_chart(views.block_map_figure(tr), key="thr_block_map", width="stretch")
+
+    st.subheader("Calibration set")
+    point = sweep.point_for(net, t, ov)
+    m1, m2, m3, m4 = st.columns(4)
+    acc_name = "Accuracy" if sweep.calib.labelled else "Accuracy (= agreement, no labels)"
+    m1.metric(acc_name, f"{point.accuracy:.1%}", f"{100 * (point.accuracy - sweep.full.accuracy):+.1f} pts vs full")
+    m2.metric("Agreement with full", f"{point.agreement:.1%}")
+    m3.metric("Latency / image (measured)", f"{point.latency_ms:.3f} ms",
+              f"{point.latency_ms / sweep.full.latency_ms - 1:+.0%} vs full" if sweep.full.latency_ms else None,
+              delta_color="inverse")
+    m4.metric("FLOPs executed", f"{point.flops_fraction:.1%} of full")
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(views.pareto_figure(sweep, point), key="pareto", width="stretch")
+    c2.plotly_chart(views.skip_rate_figure(point, net), key="skip_rate", width="stretch")
+    st.dataframe(views.calibration_summary(point, sweep.full), hide_index=True, key="calib_summary")
+    with st.expander("Every precomputed threshold"):
+        st.dataframe(sweep.frame(), hide_index=True, key="sweep_table")
+
+
+live_view()

@@ -1,0 +1,253 @@
+"""The Streamlit pages, driven by ``streamlit.testing.v1.AppTest``: every page renders, uploads go through the
+real ``file_uploader``, and moving the threshold changes the rendered decisions exactly as the engine says.
+
+The app runs with an empty weights folder (the documented fallback: random-init ResNet-20 with a warning), no
+data set (generated calibration images) and a small calibration set, so the test is fast and independent of
+the training job; the expected values are computed here with the engine from the same model.
+"""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from skipviz import DEFAULT_MODEL, FullPolicy, GatePolicy, load_image, views
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
+ENV = {"SKIPVIZ_CIFAR10": "/nonexistent/cifar10", "SKIPVIZ_CALIB_N": "32", "SKIPVIZ_LATENCY_REPEATS": "2",
+       "SKIPVIZ_MODEL": DEFAULT_MODEL}
+
+
+@pytest.fixture(scope="module")
+def app_env(tmp_path_factory):
+    env = {**ENV, "SKIPVIZ_DATA_DIR": str(tmp_path_factory.mktemp("no_weights"))}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from streamlit.runtime.caching import cache_resource
+
+    cache_resource.clear()  # one model per process: make sure it is the one built under this environment
+    yield env
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    cache_resource.clear()
+
+
+@pytest.fixture(scope="module")
+def engine(app_env):
+    """The model the app loads, built here with the engine."""
+    return views.load_model(DEFAULT_MODEL).net
+
+
+def new_app():
+    from streamlit.testing.v1 import AppTest
+
+    return AppTest.from_file(APP, default_timeout=120)
+
+
+def png_bytes(seed: int = 0, size: int = 48) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bomb_png(width: int = 60000, height: int = 60000) -> bytes:
+    """A tiny PNG whose header claims width x height pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def metric(at, label_start: str) -> str:
+    return [m.value for m in at.metric if m.label.startswith(label_start)][0]
+
+
+# st.dataframe elements carry no key in AppTest: find a table by a column only it has
+TABLE_COLUMNS = {"blocks": "decision", "top5": "full: class", "calib_summary": "run", "card_table": "field"}
+
+
+def frame(at, key: str):
+    return [d.value for d in at.dataframe if TABLE_COLUMNS[key] in d.value.columns][0]
+
+
+def expected_decisions(net, data: bytes, threshold: float, overrides=None) -> list[str]:
+    image, _ = load_image(data)
+    with torch.no_grad():
+        ex = net.run(views.preprocess(net, image), GatePolicy(threshold, overrides or {})).executed[0]
+    return ["fired" if e else "bypassed" for e in ex.tolist()]
+
+
+def test_inspect_upload_and_threshold(app_env, engine):
+    at = new_app().run()
+    assert not at.exception
+    assert at.title[0].value.startswith("🔍")
+    assert any("weights" in w.value and "missing" in w.value for w in at.warning)  # documented fallback
+    at.radio(key="sv_source").set_value("Upload").run()
+    data = png_bytes(1)
+    at.file_uploader(key="sv_upload").set_value(("mine.png", data, "image/png")).run()
+    assert not at.exception and not at.error
+    lo, hi = 0.0, 1.0
+    at.slider(key="inspect_threshold").set_value(lo).run()
+    d_lo = list(frame(at, "blocks")["decision"])
+    assert d_lo == expected_decisions(engine, data, lo)
+    assert metric(at, "Blocks fired") == f"{d_lo.count('fired')}/{engine.num_blocks}"
+    at.slider(key="inspect_threshold").set_value(hi).run()
+    table = frame(at, "blocks")
+    d_hi = list(table["decision"])
+    assert d_hi == expected_decisions(engine, data, hi)
+    assert d_hi != d_lo
+    assert metric(at, "Blocks fired") == f"{d_hi.count('fired')}/{engine.num_blocks}"
+    # top-5 tables side by side, as the engine computes them
+    image, _ = load_image(data)
+    with torch.no_grad():
+        full = torch.softmax(engine(views.preprocess(engine, image))[0], 0)
+    top = frame(at, "top5")
+    assert top["full: class"].iloc[0] == engine.meta.classes[int(full.argmax())]
+    assert top["full: probability"].iloc[0] == pytest.approx(float(full.max()), abs=1e-5)
+    assert (table["latency (ms)"] > 0).all()
+    assert any(m.label.startswith("Latency saved (CPU") or m.label.startswith("Latency saved (GPU") for m in at.metric)
+
+
+@pytest.mark.parametrize("name,data,needle", [
+    ("empty.png", b"", "empty"),
+    ("notes.png", b"this is a text file, not an image" * 10, "not a recognised image"),
+    ("cut.png", png_bytes(2)[:120], "truncated"),
+    ("bomb.png", bomb_png(), "pixel"),
+    ("huge.png", b"\x89PNG" + b"\x00" * (50 * 1024 * 1024 + 16), "limit"),
+])
+def test_bad_uploads_show_error_and_app_stays_up(app_env, name, data, needle):
+    at = new_app().run()
+    at.radio(key="sv_source").set_value("Upload").run()
+    at.file_uploader(key="sv_upload").set_value((name, data, "image/png")).run()
+    assert not at.exception
+    errors = " ".join(e.value for e in at.error)
+    assert name in errors and needle in errors.lower()
+    assert at.title[0].value.startswith("🔍")
+    # the app is still usable: a good upload replaces the bad one
+    at.file_uploader(key="sv_upload").set_value(("ok.png", png_bytes(3), "image/png")).run()
+    assert not at.error and not at.exception and len(frame(at, "blocks")) == 9
+
+
+def test_sample_picker(app_env, engine):
+    from skipviz.samples import sample_bytes, sample_names
+
+    at = new_app().run()
+    name = sample_names()[3]
+    at.selectbox(key="sv_sample").set_value(name).run()
+    at.slider(key="inspect_threshold").set_value(0.9).run()
+    assert list(frame(at, "blocks")["decision"]) == expected_decisions(engine, sample_bytes(name), 0.9)
+
+
+def test_thresholds_page_live_and_calibration(app_env, engine):
+    from skipviz.samples import sample_bytes, sample_names
+
+    at = new_app().run()
+    at.switch_page("pages/thresholds.py").run()
+    assert not at.exception and at.title[0].value.startswith("🎚️")
+    calib = views.load_calibration(engine, 32)
+    full = views.evaluate_calibration(engine, calib, FullPolicy())
+    image = sample_bytes(sample_names()[0])
+    for t, ov in ((0.0, {}), (1.0, {}), (1.0, {1: "run", 3: "skip"})):
+        at.slider(key="thresholds_threshold").set_value(t)
+        for i in range(engine.num_blocks):
+            at.selectbox(key=f"override_{i}").set_value(ov.get(i, "auto"))
+        at.run()
+        assert not at.exception
+        exp = expected_decisions(engine, image, t, ov)
+        assert metric(at, "Blocks fired") == f"{exp.count('fired')}/{engine.num_blocks}"
+        point = views.evaluate_calibration(engine, calib, views.make_policy(engine, t, ov), full.predictions)
+        assert metric(at, "Agreement with full") == f"{point.agreement:.1%}"
+        summary = frame(at, "calib_summary")
+        assert summary["agreement with full"].iloc[0] == pytest.approx(point.agreement)
+        assert summary["blocks run (mean)"].iloc[0] == pytest.approx(float(point.executed.sum(1).mean()))
+    # the threshold is shared with the Inspect page
+    at.switch_page("pages/inspect.py").run()
+    assert at.slider(key="inspect_threshold").value == 1.0
+
+
+def test_model_page_card_and_weights_upload(app_env, engine):
+    from safetensors.torch import save
+
+    at = new_app().run()
+    at.switch_page("pages/model.py").run()
+    assert not at.exception
+    card = frame(at, "card_table")
+    values = dict(zip(card["field"], card["value"]))
+    assert values["FLOPs (full, one input)"] == f"{engine.flop_table().full / 1e6:.2f} M"
+    at.file_uploader(key="weights_upload").set_value(("junk.safetensors", b"garbage" * 100, "application/octet-stream"))
+    at.run()
+    assert at.error and "junk.safetensors" in at.error[0].value and not at.exception
+    data = save({k: v.contiguous() for k, v in engine.state_dict().items()})
+    at.file_uploader(key="weights_upload").set_value(("good.safetensors", data, "application/octet-stream")).run()
+    assert not at.error and at.success and not at.exception
+    assert at.session_state["sv_model_key"].startswith("upload:")
+    at.switch_page("pages/inspect.py").run()  # the uploaded model now drives the other pages
+    assert not at.exception and len(frame(at, "blocks")) == engine.num_blocks
+
+
+def test_navigation_lists_only_pages_whose_modules_work(app_env):
+    import importlib.util
+
+    import pages._shared as shared
+
+    at = new_app().run()
+    assert not at.exception
+    for spec in shared.OPTIONAL_PAGES:
+        ok = all(importlib.util.find_spec(mod) is not None for mod, _ in spec["requires"])
+        if not ok:
+            with pytest.raises(ValueError):  # not a registered page: st.navigation left it out
+                new_app().run().switch_page(spec["path"])
+
+
+def test_redundancy_page(app_env, engine):
+    pytest.importorskip("skipviz.redundancy")
+    pytest.importorskip("skipviz.figures")
+    from skipviz import redundancy
+
+    at = new_app().run()
+    at.switch_page("pages/redundancy.py").run()
+    assert not at.exception and at.title[0].value.startswith("🧩")
+    calib = views.load_calibration(engine, 32)
+    base = redundancy.KLRedundancyPolicy.calibrate(engine, views.calibration_dataset(calib), q=0.3, method="spatial")
+    for q in (0.0, 0.9):
+        at.slider(key="kl_q").set_value(q).run()
+        assert not at.exception
+        table = [d.value for d in at.dataframe if "skipped" in d.value.columns][0]
+        assert list(table["skipped"]) == list(base.with_q(q).to_dataframe()["skipped"])
+    at.radio(key="red_divergence").set_value("js").run()
+    assert not at.exception
+
+
+def test_explain_page(app_env):
+    pytest.importorskip("skipviz.explain")
+    at = new_app().run()
+    at.switch_page("pages/explain.py").run()
+    assert not at.exception and at.title[0].value.startswith("💡")
+    assert any("spearman" in d.value.columns for d in at.dataframe)
+
+
+def test_audit_page(app_env, tmp_path):
+    pytest.importorskip("skipviz.audit")
+    pytest.importorskip("skipviz.report")
+    at = new_app().run()
+    at.switch_page("pages/audit.py").run()
+    assert not at.exception and at.title[0].value.startswith("📋")
+    at.text_input(key="audit_db").set_value(str(tmp_path / "audit.sqlite"))
+    at.file_uploader(key="audit_files").set_value([("a.png", png_bytes(7), "image/png"),
+                                                   ("broken.png", b"not an image", "image/png")]).run()
+    at.button(key="audit_run").click().run()
+    assert not at.exception and at.success
+    assert len(at.get("download_button")) == 3

@@ -1,0 +1,112 @@
+"""Safe input collection: folders, file lists, uploads and zip archives (traversal and zip bombs refused)."""
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from skipviz._archive import (ArchiveError, ZipLimits, collect_inputs, items_from_uploads, read_source,
+                              read_zip)
+
+
+def _png(seed: int = 0, size: tuple[int, int] = (32, 32)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _zip(path: Path, members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> Path:
+    with zipfile.ZipFile(path, "w", compression=compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_folder_labels_and_suffix_filter(tmp_path):
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "imgs" / cls / f"{i}.png").write_bytes(_png(i))
+    (tmp_path / "imgs" / "notes.txt").write_text("not an input")
+    items = collect_inputs([tmp_path / "imgs"], labels_from_folders=True)
+    assert [it.name for it in items] == ["imgs/cat/0.png", "imgs/cat/1.png", "imgs/dog/0.png", "imgs/dog/1.png"]
+    assert [it.label for it in items] == ["cat", "cat", "dog", "dog"]
+    assert all(Path(it.source).is_file() and it.data is None for it in items)
+    assert collect_inputs([tmp_path / "imgs"])[0].label is None
+
+
+def test_file_list_keeps_oddly_named_files(tmp_path):
+    good = tmp_path / "a.png"
+    good.write_bytes(_png())
+    odd = tmp_path / "b.dat"
+    odd.write_bytes(b"whatever")
+    items = collect_inputs([good, odd])
+    assert [it.name for it in items] == ["a.png", "b.dat"]
+    assert items[1].read() == str(odd.resolve())
+    with pytest.raises(ArchiveError, match="no such file"):
+        collect_inputs([tmp_path / "missing.png"])
+
+
+def test_zip_members_labels_and_reread(tmp_path):
+    z = _zip(tmp_path / "set.zip", {"cat/1.png": _png(1), "dog/2.png": _png(2), "readme.txt": b"x",
+                                     "dir/": b""})
+    items = collect_inputs([z], labels_from_folders=True)
+    assert [it.label for it in items] == ["cat", "dog"]
+    assert items[0].data == _png(1)
+    assert items[0].source.endswith("set.zip::cat/1.png")
+    assert read_source(items[1].source) == _png(2)
+
+
+@pytest.mark.parametrize("name", ["../evil.png", "a/../../evil.png", "/etc/evil.png", "..\\evil.png",
+                                  "C:/evil.png"])
+def test_zip_path_traversal_refused(tmp_path, name):
+    z = _zip(tmp_path / "bad.zip", {"ok.png": _png(), name: _png(1)})
+    with pytest.raises(ArchiveError, match="outside the archive"):
+        collect_inputs([z])
+
+
+def test_zip_bomb_refused_by_ratio(tmp_path):
+    z = _zip(tmp_path / "bomb.zip", {"big.png": b"\0" * (20 * 1024 * 1024)})
+    assert z.stat().st_size < 100_000  # 20 MiB of zeros compress ~1000x
+    with pytest.raises(ArchiveError, match="zip bomb"):
+        collect_inputs([z])
+
+
+def test_zip_size_and_count_limits(tmp_path):
+    z = _zip(tmp_path / "many.zip", {f"{i}.png": _png(i) for i in range(5)}, compression=zipfile.ZIP_STORED)
+    with pytest.raises(ArchiveError, match="members is over"):
+        read_zip(z, limits=ZipLimits(max_members=4))
+    member = len(_png(0))
+    with pytest.raises(ArchiveError, match="over the"):
+        read_zip(z, limits=ZipLimits(max_member_bytes=member - 1))
+    with pytest.raises(ArchiveError, match="uncompressed"):
+        read_zip(z, limits=ZipLimits(max_total_bytes=3 * member))
+    assert len(read_zip(z, limits=ZipLimits(max_members=5))) == 5
+
+
+def test_damaged_zip_is_a_clear_error(tmp_path):
+    bad = tmp_path / "broken.zip"
+    bad.write_bytes(b"PK\x03\x04 definitely not a zip")
+    with pytest.raises(ArchiveError, match="not a readable zip"):
+        collect_inputs([bad])
+
+
+def test_uploads_with_zip_and_labels():
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w") as zf:
+        zf.writestr("bird/3.png", _png(3))
+    items = items_from_uploads([("cat/1.png", _png(1)), ("2.png", _png(2)), ("more.zip", zipped.getvalue())],
+                               labels_from_folders=True)
+    assert [(it.name, it.label, it.source) for it in items] == [
+        ("cat/1.png", "cat", None), ("2.png", None, None), ("more.zip/bird/3.png", "bird", None)]
+    assert items[2].read() == _png(3)
+    evil = io.BytesIO()
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("../x.png", _png())
+    with pytest.raises(ArchiveError, match="path traversal"):
+        items_from_uploads([("evil.zip", evil.getvalue())])

@@ -1,0 +1,188 @@
+"""The SQLite audit store: round trip, queries, schema versioning, crash safety, concurrent writers."""
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+import skipviz._store as store_module
+from skipviz._store import SCHEMA_VERSION, AuditStore, SchemaVersionError, StoreError
+from skipviz.audit import AuditRecord
+
+
+def make_record(run_id: str, i: int, model: str = "cifar_resnet20", status: str = "ok",
+                timestamp: str | None = None) -> AuditRecord:
+    trace = {"policy": "gates", "policy_config": {"name": "gates", "threshold": 0.5, "overrides": {}},
+             "blocks": [{"index": 0, "name": "stage1.block0", "downsample": False, "executed": i % 2 == 0,
+                         "score": 0.25 + i / 100, "threshold": 0.5, "reason": "gate", "flops": 10}],
+             "logits": [0.1 * i, -1.0 / 3.0], "predicted_index": 0, "predicted_label": "cat", "confidence": 0.6,
+             "blocks_executed": 1, "blocks_total": 1, "flops_executed": 110, "flops_full": 120, "exit_block": None,
+             "extra": {}, "flops_saved": 10, "flops_saved_fraction": 10 / 120}
+    return AuditRecord(run_id=run_id, input_name=f"img{i}.png", input_path=f"/data/img{i}.png", status=status,
+                       model_name=model, weights_sha256="ab" * 32, params_sha256="cd" * 32,
+                       policy={"name": "gates", "threshold": 0.5, "overrides": {}}, device="cpu",
+                       versions={"torch": "x"}, timestamp=timestamp or store_module.utc_now(),
+                       input_sha256=f"{i:064x}", image={"format": "PNG", "width": 32, "height": 32},
+                       label="cat", error=None if status == "ok" else "broken", trace=trace if status == "ok" else None,
+                       predicted_index=0, predicted_label="cat", confidence=0.6, full_logits=[0.3, 1e-300],
+                       full_predicted_index=1, full_predicted_label="dog", full_confidence=0.55, agree=False,
+                       kl_full_skipped=0.125, flops_executed=110, flops_full=120, blocks_executed=1, blocks_total=1,
+                       latency_ms=1.5, full_latency_ms=2.0, batch_index=0, batch_pos=i, batch_size=4,
+                       thumbnail_png_b64="iVBOR")
+
+
+def test_record_round_trip_and_queries(tmp_path):
+    with AuditStore(tmp_path / "a.sqlite") as st:
+        st.create_run("r1", "cifar_resnet20", "ab" * 32, {"name": "gates"}, {"batch_size": 4})
+        st.create_run("r2", "resnet18", None, {"name": "full"}, {})
+        old = (datetime.now(timezone.utc) - timedelta(days=3)).isoformat()
+        recs = [make_record("r1", i) for i in range(3)] + [make_record("r2", 9, model="resnet18", timestamp=old),
+                                                           make_record("r2", 10, model="resnet18", status="failed")]
+        ids = st.add_records(recs)
+        assert ids == [r.record_id for r in recs] == sorted(ids)
+        back = st.get(ids[1])
+        assert back == recs[1]  # every field, floats exactly (1e-300, -1/3) included
+        assert back.trace["logits"][1] == -1.0 / 3.0
+        assert [r.input_name for r in st.query(run_id="r1")] == ["img0.png", "img1.png", "img2.png"]
+        assert len(st.query(model_name="resnet18")) == 2
+        assert [r.record_id for r in st.query(input_sha256=f"{9:064x}")] == [ids[3]]
+        assert [r.input_name for r in st.query(until=datetime.now(timezone.utc) - timedelta(days=1))] == ["img9.png"]
+        assert len(st.query(since=datetime.now() - timedelta(hours=1))) == 4  # naive datetimes are UTC
+        assert [r.error for r in st.query(status="failed")] == ["broken"]
+        st.finish_run("r1", {"n_ok": 3})
+        runs = st.runs().set_index("run_id")
+        assert runs.loc["r1", "status"] == "finished" and runs.loc["r1", "n_records"] == 3
+        assert runs.loc["r1", "config"] == {"batch_size": 4} and runs.loc["r1", "summary"] == {"n_ok": 3}
+        assert runs.loc["r2", "status"] == "running"
+        df = st.records_dataframe(run_id="r1")
+        assert list(df["executed_mask"]) == ["R", "-", "R"] and df["agree"].eq(False).all()
+        with pytest.raises(StoreError, match="no record"):
+            st.get(12345)
+
+
+def test_wal_mode_and_schema_version(tmp_path):
+    path = tmp_path / "v.sqlite"
+    with AuditStore(path) as st:
+        assert st.schema_version == SCHEMA_VERSION
+        assert st.integrity_check() == "ok"
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    con.commit()
+    con.close()
+    with pytest.raises(SchemaVersionError, match="newer than this SkipViz supports"):
+        AuditStore(path)
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1  # left untouched
+    con.close()
+
+
+def test_migrates_an_unversioned_database(tmp_path):
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE unrelated (x)")
+    con.commit()
+    con.close()
+    with AuditStore(path) as st:
+        assert st.schema_version == SCHEMA_VERSION
+        st.create_run("r", "m", None, {}, {})
+        st.add_records([make_record("r", 0)])
+        assert st.count() == 1
+
+
+def test_bad_files_are_clear_errors(tmp_path):
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="not a usable SkipViz audit database"):
+        AuditStore(junk)
+    with pytest.raises(StoreError, match="is a folder"):
+        AuditStore(tmp_path)
+
+
+# Writer processes load skipviz/_store.py on its own (standard library only) so they start in well under a
+# second even on a busy machine; the records they write are complete AuditRecord JSON from a template.
+WRITER = r"""
+import importlib.util, json, sys, time
+from pathlib import Path
+from types import SimpleNamespace
+spec = importlib.util.spec_from_file_location("skipviz_store_only", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+db, run_id, batches, per_batch = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+template = json.loads(Path(sys.argv[6]).read_text())
+go = Path(sys.argv[7]) if len(sys.argv) > 7 else None
+while go is not None and not go.exists():
+    time.sleep(0.01)
+
+def record(b, i):
+    d = dict(template, run_id=run_id, batch_index=b, batch_pos=i, input_name=f"{run_id}-{b}-{i}.png",
+             timestamp=mod.utc_now())
+    return SimpleNamespace(**d, to_json=lambda d=d: json.dumps(d))
+
+store = mod.AuditStore(db)
+store.create_run(run_id, "m", None, {"name": "full"}, {})
+b = 0
+while batches < 0 or b < batches:
+    store.add_records([record(b, i) for i in range(per_batch)])
+    print(f"committed {b}", flush=True)
+    b += 1
+store.finish_run(run_id)
+store.close()
+"""
+
+
+def _writer(tmp_path: Path, db: Path, run_id: str, batches: int, per_batch: int, go: Path | None = None):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    template = tmp_path / "template.json"
+    template.write_text(make_record("t", 0).to_json())
+    args = [sys.executable, str(script), store_module.__file__, str(db), run_id, str(batches), str(per_batch),
+            str(template)] + ([str(go)] if go else [])
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_writer_leaves_readable_db(tmp_path):
+    db = tmp_path / "crash.sqlite"
+    per_batch = 40
+    proc = _writer(tmp_path, db, "crash", -1, per_batch)  # writes until killed
+    committed = -1
+    deadline = time.monotonic() + 60
+    while committed < 5 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        committed = int(line.split()[1])
+    proc.send_signal(signal.SIGKILL)  # kill -9, most likely in the middle of the next transaction
+    proc.wait(timeout=30)
+    assert committed >= 5, proc.stderr.read()
+    with AuditStore(db) as st:
+        assert st.integrity_check() == "ok"
+        n = st.count("crash")
+        assert n % per_batch == 0  # no half-written batch
+        assert n >= (committed + 1) * per_batch  # nothing acknowledged as committed was lost
+        records = st.query(run_id="crash")
+        assert {r.batch_index for r in records} == set(range(n // per_batch))
+        assert st.runs().set_index("run_id").loc["crash", "status"] == "running"
+
+
+def test_two_processes_write_at_once(tmp_path):
+    db = tmp_path / "shared.sqlite"
+    go = tmp_path / "go"
+    procs = [_writer(tmp_path, db, f"w{k}", 15, 20, go) for k in range(2)]
+    time.sleep(0.3)
+    go.touch()  # both start writing at the same moment
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        assert out.count("committed") == 15
+    with AuditStore(db) as st:
+        assert st.count("w0") == st.count("w1") == 300
+        assert set(st.runs()["status"]) == {"finished"}
+        assert st.integrity_check() == "ok"
