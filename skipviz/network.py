@@ -193,14 +193,15 @@ class SkipNetwork(nn.Module):
         policy = policy or FullPolicy()
         n = x.shape[0]
         hw = (int(x.shape[-2]), int(x.shape[-1]))
-        h = self.stem(x)
+        h = self.stem(x)  # a fresh tensor that only this loop holds: safe to update in place without autograd
+        inplace = not torch.is_grad_enabled()
         records: list[BlockRecord] = []
         rows: torch.Tensor | None = None  # None: every sample still running (no early exits yet)
         exit_block: torch.Tensor | None = None
         exit_logits: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, block in enumerate(self.blocks):
             d = policy.decide(self, i, h)
-            h = self._apply_block(block, h, d.execute)
+            h = self._apply_block(block, h, d.execute, inplace)
             rec = BlockRecord(rows=rows, execute=d.execute, reason=d.reason, score=d.score, threshold=d.threshold,
                               gate_evaluated=d.evaluated)
             records.append(rec)
@@ -233,10 +234,13 @@ class SkipNetwork(nn.Module):
         return SkipResult(self, policy, logits, records, hw, exit_block)
 
     @staticmethod
-    def _apply_block(block: SkippableBlock, h: torch.Tensor, execute: torch.Tensor | bool) -> torch.Tensor:
+    def _apply_block(block: SkippableBlock, h: torch.Tensor, execute: torch.Tensor | bool,
+                     inplace: bool = False) -> torch.Tensor:
         """Gather the samples that execute ``block``, run it on them alone, scatter the result back.
 
         h: (M, C, H, W); execute: (M,) bool or a bool for all. Returns (M, C', H', W').
+        ``inplace``: an identity block's results are scattered into ``h`` itself (no copy of the bypassed
+        rows); only for callers that hold no other reference to ``h`` and need no gradients.
         """
         if not torch.is_tensor(execute):
             return block(h) if execute else block.bypass(h)
@@ -248,7 +252,7 @@ class SkipNetwork(nn.Module):
             return block.bypass(h)
         ran = block(h.index_select(0, run_idx))
         if not block.downsample:
-            return h.index_copy(0, run_idx, ran)
+            return h.index_copy_(0, run_idx, ran) if inplace else h.index_copy(0, run_idx, ran)
         skip_idx = (~execute).nonzero().squeeze(1)
         skipped = block.bypass(h.index_select(0, skip_idx))
         out = ran.new_empty((h.shape[0],) + ran.shape[1:])  # every row is written below, in place
