@@ -1,11 +1,10 @@
 """SkipViz dashboard entry point: ``streamlit run app.py``.
 
-Pages live in ``pages/`` and are listed here with ``st.navigation``; a page backed by an optional module
-(redundancy/explanations, audit) is listed only when that module is importable.
+Pages live in ``pages/`` and are listed here with ``st.navigation``. Each page imports what it needs, so the
+heavier modules (Captum, scipy) load when their page is first opened, not before the first prediction.
 """
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 
@@ -19,28 +18,16 @@ from skipviz import views  # noqa: E402
 st.set_page_config(page_title="SkipViz", page_icon="⏭️", layout="wide")
 
 
-def _available(*modules_and_names: tuple[str, tuple[str, ...]]) -> bool:
-    """Whether every module imports and has the named attributes."""
-    for module, names in modules_and_names:
-        try:
-            mod = importlib.import_module(module)
-        except Exception:  # a missing or broken optional module leaves its page out of navigation
-            return False
-        if not all(hasattr(mod, n) for n in names):
-            return False
-    return True
-
-
-pages = [
+PAGES = [
     st.Page("pages/inspect.py", title="Inspect", icon="🔍", default=True),
     st.Page("pages/thresholds.py", title="Thresholds", icon="🎚️"),
+    st.Page("pages/redundancy.py", title="Redundancy", icon="🧩"),
+    st.Page("pages/explain.py", title="Explain", icon="💡"),
+    st.Page("pages/audit.py", title="Audit", icon="📋"),
+    st.Page("pages/model.py", title="Model", icon="🧠"),
 ]
-for spec in _shared.optional_pages():
-    if _available(*spec["requires"]):
-        pages.append(st.Page(spec["path"], title=spec["title"], icon=spec["icon"]))
-pages.append(st.Page("pages/model.py", title="Model", icon="🧠"))
 
-nav = st.navigation(pages)
+nav = st.navigation(PAGES)
 
 model_key, lm = _shared.current_model()
 with st.sidebar:

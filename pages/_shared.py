@@ -16,23 +16,6 @@ from skipviz.samples import sample_bytes, sample_names
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 # Pages backed by another module: listed only when the page file exists and the module provides these names.
-OPTIONAL_PAGES: list[dict] = [
-    {"path": "pages/redundancy.py", "title": "Redundancy", "icon": "🧩",
-     "requires": [("skipviz.redundancy", ("dataset_redundancy", "KLRedundancyPolicy", "METHODS", "DIVERGENCES")),
-                  ("skipviz.figures", ("kl_heatmap", "adjacent_kl_series", "kl_policy_scores"))]},
-    {"path": "pages/explain.py", "title": "Explain", "icon": "💡",
-     "requires": [("skipviz.explain", ("explain", "MAP_METHODS")),
-                  ("skipviz.figures", ("attribution_overlay", "importance_bars"))]},
-    {"path": "pages/audit.py", "title": "Audit", "icon": "📋",
-     "requires": [("skipviz.audit", ("audit_uploaded_files",)), ("skipviz.report", ("render_report",))]},
-]
-
-
-def optional_pages() -> list[dict]:
-    """Specs ``{path, title, icon, requires: [(module, (names...))]}`` whose page file is present."""
-    return [spec for spec in OPTIONAL_PAGES if (ROOT / spec["path"]).is_file()]
-
-
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif"]
 
 
