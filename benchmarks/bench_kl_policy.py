@@ -170,20 +170,12 @@ def main(argv: list[str] | None = None) -> int:
           f"Same {len(test)} CIFAR-10 test images for every row; KL policy ({args.method} KL, downsampling blocks "
           f"{'skippable' if args.skip_downsample else 'always run'}) calibrated on {len(calib)} validation images "
           f"in {calib_s:.1f} s. knob = q (KL) or gate threshold. FLOPs by torch.utils.flop_counter, gate heads "
-          "included.", "", shown.to_markdown(index=False) if _has_tabulate() else shown.to_string(index=False), "",
+          "included.", "", shown.to_markdown(index=False), "",
           f"Device: {result['device']}  ", f"Versions: {result['versions']}  ", f"Date: {result['date']}  ",
           f"Command: `{result['command']}`", ""]
     (args.out / "kl_policy.md").write_text("\n".join(md))
     print("\n".join(md))
     return 0
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def _kl_heatmap(net, x, trace) -> None:
     from skipviz import figures, redundancy
 
     st.subheader("Inter-layer divergence for this input")
-    methods = [m for m in redundancy.METHODS if m != "prediction" or net.probes is not None]
+    methods = redundancy.available_methods(net)
     method = st.radio("KL definition", methods, horizontal=True, key="inspect_kl_method",
                       format_func=lambda m: m.capitalize() + " KL")
     st.caption(redundancy.METHOD_DESCRIPTIONS[method])

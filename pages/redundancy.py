@@ -13,7 +13,7 @@ net = lm.net
 sweep = _shared.calibration_sweep(model_key, lm)
 calib = sweep.calib
 
-methods = [m for m in redundancy.METHODS if m != "prediction" or net.probes is not None]
+methods = redundancy.available_methods(net)
 c1, c2 = st.columns(2)
 method = c1.radio("Definition", methods, format_func=lambda m: m.capitalize() + " KL", horizontal=True,
                   key="red_method")

@@ -44,7 +44,8 @@ from PIL import Image
 from ._archive import ArchiveError, InputItem, collect_inputs, items_from_uploads, read_source
 from ._imageio import ImageLoadError, load_image
 from ._store import AuditStore, StoreError, utc_now
-from .policies import FullPolicy, Policy, policy_from_config
+from .policies import Policy, policy_from_config
+from .timing import synchronize
 
 if TYPE_CHECKING:  # pragma: no cover
     from .network import SkipNetwork
@@ -228,11 +229,6 @@ def _kl(full_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (lp_full.exp() * (lp_full - lp_skip)).sum(1).clamp_min(0.0)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ------------------------------------------------------------------------------------------------ the run
 @dataclass
 class AuditRun:
@@ -309,7 +305,6 @@ def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy |
     records: list[AuditRecord] = []
     sources: dict[int, bytes] = {}
     timings = {"skip_s": 0.0, "full_s": 0.0, "images": 0, "batches": 0}
-    full_policy = FullPolicy()
     try:
         store.create_run(run_id, model_name, net.meta.weights_sha256, pconf, config)
         total = len(items)
@@ -347,13 +342,13 @@ def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy |
                         net.run(x[:2], policy)
                         net(x[:2])
                         warmed = True
-                    _sync(device)
+                    synchronize(device)
                     t0 = time.perf_counter()
                     res = net.run(x, policy)
-                    _sync(device)
+                    synchronize(device)
                     t1 = time.perf_counter()
                     full_logits = net(x)
-                    _sync(device)
+                    synchronize(device)
                     t2 = time.perf_counter()
                 n = x.shape[0]
                 timings["skip_s"] += t1 - t0
@@ -641,14 +636,14 @@ def measure_throughput(net: "SkipNetwork", policy: Policy, x: torch.Tensor, batc
         net(batches[0])
         for _ in range(repeats):
             for kind in ("skip", "full"):
-                _sync(dev)
+                synchronize(dev)
                 t0 = time.perf_counter()
                 for xb in batches:
                     if kind == "skip":
                         net.run(xb, policy)
                     else:
                         net(xb)
-                _sync(dev)
+                synchronize(dev)
                 best[kind] = min(best[kind], time.perf_counter() - t0)
         for xb in batches:
             flops.append(net.run(xb, policy).flops_executed())

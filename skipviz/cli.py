@@ -1,4 +1,4 @@
-"""The ``skipviz`` command: ``predict``, ``train`` (and ``audit``/``bench`` where those modules provide them)."""
+"""The ``skipviz`` command: ``predict``, ``train``, ``audit`` (skipviz.audit) and ``bench`` (skipviz.timing)."""
 from __future__ import annotations
 
 import argparse
@@ -100,13 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dest", default=None, help="export folder (default data/)")
     t.set_defaults(func=cmd_train)
 
-    for extra in ("audit", "bench"):
-        try:
-            module = __import__(f"skipviz.{'audit' if extra == 'audit' else 'timing'}", fromlist=["add_cli"])
-        except ImportError:
-            continue
-        if hasattr(module, "add_cli"):
-            module.add_cli(sub)
+    from . import audit, timing
+
+    audit.add_cli(sub)
+    timing.add_cli(sub)
     return parser
 
 

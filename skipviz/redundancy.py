@@ -68,6 +68,11 @@ DIVERGENCE_DESCRIPTIONS: dict[str, str] = {
 }
 
 
+def available_methods(net: "SkipNetwork") -> list[str]:
+    """The KL definitions ``net`` supports: prediction KL needs probe heads, spatial KL works everywhere."""
+    return [m for m in METHODS if m != "prediction" or net.probes is not None]
+
+
 def _check_method(method: str) -> str:
     if method not in METHODS:
         raise ValueError(f"unknown KL method {method!r}; choose one of {', '.join(METHODS)}")

@@ -52,7 +52,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (no-op on CPU), so a host clock reads finished work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -214,10 +215,10 @@ def _calibrate(fn: Callable[[], object], device: torch.device, min_repeat_s: flo
 
     if min_repeat_s <= 0:
         return 1
-    _synchronize(device)
+    synchronize(device)
     t0 = time.perf_counter()
     fn()
-    _synchronize(device)
+    synchronize(device)
     dt = max(time.perf_counter() - t0, 1e-7)
     return max(1, min(10_000, int(math.ceil(min_repeat_s / dt))))
 
@@ -248,7 +249,7 @@ def measure_interleaved(fns: Mapping[str, Callable[[], object]], warmup: int = 3
         for _ in range(int(warmup)):
             for fn in fns.values():
                 fn()
-        _synchronize(dev)
+        synchronize(dev)
         if number is None:
             number = min(_calibrate(fn, dev, min_repeat_s) for fn in fns.values())
         number = int(number)
@@ -264,6 +265,27 @@ def measure_interleaved(fns: Mapping[str, Callable[[], object]], warmup: int = 3
         torch.set_num_threads(old_threads)
     return {name: _stats(name, times[name], dev, clocks[name].method, number, threads, batch_size, batches_per_call)
             for name in fns}
+
+
+def quick_median_ms(fn: Callable[[], object], repeats: int, device: str | torch.device | None = None) -> float:
+    """Median wall-clock milliseconds of ``fn()`` over ``repeats`` single calls (host clock, device synchronised).
+
+    For interactive views that must stay within a few hundred milliseconds: no ``torch.utils.benchmark`` set-up
+    per call and no calibration, so use :func:`measure_interleaved` for figures you report.
+    """
+    import statistics
+    import time
+
+    _check_counts(0, repeats)
+    dev = resolve_device(device)
+    times = []
+    for _ in range(int(repeats)):
+        synchronize(dev)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(dev)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def measure_latency(fn: Callable[[], object], warmup: int = 3, repeats: int = 20,
@@ -842,7 +864,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
     n_inputs = max(max(cfg.batch_sizes), cfg.batch1_images)
     x_all, inputs_label = _bench_inputs(net, cfg, n_inputs)
     log(f"model: {model_label}; inputs: {inputs_label}; device: {dev}")
-    rows, gate_costs, predictions, profiles = [], [], [], []
+    rows, gate_costs, profiles = [], [], []
     for bs in cfg.batch_sizes:
         x = x_all[: cfg.batch1_images] if bs == 1 else x_all[:bs]
         prof = profile_blocks(net, bs, dev, x=x_all[:bs], warmup=cfg.warmup, repeats=cfg.profile_repeats,

@@ -28,6 +28,7 @@ from . import DEFAULT_MODEL, create_model
 from ._checkpoint import CheckpointError
 from .network import SkipNetwork
 from .policies import FullPolicy, GatePolicy, Override, Policy
+from .timing import quick_median_ms, synchronize
 from .trace import SampleTrace
 
 # Measurements of wall-clock time must not overlap each other inside one process (several sessions share
@@ -211,22 +212,6 @@ class LatencyResult:
         return self.saved_ms / self.full_ms if self.full_ms > 0 else 0.0
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def measure_latency(net: SkipNetwork, x: torch.Tensor, policy: Policy, trace: SampleTrace,
                     repeats: int = 5) -> LatencyResult:
@@ -239,20 +224,20 @@ def measure_latency(net: SkipNetwork, x: torch.Tensor, policy: Policy, trace: Sa
     with _MEASURE_LOCK:
         net(x)  # warm-up
         net.run(x, policy)
-        full_ms = _median_ms(lambda: net(x), repeats, device)
-        skipped_ms = _median_ms(lambda: net.run(x, policy), repeats, device)
+        full_ms = quick_median_ms(lambda: net(x), repeats, device)
+        skipped_ms = quick_median_ms(lambda: net.run(x, policy), repeats, device)
         per_block: list[list[float]] = [[] for _ in net.blocks]
         for _ in range(repeats):
             h = net.stem(x)
             for i, block in enumerate(net.blocks):
                 d = trace.blocks[i]
                 gate = net.gate(i) if d.score is not None and not trace.exit_block else None
-                _sync(device)
+                synchronize(device)
                 t0 = time.perf_counter()
                 if gate is not None:
                     gate(h)
                 h = block(h) if d.executed else block.bypass(h)
-                _sync(device)
+                synchronize(device)
                 per_block[i].append((time.perf_counter() - t0) * 1e3)
     return LatencyResult(full_ms=full_ms, skipped_ms=skipped_ms,
                          per_block_ms=[statistics.median(v) for v in per_block],
@@ -503,10 +488,10 @@ def evaluate_calibration(net: SkipNetwork, calib: CalibrationSet, policy: Policy
     full_flops = net.flop_table(tuple(calib.images.shape[-2:])).full
     for i in range(0, len(calib), batch_size):
         x = normalize(calib.images[i: i + batch_size].to(dev), net.meta.mean, net.meta.std)
-        _sync(dev)
+        synchronize(dev)
         t0 = time.perf_counter()
         res = net.run(x, policy)
-        _sync(dev)
+        synchronize(dev)
         elapsed += time.perf_counter() - t0
         preds.append(res.logits.argmax(1).cpu())
         executed.append(res.executed)

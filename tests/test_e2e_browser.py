@@ -6,7 +6,6 @@ from all "fired" to some "bypassed", and saves screenshots under ``test-artifact
 """
 from __future__ import annotations
 
-import io
 import os
 import socket
 import subprocess

@@ -187,3 +187,11 @@ def test_calibrate_on_network(tiny_net, batch):
     assert list(df["skipped"]) == [i in pol.skip for i in range(9)]
     with pytest.raises(ValueError, match="calibrated for 3 blocks"):
         tiny_net.run(batch[:1], KLRedundancyPolicy([0.1, 0.2, 0.3], [False] * 3))
+
+
+def test_available_methods_follow_the_probe_heads(tiny_net):
+    from skipviz import create_model
+    from skipviz.redundancy import available_methods
+
+    assert available_methods(tiny_net) == ["spatial", "prediction"]
+    assert available_methods(create_model("cifar_resnet20", probes=False)) == ["spatial"]

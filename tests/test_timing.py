@@ -236,3 +236,12 @@ def test_bench_subcommand_is_registered():
     assert args.command == "bench" and args.thresholds == [0.2, 0.4, 0.6] and args.batch_sizes == [1, 2]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--batch-sizes", "one"])
+
+
+def test_quick_median_ms_times_the_call():
+    import time
+
+    from skipviz.timing import quick_median_ms
+
+    ms = quick_median_ms(lambda: time.sleep(0.004), repeats=5, device="cpu")
+    assert 3.5 <= ms < 50

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from skipviz import CheckpointError, FullPolicy, GatePolicy, load_image, views
+from skipviz import CheckpointError, GatePolicy, load_image, views
 from skipviz.samples import sample_bytes, sample_names
 
 
