@@ -38,6 +38,15 @@ class SkippableBlock(nn.Module):
     def bypass(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def forward_(self, x: torch.Tensor) -> torch.Tensor:
+        """In-place forward of an identity-shortcut block, for inference: overwrite ``x`` (N, C, H, W), which
+        may be a view of a larger batch, with the block's output and return it. The same maths as ``forward``
+        (bit for bit); subclasses add the residual into ``x`` directly, so no output batch is allocated.
+        Only for callers that hold no other reference to ``x`` and need no gradients."""
+        if self.downsample:
+            raise ValueError("a downsampling block changes the shape: it cannot run in place")
+        return x.copy_(self(x))
+
 
 class GateHead(nn.Module):
     """ConvNet-AIG-style gate: pooled features -> tiny MLP -> one logit per sample.
@@ -177,8 +186,9 @@ class SkipNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain full forward, (N, 3, H, W) -> (N, K) logits; no gates evaluated."""
         h = self.stem(x)
+        inplace = not torch.is_grad_enabled()  # the loop owns h: identity blocks may update it in place
         for block in self.blocks:
-            h = block(h)
+            h = block.forward_(h) if inplace and not block.downsample else block(h)
         return self.head(h)
 
     def run(self, x: torch.Tensor, policy: Policy | None = None) -> SkipResult:
@@ -199,12 +209,17 @@ class SkipNetwork(nn.Module):
         rows: torch.Tensor | None = None  # None: every sample still running (no early exits yet)
         exit_block: torch.Tensor | None = None
         exit_logits: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # with no exits, mixed identity blocks run on a prefix of the batch, updated in place (see _run_prefix)
+        partition = inplace and type(policy).exit_after is Policy.exit_after
         for i, block in enumerate(self.blocks):
             d = policy.decide(self, i, h)
-            h = self._apply_block(block, h, d.execute, inplace)
             rec = BlockRecord(rows=rows, execute=d.execute, reason=d.reason, score=d.score, threshold=d.threshold,
                               gate_evaluated=d.evaluated)
             records.append(rec)
+            if partition and not block.downsample:
+                h, rows = self._run_prefix(block, h, d.execute, rows)
+            else:
+                h = self._apply_block(block, h, d.execute, inplace)
             ex = policy.exit_after(self, i, h)
             if ex is not None:
                 leave, logits, conf = ex
@@ -232,6 +247,42 @@ class SkipNetwork(nn.Module):
         for r, lg in exit_logits:
             logits = logits.index_copy(0, r, lg.to(logits.dtype))
         return SkipResult(self, policy, logits, records, hw, exit_block)
+
+    @staticmethod
+    def _run_prefix(block: SkippableBlock, h: torch.Tensor, execute: torch.Tensor | bool,
+                    rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run an identity-shortcut block in place on the rows of ``h`` that execute it, without gathering
+        them into a new batch or scattering results back.
+
+        The k executing rows are first moved to the front of ``h`` by swapping each skipping row among the
+        first k with an executing row after them (2m row copies for m misplaced rows, instead of 2k for a
+        gather plus a scatter); the block then updates the view ``h[:k]`` in place (``forward_``) and the
+        bypassed rows are left as they are, which is their identity output. ``rows`` (M,) records which sample
+        of the batch each row of ``h`` holds (``None``: row i is sample i); it is returned permuted, as a new
+        tensor, so earlier :class:`BlockRecord` entries keep theirs. Inference only: no autograd, and ``h``
+        must be a tensor only the caller holds.
+
+        h: (M, C, H, W); execute: (M,) bool or one bool for all. Returns ``(h, rows)``.
+        """
+        if not torch.is_tensor(execute):
+            return (block.forward_(h) if execute else h), rows
+        flags = execute.tolist()  # one device->host read per block
+        k = sum(flags)
+        if k == len(flags):
+            return block.forward_(h), rows
+        if k == 0:
+            return h, rows
+        misplaced_skip = [p for p in range(k) if not flags[p]]
+        if misplaced_skip:
+            misplaced_run = [p for p in range(k, len(flags)) if flags[p]]
+            dst = torch.tensor(misplaced_skip + misplaced_run, device=h.device)
+            src = torch.tensor(misplaced_run + misplaced_skip, device=h.device)
+            h.index_copy_(0, dst, h.index_select(0, src))  # index_select copies first: a true swap
+            if rows is None:
+                rows = torch.arange(len(flags), device=h.device)
+            rows = rows.index_copy(0, dst, rows.index_select(0, src))
+        block.forward_(h[:k])
+        return h, rows
 
     @staticmethod
     def _apply_block(block: SkippableBlock, h: torch.Tensor, execute: torch.Tensor | bool,

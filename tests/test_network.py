@@ -76,10 +76,43 @@ def test_batched_mixed_decisions_equal_single_sample_runs(tiny_net):
         assert torch.allclose(single.logits[0], batched.logits[n], atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_inplace_block_forward_matches_forward_bit_for_bit(tiny_net):
+    torch.manual_seed(1)
+    model = torchvision.models.resnet50(weights=None, num_classes=10).eval()
+    tv_net = wrap_torchvision(model, "resnet50", [str(i) for i in range(10)]).eval()
+    for net, shape in ((tiny_net, (5, 16, 32, 32)), (tv_net, (2, 256, 16, 16))):
+        block = next(b for b in net.blocks if not b.downsample)
+        x = torch.relu(torch.randn(*shape))
+        expected = block(x)
+        assert torch.equal(block.forward_(x.clone()), expected)
+        big = torch.cat([x, x])  # a view of a larger batch is updated in place, the rest left alone
+        block.forward_(big[: shape[0]])
+        assert torch.equal(big[: shape[0]], expected) and torch.equal(big[shape[0]:], x)
+
+
+def test_inference_run_matches_the_autograd_path(tiny_net):
+    """The in-place prefix path (no autograd) and the gather/scatter path (autograd on) agree on every sample."""
+    x = varied_images(16, seed=5)
+    policy = GatePolicy(0.5)
+    with torch.no_grad():
+        fast = tiny_net.run(x, policy)
+        masked = [i for i in range(tiny_net.num_blocks) if 0 < int(fast.executed[:, i].sum()) < len(x)]
+        assert masked, "the fixture's gates must give mixed decisions within the batch"
+    slow = tiny_net.run(x, policy)
+    assert torch.equal(fast.executed, slow.executed)
+    assert torch.allclose(fast.logits, slow.logits.detach(), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(fast.scores.nan_to_num(), slow.scores.nan_to_num(), atol=1e-6)
+
+
 class CallCounter:
+    """Samples each block's first convolution processed: the block's compute, however it was invoked
+    (``forward``, or ``forward_`` in place on a prefix of the batch)."""
+
     def __init__(self, net):
         self.samples = [0] * net.num_blocks
-        self.handles = [b.register_forward_pre_hook(self._hook(i)) for i, b in enumerate(net.blocks)]
+        convs = [next(m for m in b.modules() if isinstance(m, torch.nn.Conv2d)) for b in net.blocks]
+        self.handles = [c.register_forward_pre_hook(self._hook(i)) for i, c in enumerate(convs)]
 
     def _hook(self, i):
         def hook(module, args):

@@ -38,6 +38,20 @@ class TorchvisionBlock(SkippableBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
 
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual branch of torchvision's ``BasicBlock``/``Bottleneck.forward``, without the add."""
+        b = self.block
+        out = b.relu(b.bn1(b.conv1(x)))
+        out = b.bn2(b.conv2(out))
+        if hasattr(b, "conv3"):
+            out = b.bn3(b.conv3(b.relu(out)))
+        return out
+
+    def forward_(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample:
+            return super().forward_(x)
+        return x.add_(self.residual(x)).relu_()
+
     def bypass(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.block.downsample(x)) if self.downsample else x
 
