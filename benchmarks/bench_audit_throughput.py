@@ -1,0 +1,105 @@
+"""Audit throughput: images/s of the skipped run against the plain full network on the same batches.
+
+The audit issue's target: on CPU, for the default model, the skipped run processes at least
+0.9 x (1 / fraction of FLOPs executed) times the images/s of the plain full network in the same batches
+(``efficiency`` = measured speedup x fraction executed >= 0.9). The shadow run (the full network on every
+input, for agreement) is paid separately, so images/s with it are reported too.
+
+Method: ``skipviz.audit.measure_throughput``. Each round times one pass of the full network and one of the
+skipped run over all batches, back to back; images/s are medians over rounds and the speedup is the median of
+the per-round ratios. Inputs are the first ``--n`` CIFAR-10 test images (random tensors when the data set is not
+here, which the report says). Writes ``benchmarks/results/audit_throughput_<device>.json`` and ``.md``.
+
+    . .venv/bin/activate
+    python benchmarks/bench_audit_throughput.py                  # default model, 512 images, batch 64 and 128
+    python benchmarks/bench_audit_throughput.py --quick --inputs random --out /tmp/tp   # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from skipviz import GatePolicy  # noqa: E402
+from skipviz.audit import measure_throughput  # noqa: E402
+from skipviz.timing import BenchConfig, _bench_inputs, _load_bench_model, device_info  # noqa: E402
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    cfg = BenchConfig(model=args.model, inputs=args.inputs, seed=0)
+    net, model_label = _load_bench_model(cfg)
+    net.eval()
+    x, inputs_label = _bench_inputs(net, cfg, args.n)
+    rows = []
+    for bs in args.batch_sizes:
+        for t in args.thresholds:
+            r = measure_throughput(net, GatePolicy(t), x, batch_size=bs, repeats=args.rounds)
+            r["threshold"] = t
+            rows.append(r)
+            print(f"batch {bs:4d} threshold {t:.2f}: full {r['full_images_per_s']:7.1f} img/s, skipped "
+                  f"{r['skip_images_per_s']:7.1f} img/s, speedup {r['speedup']:.2f} of ideal {r['ideal_speedup']:.2f}"
+                  f" -> efficiency {r['efficiency']:.2f}", flush=True)
+    return {"model": model_label, "weights_sha256": net.meta.weights_sha256, "inputs": inputs_label,
+            "environment": device_info("cpu").to_dict(),
+            "settings": {"images": args.n, "batch_sizes": args.batch_sizes, "thresholds": args.thresholds,
+                         "rounds": args.rounds},
+            "command": "python benchmarks/bench_audit_throughput.py " + shlex.join(sys.argv[1:]),
+            "method": "skipviz.audit.measure_throughput: per round one full pass and one skipped pass over the "
+                      "same batches, back to back; medians over rounds; speedup = median of per-round ratios",
+            "rows": rows}
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [f"# Audit throughput: {report['model']}", "",
+             f"Device: **{env['device_type']}** ({env['device_name']}), {env['threads']} threads, {env['dtype']}; "
+             f"torch {env['torch_version']}, torchvision {env['torchvision_version']}, Python "
+             f"{env['python_version']}; {env['date']}; 1-min load average at the end {env['load_average_1min']}.",
+             f"Inputs: {report['inputs']}; {report['settings']['rounds']} rounds.", "",
+             "| batch | threshold | FLOPs executed | full img/s | skipped img/s | with shadow img/s | speedup "
+             "| ideal | efficiency | target met |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['batch_size']} | {r['threshold']:.2f} | {r['flops_fraction_executed']:.1%} | "
+                     f"{r['full_images_per_s']:.0f} | {r['skip_images_per_s']:.0f} | "
+                     f"{r['skip_with_shadow_images_per_s']:.0f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
+                     f"{r['efficiency']:.2f} | {'yes' if r['meets_target'] else 'no'} |")
+    lines += ["", "efficiency = speedup x fraction of FLOPs executed (1.0: time saved exactly as FLOPs saved; "
+              "target >= 0.9). " + report["method"] + ".", "", f"Command: `{report['command']}`", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="registered model (default: the default model, else random init)")
+    p.add_argument("--n", type=int, default=512, help="number of input images")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.5, 0.7])
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--inputs", default="auto", choices=["auto", "cifar10", "random"])
+    p.add_argument("--quick", action="store_true", help="tiny smoke setting: 16 images, batch 8, 1 round")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.batch_sizes, args.rounds = 16, [8], 1
+    report = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"audit_throughput_{report['environment']['device_type']}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / f"{stem}.md").write_text(markdown(report))
+    print(f"wrote {out / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
