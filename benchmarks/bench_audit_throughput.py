@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from skipviz import GatePolicy  # noqa: E402
 from skipviz.audit import measure_throughput  # noqa: E402
-from skipviz.timing import BenchConfig, _bench_inputs, _load_bench_model, device_info  # noqa: E402
+from skipviz.timing import (BenchConfig, _bench_inputs, _load_bench_model, device_info,  # noqa: E402
+                            environment_markdown)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -58,11 +59,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def markdown(report: dict) -> str:
-    env = report["environment"]
-    lines = [f"# Audit throughput: {report['model']}", "",
-             f"Device: **{env['device_type']}** ({env['device_name']}), {env['threads']} threads, {env['dtype']}; "
-             f"torch {env['torch_version']}, torchvision {env['torchvision_version']}, Python "
-             f"{env['python_version']}; {env['date']}; 1-min load average at the end {env['load_average_1min']}.",
+    lines = [f"# Audit throughput: {report['model']}", "", environment_markdown(report["environment"]),
              f"Inputs: {report['inputs']}; {report['settings']['rounds']} rounds.", "",
              "| batch | threshold | FLOPs executed | full img/s | skipped img/s | with shadow img/s | speedup "
              "| ideal | efficiency | target met |",

@@ -900,13 +900,16 @@ def _fmt(v, spec: str) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def environment_markdown(env: dict) -> str:
+    """One Markdown line saying where a benchmark ran (a :meth:`DeviceInfo.to_dict`)."""
+    return (f"Device: **{env['device_type']}** ({env['device_name']}), {env['threads']} threads, {env['dtype']}; "
+            f"torch {env['torch_version']}, torchvision {env['torchvision_version']}, Python "
+            f"{env['python_version']}; {env['date']}; 1-min load average at the end {env['load_average_1min']}.")
+
+
 def results_markdown(report: dict) -> str:
     """The benchmark's Markdown table (one row per batch size x threshold) plus gate cost and environment."""
-    env = report["environment"]
-    lines = [f"# Latency benchmark: {report['model']}", "",
-             f"Device: **{env['device_type']}** ({env['device_name']}), {env['threads']} threads, {env['dtype']}; "
-             f"torch {env['torch_version']}, torchvision {env['torchvision_version']}, Python "
-             f"{env['python_version']}; {env['date']}; 1-min load average at the end {env['load_average_1min']}.",
+    lines = [f"# Latency benchmark: {report['model']}", "", environment_markdown(report["environment"]),
              f"Inputs: {report['inputs']}.", "",
              "| batch | threshold | blocks run | FLOPs saved | full ms | skipped ms | masked ms | time saved "
              "| efficiency | masked time saved | predicted ms (err) |",
