@@ -184,12 +184,11 @@ def records_to_dataframe(records: Sequence[AuditRecord]) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------- environment
 def environment(device: torch.device | str = "cpu") -> dict:
     """Library versions and the machine a run used (what a reviewer needs to judge a reproduction)."""
-    import torchvision
-
     from . import __version__
+    from ._env import package_version
 
     dev = torch.device(device)
-    out = {"skipviz": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    out = {"skipviz": __version__, "torch": torch.__version__, "torchvision": package_version("torchvision"),
            "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform(),
            "processor": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
            "device": str(dev), "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 CIFAR10_ENV = "SKIPVIZ_CIFAR10"
@@ -72,6 +71,8 @@ def _decode(path: str, size: tuple[int, int]) -> np.ndarray:
 
 def load_split(root: str | Path, split: str, size: tuple[int, int] = (32, 32), progress: bool = True) -> TensorDataset:
     """Decode ``root/split`` (ImageFolder layout) to uint8 tensors, using the on-disk cache when valid."""
+    from torchvision.datasets import ImageFolder  # on use: the dashboard's first prediction does not need it
+
     folder = ImageFolder(str(Path(root) / split))
     rel = [os.path.relpath(p, folder.root) for p, _ in folder.samples]
     digest = file_list_sha256(rel)

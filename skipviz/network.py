@@ -126,6 +126,18 @@ class FlopTable:
         """The full network: stem + every block + classifier head (no gates, no probes)."""
         return self.stem + sum(self.blocks) + self.head
 
+    def to_dict(self) -> dict:
+        """JSON-ready (gate keys as strings), for a model card."""
+        return {"input_hw": list(self.input_hw), "stem": self.stem, "blocks": list(self.blocks),
+                "bypass": list(self.bypass), "head": self.head, "gates": {str(k): v for k, v in self.gates.items()},
+                "probes": list(self.probes)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FlopTable":
+        return cls(input_hw=(int(d["input_hw"][0]), int(d["input_hw"][1])), stem=int(d["stem"]),
+                   blocks=[int(v) for v in d["blocks"]], bypass=[int(v) for v in d["bypass"]], head=int(d["head"]),
+                   gates={int(k): int(v) for k, v in d["gates"].items()}, probes=[int(v) for v in d["probes"]])
+
 
 def count_flops(fn, *args) -> int:
     """FLOPs of ``fn(*args)`` by ``torch.utils.flop_counter.FlopCounterMode``."""
@@ -353,8 +365,27 @@ class SkipNetwork(nn.Module):
         with self._flop_lock:
             table = self._flop_cache.get(hw)
             if table is None:
-                table = self._count_flops(hw)
+                table = self._card_flop_table(hw) or self._count_flops(hw)
                 self._flop_cache[hw] = table
+        return table
+
+    def _card_flop_table(self, hw: tuple[int, int]) -> FlopTable | None:
+        """The table the model card recorded when these exact weights were exported (counted by the same
+        ``FlopCounterMode`` code), or ``None``. Used only when the card names these weights' SHA-256 and its
+        table has this network's shape; it spares the first prediction the ~2 s import that
+        ``FlopCounterMode`` triggers (torch._dynamo). A test holds the shipped card equal to a fresh count."""
+        card = self.meta.card or {}
+        raw = (card.get("flops") or {}).get("table")
+        if not raw or not self.meta.weights_sha256 or card.get("weights_sha256") != self.meta.weights_sha256:
+            return None
+        try:
+            table = FlopTable.from_dict(raw)
+        except (KeyError, TypeError, ValueError, IndexError):
+            return None
+        probes = self.probes is not None and len(self.probes) or 0
+        if (table.input_hw != hw or len(table.blocks) != len(self.blocks) or len(table.bypass) != len(self.blocks)
+                or sorted(table.gates) != self.gated_blocks or len(table.probes) != probes):
+            return None
         return table
 
     def _count_flops(self, hw: tuple[int, int]) -> FlopTable:

@@ -1,7 +1,7 @@
 """Built-in sample images for the dashboard: photos that ship inside the scikit-image wheel, plus images
 drawn here with NumPy. None of them comes from the shared data set, and none needs the network.
 
-Every sample is returned as encoded PNG (or the original GIF) bytes, so it goes through exactly the same
+Every sample is returned as encoded file bytes (PNG, JPEG or GIF), so it goes through exactly the same
 :func:`skipviz.load_image` path as an upload.
 """
 from __future__ import annotations
@@ -31,16 +31,10 @@ def _png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _skimage(fn_name: str) -> Callable[[], bytes]:
-    def make() -> bytes:
-        from skimage import data  # bundled in the wheel: no download
-
-        return _png(getattr(data, fn_name)())
-
-    return make
-
-
 def _skimage_file(filename: str) -> Callable[[], bytes]:
+    """A photo bundled in the scikit-image wheel, read as a file: no ``skimage.data`` import (it loads scipy)
+    and no download."""
+
     def make() -> bytes:
         from pathlib import Path
 
@@ -76,10 +70,10 @@ def draw_noise(size: int = 64, seed: int = 0) -> np.ndarray:
 
 
 SAMPLES: dict[str, Sample] = {s.name: s for s in [
-    Sample("cat (scikit-image 'chelsea')", "scikit-image bundled photo", _skimage("chelsea")),
-    Sample("rocket (scikit-image)", "scikit-image bundled photo", _skimage("rocket")),
-    Sample("coffee (scikit-image)", "scikit-image bundled photo", _skimage("coffee")),
-    Sample("astronaut (scikit-image)", "scikit-image bundled photo", _skimage("astronaut")),
+    Sample("cat (scikit-image 'chelsea')", "scikit-image bundled photo", _skimage_file("chelsea.png")),
+    Sample("rocket (scikit-image)", "scikit-image bundled photo", _skimage_file("rocket.jpg")),
+    Sample("coffee (scikit-image)", "scikit-image bundled photo", _skimage_file("coffee.png")),
+    Sample("astronaut (scikit-image)", "scikit-image bundled photo", _skimage_file("astronaut.png")),
     Sample("motorcycle (scikit-image)", "scikit-image bundled photo (stereo left view)",
            _skimage_file("motorcycle_left.png")),
     Sample("animated GIF (scikit-image, first frame)", "scikit-image bundled GIF",

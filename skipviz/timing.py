@@ -31,6 +31,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ._env import package_version
 from .network import SkipNetwork
 from .policies import FullPolicy, GatePolicy, Policy
 
@@ -101,12 +102,7 @@ def device_info(device: str | torch.device | None = None, dtype: torch.dtype = t
                 threads: int | None = None) -> DeviceInfo:
     """Record the environment of a measurement on ``device``."""
     dev = resolve_device(device)
-    try:
-        import torchvision
-
-        tv = torchvision.__version__
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        tv = "not installed"
+    tv = package_version("torchvision")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
     try:
         load = round(os.getloadavg()[0], 2)

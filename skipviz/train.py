@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ._registry import create_model, data_dir
 from .data import TensorDataset, augment, batches, cifar10_root, load_split, normalize, train_val_split
-from .network import SkipNetwork
+from .network import FlopTable, SkipNetwork
 
 
 @dataclass
@@ -185,10 +185,33 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     return out
 
 
-def software_versions() -> dict:
-    import torchvision
+def card_flops(table: FlopTable) -> dict:
+    """The model card's ``flops`` section: headline numbers plus the whole per-part table
+    (:meth:`SkipNetwork.flop_table` reads it back instead of counting again)."""
+    return {"full": table.full, "per_block": table.blocks, "gates": {str(k): v for k, v in table.gates.items()},
+            "gate_fraction_of_full": sum(table.gates.values()) / table.full,
+            "counter": "torch.utils.flop_counter.FlopCounterMode (2 FLOPs per multiply-add), "
+                       f"{table.input_hw[0]}x{table.input_hw[1]} input",
+            "table": table.to_dict()}
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+
+def refresh_card_flops(card_path: str | Path) -> dict:
+    """Recount the FLOPs of a shipped model and rewrite its card's ``flops`` section (nothing else changes).
+
+    ``python -c "from skipviz.train import refresh_card_flops as r; r('data/cifar_resnet20_cifar10_gated.json')"``
+    """
+    card_path = Path(card_path)
+    card = json.loads(card_path.read_text())
+    net = create_model(card["name"]).eval()
+    card["flops"] = card_flops(net._count_flops(tuple(net.meta.input_size[-2:])))
+    card_path.write_text(json.dumps(card, indent=2))
+    return card["flops"]
+
+
+def software_versions() -> dict:
+    from ._env import package_version
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": package_version("torchvision"),
             "numpy": np.__version__, "platform": platform.platform()}
 
 
@@ -244,9 +267,7 @@ def export(cfg: TrainConfig, run_dir: Path, thresholds: list[float] | None = Non
                      if device.type == "cpu" else "trained on GPU"},
         "default_policy": {"name": "gates", "threshold": default_t,
                            "rule": "largest FLOPs cut on validation with accuracy drop <= 0.5 points vs full"},
-        "flops": {"full": table.full, "per_block": table.blocks, "gates": {str(k): v for k, v in table.gates.items()},
-                  "gate_fraction_of_full": sum(table.gates.values()) / table.full,
-                  "counter": "torch.utils.flop_counter.FlopCounterMode (2 FLOPs per multiply-add), 32x32 input"},
+        "flops": card_flops(table),
         "metrics_test": {
             "full_accuracy": test_full.accuracy,
             "gated_accuracy": gated.accuracy,

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import v2
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -55,23 +55,49 @@ class ModelMeta:
     def display_name(self) -> str:
         return f"{self.arch}.{self.weights_name}" if self.weights_name else f"{self.arch} (random init)"
 
-    def transforms(self) -> v2.Compose:
-        """PIL RGB image (any size) -> float tensor (3, H, W), normalised."""
+    def transforms(self):
+        """The reference preprocessing, a torchvision ``transforms.v2.Compose``: PIL RGB image (any size) ->
+        float tensor (3, H, W), normalised. Shorter side resized to ``resize`` (PIL bilinear, antialiased),
+        centre crop to (H, W), scaled to [0, 1], normalised with ``mean``/``std``."""
+        from torchvision.transforms import v2  # imported on use: torchvision's import costs ~2 s of start-up
+
         h, w = self.input_size[1:]
         return v2.Compose([
-            v2.ToImage(),
-            v2.Resize(self.resize, antialias=True),
+            v2.Resize(self.resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
             v2.CenterCrop((h, w)),
+            v2.PILToTensor(),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(self.mean, self.std),
         ])
 
     def preprocess(self, images: Image.Image | list[Image.Image]) -> torch.Tensor:
-        """One or several PIL RGB images -> (N, 3, H, W) batch."""
-        tf = self.transforms()
+        """One or several PIL RGB images -> (N, 3, H, W) batch, bit for bit what :meth:`transforms` gives
+        (a test holds them equal), computed with the same PIL resize and crop calls and the same tensor
+        arithmetic but without importing torchvision, so the dashboard's first prediction does not wait for
+        it. Falls back to :meth:`transforms` when the crop is larger than the resized image (padding)."""
         if isinstance(images, Image.Image):
             images = [images]
-        return torch.stack([tf(im) for im in images])
+        return torch.stack([self._preprocess_one(im) for im in images])
+
+    def _preprocess_one(self, image: Image.Image) -> torch.Tensor:
+        """PIL RGB image -> (3, H, W) float32, normalised."""
+        crop_h, crop_w = self.input_size[1:]
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.resize, int(self.resize * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if crop_h > new_h or crop_w > new_w or image.mode != "RGB":
+            return self.transforms()(image)
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
+        top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
+        if (crop_w, crop_h) != (new_w, new_h):
+            image = image.crop((left, top, left + crop_w, top + crop_h))
+        x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+        x = x.to(torch.float32).mul_(1.0 / 255)
+        mean = torch.as_tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
+        return x.sub_(mean).div_(std)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalised -> (N, 3, H, W) in [0, 1] for display."""

@@ -225,3 +225,28 @@ def test_forward_train_mixes_blocks_and_reports_gate_probabilities():
     _, _, probes = net.forward_train(x)
     sum(p.sum() for p in probes).backward()
     assert net.stem[0].weight.grad is None or net.stem[0].weight.grad.abs().sum() == 0
+
+
+def test_shipped_card_flop_table_equals_a_fresh_count():
+    import skipviz
+
+    net = create_model(skipviz.DEFAULT_MODEL).eval()
+    hw = tuple(net.meta.input_size[-2:])
+    from_card = net._card_flop_table(hw)
+    assert from_card is not None, "the shipped card must carry its FLOP table (skipviz.train.refresh_card_flops)"
+    assert from_card == net._count_flops(hw) == net.flop_table()
+
+
+def test_card_flop_table_is_ignored_unless_it_names_these_weights(tiny_net):
+    table = tiny_net.flop_table()
+    tiny_net.meta.weights_sha256 = "a" * 64
+    try:
+        tiny_net.meta.card = {"weights_sha256": "b" * 64, "flops": {"table": {**table.to_dict(), "stem": 1}}}
+        assert tiny_net._card_flop_table(table.input_hw) is None  # another file's card
+        tiny_net.meta.card["weights_sha256"] = "a" * 64
+        assert tiny_net._card_flop_table(table.input_hw).stem == 1
+        assert tiny_net._card_flop_table((64, 64)) is None  # another input size
+        tiny_net.meta.card["flops"]["table"]["blocks"] = [1]
+        assert tiny_net._card_flop_table(table.input_hw) is None  # another network shape
+    finally:
+        tiny_net.meta.weights_sha256, tiny_net.meta.card = None, {}

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from .._checkpoint import apply_state_dict, load_state_dict
@@ -67,6 +66,8 @@ class TorchvisionHead(nn.Module):
 
 def cached_weights_path(arch: str, tag: str) -> Path:
     """Where torchvision's own download of ``arch``/``tag`` would sit in the local cache."""
+    import torchvision  # on use: the CIFAR models and the dashboard start without paying for its import
+
     enum = getattr(torchvision.models, ARCHS[arch])
     w = enum[tag]
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
@@ -90,6 +91,10 @@ def wrap_torchvision(model: nn.Module, arch: str, classes: list[str], gates: boo
 
 def build_torchvision_resnet(arch: str, weights_tag: str | None = None, weights_path: str | None = None,
                              num_classes: int = 1000, gates: bool = False, probes: bool = False) -> SkipNetwork:
+    """A torchvision ResNet (weights from a local file or torchvision's cache, never downloaded) as a
+    :class:`SkipNetwork`."""
+    import torchvision
+
     enum = getattr(torchvision.models, ARCHS[arch])
     classes = list(enum.IMAGENET1K_V1.meta["categories"]) if num_classes == 1000 else [str(i) for i in range(num_classes)]
     model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)

@@ -1,0 +1,48 @@
+"""Model metadata: the fast preprocessing equals torchvision's reference transform bit for bit."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from skipviz.weights import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, ModelMeta
+
+ROOT = Path(__file__).resolve().parent.parent
+CIFAR = ModelMeta("cifar", [str(i) for i in range(10)], (3, 32, 32), CIFAR10_MEAN, CIFAR10_STD, resize=32)
+IMAGENET = ModelMeta("imagenet", [str(i) for i in range(10)], (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD, resize=256)
+
+
+@pytest.mark.parametrize("meta", [CIFAR, IMAGENET], ids=["cifar", "imagenet"])
+@pytest.mark.parametrize("size", [(32, 32), (40, 40), (100, 37), (37, 100), (33, 32), (300, 225), (640, 480),
+                                  (256, 256), (1, 1)])
+def test_preprocess_equals_the_torchvision_transform_bit_for_bit(meta, size):
+    rgb = (np.random.default_rng(sum(size)).random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    image = Image.fromarray(rgb)
+    expected = meta.transforms()(image)
+    got = meta.preprocess(image)
+    assert got.shape == (1, *meta.input_size) and got.dtype == torch.float32
+    assert torch.equal(got[0], expected)
+
+
+def test_preprocess_batches_several_images():
+    images = [Image.new("RGB", (64, 48), (255, 0, 0)), Image.new("RGB", (20, 90), (0, 0, 255))]
+    x = CIFAR.preprocess(images)
+    assert x.shape == (2, 3, 32, 32)
+    red = CIFAR.denormalize(x[:1])
+    assert torch.allclose(red[0, :, 5, 5], torch.tensor([1.0, 0.0, 0.0]), atol=1e-6)
+
+
+def test_the_default_model_predicts_without_importing_torchvision():
+    """The dashboard's first prediction must not wait for torchvision's import (about 2 s on 2 cores)."""
+    code = ("import sys; from PIL import Image; import skipviz; from skipviz import views; "
+            "net = skipviz.create_model(skipviz.DEFAULT_MODEL).eval(); "
+            "x = net.meta.preprocess(Image.new('RGB', (300, 200))); net.run(x, skipviz.GatePolicy(0.5)).traces(); "
+            "print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
