@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -109,14 +110,30 @@ class AuditStore:
             self._conn = sqlite3.connect(str(self.path), timeout=timeout_ms / 1000, isolation_level=None,
                                          check_same_thread=False)
             self._conn.execute(f"PRAGMA busy_timeout = {int(timeout_ms)}")
-            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise StoreError(f"{self.path}: could not switch to WAL journal mode (got {mode})")
+            self._set_wal(timeout_ms)
             self._conn.execute("PRAGMA synchronous = FULL")
             self._conn.execute("PRAGMA foreign_keys = ON")
             self._migrate()
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{self.path}: not a usable SkipViz audit database ({e})") from e
+
+    def _set_wal(self, timeout_ms: int) -> None:
+        """Switch to WAL. When two processes open a new file at once, SQLite can answer "database is locked"
+        at once, without its busy handler (switching the journal mode needs an exclusive lock), so retry with
+        a short back-off until ``timeout_ms``."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        delay = 0.005
+        while True:
+            try:
+                mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+        if str(mode).lower() != "wal":
+            raise StoreError(f"{self.path}: could not switch to WAL journal mode (got {mode})")
 
     # -------------------------------------------------------------------------------------- lifecycle
     def close(self) -> None:

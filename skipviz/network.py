@@ -3,9 +3,12 @@
 A :class:`SkipNetwork` is a stem, an ordered list of :class:`SkippableBlock` and a head, plus optional
 per-block gate heads (decide whether a block runs) and probe heads (a class distribution after every block).
 
-:meth:`SkipNetwork.run` executes a batch under a :class:`~skipviz.policies.Policy`. For every block the
-samples that execute it are gathered, the block runs on them alone, and the result is scattered back; the
-other samples take the block's bypass (identity, or the shortcut of a downsampling block). A bypassed block's
+:meth:`SkipNetwork.run` executes a batch under a :class:`~skipviz.policies.Policy`. For every block only the
+samples that execute it are computed; the other samples take the block's bypass (identity, or the shortcut of
+a downsampling block). At inference an identity block's executing samples are packed at the front of the
+batch (misplaced rows swapped) and the block updates them in place (:meth:`SkipNetwork._run_prefix`);
+with autograd on, or for a downsampling block, they are gathered, run and scattered back
+(:meth:`SkipNetwork._apply_block`). A bypassed block's
 ``forward`` is never called for that sample, so the saved FLOPs are saved time too. Nothing is multiplied by
 zero.
 """
