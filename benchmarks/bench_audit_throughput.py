@@ -29,16 +29,16 @@ sys.path.insert(0, str(ROOT))
 
 from skipviz import GatePolicy  # noqa: E402
 from skipviz.audit import measure_throughput  # noqa: E402
-from skipviz.timing import (BenchConfig, _bench_inputs, _load_bench_model, device_info,  # noqa: E402
-                            environment_markdown)
+from skipviz.timing import (BenchConfig, bench_inputs, device_info, environment_markdown,  # noqa: E402
+                            load_bench_model)
 
 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     cfg = BenchConfig(model=args.model, inputs=args.inputs, seed=0)
-    net, model_label = _load_bench_model(cfg)
+    net, model_label = load_bench_model(cfg)
     net.eval()
-    x, inputs_label = _bench_inputs(net, cfg, args.n)
+    x, inputs_label = bench_inputs(net, cfg, args.n)
     rows = []
     for bs in args.batch_sizes:
         for t in args.thresholds:

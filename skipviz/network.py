@@ -41,14 +41,23 @@ class SkippableBlock(nn.Module):
     def bypass(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual branch, before the add and the final ReLU: (N, C_in, H, W) -> (N, C_out, H', W').
+        Optional: a block without it runs ``forward_`` as ``forward`` plus a copy."""
+        raise NotImplementedError
+
     def forward_(self, x: torch.Tensor) -> torch.Tensor:
         """In-place forward of an identity-shortcut block, for inference: overwrite ``x`` (N, C, H, W), which
-        may be a view of a larger batch, with the block's output and return it. The same maths as ``forward``
-        (bit for bit); subclasses add the residual into ``x`` directly, so no output batch is allocated.
-        Only for callers that hold no other reference to ``x`` and need no gradients."""
+        may be a view of a larger batch, with ``relu(x + residual(x))`` and return it: the same bits as
+        ``forward`` (x + r == r + x exactly), with no output batch allocated. Only for callers that hold no
+        other reference to ``x`` and need no gradients."""
         if self.downsample:
             raise ValueError("a downsampling block changes the shape: it cannot run in place")
-        return x.copy_(self(x))
+        try:
+            r = self.residual(x)
+        except NotImplementedError:
+            return x.copy_(self(x))
+        return x.add_(r).relu_()
 
 
 class GateHead(nn.Module):

@@ -805,7 +805,8 @@ class BenchConfig:
         return cls(**base)
 
 
-def _load_bench_model(cfg: BenchConfig) -> tuple[SkipNetwork, str]:
+def load_bench_model(cfg: BenchConfig) -> tuple[SkipNetwork, str]:
+    """The benchmark's gated model and a label saying which (trained weights or RANDOM INIT)."""
     from . import DEFAULT_MODEL, create_model, list_models
 
     name = cfg.model
@@ -823,7 +824,7 @@ def _load_bench_model(cfg: BenchConfig) -> tuple[SkipNetwork, str]:
     return net, name + (" (trained weights)" if "." in name else " (random init)")
 
 
-def _bench_inputs(net: SkipNetwork, cfg: BenchConfig, n: int) -> tuple[torch.Tensor, str]:
+def bench_inputs(net: SkipNetwork, cfg: BenchConfig, n: int) -> tuple[torch.Tensor, str]:
     """(n, 3, H, W) normalised inputs: the first n CIFAR-10 test images when available, else random normal."""
     from .data import cifar10_root, load_split, normalize
 
@@ -855,10 +856,10 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
         raise ValueError("batch1_images must be >= 1")
     _check_counts(cfg.warmup, cfg.repeats)
     dev = resolve_device(cfg.device)
-    net, model_label = _load_bench_model(cfg)
+    net, model_label = load_bench_model(cfg)
     net = net.to(dev).eval()
     n_inputs = max(max(cfg.batch_sizes), cfg.batch1_images)
-    x_all, inputs_label = _bench_inputs(net, cfg, n_inputs)
+    x_all, inputs_label = bench_inputs(net, cfg, n_inputs)
     log(f"model: {model_label}; inputs: {inputs_label}; device: {dev}")
     rows, gate_costs, profiles = [], [], []
     for bs in cfg.batch_sizes:

@@ -188,11 +188,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 def card_flops(table: FlopTable) -> dict:
     """The model card's ``flops`` section: headline numbers plus the whole per-part table
     (:meth:`SkipNetwork.flop_table` reads it back instead of counting again)."""
-    return {"full": table.full, "per_block": table.blocks, "gates": {str(k): v for k, v in table.gates.items()},
+    raw = table.to_dict()
+    return {"full": table.full, "per_block": raw["blocks"], "gates": raw["gates"],
             "gate_fraction_of_full": sum(table.gates.values()) / table.full,
             "counter": "torch.utils.flop_counter.FlopCounterMode (2 FLOPs per multiply-add), "
                        f"{table.input_hw[0]}x{table.input_hw[1]} input",
-            "table": table.to_dict()}
+            "table": raw}
 
 
 def refresh_card_flops(card_path: str | Path) -> dict:

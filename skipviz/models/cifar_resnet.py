@@ -44,11 +44,6 @@ class CifarBasicBlock(SkippableBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.residual(x) + self.shortcut(x))
 
-    def forward_(self, x: torch.Tensor) -> torch.Tensor:
-        if self.downsample:
-            return super().forward_(x)
-        return x.add_(self.residual(x)).relu_()  # x + r == r + x exactly: the same bits as forward
-
     def bypass(self, x: torch.Tensor) -> torch.Tensor:
         return self.shortcut(x)  # the input is post-ReLU, so this stays non-negative
 

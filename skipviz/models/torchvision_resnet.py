@@ -46,11 +46,6 @@ class TorchvisionBlock(SkippableBlock):
             out = b.bn3(b.conv3(b.relu(out)))
         return out
 
-    def forward_(self, x: torch.Tensor) -> torch.Tensor:
-        if self.downsample:
-            return super().forward_(x)
-        return x.add_(self.residual(x)).relu_()
-
     def bypass(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.block.downsample(x)) if self.downsample else x
 
