@@ -5,8 +5,8 @@ per-block gate heads (decide whether a block runs) and probe heads (a class dist
 
 :meth:`SkipNetwork.run` executes a batch under a :class:`~skipviz.policies.Policy`. For every block only the
 samples that execute it are computed; the other samples take the block's bypass (identity, or the shortcut of
-a downsampling block). At inference an identity block's executing samples are packed at the front of the
-batch (misplaced rows swapped) and the block updates them in place (:meth:`SkipNetwork._run_prefix`);
+a downsampling block). At inference an identity block's executing samples are made contiguous in the batch
+(the few misplaced rows swapped) and the block updates them in place (:meth:`SkipNetwork._run_contiguous`);
 with autograd on, or for a downsampling block, they are gathered, run and scattered back
 (:meth:`SkipNetwork._apply_block`). A bypassed block's
 ``forward`` is never called for that sample, so the saved FLOPs are saved time too. Nothing is multiplied by
@@ -158,6 +158,17 @@ def count_flops(fn, *args) -> int:
     return int(counter.get_total_flops())
 
 
+def _densest_window(flags: list[bool], k: int) -> int:
+    """Start of the first window ``flags[s:s+k]`` holding the most ``True`` entries (0 < k <= len(flags))."""
+    inside = best = sum(flags[:k])
+    start = 0
+    for s in range(1, len(flags) - k + 1):
+        inside += flags[s + k - 1] - flags[s - 1]
+        if inside > best:
+            best, start = inside, s
+    return start
+
+
 class SkipNetwork(nn.Module):
     """A skippable residual network.
 
@@ -233,7 +244,7 @@ class SkipNetwork(nn.Module):
         rows: torch.Tensor | None = None  # None: every sample still running (no early exits yet)
         exit_block: torch.Tensor | None = None
         exit_logits: list[tuple[torch.Tensor, torch.Tensor]] = []
-        # with no exits, mixed identity blocks run on a prefix of the batch, updated in place (see _run_prefix)
+        # with no exits, mixed identity blocks run on a contiguous window of the batch, in place (_run_contiguous)
         partition = inplace and type(policy).exit_after is Policy.exit_after
         for i, block in enumerate(self.blocks):
             d = policy.decide(self, i, h)
@@ -241,7 +252,7 @@ class SkipNetwork(nn.Module):
                               gate_evaluated=d.evaluated)
             records.append(rec)
             if partition and not block.downsample:
-                h, rows = self._run_prefix(block, h, d.execute, rows)
+                h, rows = self._run_contiguous(block, h, d.execute, rows)
             else:
                 h = self._apply_block(block, h, d.execute, inplace)
             ex = policy.exit_after(self, i, h)
@@ -273,18 +284,20 @@ class SkipNetwork(nn.Module):
         return SkipResult(self, policy, logits, records, hw, exit_block)
 
     @staticmethod
-    def _run_prefix(block: SkippableBlock, h: torch.Tensor, execute: torch.Tensor | bool,
+    def _run_contiguous(block: SkippableBlock, h: torch.Tensor, execute: torch.Tensor | bool,
                     rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run an identity-shortcut block in place on the rows of ``h`` that execute it, without gathering
         them into a new batch or scattering results back.
 
-        The k executing rows are first moved to the front of ``h`` by swapping each skipping row among the
-        first k with an executing row after them (2m row copies for m misplaced rows, instead of 2k for a
-        gather plus a scatter); the block then updates the view ``h[:k]`` in place (``forward_``) and the
-        bypassed rows are left as they are, which is their identity output. ``rows`` (M,) records which sample
-        of the batch each row of ``h`` holds (``None``: row i is sample i); it is returned permuted, as a new
-        tensor, so earlier :class:`BlockRecord` entries keep theirs. Inference only: no autograd, and ``h``
-        must be a tensor only the caller holds.
+        The k executing rows are first made contiguous: of all windows ``h[s:s+k]`` the one already holding
+        the most executing rows is chosen (the first such window), and each skipping row inside it is swapped
+        with an executing row outside it (2m row copies for m misplaced rows, instead of 2k for a gather plus a
+        scatter; rows executing the previous block tend to stay together, so m is small). The block then
+        updates the view ``h[s:s+k]`` in place (``forward_``) and the bypassed rows are left as they are,
+        which is their identity output. ``rows`` (M,) records which sample of the batch each row of ``h``
+        holds (``None``: row i is sample i); it is returned permuted, as a new tensor, so earlier
+        :class:`BlockRecord` entries keep theirs. Inference only: no autograd, and ``h`` must be a tensor only
+        the caller holds.
 
         h: (M, C, H, W); execute: (M,) bool or one bool for all. Returns ``(h, rows)``.
         """
@@ -296,16 +309,19 @@ class SkipNetwork(nn.Module):
             return block.forward_(h), rows
         if k == 0:
             return h, rows
-        misplaced_skip = [p for p in range(k) if not flags[p]]
+        m = len(flags)
+        start = _densest_window(flags, k)
+        end = start + k
+        misplaced_skip = [p for p in range(start, end) if not flags[p]]
         if misplaced_skip:
-            misplaced_run = [p for p in range(k, len(flags)) if flags[p]]
+            misplaced_run = [p for p in range(start) if flags[p]] + [p for p in range(end, m) if flags[p]]
             dst = torch.tensor(misplaced_skip + misplaced_run, device=h.device)
             src = torch.tensor(misplaced_run + misplaced_skip, device=h.device)
             h.index_copy_(0, dst, h.index_select(0, src))  # index_select copies first: a true swap
             if rows is None:
-                rows = torch.arange(len(flags), device=h.device)
+                rows = torch.arange(m, device=h.device)
             rows = rows.index_copy(0, dst, rows.index_select(0, src))
-        block.forward_(h[:k])
+        block.forward_(h[start:end])
         return h, rows
 
     @staticmethod

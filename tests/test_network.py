@@ -7,7 +7,7 @@ import torchvision
 
 from skipviz import (EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy, create_model)
 from skipviz.models.torchvision_resnet import wrap_torchvision
-from skipviz.network import count_flops
+from skipviz.network import SkipNetwork, _densest_window, count_flops
 
 from conftest import varied_images
 
@@ -91,8 +91,34 @@ def test_inplace_block_forward_matches_forward_bit_for_bit(tiny_net):
         assert torch.equal(big[: shape[0]], expected) and torch.equal(big[shape[0]:], x)
 
 
+def test_densest_window_is_the_first_window_with_the_most_executing_rows():
+    F_, T_ = False, True
+    assert _densest_window([F_, F_, T_, T_, F_, T_], 3) == 1
+    assert _densest_window([T_, F_, T_, T_, F_], 2) == 2
+    assert _densest_window([F_, T_, T_, F_, T_], 3) == 0  # ties: the first window
+    assert _densest_window([F_, F_, T_], 1) == 2
+    assert _densest_window([T_, T_], 2) == 0
+
+
+@torch.no_grad()
+def test_contiguous_executing_rows_run_in_place_without_moving(tiny_net):
+    """Executing rows already contiguous (not at the front) are run where they are: no row is moved, the
+    bypassed rows keep their input and the executing rows get the block's output."""
+    block = next(b for b in tiny_net.blocks if not b.downsample)
+    x = torch.relu(torch.randn(6, block.in_channels, 32, 32))
+    execute = torch.tensor([False, False, True, True, True, False])
+    h, rows = SkipNetwork._run_contiguous(block, x.clone(), execute, None)
+    assert rows is None
+    assert torch.equal(h[2:5], block(x[2:5])) and torch.equal(h[[0, 1, 5]], x[[0, 1, 5]])
+    execute = torch.tensor([True, False, True, False, True, True])  # window [2, 6): row 3 swaps with row 0
+    h, rows = SkipNetwork._run_contiguous(block, x.clone(), execute, None)
+    assert rows.tolist() == [3, 1, 2, 0, 4, 5]
+    assert torch.equal(h[2:], block(x[[2, 0, 4, 5]])) and torch.equal(h[:2], x[[3, 1]])
+
+
 def test_inference_run_matches_the_autograd_path(tiny_net):
-    """The in-place prefix path (no autograd) and the gather/scatter path (autograd on) agree on every sample."""
+    """The in-place contiguous-window path (no autograd) and the gather/scatter path (autograd on) agree on
+    every sample."""
     x = varied_images(16, seed=5)
     policy = GatePolicy(0.5)
     with torch.no_grad():
@@ -107,7 +133,7 @@ def test_inference_run_matches_the_autograd_path(tiny_net):
 
 class CallCounter:
     """Samples each block's first convolution processed: the block's compute, however it was invoked
-    (``forward``, or ``forward_`` in place on a prefix of the batch)."""
+    (``forward``, or ``forward_`` in place on a window of the batch)."""
 
     def __init__(self, net):
         self.samples = [0] * net.num_blocks
