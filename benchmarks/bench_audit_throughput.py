@@ -11,7 +11,7 @@ the per-round ratios. Inputs are the first ``--n`` CIFAR-10 test images (random 
 here, which the report says). Writes ``benchmarks/results/audit_throughput_<device>.json`` and ``.md``.
 
     . .venv/bin/activate
-    python benchmarks/bench_audit_throughput.py                  # default model, 512 images, batch 64 and 128
+    python benchmarks/bench_audit_throughput.py                  # default model, 1024 images, batch 32, 64, 256
     python benchmarks/bench_audit_throughput.py --quick --inputs random --out /tmp/tp   # smoke run
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from skipviz import GatePolicy  # noqa: E402
-from skipviz.audit import measure_throughput  # noqa: E402
+from skipviz.audit import default_audit_batch_size, measure_throughput  # noqa: E402
 from skipviz.timing import (BenchConfig, bench_inputs, device_info, environment_markdown,  # noqa: E402
                             load_bench_model)
 
@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> dict:
             "environment": device_info("cpu").to_dict(),
             "settings": {"images": args.n, "batch_sizes": args.batch_sizes, "thresholds": args.thresholds,
                          "rounds": args.rounds},
+            "audit_default_batch_size": default_audit_batch_size(net),
             "command": "python benchmarks/bench_audit_throughput.py " + shlex.join(sys.argv[1:]),
             "method": "skipviz.audit.measure_throughput: per round one full pass and one skipped pass over the "
                       "same batches, back to back; medians over rounds; speedup = median of per-round ratios",
@@ -64,8 +65,10 @@ def markdown(report: dict) -> str:
              "| batch | threshold | FLOPs executed | full img/s | skipped img/s | with shadow img/s | speedup "
              "| ideal | efficiency | target met |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---|"]
+    default = report.get("audit_default_batch_size")
     for r in report["rows"]:
-        lines.append(f"| {r['batch_size']} | {r['threshold']:.2f} | {r['flops_fraction_executed']:.1%} | "
+        mark = " (audit default)" if r["batch_size"] == default else ""
+        lines.append(f"| {r['batch_size']}{mark} | {r['threshold']:.2f} | {r['flops_fraction_executed']:.1%} | "
                      f"{r['full_images_per_s']:.0f} | {r['skip_images_per_s']:.0f} | "
                      f"{r['skip_with_shadow_images_per_s']:.0f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
                      f"{r['efficiency']:.2f} | {'yes' if r['meets_target'] else 'no'} |")
@@ -77,8 +80,8 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="registered model (default: the default model, else random init)")
-    p.add_argument("--n", type=int, default=512, help="number of input images")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--n", type=int, default=1024, help="number of input images")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 256])
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.5, 0.7])
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=None)

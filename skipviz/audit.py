@@ -282,16 +282,41 @@ def _resolve_model(model: "SkipNetwork | str", weights: str | None = None) -> "S
     return model
 
 
+def default_audit_batch_size(net: "SkipNetwork", budget_bytes: int = 32 << 20, largest: int = 256) -> int:
+    """Images per audit batch: the largest power of two <= ``largest`` whose stem output (a ResNet's widest
+    activation) for one input of ``net.meta.input_size`` fits ``budget_bytes`` times the batch.
+
+    Large batches are what make skipping pay: the blocks run on the sub-batches that execute them, and on CPU a
+    convolution's per-image cost only levels off at a few dozen images or more (for the default model,
+    efficiency 0.94-0.99 at batch 256 against 0.79-0.93 at batch 64,
+    ``benchmarks/results/audit_throughput_cpu.md``). The budget keeps 224-pixel ImageNet ResNets at batch 32.
+    """
+    param = next(net.parameters())
+    was_training = net.training
+    net.eval()  # a training-mode stem would update BatchNorm statistics
+    try:
+        with torch.inference_mode():
+            stem_out = net.stem(torch.zeros((1, *net.meta.input_size), device=param.device, dtype=param.dtype))
+    finally:
+        net.train(was_training)
+    per_image = stem_out.numel() * stem_out.element_size()
+    n = largest
+    while n > 1 and n * per_image > budget_bytes:
+        n //= 2
+    return n
+
+
 def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy | None,
-                db: str | Path | AuditStore, batch_size: int = 32, progress: ProgressFn | None = None,
+                db: str | Path | AuditStore, batch_size: int | None = None, progress: ProgressFn | None = None,
                 run_id: str | None = None, thumbnails: bool = True, extra_config: dict | None = None) -> AuditRun:
     """Audit already collected inputs (see :func:`run_audit`)."""
     from .cli import default_policy_for
 
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     policy = policy if policy is not None else default_policy_for(net, None)
     net.eval()
+    batch_size = default_audit_batch_size(net) if batch_size is None else int(batch_size)
     device = next(net.parameters()).device
     env = environment(device)
     versions = {k: env[k] for k in ("skipviz", "torch", "torchvision", "numpy", "python", "torch_threads")}
@@ -402,7 +427,7 @@ def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy |
 
 
 def run_audit(paths: Sequence[str | Path], model: "SkipNetwork | str", policy: Policy | None,
-              db: str | Path | AuditStore, labels_from_folders: bool = False, batch_size: int = 32,
+              db: str | Path | AuditStore, labels_from_folders: bool = False, batch_size: int | None = None,
               progress: ProgressFn | None = None, run_id: str | None = None, thumbnails: bool = True) -> AuditRun:
     """Audit every image under ``paths`` (folders, files, zip archives) with ``model`` under ``policy``.
 
@@ -416,7 +441,7 @@ def run_audit(paths: Sequence[str | Path], model: "SkipNetwork | str", policy: P
         policy: the skipping policy; ``None`` for the model card's default.
         db: SQLite file path or an open :class:`AuditStore`.
         labels_from_folders: the parent folder name is the input's label (ImageFolder layout).
-        batch_size: images per engine batch (and per transaction).
+        batch_size: images per engine batch (and per transaction); ``None``: :func:`default_audit_batch_size`.
         progress: called as ``progress(fraction, text)`` after every batch (e.g. a Streamlit progress bar).
     Raises:
         ArchiveError: a path does not exist or an archive is refused (traversal, zip bomb).
@@ -430,7 +455,7 @@ def run_audit(paths: Sequence[str | Path], model: "SkipNetwork | str", policy: P
 
 def audit_uploaded_files(files: Iterable[tuple[str, bytes]], net: "SkipNetwork", policy: Policy | None,
                          db_path: str | Path | AuditStore, labels_from_folders: bool = False,
-                         batch_size: int = 32, progress: ProgressFn | None = None) -> AuditRun:
+                         batch_size: int | None = None, progress: ProgressFn | None = None) -> AuditRun:
     """The dashboard's entry point: audit uploaded ``(name, bytes)`` pairs (``.zip`` uploads are expanded
     safely). The bytes of each input are kept in ``AuditRun.sources`` so the run can be reproduced."""
     items = items_from_uploads(files, labels_from_folders=labels_from_folders)
@@ -619,10 +644,11 @@ def reproduce_sample(run: AuditRun, net: "SkipNetwork | None" = None, k: int = 8
 
 
 # ---------------------------------------------------------------------------------------------- throughput
-def measure_throughput(net: "SkipNetwork", policy: Policy, x: torch.Tensor, batch_size: int = 64,
+def measure_throughput(net: "SkipNetwork", policy: Policy, x: torch.Tensor, batch_size: int | None = None,
                        repeats: int = 7) -> dict:
     """Images/s of the skipped run, the skipped run plus the shadow full run, and the plain full network, on
-    the same batches of ``x`` (N, 3, H, W).
+    the same batches of ``x`` (N, 3, H, W), ``batch_size`` images each (default: the audit's,
+    :func:`default_audit_batch_size`).
 
     Each of ``repeats`` rounds times one pass of the plain network and one pass of the skipped run over all
     batches, back to back, so both see the same machine load. Images/s are medians over rounds; ``speedup`` is
@@ -630,6 +656,7 @@ def measure_throughput(net: "SkipNetwork", policy: Policy, x: torch.Tensor, batc
     and the issue's target: speedup >= 0.9 x (1 / fraction executed).
     """
     net.eval()
+    batch_size = default_audit_batch_size(net) if batch_size is None else int(batch_size)
     dev = next(net.parameters()).device
     x = x.to(dev)
     batches = [x[i: i + batch_size] for i in range(0, x.shape[0], batch_size)]
@@ -727,7 +754,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="the parent folder name is the true class (ImageFolder layout)")
     a.add_argument("--out", required=True, help="report.html (report.json and report.csv are written beside it)")
     a.add_argument("--db", default=None, help="SQLite audit database (default: audit.sqlite beside the report)")
-    a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch and per transaction (default: up to 256, by the model's activation size)")
     a.add_argument("--reproduce", type=int, default=8, help="re-run this many stored records (0: none)")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=cmd_audit)

@@ -16,8 +16,8 @@ from PIL import Image
 from skipviz import GatePolicy, create_model
 from skipviz._archive import ArchiveError
 from skipviz._store import AuditStore
-from skipviz.audit import (AuditRecord, audit_uploaded_files, load_run, measure_throughput, params_sha256,
-                           reproduce, reproduce_many, reproduce_sample, run_audit)
+from skipviz.audit import (AuditRecord, audit_uploaded_files, default_audit_batch_size, load_run,
+                           measure_throughput, params_sha256, reproduce, reproduce_many, reproduce_sample, run_audit)
 from skipviz.cli import main
 
 
@@ -145,6 +145,19 @@ def test_measure_throughput_reports_all_three(tiny_net):
     assert tp["ideal_speedup"] == pytest.approx(1 / tp["flops_fraction_executed"])
     assert tp["meets_target"] == (tp["efficiency"] >= 0.9)
     assert tp["efficiency"] == pytest.approx(tp["speedup"] * tp["flops_fraction_executed"])
+
+
+def test_default_audit_batch_size_follows_the_activation_size(tiny_net):
+    """256 for a 32-pixel CIFAR ResNet (16 x 32 x 32 floats per image); smaller when the stem output would not
+    fit the budget; the network's BatchNorm statistics and training flag are left alone."""
+    tiny_net.train()
+    before = {k: v.clone() for k, v in tiny_net.state_dict().items()}
+    assert default_audit_batch_size(tiny_net) == 256
+    assert tiny_net.training and all(torch.equal(v, before[k]) for k, v in tiny_net.state_dict().items())
+    per_image = 16 * 32 * 32 * 4
+    assert default_audit_batch_size(tiny_net, budget_bytes=10 * per_image) == 8
+    assert default_audit_batch_size(tiny_net, budget_bytes=per_image // 2) == 1
+    tiny_net.eval()
 
 
 def test_cli_audit_end_to_end(image_folder, tmp_path, capsys):

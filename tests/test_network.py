@@ -48,9 +48,26 @@ def test_full_policy_equals_torchvision_resnet_exactly():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
-    expected = model(x)
+    nchw = model(x)
     net = wrap_torchvision(model, "resnet18", [str(i) for i in range(10)]).eval()
+    # the wrapper shares torchvision's modules and lays them out channels-last (SkipNetwork.memory_format):
+    # torchvision's own forward in that layout is the bit-exact reference, and the layout changes no more than
+    # float rounding
+    expected = model(x.contiguous(memory_format=torch.channels_last))
     assert torch.equal(net.run(x, FullPolicy()).logits, expected)
+    assert torch.allclose(expected, nchw, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_weights_and_activations_are_channels_last_whatever_the_input_layout(tiny_net, batch):
+    convs = [m for m in tiny_net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    nchw, nhwc = batch.contiguous(), batch.contiguous(memory_format=torch.channels_last)
+    feats = tiny_net.forward_intermediates(nchw, intermediates_only=True)
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in feats)
+    policy = GatePolicy(0.5)
+    assert torch.equal(tiny_net.run(nchw, policy).logits, tiny_net.run(nhwc, policy).logits)
+    assert torch.equal(tiny_net(nchw), tiny_net(nhwc))
 
 
 @torch.no_grad()
