@@ -11,7 +11,7 @@ the per-round ratios. Inputs are the first ``--n`` CIFAR-10 test images (random 
 here, which the report says). Writes ``benchmarks/results/audit_throughput_<device>.json`` and ``.md``.
 
     . .venv/bin/activate
-    python benchmarks/bench_audit_throughput.py                  # default model, 1024 images, batch 32, 64, 256
+    python benchmarks/bench_audit_throughput.py                  # default model, 1024 images, batch 32, 64, 128, 256
     python benchmarks/bench_audit_throughput.py --quick --inputs random --out /tmp/tp   # smoke run
 """
 from __future__ import annotations
@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> dict:
             "audit_default_batch_size": default_audit_batch_size(net),
             "command": "python benchmarks/bench_audit_throughput.py " + shlex.join(sys.argv[1:]),
             "method": "skipviz.audit.measure_throughput: per round one full pass and one skipped pass over the "
-                      "same batches, back to back; medians over rounds; speedup = median of per-round ratios",
+                      "same batches, back to back, which goes first alternating; medians over rounds; speedup = "
+                      "median of per-round ratios; IQR = quartiles of the per-round efficiencies",
             "rows": rows}
 
 
@@ -63,7 +64,7 @@ def markdown(report: dict) -> str:
     lines = [f"# Audit throughput: {report['model']}", "", environment_markdown(report["environment"]),
              f"Inputs: {report['inputs']}; {report['settings']['rounds']} rounds.", "",
              "| batch | threshold | FLOPs executed | full img/s | skipped img/s | with shadow img/s | speedup "
-             "| ideal | efficiency | target met |",
+             "| ideal | efficiency (IQR) | target met |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---|"]
     default = report.get("audit_default_batch_size")
     for r in report["rows"]:
@@ -71,7 +72,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['batch_size']}{mark} | {r['threshold']:.2f} | {r['flops_fraction_executed']:.1%} | "
                      f"{r['full_images_per_s']:.0f} | {r['skip_images_per_s']:.0f} | "
                      f"{r['skip_with_shadow_images_per_s']:.0f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
-                     f"{r['efficiency']:.2f} | {'yes' if r['meets_target'] else 'no'} |")
+                     f"{r['efficiency']:.2f} ({r['efficiency_quartiles'][0]:.2f}-{r['efficiency_quartiles'][1]:.2f}) | "
+                     f"{'yes' if r['meets_target'] else 'no'} |")
     lines += ["", "efficiency = speedup x fraction of FLOPs executed (1.0: time saved exactly as FLOPs saved; "
               "target >= 0.9). " + report["method"] + ".", "", f"Command: `{report['command']}`", ""]
     return "\n".join(lines)
@@ -81,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="registered model (default: the default model, else random init)")
     p.add_argument("--n", type=int, default=1024, help="number of input images")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 256])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128, 256])
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.5, 0.7])
-    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--inputs", default="auto", choices=["auto", "cifar10", "random"])
     p.add_argument("--quick", action="store_true", help="tiny smoke setting: 16 images, batch 8, 1 round")
