@@ -148,12 +148,12 @@ def test_measure_throughput_reports_all_three(tiny_net):
 
 
 def test_default_audit_batch_size_follows_the_activation_size(tiny_net):
-    """128 (the cap) for a 32-pixel CIFAR ResNet (16 x 32 x 32 floats per image); smaller when the stem output
+    """256 (the cap) for a 32-pixel CIFAR ResNet (16 x 32 x 32 floats per image); smaller when the stem output
     would not fit the budget; the network's BatchNorm statistics and training flag are left alone."""
     tiny_net.train()
     before = {k: v.clone() for k, v in tiny_net.state_dict().items()}
-    assert default_audit_batch_size(tiny_net) == 128
-    assert default_audit_batch_size(tiny_net, largest=256) == 256
+    assert default_audit_batch_size(tiny_net) == 256
+    assert default_audit_batch_size(tiny_net, largest=64) == 64
     assert tiny_net.training and all(torch.equal(v, before[k]) for k, v in tiny_net.state_dict().items())
     per_image = 16 * 32 * 32 * 4
     assert default_audit_batch_size(tiny_net, budget_bytes=10 * per_image) == 8
