@@ -296,7 +296,7 @@ class SkipNetwork(nn.Module):
 
     @staticmethod
     def _run_contiguous(block: SkippableBlock, h: torch.Tensor, execute: torch.Tensor | bool,
-                    rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run an identity-shortcut block in place on the rows of ``h`` that execute it, without gathering
         them into a new batch or scattering results back.
 
@@ -320,17 +320,17 @@ class SkipNetwork(nn.Module):
             return block.forward_(h), rows
         if k == 0:
             return h, rows
-        m = len(flags)
+        n_rows = len(flags)
         start = _densest_window(flags, k)
         end = start + k
         misplaced_skip = [p for p in range(start, end) if not flags[p]]
         if misplaced_skip:
-            misplaced_run = [p for p in range(start) if flags[p]] + [p for p in range(end, m) if flags[p]]
+            misplaced_run = [p for p in range(start) if flags[p]] + [p for p in range(end, n_rows) if flags[p]]
             dst = torch.tensor(misplaced_skip + misplaced_run, device=h.device)
             src = torch.tensor(misplaced_run + misplaced_skip, device=h.device)
             h.index_copy_(0, dst, h.index_select(0, src))  # index_select copies first: a true swap
             if rows is None:
-                rows = torch.arange(m, device=h.device)
+                rows = torch.arange(n_rows, device=h.device)
             rows = rows.index_copy(0, dst, rows.index_select(0, src))
         block.forward_(h[start:end])
         return h, rows
