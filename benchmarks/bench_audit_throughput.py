@@ -17,7 +17,6 @@ here, which the report says). Writes ``benchmarks/results/audit_throughput_<devi
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from skipviz import GatePolicy  # noqa: E402
 from skipviz.audit import default_audit_batch_size, measure_throughput  # noqa: E402
 from skipviz.timing import (BenchConfig, bench_inputs, device_info, environment_markdown,  # noqa: E402
-                            load_bench_model)
+                            load_bench_model, write_results)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -94,12 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.n, args.batch_sizes, args.rounds = 16, [8], 1
     report = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"audit_throughput_{report['environment']['device_type']}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / f"{stem}.md").write_text(markdown(report))
-    print(f"wrote {out / stem}.json and .md")
+    jp, mp = write_results(report, args.out, f"audit_throughput_{report['environment']['device_type']}", markdown)
+    print(f"wrote {jp} and {mp.name}")
     return 0
 
 

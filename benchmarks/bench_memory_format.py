@@ -17,7 +17,6 @@ batch). Writes ``benchmarks/results/memory_format_<device>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -32,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from skipviz import GatePolicy  # noqa: E402
 from skipviz.network import SkipNetwork  # noqa: E402
 from skipviz.timing import (BenchConfig, bench_inputs, device_info, environment_markdown,  # noqa: E402
-                            load_bench_model)
+                            load_bench_model, write_results)
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -119,12 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.batch_sizes, args.rounds, args.warmup = [1, 4], 1, 1
     report = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"memory_format_{report['environment']['device_type']}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / f"{stem}.md").write_text(markdown(report))
-    print(f"wrote {out / stem}.json and .md")
+    jp, mp = write_results(report, args.out, f"memory_format_{report['environment']['device_type']}", markdown)
+    print(f"wrote {jp} and {mp.name}")
     return 0
 
 

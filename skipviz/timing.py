@@ -926,14 +926,16 @@ def results_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_results(report: dict, out_dir: str | Path, stem: str | None = None) -> tuple[Path, Path]:
-    """Write ``latency_<device>.json`` and ``.md`` under ``out_dir``; returns both paths."""
+def write_results(report: dict, out_dir: str | Path, stem: str | None = None,
+                  markdown: Callable[[dict], str] | None = None) -> tuple[Path, Path]:
+    """Write ``<stem>.json`` and ``<stem>.md`` (``markdown(report)``, default :func:`results_markdown`) under
+    ``out_dir``; ``stem`` defaults to ``latency_<device>``. Returns both paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = stem or f"latency_{report['environment']['device_type']}"
     jp, mp = out / f"{stem}.json", out / f"{stem}.md"
     jp.write_text(json.dumps(report, indent=1, default=str))
-    mp.write_text(results_markdown(report))
+    mp.write_text((markdown or results_markdown)(report))
     return jp, mp
 
 
