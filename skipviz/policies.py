@@ -18,7 +18,6 @@ The KL-redundancy policy lives in :mod:`skipviz.redundancy` and builds on :class
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Union
@@ -125,10 +124,7 @@ def _check_threshold(t: float, what: str) -> float:
     return t
 
 
-@functools.lru_cache(maxsize=256)
-def _threshold_as(t: float, dtype: torch.dtype) -> float:
-    """``t`` rounded to ``dtype``, as a tensor comparison ``prob >= t`` of that dtype rounds it."""
-    return float(torch.tensor(t, dtype=dtype).item())
+_GATE_RUN, _GATE_SKIP = int(Reason.GATE_RUN), int(Reason.GATE_SKIP)
 
 
 class GatePolicy(Policy):
@@ -166,13 +162,11 @@ class GatePolicy(Policy):
         if gate is None:
             return Decision(execute=True, reason=int(Reason.NOT_GATED))
         t = ov if isinstance(ov, float) else self.threshold
+        if h.shape[0] == 1:  # batch of one: decide on the host from one read-back, no gather/scatter needed
+            p = gate.probability_of_one(h)
+            run = p >= t
+            return Decision(run, _GATE_RUN if run else _GATE_SKIP, p, t, True)
         prob = torch.sigmoid(gate(h))
-        if prob.shape[0] == 1:  # batch of one: decide on the host, no gather/scatter needed
-            # one device->host read and a host comparison against the threshold rounded to prob's dtype,
-            # exactly what ``prob >= t`` computes, without its extra kernel
-            run = bool(prob.item() >= _threshold_as(t, prob.dtype))
-            return Decision(execute=run, reason=int(Reason.GATE_RUN if run else Reason.GATE_SKIP),
-                            score=prob, threshold=t, evaluated=True)
         execute = prob >= t
         reason = torch.where(execute, int(Reason.GATE_RUN), int(Reason.GATE_SKIP))
         return Decision(execute=execute, reason=reason, score=prob, threshold=t, evaluated=True)

@@ -1,20 +1,28 @@
 """The skipping engine: exact equivalence with references, real skipping, FLOP accounting."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from skipviz import (EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy, create_model)
 from skipviz.models.torchvision_resnet import wrap_torchvision
-from skipviz.network import SkipNetwork, _densest_window, count_flops
+from skipviz.network import SkipNetwork, _densest_window, conv_bn, count_flops
 
 from conftest import varied_images
 
 
-def reference_forward(net, x, skip=frozenset()):
-    """Hand-written CIFAR ResNet forward that omits the blocks in ``skip`` (written out, not the engine's code)."""
-    h = net.stem(x)
+def reference_forward(net, x, skip=frozenset(), fold=True):
+    """Hand-written CIFAR ResNet forward that omits the blocks in ``skip`` (written out, not the engine's code).
+    ``fold``: each conv-BN pair as torch's own fused eval-mode convolution (``fuse_conv_bn_eval``), as the
+    engine runs at inference; else the modules one after the other."""
+
+    def conv_bn(h, conv, bn):
+        return fuse_conv_bn_eval(conv, bn)(h) if fold else bn(conv(h))
+
+    h = F.relu(conv_bn(x, net.stem[0], net.stem[1]))
     for i, b in enumerate(net.blocks):
         if i in skip:
             if b.downsample:  # option-A shortcut: subsample by 2, zero-pad the new channels
@@ -23,8 +31,8 @@ def reference_forward(net, x, skip=frozenset()):
                 h = torch.cat([h.new_zeros(h.shape[0], extra // 2, *h.shape[2:]), h,
                                h.new_zeros(h.shape[0], extra - extra // 2, *h.shape[2:])], 1)
             continue
-        out = F.relu(b.bn1(b.conv1(h)))
-        out = b.bn2(b.conv2(out))
+        out = F.relu(conv_bn(h, b.conv1, b.bn1))
+        out = conv_bn(out, b.conv2, b.bn2)
         sc = h
         if b.downsample:
             sc = h[:, :, ::2, ::2]
@@ -43,19 +51,60 @@ def test_full_policy_equals_plain_backbone_exactly(tiny_net, batch):
     assert res.executed.all()
 
 
+def test_inference_folds_batchnorm_and_matches_the_module_path(tiny_net, batch):
+    with torch.no_grad():
+        folded = tiny_net(batch)
+        skipped = tiny_net.run(batch, StaticMaskPolicy({1, 4})).logits
+    with torch.enable_grad():  # autograd on (training, attributions): the conv and BN modules run as written
+        modules = tiny_net(batch)
+        assert modules.requires_grad
+    assert torch.allclose(folded, modules.detach(), atol=1e-4, rtol=1e-5)
+    assert torch.equal(folded, reference_forward(tiny_net, batch)) and not torch.equal(folded, modules)
+    assert torch.allclose(skipped, reference_forward(tiny_net, batch, {1, 4}, fold=False), atol=1e-4, rtol=1e-5)
+    conv_weight = tiny_net.stem[0].weight
+    assert conv_weight.is_contiguous(memory_format=torch.channels_last)
+    assert tiny_net.stem[0]._skipviz_folded[1].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_folded_weights_follow_every_change_of_the_modules():
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0)
+        assert torch.allclose(conv_bn(x, conv, bn), bn(conv(x)), atol=1e-5)
+        conv.weight.mul_(2.0)  # in place, e.g. load_state_dict
+        assert torch.allclose(conv_bn(x, conv, bn), bn(conv(x)), atol=1e-5)
+        bn.running_var.fill_(4.0)
+        assert torch.allclose(conv_bn(x, conv, bn), bn(conv(x)), atol=1e-5)
+        bn.bias = torch.nn.Parameter(torch.ones(4))  # replaced
+        assert torch.allclose(conv_bn(x, conv, bn), bn(conv(x)), atol=1e-5)
+        conv.double(), bn.double()  # cast
+        out = conv_bn(x.double(), conv, bn)
+        assert out.dtype == torch.float64 and torch.allclose(out, bn(conv(x.double())), atol=1e-10)
+    bn.train()  # training mode: the batch's statistics, never a fold
+    assert torch.equal(conv_bn(x.double(), conv, bn), bn(conv(x.double())))
+
+
 @torch.no_grad()
-def test_full_policy_equals_torchvision_resnet_exactly():
+def test_full_policy_equals_torchvision_resnet():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    for m in model.modules():  # non-trivial BN statistics, so that folding them is tested
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0.0, 0.1), m.running_var.uniform_(0.5, 1.5)
     x = torch.randn(2, 3, 64, 64)
     nchw = model(x)
     net = wrap_torchvision(model, "resnet18", [str(i) for i in range(10)]).eval()
-    # the wrapper shares torchvision's modules and lays them out channels-last (SkipNetwork.memory_format):
-    # torchvision's own forward in that layout is the bit-exact reference, and the layout changes no more than
-    # float rounding
+    # the wrapper shares torchvision's modules, lays them out channels-last (SkipNetwork.memory_format) and at
+    # inference folds each BN into its convolution: equal to torchvision's own forward up to float rounding
     expected = model(x.contiguous(memory_format=torch.channels_last))
-    assert torch.equal(net.run(x, FullPolicy()).logits, expected)
+    logits = net.run(x, FullPolicy()).logits
+    assert torch.equal(logits, net(x))
+    assert torch.allclose(logits, expected, atol=1e-4, rtol=1e-4)
     assert torch.allclose(expected, nchw, atol=1e-5, rtol=1e-5)
+    with torch.enable_grad():  # with autograd the wrapper runs torchvision's own modules: bit-exact
+        assert torch.equal(net(x), model(x.contiguous(memory_format=torch.channels_last)))
 
 
 @torch.no_grad()
@@ -108,6 +157,24 @@ def test_inplace_block_forward_matches_forward_bit_for_bit(tiny_net):
         assert torch.equal(big[: shape[0]], expected) and torch.equal(big[shape[0]:], x)
 
 
+def test_gate_inference_paths_agree_with_the_module_path(tiny_net):
+    feats = tiny_net.forward_intermediates(varied_images(5, seed=7), intermediates_only=True, include_stem=True)
+    for i in tiny_net.gated_blocks:
+        gate, h = tiny_net.gate(i), feats[i].detach()
+        with torch.enable_grad():
+            modules = torch.sigmoid(gate(h)).detach()  # fc1 - BN - ReLU - fc2, autograd on
+        with torch.no_grad():
+            folded = torch.sigmoid(gate(h))  # BN and the mean's 1/(H*W) folded into fc1
+            host = [gate.probability_of_one(h[n:n + 1]) for n in range(5)]  # batch of one, finished on the host
+        assert torch.allclose(folded, modules, atol=1e-6)
+        assert all(isinstance(p, float) for p in host)
+        assert torch.allclose(torch.tensor(host, dtype=torch.float32), modules, atol=1e-6)
+        with torch.enable_grad():
+            assert gate.probability_of_one(h[:1]) == float(torch.sigmoid(gate(h[:1])))
+    with pytest.raises(ValueError, match="batch of one"):
+        tiny_net.gate(0).probability_of_one(feats[0][:2])
+
+
 def test_densest_window_is_the_first_window_with_the_most_executing_rows():
     F_, T_ = False, True
     assert _densest_window([F_, F_, T_, T_, F_, T_], 3) == 1
@@ -149,22 +216,24 @@ def test_inference_run_matches_the_autograd_path(tiny_net):
 
 
 class CallCounter:
-    """Samples each block's first convolution processed: the block's compute, however it was invoked
-    (``forward``, or ``forward_`` in place on a window of the batch)."""
+    """Samples each block's residual branch (its two convolutions) processed: the block's compute, however it
+    was invoked (``forward``, or ``forward_`` in place on a window of the batch), folded or not."""
 
     def __init__(self, net):
         self.samples = [0] * net.num_blocks
-        convs = [next(m for m in b.modules() if isinstance(m, torch.nn.Conv2d)) for b in net.blocks]
-        self.handles = [c.register_forward_pre_hook(self._hook(i)) for i, c in enumerate(convs)]
+        self.blocks = list(net.blocks)
+        for i, b in enumerate(self.blocks):
+            b.residual = self._counting(i, b.residual)  # an instance attribute shadowing the method
 
-    def _hook(self, i):
-        def hook(module, args):
-            self.samples[i] += args[0].shape[0]
-        return hook
+    def _counting(self, i, residual):
+        def counted(x):
+            self.samples[i] += x.shape[0]
+            return residual(x)
+        return counted
 
     def close(self):
-        for h in self.handles:
-            h.remove()
+        for b in self.blocks:
+            del b.residual
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._registry import PretrainedWeights, register_model, register_pretrained
-from ..network import GateHead, ProbeHead, SkippableBlock, SkipNetwork
+from ..network import ConvBNStem, GateHead, ProbeHead, SkippableBlock, SkipNetwork, conv_bn
 from ..weights import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, ModelMeta
 
 DEPTHS = (20, 32, 44, 56, 110)
@@ -38,8 +38,9 @@ class CifarBasicBlock(SkippableBlock):
         return F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
-        """The residual branch: (N, C_in, H, W) -> (N, C_out, H/s, W/s)."""
-        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        """The residual branch: (N, C_in, H, W) -> (N, C_out, H/s, W/s); at inference each conv-BN pair is one
+        convolution (:func:`~skipviz.network.conv_bn`)."""
+        return conv_bn(conv_bn(x, self.conv1, self.bn1).relu_(), self.conv2, self.bn2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.residual(x) + self.shortcut(x))
@@ -48,7 +49,9 @@ class CifarBasicBlock(SkippableBlock):
         return self.shortcut(x)  # the input is post-ReLU, so this stays non-negative
 
 
-class CifarStem(nn.Sequential):
+class CifarStem(ConvBNStem):
+    """conv3x3-BN-ReLU: (N, 3, H, W) -> (N, C, H, W)."""
+
     def __init__(self, channels: int = 16) -> None:
         super().__init__(nn.Conv2d(3, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
 

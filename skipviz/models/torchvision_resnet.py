@@ -15,7 +15,7 @@ from torch import nn
 
 from .._checkpoint import apply_state_dict, load_state_dict
 from .._registry import register_model
-from ..network import GateHead, ProbeHead, SkippableBlock, SkipNetwork
+from ..network import ConvBNStem, GateHead, ProbeHead, SkippableBlock, SkipNetwork, bn_is_foldable, conv_bn
 from ..weights import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, sha256_file
 
 ARCHS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights",
@@ -35,19 +35,29 @@ class TorchvisionBlock(SkippableBlock):
         self.in_channels = block.conv1.in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+        if not bn_is_foldable(self.block.bn1):
+            return self.block(x)  # torchvision's own forward: training, attributions
+        return self.residual(x).add_(self.shortcut(x)).relu_()
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
-        """The residual branch of torchvision's ``BasicBlock``/``Bottleneck.forward``, without the add."""
+        """The residual branch of torchvision's ``BasicBlock``/``Bottleneck.forward``, without the add; at
+        inference each conv-BN pair is one convolution (:func:`~skipviz.network.conv_bn`)."""
         b = self.block
-        out = b.relu(b.bn1(b.conv1(x)))
-        out = b.bn2(b.conv2(out))
+        out = b.relu(conv_bn(x, b.conv1, b.bn1))
+        out = conv_bn(out, b.conv2, b.bn2)
         if hasattr(b, "conv3"):
-            out = b.bn3(b.conv3(b.relu(out)))
+            out = conv_bn(b.relu(out), b.conv3, b.bn3)
         return out
 
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``, or torchvision's ``downsample`` (1x1 conv, BN; folded at inference) for a stage's first block."""
+        if not self.downsample:
+            return x
+        conv, bn = self.block.downsample
+        return conv_bn(x, conv, bn)
+
     def bypass(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.block.downsample(x)) if self.downsample else x
+        return F.relu(self.shortcut(x)) if self.downsample else x
 
 
 class TorchvisionHead(nn.Module):
@@ -71,7 +81,7 @@ def cached_weights_path(arch: str, tag: str) -> Path:
 def wrap_torchvision(model: nn.Module, arch: str, classes: list[str], gates: bool = False,
                      probes: bool = False) -> SkipNetwork:
     """Wrap a torchvision ResNet instance (its modules are shared, not copied) as a :class:`SkipNetwork`."""
-    stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+    stem = ConvBNStem(model.conv1, model.bn1, model.relu, model.maxpool)
     blocks, names = [], []
     for s, layer in enumerate((model.layer1, model.layer2, model.layer3, model.layer4)):
         for j, b in enumerate(layer):
