@@ -14,10 +14,12 @@ zero.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,9 +70,26 @@ def _fold_key(tensors: Sequence[torch.Tensor | None]) -> tuple:
     return tuple((id(t), t.data_ptr(), t._version) if t is not None else None for t in tensors)
 
 
+_FOLDING: ContextVar[bool] = ContextVar("skipviz_inference_folding", default=True)
+
+
+@contextlib.contextmanager
+def inference_folding(enabled: bool) -> Iterator[None]:
+    """Switch the inference folds (each BatchNorm into its convolution, the gate heads' BatchNorm and mean
+    into their first layer) on or off within this context (per thread and task, so other dashboard sessions
+    are not affected). Off, the modules run as written, as in training: to measure what folding buys
+    (benchmarks/bench_fold_bn.py) or to rule it out when comparing with another implementation."""
+    token = _FOLDING.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _FOLDING.reset(token)
+
+
 def bn_is_foldable(bn: nn.Module) -> bool:
-    """Whether ``bn`` (a BatchNorm in eval mode using running statistics) may be folded away: no autograd."""
-    return not bn.training and bn.track_running_stats and not torch.is_grad_enabled()
+    """Whether ``bn`` (a BatchNorm in eval mode using running statistics) may be folded away: no autograd,
+    folding not switched off (:func:`inference_folding`)."""
+    return not bn.training and bn.track_running_stats and not torch.is_grad_enabled() and _FOLDING.get()
 
 
 def folded_conv_bn_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,8 +117,9 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tenso
 
     At inference (``bn`` in eval mode, autograd off) it is ONE convolution with the BatchNorm folded into its
     weights and bias (:func:`folded_conv_bn_weights`): equal to the two modules up to float rounding, and
-    1.5x faster for the default model's full network at batch 1 (benchmarks/results/fold_bn_cpu.md). In
-    training, or with autograd on (attributions), the modules run as written.
+    measured faster for the default model (benchmarks/results/fold_bn_cpu.md). In training, with
+    autograd on (attributions), or with folding switched off (:func:`inference_folding`), the modules run as
+    written.
     """
     if not bn_is_foldable(bn) or conv.padding_mode != "zeros":
         return bn(conv(x))
@@ -136,8 +156,9 @@ class GateHead(nn.Module):
         self._folded: tuple | None = None
 
     def folds(self) -> bool:
-        """Whether calls take the folded inference path (eval mode, running statistics, autograd off)."""
-        return not self.training and not torch.is_grad_enabled() and self._modules["bn"].track_running_stats
+        """Whether calls take the folded inference path (eval mode, running statistics, autograd off, folding
+        not switched off by :func:`inference_folding`)."""
+        return bn_is_foldable(self._modules["bn"]) and not self.training
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.folds():

@@ -9,7 +9,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from skipviz import (EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy, create_model)
 from skipviz.models.torchvision_resnet import wrap_torchvision
-from skipviz.network import SkipNetwork, _densest_window, conv_bn, count_flops
+from skipviz.network import SkipNetwork, _densest_window, conv_bn, count_flops, inference_folding
 
 from conftest import varied_images
 
@@ -64,6 +64,19 @@ def test_inference_folds_batchnorm_and_matches_the_module_path(tiny_net, batch):
     conv_weight = tiny_net.stem[0].weight
     assert conv_weight.is_contiguous(memory_format=torch.channels_last)
     assert tiny_net.stem[0]._skipviz_folded[1].is_contiguous(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def test_inference_folding_can_be_switched_off_for_one_context(tiny_net, batch):
+    with torch.enable_grad():
+        modules = tiny_net(batch).detach()
+        gate_modules = tiny_net.gate(0)(tiny_net._stem(batch)).detach()
+    with inference_folding(False):
+        assert torch.equal(tiny_net(batch), modules)  # the modules as written, autograd off
+        assert torch.equal(tiny_net.gate(0)(tiny_net._stem(batch)), gate_modules)
+        with inference_folding(True):
+            assert torch.equal(tiny_net(batch), reference_forward(tiny_net, batch))
+    assert torch.equal(tiny_net(batch), reference_forward(tiny_net, batch))  # restored on exit
 
 
 def test_folded_weights_follow_every_change_of_the_modules():
