@@ -11,6 +11,12 @@ with autograd on, or for a downsampling block, they are gathered, run and scatte
 (:meth:`SkipNetwork._apply_block`). A bypassed block's
 ``forward`` is never called for that sample, so the saved FLOPs are saved time too. Nothing is multiplied by
 zero.
+
+At inference (eval mode, autograd off) each convolution-BatchNorm pair runs as one convolution with the BN
+folded into its weights (:func:`conv_bn`) and each gate head's BN and spatial mean are folded into its first
+layer; a batch of one reads the gate back once and decides on the host (:meth:`GateHead.probability_of_one`).
+Training and attributions (autograd on) run the modules as written; :func:`inference_folding` switches the
+folds off for a context.
 """
 from __future__ import annotations
 
