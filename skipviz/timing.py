@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ._env import package_version
-from .network import SkipNetwork
+from .network import SkipNetwork, gather_rows, scatter_rows_
 from .policies import FullPolicy, GatePolicy, Policy
 
 # ------------------------------------------------------------------------------------------------- devices
@@ -537,14 +537,14 @@ class BlockProfile:
 def _gather_scatter(h: torch.Tensor, out_like: torch.Tensor, run_idx: torch.Tensor, skip_idx: torch.Tensor,
                     downsample: bool) -> torch.Tensor:
     """The data movement of a mixed block in :meth:`SkipNetwork._apply_block`, without the block's maths."""
-    sub = h.index_select(0, run_idx)
+    sub = gather_rows(h, run_idx)
     ran = out_like[: run_idx.numel()]
     if not downsample:
-        return h.index_copy(0, run_idx, ran) if sub.numel() else h
+        return scatter_rows_(h.clone(), run_idx, ran) if sub.numel() else h
     skipped = out_like[: skip_idx.numel()]
-    h.index_select(0, skip_idx)
-    out = out_like.new_empty(out_like.shape)
-    return out.index_copy_(0, run_idx, ran).index_copy_(0, skip_idx, skipped)
+    gather_rows(h, skip_idx)
+    out = torch.empty_like(out_like)
+    return scatter_rows_(scatter_rows_(out, run_idx, ran), skip_idx, skipped)
 
 
 def profile_blocks(net: SkipNetwork, batch_size: int = 1, device: str | torch.device | None = None,

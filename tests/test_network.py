@@ -9,7 +9,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from skipviz import (EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy, create_model)
 from skipviz.models.torchvision_resnet import wrap_torchvision
-from skipviz.network import SkipNetwork, _densest_window, conv_bn, count_flops, inference_folding
+from skipviz.network import (SkipNetwork, _densest_window, conv_bn, count_flops, gather_rows, inference_folding,
+                             scatter_rows_)
 
 from conftest import varied_images
 
@@ -186,6 +187,26 @@ def test_gate_inference_paths_agree_with_the_module_path(tiny_net):
             assert gate.probability_of_one(h[:1]) == float(torch.sigmoid(gate(h[:1])))
     with pytest.raises(ValueError, match="batch of one"):
         tiny_net.gate(0).probability_of_one(feats[0][:2])
+
+
+def test_row_gather_and_scatter_keep_the_layout_and_match_index_ops():
+    torch.manual_seed(0)
+    idx, src_rows = torch.tensor([4, 0, 3]), torch.randn(3, 5, 6, 7)
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        t = torch.randn(6, 5, 6, 7).contiguous(memory_format=fmt)
+        got = gather_rows(t, idx)
+        assert torch.equal(got, t.index_select(0, idx)) and got.is_contiguous(memory_format=fmt)
+        src = src_rows.contiguous(memory_format=fmt)
+        expected = t.clone().index_copy_(0, idx, src)
+        assert scatter_rows_(t, idx, src) is t and torch.equal(t, expected)
+        assert torch.equal(scatter_rows_(t, idx, src_rows.contiguous()), expected)  # mixed layouts: values count
+        window = t[1:4]  # a view in the middle of a batch
+        assert torch.equal(gather_rows(window, torch.tensor([2, 0])), t[[3, 1]])
+    strided = torch.randn(6, 5, 6, 14)[..., ::2]  # rows not dense: plain index ops
+    assert torch.equal(gather_rows(strided, idx), strided.index_select(0, idx))
+    leaf = torch.randn(6, 5, 6, 7, requires_grad=True)
+    gather_rows(leaf.contiguous(memory_format=torch.channels_last), idx).sum().backward()
+    assert torch.equal(leaf.grad.sum((1, 2, 3)), torch.tensor([210.0, 0, 0, 210, 210, 0]))
 
 
 def test_densest_window_is_the_first_window_with_the_most_executing_rows():
