@@ -184,7 +184,7 @@ class GateHead(nn.Module):
         if h.shape[0] != 1:
             raise ValueError(f"a batch of one is expected, got {h.shape[0]}")
         if not self.folds():
-            return float(torch.sigmoid(self(h)).item())
+            return float(torch.sigmoid(self(h)).detach().item())
         _, w1, b1, _, _, w2, b2 = self._folded_weights(h)
         z = torch.addmm(b1, h.sum((2, 3)), w1).tolist()[0]
         logit = b2 + sum(w * a for w, a in zip(w2, z) if a > 0.0)

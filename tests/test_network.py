@@ -184,7 +184,7 @@ def test_gate_inference_paths_agree_with_the_module_path(tiny_net):
         assert all(isinstance(p, float) for p in host)
         assert torch.allclose(torch.tensor(host, dtype=torch.float32), modules, atol=1e-6)
         with torch.enable_grad():
-            assert gate.probability_of_one(h[:1]) == float(torch.sigmoid(gate(h[:1])))
+            assert gate.probability_of_one(h[:1]) == float(torch.sigmoid(gate(h[:1])).detach())
     with pytest.raises(ValueError, match="batch of one"):
         tiny_net.gate(0).probability_of_one(feats[0][:2])
 
