@@ -311,6 +311,46 @@ def _densest_window(flags: list[bool], k: int) -> int:
     return start
 
 
+def _swap_plan(flags: list[bool], k: int) -> tuple[int, list[int], list[int]]:
+    """How :meth:`SkipNetwork._run_contiguous` makes the ``k`` rows flagged True (0 < k < len) contiguous:
+    ``(start, dst, src)``: the window ``[start, start + k)`` and the row swap ``h[dst] = h[src]`` (empty when
+    the window already holds every executing row). ``len(dst) == 2 * m`` for m misplaced rows."""
+    start = _densest_window(flags, k)
+    end = start + k
+    misplaced_skip = [p for p in range(start, end) if not flags[p]]
+    if not misplaced_skip:
+        return start, [], []
+    misplaced_run = [p for p in range(start) if flags[p]] + [p for p in range(end, len(flags)) if flags[p]]
+    return start, misplaced_skip + misplaced_run, misplaced_run + misplaced_skip
+
+
+def misplaced_rows(executed: Sequence[Sequence[bool]], in_place: Sequence[bool]) -> list[int]:
+    """Replay the engine's row arrangement on a decision mask: how many rows each block's swap moves.
+
+    Args:
+        executed: (N, L) per-sample, per-block "the block runs" flags of one batch (no early exits).
+        in_place: (L,) whether block i runs in place on a contiguous window (an identity-shortcut block at
+            inference, :meth:`SkipNetwork._run_contiguous`); other blocks gather and scatter and keep the order.
+    Returns:
+        (L,) ``m``: misplaced rows swapped before block i (the swap copies 2m rows), 0 where nothing moves.
+    """
+    n = len(executed)
+    order = list(range(n))  # order[p]: the sample held by row p
+    out = []
+    for i, movable in enumerate(in_place):
+        flags = [bool(executed[order[p]][i]) for p in range(n)]
+        k = sum(flags)
+        if not movable or k in (0, n):
+            out.append(0)
+            continue
+        _, dst, src = _swap_plan(flags, k)
+        moved = [order[q] for q in src]
+        for p, sample in zip(dst, moved):
+            order[p] = sample
+        out.append(len(dst) // 2)
+    return out
+
+
 class SkipNetwork(nn.Module):
     """A skippable residual network.
 
@@ -462,19 +502,15 @@ class SkipNetwork(nn.Module):
             return block.forward_(h), rows
         if k == 0:
             return h, rows
-        n_rows = len(flags)
-        start = _densest_window(flags, k)
-        end = start + k
-        misplaced_skip = [p for p in range(start, end) if not flags[p]]
-        if misplaced_skip:
-            misplaced_run = [p for p in range(start) if flags[p]] + [p for p in range(end, n_rows) if flags[p]]
-            dst = torch.tensor(misplaced_skip + misplaced_run, device=h.device)
-            src = torch.tensor(misplaced_run + misplaced_skip, device=h.device)
+        start, dst_rows, src_rows = _swap_plan(flags, k)
+        if dst_rows:
+            dst = torch.tensor(dst_rows, device=h.device)
+            src = torch.tensor(src_rows, device=h.device)
             scatter_rows_(h, dst, gather_rows(h, src))  # the gather copies first: a true swap
             if rows is None:
-                rows = torch.arange(n_rows, device=h.device)
+                rows = torch.arange(len(flags), device=h.device)
             rows = rows.index_copy(0, dst, rows.index_select(0, src))
-        block.forward_(h[start:end])
+        block.forward_(h[start:start + k])
         return h, rows
 
     @staticmethod

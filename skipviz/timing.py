@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ._env import package_version
-from .network import SkipNetwork, gather_rows, scatter_rows_
+from .network import SkipNetwork, gather_rows, misplaced_rows, scatter_rows_
 from .policies import FullPolicy, GatePolicy, Policy
 
 # ------------------------------------------------------------------------------------------------- devices
@@ -480,9 +480,14 @@ class BlockProfile:
 
     ``block_ms[i]``: block i run on the whole batch; ``bypass_ms[i]``: its bypass; ``gate_ms[i]``: the gate
     decision (gate head + sigmoid + threshold, as ``GatePolicy.decide``), 0 for blocks without a gate;
-    ``mix_ms[i]``: the gather/scatter of a half-and-half split (0 at batch 1); ``engine_ms``: the fixed
-    per-run cost of :meth:`SkipNetwork.run` beyond its parts (calibrated on a full run, >= 0);
-    ``full_ms``: the plain full forward, measured.
+    ``mix_ms[i]``: the gather/scatter of a half-and-half split (0 at batch 1), what a downsampling block's
+    mixed batch costs; ``swap_ms[i]``: per misplaced row, the row swap that makes an identity block's
+    executing rows contiguous (:meth:`SkipNetwork._run_contiguous`; 0 for downsampling blocks and at batch 1,
+    empty in profiles recorded before it existed); ``block_half_ms[i]``: block i on the first half of the batch
+    (the cost of a sub-batch is not linear in its rows: on CPU a whole batch of 256 spills the caches that half
+    of it fits; 0 at batch 1, empty in older profiles); ``engine_ms``: the fixed per-run cost of
+    :meth:`SkipNetwork.run` beyond its parts (calibrated on a full run, >= 0); ``full_ms``: the plain full
+    forward, measured.
     """
 
     model: str
@@ -501,6 +506,19 @@ class BlockProfile:
     full_ms: float
     full_run_ms: float
     info: DeviceInfo
+    swap_ms: list[float] = field(default_factory=list)
+    block_half_ms: list[float] = field(default_factory=list)
+
+    def block_rows_ms(self, i: int, fraction: float) -> float:
+        """Block i on ``fraction`` of the batch's rows: piecewise linear through (0, 0), half the batch
+        (``block_half_ms``) and the whole batch (``block_ms``); linear in the rows without a half-batch time."""
+        full = self.block_ms[i]
+        half = self.block_half_ms[i] if len(self.block_half_ms) == self.num_blocks else 0.0
+        if half <= 0.0:
+            return fraction * full
+        if fraction <= 0.5:
+            return 2.0 * fraction * half
+        return half + (2.0 * fraction - 1.0) * (full - half)
 
     @property
     def num_blocks(self) -> int:
@@ -586,12 +604,16 @@ def profile_blocks(net: SkipNetwork, batch_size: int = 1, device: str | torch.de
             h = net.stem(x)
             half = torch.arange(bs, device=dev) % 2 == 0
             run_idx, skip_idx = half.nonzero().squeeze(1), (~half).nonzero().squeeze(1)
-            block_ms, bypass_ms, gate_ms, mix_ms, gated = [], [], [], [], []
+            n_swap = max(1, bs // 8)  # misplaced rows of the timed swap: the first n_swap rows with the last
+            swap_dst = torch.cat([torch.arange(n_swap), torch.arange(bs - n_swap, bs)]).to(dev)
+            swap_src = torch.cat([torch.arange(bs - n_swap, bs), torch.arange(n_swap)]).to(dev)
+            block_ms, bypass_ms, gate_ms, mix_ms, swap_ms, half_ms, gated = [], [], [], [], [], [], []
             for i, block in enumerate(net.blocks):
                 hi = h
                 gated.append(net.gate(i) is not None)
                 gate_ms.append(timed(lambda: policy.decide(net, i, hi), f"gate{i}") if gated[-1] else 0.0)
-                block_ms.append(timed(lambda: block(hi), f"block{i}"))
+                block_ms.append(_block_ms(timed, block, hi, f"block{i}"))
+                half_ms.append(_block_ms(timed, block, hi[: bs // 2], f"block{i}_half") if bs >= 2 else 0.0)
                 bypass_ms.append(timed(lambda: block.bypass(hi), f"bypass{i}"))
                 out = block(hi)
                 if bs > 1:
@@ -599,6 +621,12 @@ def profile_blocks(net: SkipNetwork, batch_size: int = 1, device: str | torch.de
                                         f"mix{i}"))
                 else:
                     mix_ms.append(0.0)
+                if bs >= 2 * n_swap and not block.downsample:
+                    hs = hi.clone()  # swapped in place, again and again: rows trade places, values stay finite
+                    swap_ms.append(timed(lambda: scatter_rows_(hs, swap_dst, gather_rows(hs, swap_src)),
+                                         f"swap{i}") / n_swap)
+                else:
+                    swap_ms.append(0.0)
                 h = out
             hl = h
             head_ms = timed(lambda: net.head(hl), "head")
@@ -611,8 +639,19 @@ def profile_blocks(net: SkipNetwork, batch_size: int = 1, device: str | torch.de
     return BlockProfile(model=net.meta.display_name, batch_size=bs, input_hw=(int(x.shape[-2]), int(x.shape[-1])),
                         names=list(net.block_names), downsample=[b.downsample for b in net.blocks], gated=gated,
                         stem_ms=stem_ms, block_ms=block_ms, bypass_ms=bypass_ms, gate_ms=gate_ms, mix_ms=mix_ms,
+                        swap_ms=swap_ms, block_half_ms=half_ms,
                         head_ms=head_ms, engine_ms=engine, full_ms=full_ms, full_run_ms=full_run_ms,
                         info=device_info(dev, next(net.parameters()).dtype, both["full"].threads))
+
+
+def _block_ms(timed: Callable[[Callable[[], object], str], float], block, h: torch.Tensor, label: str) -> float:
+    """Block latency on ``h`` as the engine runs it: an identity block in place (``forward_``, no output
+    allocated: timed on a scratch copy, the copy's own time subtracted), a downsampling block out of place."""
+    if block.downsample:
+        return timed(lambda: block(h), label)
+    scratch = h.clone()
+    with_copy = timed(lambda: block.forward_(scratch.copy_(h)), label)
+    return max(with_copy - timed(lambda: scratch.copy_(h), label + "_copy"), 0.0)
 
 
 def _inference(fn: Callable, *args) -> None:
@@ -640,6 +679,12 @@ def _fractions(profile: BlockProfile, values, what: str) -> np.ndarray:
     return arr
 
 
+#: Misplaced rows of an identity block's swap, as a fraction of min(k, N - k) for k of N rows executing, when
+#: only per-block fractions are known (with an (N, L) mask the engine's arrangement is replayed instead). The
+#: default model on CIFAR-10 test batches of 256 showed 0.26-0.6 (skipviz.network.misplaced_rows).
+SWAP_FRACTION_ESTIMATE = 0.3
+
+
 def predict_latency(profile: BlockProfile, executed, gates_evaluated=None) -> float:
     """Predicted latency (ms per batch of ``profile.batch_size``) of :meth:`SkipNetwork.run` for a decision set.
 
@@ -648,22 +693,42 @@ def predict_latency(profile: BlockProfile, executed, gates_evaluated=None) -> fl
             fractions / bools of the batch executing each block, or an (N, L) bool mask (N samples).
         gates_evaluated: like ``executed`` for gate evaluation (default: every gated block's gate runs).
     Model: stem + head + engine overhead + per block: all run -> block time; none -> bypass time; a fraction
-    p -> p * block + (1 - p) * bypass + gather/scatter time (linear in the samples run) + gate decisions.
+    p -> the block on that share of the rows (:meth:`BlockProfile.block_rows_ms`) plus the data movement: for an identity block the swap of its m misplaced rows
+    (``m * swap_ms``; m replayed from an (N, L) mask with :func:`~skipviz.network.misplaced_rows`, else
+    estimated as ``SWAP_FRACTION_ESTIMATE * min(k, N - k)``), for a downsampling block the gather/scatter and
+    the bypass of the other rows; plus the gate decisions.
     """
     p = _fractions(profile, executed, "executed")
     ge = np.asarray(profile.gated, dtype=np.float64) if gates_evaluated is None else \
         _fractions(profile, gates_evaluated, "gates_evaluated")
+    bs = profile.batch_size
+    swaps = profile.swap_ms if len(profile.swap_ms) == profile.num_blocks else None
+    moved = None
+    if swaps is not None and _is_mask(executed):
+        mask = executed.detach().cpu().bool().tolist() if torch.is_tensor(executed) else \
+            np.asarray(executed, dtype=bool).tolist()
+        moved = [m * bs / len(mask) for m in misplaced_rows(mask, [not d for d in profile.downsample])]
     total = profile.stem_ms + profile.head_ms + profile.engine_ms
     for i in range(profile.num_blocks):
         if p[i] >= 1.0:
             total += profile.block_ms[i]
         elif p[i] <= 0.0:
             total += profile.bypass_ms[i]
-        else:
-            total += p[i] * profile.block_ms[i] + profile.mix_ms[i] + \
+        elif profile.downsample[i] or swaps is None:
+            total += profile.block_rows_ms(i, p[i]) + profile.mix_ms[i] + \
                 ((1 - p[i]) * profile.bypass_ms[i] if profile.downsample[i] else 0.0)
+        else:
+            m = moved[i] if moved is not None else SWAP_FRACTION_ESTIMATE * min(p[i], 1 - p[i]) * bs
+            total += profile.block_rows_ms(i, p[i]) + m * swaps[i]
         total += (1.0 if ge[i] > 0 else 0.0) * profile.gate_ms[i]
     return float(total)
+
+
+def _is_mask(values) -> bool:
+    """Whether ``values`` is an (N, L) per-sample mask (not a scalar or an (L,) vector)."""
+    if isinstance(values, (int, float, np.floating, np.integer)):
+        return False
+    return (values.dim() if torch.is_tensor(values) else np.asarray(values).ndim) == 2
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from skipviz import (EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy, create_model)
 from skipviz.models.torchvision_resnet import wrap_torchvision
 from skipviz.network import (SkipNetwork, _densest_window, conv_bn, count_flops, gather_rows, inference_folding,
-                             scatter_rows_)
+                             misplaced_rows, scatter_rows_)
 
 from conftest import varied_images
 
@@ -207,6 +207,32 @@ def test_row_gather_and_scatter_keep_the_layout_and_match_index_ops():
     leaf = torch.randn(6, 5, 6, 7, requires_grad=True)
     gather_rows(leaf.contiguous(memory_format=torch.channels_last), idx).sum().backward()
     assert torch.equal(leaf.grad.sum((1, 2, 3)), torch.tensor([210.0, 0, 0, 210, 210, 0]))
+
+
+def test_misplaced_rows_replays_the_engines_swaps(tiny_net, monkeypatch):
+    import skipviz.network as network
+
+    swapped, plan = [], network._swap_plan
+
+    def logged(flags, k):
+        start, dst, src = plan(flags, k)
+        swapped.append(len(dst) // 2)
+        return start, dst, src
+
+    monkeypatch.setattr(network, "_swap_plan", logged)
+    x = varied_images(24, seed=5)
+    with torch.no_grad():
+        executed = tiny_net.run(x, GatePolicy(0.5)).executed
+    engine_swaps = list(swapped)  # the engine's own (the replay below plans through the same function)
+    in_place = [not b.downsample for b in tiny_net.blocks]
+    replay = misplaced_rows(executed.tolist(), in_place)
+    mixed = [i for i in range(tiny_net.num_blocks) if in_place[i] and 0 < int(executed[:, i].sum()) < 24]
+    assert mixed and sum(engine_swaps) > 0
+    assert [replay[i] for i in mixed] == engine_swaps
+    assert all(replay[i] == 0 for i in range(tiny_net.num_blocks) if i not in mixed)
+    # by hand: rows 0 and 3 execute block 0 -> window [0, 2) holds row 1 (skips): one swap with row 3;
+    # block 1 then sees samples (0, 3, 2, 1) in rows 0..3
+    assert misplaced_rows([[1, 0], [0, 1], [0, 0], [1, 1]], [True, True]) == [1, 1]
 
 
 def test_densest_window_is_the_first_window_with_the_most_executing_rows():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from skipviz import EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy
-from skipviz.timing import (BlockProfile, BenchConfig, check_prediction, device_info, gate_cost, measure_interleaved,
-                            measure_latency, predict_latency, profile_blocks, resolve_device, results_markdown,
+from skipviz.timing import (SWAP_FRACTION_ESTIMATE, BenchConfig, BlockProfile, check_prediction, device_info,
+                            gate_cost, measure_interleaved, measure_latency, predict_latency, profile_blocks, resolve_device, results_markdown,
                             run_masked, time_policy)
 
 FAST = dict(warmup=1, repeats=3, min_repeat_s=0.0)  # one call per repeat: keeps the suite fast
@@ -175,6 +175,19 @@ def test_predict_latency_model_is_exact_on_a_known_profile():
     for bad in (1.5, [1, 1], torch.ones(2, 4, dtype=torch.bool), [0.2, 2.0, 0.0]):
         with pytest.raises(ValueError):
             predict_latency(p, bad)
+
+
+def test_predict_latency_counts_the_rows_an_identity_block_swaps():
+    p = BlockProfile(**{**_synthetic_profile().__dict__, "swap_ms": [0.25, 0.0, 0.25]})
+    base = 1.0 + 2.0 + 0.25 + 0.5 + 0.5 + 20.0  # stem, head, engine, two gates, block 1 (always runs)
+    # samples 0 and 3 of 4 run block 0: the window [0, 2) holds sample 1, swapped with sample 3 (m = 1)
+    mask = torch.tensor([[True, True, True], [False, True, True], [False, True, True], [True, True, True]])
+    assert predict_latency(p, mask) == pytest.approx(base + 0.5 * 10.0 + 1 * 0.25 + 30.0)
+    contiguous = torch.tensor([[True, True, True], [True, True, True], [False, True, True], [False, True, True]])
+    assert predict_latency(p, contiguous) == pytest.approx(base + 0.5 * 10.0 + 30.0)  # nothing moves
+    # fractions only: m estimated as SWAP_FRACTION_ESTIMATE * min(k, N - k) of the profile's batch of 4
+    assert predict_latency(p, [0.5, 1.0, 1.0]) == pytest.approx(base + 5.0 + SWAP_FRACTION_ESTIMATE * 2 * 0.25
+                                                               + 30.0)
 
 
 def test_profile_blocks_and_prediction_are_positive_and_monotone(tiny_net, batch):
