@@ -289,8 +289,8 @@ def default_audit_batch_size(net: "SkipNetwork", budget_bytes: int = 32 << 20, l
     Skipping pays more in larger batches: every block runs on the sub-batch that executes it, and on CPU a
     small sub-batch costs more per image than a large one. For the default model on the 2-core CPU
     (``benchmarks/results/audit_throughput_cpu.md``, threshold 0.5) the skipped run's efficiency against the
-    FLOP ideal is 0.78 / 0.88 / 0.88 / 0.86 at batch 32 / 64 / 128 / 256 (an earlier run: 0.80 / 0.83 / 0.90 /
-    0.95): it rises up to 128 and is level, within the machine's run-to-run drift, from there to 256.
+    FLOP ideal is 0.77 / 0.83 / 0.87 / 0.89 at batch 32 / 64 / 128 / 256, and its images/s are level from 128
+    to 256 (2,911 and 2,887), within the machine's run-to-run drift.
     The budget keeps 224-pixel ImageNet ResNets at batch 32.
     """
     param = next(net.parameters())
