@@ -6,9 +6,9 @@ Entry points: :func:`create_model` (one call over a registry of model families) 
 from ._checkpoint import CheckpointError, load_state_dict
 from ._imageio import ImageInfo, ImageLoadError, load_image
 from ._registry import create_model, data_dir, list_models, list_pretrained
-from .network import FlopTable, GateHead, ProbeHead, SkippableBlock, SkipNetwork, inference_folding
-from .policies import (Decision, EarlyExitPolicy, FullPolicy, GatePolicy, Policy, StaticMaskPolicy,
-                       policy_from_config)
+from .network import FlopTable, GateHead, PlanHead, ProbeHead, SkippableBlock, SkipNetwork, inference_folding
+from .policies import (Decision, EarlyExitPolicy, FullPolicy, GatePolicy, Plan, PlanPolicy, Policy,
+                       StaticMaskPolicy, policy_from_config)
 from .trace import BlockDecision, Reason, SampleTrace, SkipResult, traces_to_dataframe
 from .weights import ModelMeta
 
@@ -18,7 +18,8 @@ DEFAULT_MODEL = "cifar_resnet20.cifar10_gated"
 
 __all__ = [
     "BlockDecision", "CheckpointError", "DEFAULT_MODEL", "Decision", "EarlyExitPolicy", "FlopTable", "FullPolicy",
-    "GateHead", "GatePolicy", "ImageInfo", "ImageLoadError", "ModelMeta", "Policy", "ProbeHead", "Reason",
+    "GateHead", "GatePolicy", "ImageInfo", "ImageLoadError", "ModelMeta", "Plan", "PlanHead", "PlanPolicy", "Policy",
+    "ProbeHead", "Reason",
     "SampleTrace", "SkipNetwork", "SkipResult", "SkippableBlock", "StaticMaskPolicy", "create_model", "data_dir",
     "inference_folding", "list_models", "list_pretrained", "load_image", "load_state_dict", "policy_from_config",
     "traces_to_dataframe",

@@ -75,6 +75,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_plan(args: argparse.Namespace) -> int:
+    from .train import PlanConfig, export_plan
+
+    cfg = PlanConfig(arch=args.arch, weights=args.weights, data_root=args.data, epochs=args.epochs, seed=args.seed,
+                     teacher_threshold=args.teacher_threshold, limit_train=args.limit_train)
+    path, card = export_plan(cfg, dest=Path(args.dest) if args.dest else None)
+    plan = card["plan"]
+    row = next(r for r in plan["curve_test"] if r["threshold"] == plan["default_threshold"])
+    print(f"wrote {path}: plan policy at threshold {plan['default_threshold']}: test accuracy {row['accuracy']:.2%}, "
+          f"{row['flops_saved_fraction']:.1%} FLOPs saved; validation decision agreement with the gates "
+          f"{plan['validation']['val_decision_agreement']:.1%}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skipviz", description="Layer-skipping networks: run, inspect, audit.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--export", action="store_true", help="evaluate and write weights + model card to data/")
     t.add_argument("--dest", default=None, help="export folder (default data/)")
     t.set_defaults(func=cmd_train)
+
+    tp = sub.add_parser("train-plan", help="train a plan head (every gated block decided up front) for a "
+                                           "trained gated model, by distillation from its gates")
+    tp.add_argument("--arch", default="cifar_resnet20")
+    tp.add_argument("--weights", default=None, help="the gated model's .safetensors (default: data/)")
+    tp.add_argument("--epochs", type=int, default=40)
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--teacher-threshold", type=float, default=0.5, help="gate threshold of the teacher run")
+    tp.add_argument("--data", default=None, help="ImageFolder root (default: $SKIPVIZ_CIFAR10 or ../shared)")
+    tp.add_argument("--limit-train", type=int, default=None, help="use only this many training images")
+    tp.add_argument("--dest", default=None, help="output folder (default data/, the source file's name)")
+    tp.set_defaults(func=cmd_train_plan)
 
     from . import audit, timing
 

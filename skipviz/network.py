@@ -218,6 +218,34 @@ class GateHead(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
 
+class PlanHead(nn.Module):
+    """BlockDrop-style plan head: every gated block's execute logit at once, from the stem's output.
+
+    The stem's output (N, C0, H0, W0) is average-pooled to a ``grid`` x ``grid`` map, flattened (C0 * grid^2)
+    and read by a two-layer MLP: (N, G) logits, one per block of ``gated_blocks`` (in that order). Used by
+    :class:`~skipviz.policies.PlanPolicy`; trained by distillation from the per-block gates
+    (:func:`skipviz.train.train_plan_head`).
+    """
+
+    def __init__(self, channels: int, gated_blocks: Sequence[int], grid: int = 4, hidden: int = 128) -> None:
+        super().__init__()
+        self.grid = int(grid)
+        self.gated_blocks = [int(i) for i in gated_blocks]
+        self.fc1 = nn.Linear(channels * self.grid * self.grid, hidden)
+        self.fc2 = nn.Linear(hidden, len(self.gated_blocks))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = F.adaptive_avg_pool2d(h, self.grid).flatten(1)
+        return self.fc2(F.relu(self.fc1(z)))
+
+    def probabilities_of_one(self, h: torch.Tensor) -> list[float]:
+        """``sigmoid(forward(h))`` for a batch of ONE, (1, C0, H0, W0) -> G Python floats, read back once."""
+        if h.shape[0] != 1:
+            raise ValueError(f"a batch of one is expected, got {h.shape[0]}")
+        return [1.0 / (1.0 + math.exp(-v)) if v >= 0.0 else math.exp(v) / (1.0 + math.exp(v))
+                for v in self(h)[0].tolist()]
+
+
 class ProbeHead(nn.Module):
     """Linear classifier on a block's pooled output: (N, C, H, W) -> (N, K) logits."""
 
@@ -240,6 +268,7 @@ class FlopTable:
     head: int
     gates: dict[int, int] = field(default_factory=dict)
     probes: list[int] = field(default_factory=list)
+    plan: int = 0  # the plan head, once per input (0: none)
 
     @property
     def full(self) -> int:
@@ -250,13 +279,14 @@ class FlopTable:
         """JSON-ready (gate keys as strings), for a model card."""
         return {"input_hw": list(self.input_hw), "stem": self.stem, "blocks": list(self.blocks),
                 "bypass": list(self.bypass), "head": self.head, "gates": {str(k): v for k, v in self.gates.items()},
-                "probes": list(self.probes)}
+                "probes": list(self.probes), "plan": self.plan}
 
     @classmethod
     def from_dict(cls, d: dict) -> "FlopTable":
         return cls(input_hw=(int(d["input_hw"][0]), int(d["input_hw"][1])), stem=int(d["stem"]),
                    blocks=[int(v) for v in d["blocks"]], bypass=[int(v) for v in d["bypass"]], head=int(d["head"]),
-                   gates={int(k): int(v) for k, v in d["gates"].items()}, probes=[int(v) for v in d["probes"]])
+                   gates={int(k): int(v) for k, v in d["gates"].items()}, probes=[int(v) for v in d["probes"]],
+                   plan=int(d.get("plan", 0)))
 
 
 def count_flops(fn, *args) -> int:
@@ -381,6 +411,7 @@ class SkipNetwork(nn.Module):
         self.head = head
         self.gates = nn.ModuleDict({str(i): g for i, g in (gates or {}).items()})
         self.probes = nn.ModuleList(probes) if probes is not None else None
+        self.plan_head: PlanHead | None = None  # optional: assign one to use PlanPolicy
         self.block_names = list(block_names)
         self.meta = meta
         self._flop_cache: dict[tuple[int, int], FlopTable] = {}
@@ -439,8 +470,9 @@ class SkipNetwork(nn.Module):
         exit_logits: list[tuple[torch.Tensor, torch.Tensor]] = []
         # with no exits, mixed identity blocks run on a contiguous window of the batch, in place (_run_contiguous)
         partition = inplace and type(policy).exit_after is Policy.exit_after
+        plan = policy.plan(self, h)  # every block decided up front, or None: block by block
         for i, block in enumerate(self.blocks):
-            d = policy.decide(self, i, h)
+            d = policy.decide(self, i, h) if plan is None else plan.decide(i, rows)
             rec = BlockRecord(rows=rows, execute=d.execute, reason=d.reason, score=d.score, threshold=d.threshold,
                               gate_evaluated=d.evaluated)
             records.append(rec)
@@ -569,8 +601,9 @@ class SkipNetwork(nn.Module):
             feats.append(h)
         policy = policy or FullPolicy()
         last = wanted[-1] if (intermediates_only and wanted) else nb - 1
+        plan = policy.plan(self, h)
         for i, block in enumerate(self.blocks[: last + 1]):
-            d = policy.decide(self, i, h)
+            d = policy.decide(self, i, h) if plan is None else plan.decide(i)
             h = self._apply_block(block, h, d.execute)
             if i in wanted:
                 feats.append(h)
@@ -604,7 +637,8 @@ class SkipNetwork(nn.Module):
             return None
         probes = self.probes is not None and len(self.probes) or 0
         if (table.input_hw != hw or len(table.blocks) != len(self.blocks) or len(table.bypass) != len(self.blocks)
-                or sorted(table.gates) != self.gated_blocks or len(table.probes) != probes):
+                or sorted(table.gates) != self.gated_blocks or len(table.probes) != probes
+                or (table.plan > 0) != (self.plan_head is not None)):
             return None
         return table
 
@@ -617,6 +651,7 @@ class SkipNetwork(nn.Module):
             with torch.no_grad():
                 stem_flops = count_flops(self.stem, x)
                 h = self._stem(x)
+                plan = count_flops(self.plan_head, h) if self.plan_head is not None else 0
                 blocks, bypass, gates, probes = [], [], {}, []
                 for i, block in enumerate(self.blocks):
                     g = self.gate(i)
@@ -632,7 +667,7 @@ class SkipNetwork(nn.Module):
         finally:
             self.train(was_training)
         return FlopTable(input_hw=hw, stem=stem_flops, blocks=blocks, bypass=bypass, head=head, gates=gates,
-                         probes=probes)
+                         probes=probes, plan=plan)
 
     # ---------------------------------------------------------------------------------------- training
     def forward_train(self, x: torch.Tensor, gate_temperature: float = 1.0, hard: bool = True,

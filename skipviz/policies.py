@@ -13,6 +13,8 @@ Policies here:
   per-block threshold).
 * :class:`EarlyExitPolicy` - probe heads after each block; a sample stops once its top-class probability
   reaches the threshold and every later block is bypassed.
+* :class:`PlanPolicy` - BlockDrop-style: the network's plan head decides every gated block of a sample at
+  once, from the stem's output, before block 0 (:meth:`Policy.plan`).
 
 The KL-redundancy policy lives in :mod:`skipviz.redundancy` and builds on :class:`StaticMaskPolicy`.
 """
@@ -52,10 +54,40 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+class Plan:
+    """Every block's decision for the N samples of one batch, made before block 0 (see :meth:`Policy.plan`).
+
+    Per block ``index``: ``execute`` (N,) bool tensor or one bool, ``score`` (N,) float tensor, float or
+    ``None``, ``reason`` (N,) int tensor or one code, ``threshold`` and ``evaluated`` as in :class:`Decision`.
+    :meth:`decide` hands the engine block ``index``'s decision for the rows it holds now.
+    """
+
+    def __init__(self, execute: list, score: list, reason: list, threshold: list, evaluated: list) -> None:
+        self.execute, self.score, self.reason = execute, score, reason
+        self.threshold, self.evaluated = threshold, evaluated
+
+    def decide(self, index: int, rows: torch.Tensor | None = None) -> Decision:
+        """Block ``index``'s decision for the samples ``rows`` (M,) of the batch, in that order (the engine
+        moves rows to keep executing samples contiguous); ``None``: all N samples in batch order."""
+        ex, sc, re = self.execute[index], self.score[index], self.reason[index]
+        if rows is not None:
+            pick = (lambda v: v.index_select(0, rows) if torch.is_tensor(v) else v)
+            ex, sc, re = pick(ex), pick(sc), pick(re)
+        return Decision(ex, re, sc, self.threshold[index], self.evaluated[index])
+
+
 class Policy:
-    """Base class. Subclasses implement :meth:`decide`; early-exit policies also :meth:`exit_after`."""
+    """Base class. Subclasses implement :meth:`decide` (block by block, from the features entering the block)
+    or :meth:`plan` (every block at once, from the stem's output); early-exit policies also
+    :meth:`exit_after`."""
 
     name = "policy"
+
+    def plan(self, net: "SkipNetwork", h: torch.Tensor) -> Plan | None:
+        """Decide every block up front from the stem's output ``h`` (N, C0, H0, W0), or ``None`` (the
+        default) to be asked block by block with :meth:`decide`. Callers: :meth:`SkipNetwork.run` and every
+        other loop over the blocks (``forward_intermediates``, ``timing.run_masked``)."""
+        return None
 
     def decide(self, net: "SkipNetwork", index: int, h: torch.Tensor) -> Decision:
         raise NotImplementedError
@@ -220,6 +252,74 @@ class EarlyExitPolicy(Policy):
         return {"name": self.name, "threshold": self.threshold, "min_block": self.min_block}
 
 
+class PlanPolicy(GatePolicy):
+    """Plan up front (BlockDrop-style): the network's plan head (:class:`~skipviz.network.PlanHead`) reads the
+    stem's output and gives every gated block an execute probability at once; block i runs for a sample when
+    its probability >= ``threshold_i`` (global threshold, per-block overrides as in :class:`GatePolicy`).
+
+    One small head and one device-to-host read per batch, instead of a gate head and a read per block: at
+    batch 1 the block loop does no policy work at all. The plan cannot react to what the blocks compute, so at
+    equal compute it is usually a little less accurate than per-block gates (model card, ``plan`` section).
+    """
+
+    name = "plan"
+
+    def plan(self, net: "SkipNetwork", h: torch.Tensor) -> Plan:
+        head = net.plan_head
+        if head is None:
+            raise ValueError(f"{net.meta.display_name} has no plan head: train one with `skipviz train-plan`")
+        n_blocks, gated = len(net.blocks), head.gated_blocks
+        ex: list = [True] * n_blocks
+        sc: list = [None] * n_blocks
+        re: list = [int(Reason.NOT_GATED)] * n_blocks
+        th: list = [None] * n_blocks
+        ev: list = [False] * n_blocks
+        free = [i for i in gated if not isinstance(self.overrides.get(i), str)]
+        for i in gated:
+            ov = self.overrides.get(i)
+            if ov == "run":
+                re[i] = int(Reason.FORCED_RUN)
+            elif ov == "skip":
+                ex[i], re[i] = False, int(Reason.FORCED_SKIP)
+        if not free:
+            return Plan(ex, sc, re, th, ev)
+        if h.shape[0] == 1:  # a batch of one: one read-back, then Python values only
+            probs = head.probabilities_of_one(h)
+            for i, p in zip(gated, probs):
+                if i in free:
+                    t = self.threshold_for(i)
+                    run = p >= t
+                    ex[i], sc[i], re[i], th[i], ev[i] = run, p, _PLAN_RUN if run else _PLAN_SKIP, t, True
+        else:
+            probs = torch.sigmoid(head(h))  # (N, G)
+            for j, i in enumerate(gated):
+                if i in free:
+                    t = self.threshold_for(i)
+                    run = probs[:, j] >= t
+                    ex[i], sc[i], th[i], ev[i] = run, probs[:, j], t, True
+                    re[i] = torch.where(run, _PLAN_RUN, _PLAN_SKIP)
+        ev[0] = True  # the plan head's FLOPs are counted once, with block 0 (head_flops)
+        return Plan(ex, sc, re, th, ev)
+
+    def decide(self, net: "SkipNetwork", index: int, h: torch.Tensor) -> Decision:
+        raise TypeError("PlanPolicy decides every block at once: call plan() with the stem's output "
+                        "(SkipNetwork.run does)")
+
+    def head_flops(self, table: "FlopTable") -> list[int]:
+        return [table.plan if i == 0 else 0 for i in range(len(table.blocks))]
+
+    def reason_text(self, code: Reason, score: float | None, threshold: float | None, index: int,
+                    exit_block: int | None = None) -> str:
+        if code in (Reason.PLAN_RUN, Reason.PLAN_SKIP):
+            op = ">=" if code == Reason.PLAN_RUN else "<"
+            text = f"plan {_fmt(score)} {op} {_fmt(threshold)} (decided at the stem)"
+            return text + (" (block threshold)" if isinstance(self.overrides.get(index), float) else "")
+        return super().reason_text(code, score, threshold, index, exit_block)
+
+
+_PLAN_RUN, _PLAN_SKIP = int(Reason.PLAN_RUN), int(Reason.PLAN_SKIP)
+
+
 def policy_from_config(config: Mapping) -> Policy:
     """Rebuild a policy from :meth:`Policy.config` output (used to reproduce audited runs)."""
     name = config.get("name")
@@ -229,6 +329,8 @@ def policy_from_config(config: Mapping) -> Policy:
         return StaticMaskPolicy(config.get("skip", []))
     if name == "gates":
         return GatePolicy(config.get("threshold", 0.5), {int(k): v for k, v in config.get("overrides", {}).items()})
+    if name == "plan":
+        return PlanPolicy(config.get("threshold", 0.5), {int(k): v for k, v in config.get("overrides", {}).items()})
     if name == "early_exit":
         return EarlyExitPolicy(config.get("threshold", 0.9), config.get("min_block", 0))
     if name == "kl_redundancy":

@@ -312,8 +312,9 @@ def run_masked(net: SkipNetwork, x: torch.Tensor, policy: Policy | None = None) 
     h = net.stem(x)
     active = torch.ones(n, dtype=torch.bool, device=x.device)
     exit_logits: torch.Tensor | None = None
+    plan = policy.plan(net, h)
     for i, block in enumerate(net.blocks):
-        d = policy.decide(net, i, h)
+        d = policy.decide(net, i, h) if plan is None else plan.decide(i)
         out = block(h)
         if d.execute is True and not d.evaluated:
             h = out

@@ -41,6 +41,8 @@ class Reason(IntEnum):
     EXIT_NOW = 10
     KL_SKIP = 11
     KL_RUN = 12
+    PLAN_RUN = 13
+    PLAN_SKIP = 14
 
 
 @dataclass(frozen=True)

@@ -296,3 +296,144 @@ def export(cfg: TrainConfig, run_dir: Path, thresholds: list[float] | None = Non
     card_path = weights_path.with_suffix(".json")
     card_path.write_text(json.dumps(card, indent=2))
     return weights_path, card
+
+
+# ------------------------------------------------------------------------------------------ plan head
+@dataclass
+class PlanConfig:
+    """Training a plan head (:class:`~skipviz.network.PlanHead`) for a trained gated model, by distillation.
+
+    Targets: the gate probabilities the model's own gate heads give each training image in a skipped run at
+    ``teacher_threshold`` (what the block-by-block gates would decide); inputs: the stem's output pooled to
+    ``grid`` x ``grid``. The backbone, gates and probes are not changed.
+    """
+
+    arch: str = "cifar_resnet20"
+    weights: str | None = None  # the gated model's .safetensors (default: data/<arch>_cifar10_gated.safetensors)
+    data_root: str | None = None
+    teacher_threshold: float = 0.5
+    epochs: int = 40
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    hidden: int = 128
+    grid: int = 4
+    val_size: int = 5000
+    seed: int = 0
+    limit_train: int | None = None
+
+
+@torch.no_grad()
+def plan_targets(net: SkipNetwork, data: TensorDataset, teacher_threshold: float, grid: int,
+                 batch_size: int = 500, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features (N, C0 * grid^2), targets (N, G))``: each image's stem output average-pooled to ``grid`` x
+    ``grid`` (what :class:`PlanHead` reads) and the gate probabilities of the G gated blocks in a skipped run
+    of ``net`` under ``GatePolicy(teacher_threshold)``."""
+    from .policies import GatePolicy
+
+    device = next(net.parameters()).device
+    gated = net.gated_blocks
+    feats, targets = [], []
+    for i in tqdm(range(0, len(data), batch_size), desc="plan targets", disable=not progress, leave=False):
+        x = normalize(data.images[i: i + batch_size].to(device), net.meta.mean, net.meta.std)
+        feats.append(F.adaptive_avg_pool2d(net._stem(x), grid).flatten(1).float().cpu())
+        targets.append(net.run(x, GatePolicy(teacher_threshold)).scores[:, gated].float().cpu())
+    return torch.cat(feats), torch.cat(targets)
+
+
+def fit_plan_head(head: "PlanHead", feats: torch.Tensor, targets: torch.Tensor, cfg: PlanConfig,
+                  progress: bool = False) -> list[float]:
+    """Fit ``head``'s two layers to ``targets`` (N, G) in [0, 1] from ``feats`` (N, C0 * grid^2) with binary
+    cross-entropy, on standardised features; the standardisation is then folded into ``fc1``, so the head
+    reads raw pooled features. Returns the mean training loss of every epoch."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    mean, std = feats.mean(0), feats.std(0).clamp_min(1e-6)
+    z = (feats - mean) / std
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    head.train()
+    losses = []
+    for _ in tqdm(range(cfg.epochs), desc="plan head", disable=not progress):
+        total = 0.0
+        for idx in batches(len(z), cfg.batch_size, shuffle=True, generator=gen):
+            loss = F.binary_cross_entropy_with_logits(head.fc2(F.relu(head.fc1(z[idx]))), targets[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / len(z))
+    with torch.no_grad():  # fc1(standardised f) == (W / std) f + (b - (W / std) mean)
+        w = head.fc1.weight / std
+        head.fc1.bias.sub_(w @ mean)
+        head.fc1.weight.copy_(w)
+    head.eval()
+    return losses
+
+
+def export_plan(cfg: PlanConfig, progress: bool = True, dest: Path | None = None) -> tuple[Path, dict]:
+    """Train a plan head for a shipped gated model and write the model again, plan head included, with its
+    card extended by a ``plan`` section: the training configuration and data hashes, the validation fit, the
+    default threshold (chosen on validation as for the gates: largest FLOPs cut with <= 0.5 points of accuracy
+    drop) and the accuracy/FLOPs curve on ``test/`` next to the gates'. Weights land in ``dest`` (default
+    ``data/``) under the source file's name; the backbone, gates and probes are copied unchanged."""
+    from safetensors.torch import save_file
+
+    from .evaluate import evaluate_policy, pick_threshold, threshold_curve
+    from .network import PlanHead
+    from .policies import FullPolicy, PlanPolicy
+    from .weights import read_card, sha256_file
+
+    device = pick_device()
+    source = Path(cfg.weights) if cfg.weights else data_dir() / f"{cfg.arch}_cifar10_gated.safetensors"
+    card = read_card(source.with_suffix(".json"))
+    if not card:
+        raise FileNotFoundError(f"{source.with_suffix('.json')}: the gated model's card is missing")
+    net = create_model(cfg.arch, weights=source, **card.get("model_kwargs", {})).to(device).eval()
+    net.plan_head = None  # trained afresh (the source may already carry one)
+    if not net.gated_blocks:
+        raise ValueError(f"{source}: the model has no gate heads to learn a plan from")
+    torch.manual_seed(cfg.seed)
+    channels = net._stem(torch.zeros((1, *net.meta.input_size), device=device)).shape[1]
+    head = PlanHead(channels, net.gated_blocks, cfg.grid, cfg.hidden).to(device)
+    train_set, val_set, test_set = load_data(TrainConfig(arch=cfg.arch, data_root=cfg.data_root,
+                                                         val_size=cfg.val_size, seed=cfg.seed,
+                                                         limit_train=cfg.limit_train))
+    tr_f, tr_t = plan_targets(net, train_set, cfg.teacher_threshold, cfg.grid, progress=progress)
+    va_f, va_t = plan_targets(net, val_set, cfg.teacher_threshold, cfg.grid, progress=progress)
+    losses = fit_plan_head(head.cpu(), tr_f, tr_t, cfg, progress=progress)
+    with torch.no_grad():
+        va_logits = head.fc2(F.relu(head.fc1(va_f)))
+        fit = {"val_bce": float(F.binary_cross_entropy_with_logits(va_logits, va_t)),
+               "val_decision_agreement": float(((va_logits >= 0) == (va_t >= 0.5)).float().mean()),
+               "val_mean_abs_error": float((torch.sigmoid(va_logits) - va_t).abs().mean())}
+    net.plan_head = head.to(device)
+    thresholds = [round(t, 2) for t in np.linspace(0.1, 0.9, 9)]
+    val_curve, _ = threshold_curve(net, val_set, thresholds, make_policy=PlanPolicy,
+                                   reference=evaluate_policy(net, val_set, FullPolicy()), progress=progress)
+    default_t = pick_threshold(val_curve)
+    test_curve, _ = threshold_curve(net, test_set, thresholds, make_policy=PlanPolicy,
+                                    reference=evaluate_policy(net, test_set, FullPolicy()), progress=progress)
+    dest = dest or data_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    weights_path = dest / source.name
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(weights_path), metadata={"arch": cfg.arch, "format": "skipviz.SkipNetwork"})
+    card = dict(card)
+    card["model_kwargs"] = {**card.get("model_kwargs", {}), "plan": True}
+    card["architecture"] = {**card.get("architecture", {}), "params": sum(p.numel() for p in net.parameters())}
+    card["plan"] = {
+        "head": {"grid": cfg.grid, "hidden": cfg.hidden, "gated_blocks": head.gated_blocks,
+                 "input": "stem output average-pooled to grid x grid"},
+        "training": {"config": asdict(cfg), "loss_per_epoch": losses, "device": str(device),
+                     "teacher": f"GatePolicy({cfg.teacher_threshold}) gate probabilities on the training split",
+                     "train_n": len(train_set), "train_files_sha256": train_set.files_sha256},
+        "validation": {**fit, "curve": val_curve.to_dict(orient="records")},
+        "default_threshold": default_t,
+        "rule": "largest FLOPs cut on validation with accuracy drop <= 0.5 points vs full",
+        "curve_test": test_curve.to_dict(orient="records"),
+        "reproduce": f"skipviz train-plan --arch {cfg.arch} --epochs {cfg.epochs} --seed {cfg.seed}",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    card["flops"] = card_flops(net._count_flops(tuple(net.meta.input_size[-2:])))
+    card["weights_sha256"] = sha256_file(weights_path)
+    weights_path.with_suffix(".json").write_text(json.dumps(card, indent=2))
+    return weights_path, card

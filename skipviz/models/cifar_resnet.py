@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._registry import PretrainedWeights, register_model, register_pretrained
-from ..network import ConvBNStem, GateHead, ProbeHead, SkippableBlock, SkipNetwork, conv_bn
+from ..network import ConvBNStem, GateHead, PlanHead, ProbeHead, SkippableBlock, SkipNetwork, conv_bn
 from ..weights import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, ModelMeta
 
 DEPTHS = (20, 32, 44, 56, 110)
@@ -68,11 +68,13 @@ class PoolClassifier(nn.Module):
 
 
 def cifar_resnet(depth: int, num_classes: int = 10, classes: list[str] | None = None, gates: bool = True,
-                 gate_downsample: bool = False, probes: bool = True, gate_hidden: int = 16) -> SkipNetwork:
+                 gate_downsample: bool = False, probes: bool = True, gate_hidden: int = 16,
+                 plan: bool = False) -> SkipNetwork:
     """Build a CIFAR ResNet of ``depth`` (6n+2) as a :class:`SkipNetwork`.
 
     ``gates``: a gate head on every identity-shortcut block (and on downsampling blocks too when
-    ``gate_downsample``). ``probes``: a linear probe head after every block.
+    ``gate_downsample``). ``probes``: a linear probe head after every block. ``plan``: a plan head deciding
+    the gated blocks up front (:class:`~skipviz.network.PlanHead`, for ``PlanPolicy``).
     """
     if (depth - 2) % 6 != 0 or depth < 8:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
@@ -94,6 +96,10 @@ def cifar_resnet(depth: int, num_classes: int = 10, classes: list[str] | None = 
     meta = ModelMeta(arch=f"cifar_resnet{depth}", classes=classes, input_size=(3, 32, 32), mean=CIFAR10_MEAN,
                      std=CIFAR10_STD, resize=32)
     net = SkipNetwork(CifarStem(16), blocks, PoolClassifier(64, num_classes), names, meta, gate_heads, probe_heads)
+    if plan:
+        if not gate_heads:
+            raise ValueError("a plan head decides the gated blocks: build with gates=True")
+        net.plan_head = PlanHead(16, sorted(gate_heads))
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
