@@ -268,36 +268,35 @@ class PlanPolicy(GatePolicy):
         head = net.plan_head
         if head is None:
             raise ValueError(f"{net.meta.display_name} has no plan head: train one with `skipviz train-plan`")
-        n_blocks, gated = len(net.blocks), head.gated_blocks
+        n_blocks, overrides = len(net.blocks), self.overrides
         ex: list = [True] * n_blocks
         sc: list = [None] * n_blocks
-        re: list = [int(Reason.NOT_GATED)] * n_blocks
+        re: list = [_NOT_GATED] * n_blocks
         th: list = [None] * n_blocks
         ev: list = [False] * n_blocks
-        free = [i for i in gated if not isinstance(self.overrides.get(i), str)]
-        for i in gated:
-            ov = self.overrides.get(i)
+        free: list[tuple[int, int, float]] = []  # (block, column of the head's output, threshold)
+        for j, i in enumerate(head.gated_blocks):
+            ov = overrides.get(i) if overrides else None
             if ov == "run":
-                re[i] = int(Reason.FORCED_RUN)
+                re[i] = _FORCED_RUN
             elif ov == "skip":
-                ex[i], re[i] = False, int(Reason.FORCED_SKIP)
+                ex[i], re[i] = False, _FORCED_SKIP
+            else:
+                free.append((i, j, self.threshold if ov is None else ov))
         if not free:
             return Plan(ex, sc, re, th, ev)
         if h.shape[0] == 1:  # a batch of one: one read-back, then Python values only
             probs = head.probabilities_of_one(h)
-            for i, p in zip(gated, probs):
-                if i in free:
-                    t = self.threshold_for(i)
-                    run = p >= t
-                    ex[i], sc[i], re[i], th[i], ev[i] = run, p, _PLAN_RUN if run else _PLAN_SKIP, t, True
+            for i, j, t in free:
+                p = probs[j]
+                run = p >= t
+                ex[i], sc[i], re[i], th[i], ev[i] = run, p, _PLAN_RUN if run else _PLAN_SKIP, t, True
         else:
             probs = torch.sigmoid(head(h))  # (N, G)
-            for j, i in enumerate(gated):
-                if i in free:
-                    t = self.threshold_for(i)
-                    run = probs[:, j] >= t
-                    ex[i], sc[i], th[i], ev[i] = run, probs[:, j], t, True
-                    re[i] = torch.where(run, _PLAN_RUN, _PLAN_SKIP)
+            for i, j, t in free:
+                run = probs[:, j] >= t
+                ex[i], sc[i], th[i], ev[i] = run, probs[:, j], t, True
+                re[i] = torch.where(run, _PLAN_RUN, _PLAN_SKIP)
         ev[0] = True  # the plan head's FLOPs are counted once, with block 0 (head_flops)
         return Plan(ex, sc, re, th, ev)
 
@@ -318,6 +317,7 @@ class PlanPolicy(GatePolicy):
 
 
 _PLAN_RUN, _PLAN_SKIP = int(Reason.PLAN_RUN), int(Reason.PLAN_SKIP)
+_NOT_GATED, _FORCED_RUN, _FORCED_SKIP = int(Reason.NOT_GATED), int(Reason.FORCED_RUN), int(Reason.FORCED_SKIP)
 
 
 def policy_from_config(config: Mapping) -> Policy:

@@ -33,7 +33,10 @@ import torch
 
 from ._env import package_version
 from .network import SkipNetwork, gather_rows, misplaced_rows, scatter_rows_
-from .policies import FullPolicy, GatePolicy, Policy
+from .policies import FullPolicy, GatePolicy, PlanPolicy, Policy
+
+#: The policies the latency benchmark can time, by ``--policy`` name.
+POLICIES: dict[str, type[GatePolicy]] = {"gates": GatePolicy, "plan": PlanPolicy}
 
 # ------------------------------------------------------------------------------------------------- devices
 
@@ -509,6 +512,7 @@ class BlockProfile:
     info: DeviceInfo
     swap_ms: list[float] = field(default_factory=list)
     block_half_ms: list[float] = field(default_factory=list)
+    plan_ms: float = 0.0  # the plan head's decisions for the batch (PlanPolicy), 0 without a plan head
 
     def block_rows_ms(self, i: int, fraction: float) -> float:
         """Block i on ``fraction`` of the batch's rows: piecewise linear through (0, 0), half the batch
@@ -631,6 +635,8 @@ def profile_blocks(net: SkipNetwork, batch_size: int = 1, device: str | torch.de
                 h = out
             hl = h
             head_ms = timed(lambda: net.head(hl), "head")
+            h0 = net.stem(x)
+            plan_ms = timed(lambda: PlanPolicy(0.5).plan(net, h0), "plan") if net.plan_head is not None else 0.0
             both = measure_interleaved({"full": lambda: _inference(net, x),
                                         "full_run": lambda: _inference(net.run, x, FullPolicy())}, **kw)
     finally:
@@ -640,7 +646,7 @@ def profile_blocks(net: SkipNetwork, batch_size: int = 1, device: str | torch.de
     return BlockProfile(model=net.meta.display_name, batch_size=bs, input_hw=(int(x.shape[-2]), int(x.shape[-1])),
                         names=list(net.block_names), downsample=[b.downsample for b in net.blocks], gated=gated,
                         stem_ms=stem_ms, block_ms=block_ms, bypass_ms=bypass_ms, gate_ms=gate_ms, mix_ms=mix_ms,
-                        swap_ms=swap_ms, block_half_ms=half_ms,
+                        swap_ms=swap_ms, block_half_ms=half_ms, plan_ms=plan_ms,
                         head_ms=head_ms, engine_ms=engine, full_ms=full_ms, full_run_ms=full_run_ms,
                         info=device_info(dev, next(net.parameters()).dtype, both["full"].threads))
 
@@ -686,13 +692,15 @@ def _fractions(profile: BlockProfile, values, what: str) -> np.ndarray:
 SWAP_FRACTION_ESTIMATE = 0.3
 
 
-def predict_latency(profile: BlockProfile, executed, gates_evaluated=None) -> float:
+def predict_latency(profile: BlockProfile, executed, gates_evaluated=None, planned: bool = False) -> float:
     """Predicted latency (ms per batch of ``profile.batch_size``) of :meth:`SkipNetwork.run` for a decision set.
 
     Args:
         executed: a fraction of the gated blocks executed (ungated blocks always run), or (L,) per-block
             fractions / bools of the batch executing each block, or an (N, L) bool mask (N samples).
         gates_evaluated: like ``executed`` for gate evaluation (default: every gated block's gate runs).
+        planned: the decisions come from the plan head (:class:`~skipviz.policies.PlanPolicy`): its time
+            (``plan_ms``) is counted once and no gate is evaluated.
     Model: stem + head + engine overhead + per block: all run -> block time; none -> bypass time; a fraction
     p -> the block on that share of the rows (:meth:`BlockProfile.block_rows_ms`) plus the data movement: for an identity block the swap of its m misplaced rows
     (``m * swap_ms``; m replayed from an (N, L) mask with :func:`~skipviz.network.misplaced_rows`, else
@@ -700,8 +708,11 @@ def predict_latency(profile: BlockProfile, executed, gates_evaluated=None) -> fl
     the bypass of the other rows; plus the gate decisions.
     """
     p = _fractions(profile, executed, "executed")
-    ge = np.asarray(profile.gated, dtype=np.float64) if gates_evaluated is None else \
-        _fractions(profile, gates_evaluated, "gates_evaluated")
+    if planned:
+        ge = np.zeros(profile.num_blocks)
+    else:
+        ge = np.asarray(profile.gated, dtype=np.float64) if gates_evaluated is None else \
+            _fractions(profile, gates_evaluated, "gates_evaluated")
     bs = profile.batch_size
     swaps = profile.swap_ms if len(profile.swap_ms) == profile.num_blocks else None
     moved = None
@@ -709,7 +720,7 @@ def predict_latency(profile: BlockProfile, executed, gates_evaluated=None) -> fl
         mask = executed.detach().cpu().bool().tolist() if torch.is_tensor(executed) else \
             np.asarray(executed, dtype=bool).tolist()
         moved = [m * bs / len(mask) for m in misplaced_rows(mask, [not d for d in profile.downsample])]
-    total = profile.stem_ms + profile.head_ms + profile.engine_ms
+    total = profile.stem_ms + profile.head_ms + profile.engine_ms + (profile.plan_ms if planned else 0.0)
     for i in range(profile.num_blocks):
         if p[i] >= 1.0:
             total += profile.block_ms[i]
@@ -777,7 +788,7 @@ def check_prediction(profile: BlockProfile, net: SkipNetwork, x: torch.Tensor, p
             ev = np.zeros(net.num_blocks)
             for i, rec in enumerate(r.records):
                 ev[i] = 1.0 if rec.gate_evaluated and profile.gated[i] else 0.0
-            preds.append(predict_latency(profile, r.executed, ev))
+            preds.append(predict_latency(profile, r.executed, ev, planned=type(policy).plan is not Policy.plan))
             blocks.append(float(r.executed.sum(1).double().mean()))
 
     def call() -> None:
@@ -852,6 +863,7 @@ class BenchConfig:
     """Settings of one latency benchmark run."""
 
     model: str | None = None  # registered name; None: the default model if its weights exist, else random init
+    policy: str = "gates"  # gates (GatePolicy) | plan (PlanPolicy: needs a model with a plan head)
     thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 256])
     batch1_images: int = 32  # single-image runs per timed call at batch 1 (different inputs, decisions)
@@ -921,9 +933,13 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
     if cfg.batch1_images < 1:
         raise ValueError("batch1_images must be >= 1")
     _check_counts(cfg.warmup, cfg.repeats)
+    if cfg.policy not in POLICIES:
+        raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {cfg.policy!r}")
     dev = resolve_device(cfg.device)
     net, model_label = load_bench_model(cfg)
     net = net.to(dev).eval()
+    if cfg.policy == "plan" and net.plan_head is None:
+        raise ValueError(f"{model_label} has no plan head: the plan policy cannot be benchmarked on it")
     n_inputs = max(max(cfg.batch_sizes), cfg.batch1_images)
     x_all, inputs_label = bench_inputs(net, cfg, n_inputs)
     log(f"model: {model_label}; inputs: {inputs_label}; device: {dev}")
@@ -935,7 +951,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
         profiles.append(prof.to_dict())
         gate_costs.append(gate_cost(net, prof).to_dict())
         for t in cfg.thresholds:
-            pol = GatePolicy(float(t))
+            pol = POLICIES[cfg.policy](float(t))
             tm = time_policy(net, x, pol, batch_size=bs, warmup=cfg.warmup, repeats=cfg.repeats, device=dev,
                              threads=cfg.threads, min_repeat_s=cfg.min_repeat_s)
             check = check_prediction(prof, net, x, pol, warmup=cfg.warmup, repeats=max(2, cfg.repeats // 2),
@@ -950,7 +966,11 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
                 f"{tm.time_saved_fraction:.1%}, efficiency {eff}, predicted {check.predicted_ms:.2f} ms "
                 f"({check.relative_error:+.1%})")
     env = device_info(dev, next(net.parameters()).dtype, cfg.threads)
-    return {"environment": env.to_dict(), "settings": asdict(cfg), "model": model_label,
+    if cfg.policy == "plan":  # one plan head per input instead of a gate head per block
+        table = net.flop_table(tuple(x_all.shape[-2:]))
+        gate_costs = [{"batch_size": p["batch_size"], "gates": "plan head", "flops_fraction": table.plan / table.full,
+                       "latency_fraction": p["plan_ms"] / p["full_ms"]} for p in profiles]
+    return {"environment": env.to_dict(), "settings": asdict(cfg), "model": model_label, "policy": cfg.policy,
             "weights_sha256": net.meta.weights_sha256, "inputs": inputs_label, "rows": rows,
             "gate_cost": gate_costs, "profiles": profiles,
             "notes": "latencies are ms per batch (medians over repeats, interleaved full/skipped/masked); batch 1 "
@@ -972,7 +992,9 @@ def environment_markdown(env: dict) -> str:
 
 def results_markdown(report: dict) -> str:
     """The benchmark's Markdown table (one row per batch size x threshold) plus gate cost and environment."""
-    lines = [f"# Latency benchmark: {report['model']}", "", environment_markdown(report["environment"]),
+    policy = {"gates": "per-block gates (GatePolicy)", "plan": "plan head, every block decided at the stem "
+              "(PlanPolicy)"}[report.get("policy", "gates")]
+    lines = [f"# Latency benchmark: {report['model']}, {policy}", "", environment_markdown(report["environment"]),
              f"Inputs: {report['inputs']}.", "",
              "| batch | threshold | blocks run | FLOPs saved | full ms | skipped ms | masked ms | time saved "
              "| efficiency | masked time saved | predicted ms (err) |",
@@ -984,7 +1006,7 @@ def results_markdown(report: dict) -> str:
             f"{_fmt(r['masked_ms'], '.3f')} | {r['time_saved_fraction']:.1%} | {_fmt(r['efficiency'], '.2f')} | "
             f"{_fmt(r['masked_time_saved_fraction'], '.1%')} | {r['predicted_ms']:.3f} "
             f"({r['prediction_relative_error']:+.1%}) |")
-    lines += ["", "Gate heads (all evaluated), share of the full network:", "",
+    lines += ["", "Decision heads (gate heads, all evaluated, or the plan head), share of the full network:", "",
               "| batch | gates | FLOPs share | latency share |", "|---:|---:|---:|---:|"]
     for g in report["gate_cost"]:
         lines.append(f"| {g['batch_size']} | {g['gates']} | {g['flops_fraction']:.2%} | {g['latency_fraction']:.2%} |")
@@ -1023,6 +1045,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared by ``benchmarks/bench_latency.py`` and ``skipviz bench``)."""
     p.add_argument("--model", default=None, help="registered model name, or ARCH:random for random-init gates "
                                                  "(default: the default model if its weights exist, else random)")
+    p.add_argument("--policy", default="gates", choices=sorted(POLICIES),
+                   help="gates: per-block gates; plan: the plan head (writes latency_plan_<device>)")
     p.add_argument("--thresholds", type=_float_list, default=None, help="comma-separated gate thresholds")
     p.add_argument("--batch-sizes", type=_int_list, default=None, help="comma-separated batch sizes (default 1,256)")
     p.add_argument("--batch1-images", type=int, default=None, help="images timed one by one at batch 1")
@@ -1041,7 +1065,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         v = getattr(args, name)
         if v is not None:
             setattr(base, name, v)
-    base.device, base.inputs = args.device, args.inputs
+    base.device, base.inputs, base.policy = args.device, args.inputs, args.policy
     return base
 
 
@@ -1053,7 +1077,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    jp, mp = write_results(report, args.out)
+    stem = f"latency_plan_{report['environment']['device_type']}" if cfg.policy == "plan" else None
+    jp, mp = write_results(report, args.out, stem)
     print(results_markdown(report))
     print(f"wrote {jp} and {mp}")
     return 0

@@ -10,7 +10,9 @@ from PIL import Image
 
 from skipviz import create_model
 from skipviz.data import augment, load_split, train_val_split
-from skipviz.train import TrainConfig, export, one_cycle_lr, rate_target, train
+from skipviz.network import PlanHead
+from skipviz.train import (PlanConfig, TrainConfig, export, export_plan, fit_plan_head, one_cycle_lr, rate_target,
+                           train)
 from skipviz.weights import CIFAR10_CLASSES
 
 
@@ -70,3 +72,36 @@ def test_train_resume_and_export(tiny_folder, tmp_path):
     assert len(m["gate_curve"]) == 2 and on_disk["default_policy"]["threshold"] in (0.3, 0.6)
     net = create_model("cifar_resnet20", weights=weights)
     assert net.meta.card["name"] == "cifar_resnet20.cifar10_gated"
+
+
+def test_plan_head_fit_learns_the_targets_and_folds_the_standardisation():
+    torch.manual_seed(0)
+    feats = torch.randn(512, 32) * 5 + 3  # far from standardised
+    teacher = torch.nn.Linear(32, 3)
+    targets = torch.sigmoid(teacher(feats) / 5).detach()
+    head = PlanHead(2, [0, 1, 2], grid=4, hidden=16)
+    losses = fit_plan_head(head, feats, targets, PlanConfig(epochs=30, batch_size=64, lr=1e-2))
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        pred = torch.sigmoid(head.fc2(torch.relu(head.fc1(feats))))  # raw features: standardisation folded in
+    assert (pred - targets).abs().mean() < 0.05 and not head.training
+
+
+def test_train_plan_on_an_exported_model(tiny_folder, tmp_path):
+    cfg = TrainConfig(data_root=str(tiny_folder), epochs=1, batch_size=16, val_size=8, monitor_size=8,
+                      out_dir=str(tmp_path / "run"))
+    weights, _ = export(cfg, train(cfg, progress=False), thresholds=[0.5], progress=False, dest=tmp_path / "gated")
+    plan_cfg = PlanConfig(weights=str(weights), data_root=str(tiny_folder), epochs=2, val_size=8)
+    path, card = export_plan(plan_cfg, progress=False, dest=tmp_path / "planned")
+    assert path.name == weights.name and card["model_kwargs"]["plan"] is True
+    plan = card["plan"]
+    assert len(plan["curve_test"]) == 9 and plan["default_threshold"] in [r["threshold"] for r in plan["curve_test"]]
+    assert 0.0 <= plan["validation"]["val_decision_agreement"] <= 1.0 and len(plan["training"]["loss_per_epoch"]) == 2
+    assert card["flops"]["table"]["plan"] > 0
+    net = create_model("cifar_resnet20", weights=path, **card["model_kwargs"])
+    assert net.plan_head is not None and net.flop_table().plan == card["flops"]["table"]["plan"]
+    gated = create_model("cifar_resnet20", weights=weights)  # the source is left as it was
+    for name, value in gated.state_dict().items():
+        assert torch.equal(value, net.state_dict()[name])
+    export_plan(PlanConfig(weights=str(path), data_root=str(tiny_folder), epochs=1, val_size=8), progress=False,
+                dest=tmp_path / "again")  # a model that already has a plan head is trained afresh

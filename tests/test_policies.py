@@ -1,0 +1,95 @@
+"""Policies: the up-front plan (PlanPolicy) against the engine's row moves, batch sizes and FLOP accounting."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from skipviz import FullPolicy, PlanHead, PlanPolicy, Reason, create_model, policy_from_config
+from skipviz.timing import run_masked
+
+from conftest import varied_images
+
+
+@pytest.fixture(scope="module")
+def planned_net():
+    """A random CIFAR ResNet-20 with a plan head whose decisions vary across varied inputs."""
+    torch.manual_seed(0)
+    net = create_model("cifar_resnet20", plan=True)
+    with torch.no_grad():
+        net.plan_head.fc2.weight.normal_(0.0, 0.5)
+        net.plan_head.fc2.bias.zero_()
+        x = varied_images(64, seed=3)
+        logits = net.plan_head(net._stem(x))
+        net.plan_head.fc2.bias -= logits.median(0).values  # about half of the inputs run each block
+    return net.eval()
+
+
+@torch.no_grad()
+def test_plan_decides_every_gated_block_at_the_stem(planned_net):
+    x = varied_images(16, seed=4)
+    res = planned_net.run(x, PlanPolicy(0.5))
+    probs = torch.sigmoid(planned_net.plan_head(planned_net._stem(x)))
+    gated = planned_net.gated_blocks
+    assert planned_net.plan_head.gated_blocks == gated
+    assert torch.equal(res.executed[:, gated], probs >= 0.5)
+    assert res.executed[:, [i for i in range(9) if i not in gated]].all()
+    assert torch.allclose(res.scores[:, gated].float(), probs, atol=1e-6)
+    assert 0 < int(res.executed[:, gated].sum()) < 16 * len(gated)  # mixed: rows were moved by the engine
+    reason = res.traces()[0].blocks[gated[0]].reason
+    assert "decided at the stem" in reason and reason.startswith("plan ")
+    assert torch.allclose(res.logits, run_masked(planned_net, x, PlanPolicy(0.5)), atol=1e-4)
+
+
+@torch.no_grad()
+def test_plan_is_the_same_at_batch_one_and_in_batches(planned_net):
+    x = varied_images(12, seed=5)
+    batched = planned_net.run(x, PlanPolicy(0.4, {1: "skip", 4: "run", 7: 0.9}))
+    for n in range(12):
+        single = planned_net.run(x[n:n + 1], PlanPolicy(0.4, {1: "skip", 4: "run", 7: 0.9}))
+        assert torch.equal(single.executed[0], batched.executed[n])
+        assert torch.allclose(single.logits[0], batched.logits[n], atol=1e-5, rtol=1e-5)
+    assert not batched.executed[:, 1].any() and batched.executed[:, 4].all()
+    trace = batched.traces()[0]
+    assert trace.blocks[1].reason == "forced skip by override"
+
+
+@torch.no_grad()
+def test_plan_flops_are_counted_once_per_input(planned_net):
+    table = planned_net.flop_table()
+    assert table.plan == 2 * (16 * 16 * 128 + 128 * len(planned_net.gated_blocks))  # two linear layers
+    x = varied_images(4, seed=6)
+    res = planned_net.run(x, PlanPolicy(0.0))  # every block runs: the plan is the only extra
+    assert torch.equal(res.flops_executed(), torch.full((4,), table.full + table.plan))
+    assert PlanPolicy(0.5).head_flops(table) == [table.plan] + [0] * 8
+
+
+@torch.no_grad()
+def test_plan_policy_needs_a_plan_head_and_round_trips(planned_net):
+    plain = create_model("cifar_resnet20")
+    with pytest.raises(ValueError, match="no plan head"):
+        plain.run(varied_images(2, seed=1), PlanPolicy(0.5))
+    with pytest.raises(TypeError, match="every block at once"):
+        PlanPolicy(0.5).decide(planned_net, 0, torch.zeros(1, 16, 32, 32))
+    policy = PlanPolicy(0.3, {2: "run", 5: 0.7})
+    again = policy_from_config(policy.config())
+    assert isinstance(again, PlanPolicy) and again.config() == policy.config() == {
+        "name": "plan", "threshold": 0.3, "overrides": {"2": "run", "5": 0.7}}
+    with pytest.raises(ValueError, match="gates=True"):
+        create_model("cifar_resnet20", gates=False, plan=True)
+
+
+@torch.no_grad()
+def test_plan_head_batch_of_one_fast_path_matches_the_module(planned_net):
+    h = planned_net._stem(varied_images(1, seed=8))
+    head: PlanHead = planned_net.plan_head
+    fast = head.probabilities_of_one(h)
+    assert len(fast) == len(planned_net.gated_blocks)
+    assert torch.allclose(torch.tensor(fast, dtype=torch.float32), torch.sigmoid(head(h))[0], atol=1e-6)
+    with pytest.raises(ValueError, match="batch of one"):
+        head.probabilities_of_one(torch.cat([h, h]))
+
+
+@torch.no_grad()
+def test_full_policy_has_no_plan(planned_net):
+    assert FullPolicy().plan(planned_net, torch.zeros(1)) is None
+    assert int(Reason.PLAN_RUN) != int(Reason.PLAN_SKIP)
