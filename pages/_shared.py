@@ -110,16 +110,35 @@ def overrides() -> dict[int, str]:
     return dict(st.session_state.get("sv_overrides", {}))
 
 
+def decision_source(net) -> str:
+    """The session's decision source (``views.DECISION_SOURCES``), one the model offers; default: gates."""
+    offered = views.decision_sources(net) or ["gates"]
+    source = st.session_state.get("sv_decisions", offered[0])
+    return source if source in offered else offered[0]
+
+
+def source_picker(net, key: str) -> str:
+    """A radio choosing where decisions come from, shown only when the model offers more than one."""
+    offered = views.decision_sources(net)
+    if len(offered) < 2:
+        return decision_source(net)
+    source = st.radio("Decisions from", offered, index=offered.index(decision_source(net)), horizontal=True,
+                      key=key, format_func=lambda s: views.DECISION_SOURCES[s])
+    st.session_state["sv_decisions"] = source
+    return source
+
+
 @st.cache_resource
 def _sweep_store() -> dict:
     return {"lock": threading.Lock(), "sweeps": {}}
 
 
-def calibration_sweep(model_key: str, lm: views.LoadedModel) -> views.CalibrationSweep:
-    """The precomputed calibration sweep for a model (once per process, with a progress bar the first time)."""
+def calibration_sweep(model_key: str, lm: views.LoadedModel, source: str = "gates") -> views.CalibrationSweep:
+    """The precomputed calibration sweep for a model and decision source (once per process, with a progress bar
+    the first time)."""
     store = _sweep_store()
     n = calibration_size() if tuple(lm.net.meta.input_size[-2:]) <= (64, 64) else min(32, calibration_size())
-    key = (model_key, n)
+    key = (model_key, n, source)
     with store["lock"]:
         if key not in store["sweeps"]:
             bar = st.progress(0.0, text="Preparing the calibration set...")
@@ -129,7 +148,7 @@ def calibration_sweep(model_key: str, lm: views.LoadedModel) -> views.Calibratio
                 bar.progress(min(1.0, frac), text=f"Precomputing {len(calib)} images x {len(views.threshold_grid())}"
                                                   f" thresholds: {text}")
 
-            store["sweeps"][key] = views.sweep_calibration(lm.net, calib, progress=progress)
+            store["sweeps"][key] = views.sweep_calibration(lm.net, calib, progress=progress, source=source)
             bar.empty()
         return store["sweeps"][key]
 

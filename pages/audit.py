@@ -16,7 +16,7 @@ _shared.model_banner(lm)
 net = lm.net
 t = _shared.threshold(lm.default_threshold)
 ov = _shared.overrides()
-policy = views.make_policy(net, t, ov)
+policy = views.make_policy(net, t, ov, _shared.decision_source(net))
 st.caption(f"Every image runs under the current policy {policy.config()} and, as a shadow, the full network; "
            "each decision is stored in SQLite and the report can be downloaded (HTML, JSON, CSV).")
 db_default = os.environ.get("SKIPVIZ_AUDIT_DB", str(Path(tempfile.gettempdir()) / "skipviz_dashboard_audit.sqlite"))

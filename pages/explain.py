@@ -15,7 +15,7 @@ if cur is not None:
     x, full_trace = _shared.prepared_input(model_key, cur.info.sha256, net, cur.image)
     t = _shared.threshold(lm.default_threshold)
     ov = _shared.overrides()
-    policy = views.make_policy(net, t, ov)
+    policy = views.make_policy(net, t, ov, _shared.decision_source(net))
     st.caption(f"Image: {cur.label}. Policy: {policy.config()} (set on the Inspect/Thresholds pages).")
     methods = st.multiselect("Attribution maps", list(explain.MAP_METHODS), default=[explain.MAP_METHODS[0]],
                              key="explain_methods")

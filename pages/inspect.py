@@ -26,6 +26,7 @@ if cur is not None:
     with right:
         @st.fragment
         def live_view() -> None:
+            source = _shared.source_picker(net, "inspect_source")
             t = st.slider("Gate threshold (a block runs when its gate probability >= threshold)", 0.0, 1.0,
                           value=_shared.threshold(lm.default_threshold), step=0.05, key="inspect_threshold")
             st.session_state["sv_threshold"] = t
@@ -33,7 +34,7 @@ if cur is not None:
             if ov:
                 st.caption("Per-block overrides from the Thresholds page: " +
                            ", ".join(f"{net.block_names[k]}={v}" for k, v in sorted(ov.items())))
-            policy = views.make_policy(net, t, ov)
+            policy = views.make_policy(net, t, ov, source)
             res = views.inspect(net, x, policy, full_trace, repeats=_shared.latency_repeats())
             tr, lat = res.trace, res.latency
             c1, c2, c3, c4 = st.columns(4)

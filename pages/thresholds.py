@@ -15,7 +15,8 @@ if not net.gated_blocks:
     st.info(f"{net.meta.display_name} has no gate heads: every block always runs unless forced to skip below.")
 
 cur = _shared.current_image()
-sweep = _shared.calibration_sweep(model_key, lm)
+source = _shared.source_picker(net, "thresholds_source")
+sweep = _shared.calibration_sweep(model_key, lm, source)
 st.caption(f"Calibration set: {sweep.calib.source}. Precomputed once per process for every slider value "
            f"({len(sweep.points)} thresholds) on {sweep.device}; per-block overrides are computed on demand and "
            "cached.")
@@ -38,7 +39,7 @@ def live_view() -> None:
                                               key=f"override_{i}")
     ov = views.overrides_from_choices(choices)
     st.session_state["sv_overrides"] = ov
-    policy = views.make_policy(net, t, ov)
+    policy = views.make_policy(net, t, ov, source)
 
     st.subheader("Current image")
     if cur is not None:

@@ -27,7 +27,7 @@ from PIL import Image
 from . import DEFAULT_MODEL, create_model
 from ._checkpoint import CheckpointError
 from .network import SkipNetwork
-from .policies import FullPolicy, GatePolicy, Override, Policy
+from .policies import FullPolicy, GatePolicy, Override, PlanPolicy, Policy
 from .timing import quick_median_ms, synchronize
 from .trace import SampleTrace
 
@@ -176,11 +176,25 @@ def model_card_table(net: SkipNetwork) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------- one input
-def make_policy(net: SkipNetwork, threshold: float, overrides: Mapping[int, Override] | None = None) -> Policy:
-    """The dashboard's policy: learned gates at ``threshold`` with per-block overrides; full if no gates."""
+#: Where the dashboard's decisions come from: per-block gates, or the plan head at the stem (PlanPolicy).
+DECISION_SOURCES = {"gates": "per-block gates", "plan": "plan at the stem (every block decided up front)"}
+
+
+def decision_sources(net: SkipNetwork) -> list[str]:
+    """The decision sources ``net`` offers: ``"gates"`` when it has gate heads, ``"plan"`` with a plan head."""
+    return [s for s, ok in (("gates", bool(net.gated_blocks)), ("plan", net.plan_head is not None)) if ok]
+
+
+def make_policy(net: SkipNetwork, threshold: float, overrides: Mapping[int, Override] | None = None,
+                source: str = "gates") -> Policy:
+    """The dashboard's policy: learned gates (or, with ``source="plan"`` and a plan head, the plan at the
+    stem) at ``threshold`` with per-block overrides; full if the network has no gates."""
+    if source not in DECISION_SOURCES:
+        raise ValueError(f"unknown decision source {source!r}; known: {sorted(DECISION_SOURCES)}")
     if not net.gated_blocks and not overrides:
         return FullPolicy()
-    return GatePolicy(threshold, {int(k): v for k, v in (overrides or {}).items() if v != "auto"})
+    ov = {int(k): v for k, v in (overrides or {}).items() if v != "auto"}
+    return PlanPolicy(threshold, ov) if source == "plan" and net.plan_head is not None else GatePolicy(threshold, ov)
 
 
 def preprocess(net: SkipNetwork, image: Image.Image) -> torch.Tensor:
@@ -193,7 +207,7 @@ class LatencyResult:
     """Measured batch-1 latency (median of ``repeats`` runs, milliseconds) of the full and the skipped run.
 
     ``per_block_ms``: (L,) median time of each block as it ran in the skipped run (block or bypass, plus
-    its gate when evaluated).
+    its gate when evaluated; a plan decided at the stem is counted with block 0).
     """
 
     full_ms: float
@@ -227,13 +241,16 @@ def measure_latency(net: SkipNetwork, x: torch.Tensor, policy: Policy, trace: Sa
         full_ms = quick_median_ms(lambda: net(x), repeats, device)
         skipped_ms = quick_median_ms(lambda: net.run(x, policy), repeats, device)
         per_block: list[list[float]] = [[] for _ in net.blocks]
+        planned = type(policy).plan is not Policy.plan  # decided at the stem: the plan counts with block 0
         for _ in range(repeats):
             h = net.stem(x)
             for i, block in enumerate(net.blocks):
                 d = trace.blocks[i]
-                gate = net.gate(i) if d.score is not None and not trace.exit_block else None
+                gate = net.gate(i) if d.score is not None and not trace.exit_block and not planned else None
                 synchronize(device)
                 t0 = time.perf_counter()
+                if planned and i == 0:
+                    policy.plan(net, h)
                 if gate is not None:
                     gate(h)
                 h = block(h) if d.executed else block.bypass(h)
@@ -520,6 +537,7 @@ class CalibrationSweep:
     full: CalibrationPoint
     points: dict[float, CalibrationPoint]
     device: str
+    source: str = "gates"  # the decision source of every point (see make_policy)
     _memo: dict[str, CalibrationPoint] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -540,14 +558,16 @@ class CalibrationSweep:
         key = json.dumps({"t": t, "ov": {str(k): v for k, v in sorted(ov.items())}})
         with self._lock:
             if key not in self._memo:
-                self._memo[key] = evaluate_calibration(net, self.calib, make_policy(net, t, ov),
+                self._memo[key] = evaluate_calibration(net, self.calib, make_policy(net, t, ov, self.source),
                                                        self.full.predictions, batch_size)
             return self._memo[key]
 
 
 def sweep_calibration(net: SkipNetwork, calib: CalibrationSet, thresholds: Sequence[float] | None = None,
-                      progress: Callable[[float, str], None] | None = None, batch_size: int = 256) -> CalibrationSweep:
-    """Precompute the full network and every grid threshold over the calibration set (``progress(frac, text)``)."""
+                      progress: Callable[[float, str], None] | None = None, batch_size: int = 256,
+                      source: str = "gates") -> CalibrationSweep:
+    """Precompute the full network and every grid threshold over the calibration set (``progress(frac, text)``),
+    decisions from ``source`` (see :func:`make_policy`)."""
     thresholds = list(thresholds) if thresholds is not None else threshold_grid()
     total = len(thresholds) + 1
     if progress:
@@ -557,11 +577,12 @@ def sweep_calibration(net: SkipNetwork, calib: CalibrationSet, thresholds: Seque
     for k, t in enumerate(thresholds, start=1):
         if progress:
             progress(k / total, f"threshold {t:.2f}")
-        points[round(float(t), 4)] = evaluate_calibration(net, calib, make_policy(net, t), full.predictions,
-                                                          batch_size)
+        points[round(float(t), 4)] = evaluate_calibration(net, calib, make_policy(net, t, source=source),
+                                                          full.predictions, batch_size)
     if progress:
         progress(1.0, "done")
-    return CalibrationSweep(calib=calib, full=full, points=points, device=device_label(next(net.parameters()).device))
+    return CalibrationSweep(calib=calib, full=full, points=points, device=device_label(next(net.parameters()).device),
+                            source=source)
 
 
 def pareto_mask(latency: Sequence[float], accuracy: Sequence[float]) -> np.ndarray:

@@ -1,0 +1,67 @@
+"""The dashboard with the shipped default model, which carries a plan head: the decision source can be switched
+between per-block gates and the plan at the stem, and the rendered decisions follow the engine."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from skipviz import DEFAULT_MODEL, GatePolicy, PlanPolicy, load_image, views
+from skipviz.samples import sample_bytes, sample_names
+
+from test_app import APP, frame, metric
+
+ENV = {"SKIPVIZ_CIFAR10": "/nonexistent/cifar10", "SKIPVIZ_CALIB_N": "16", "SKIPVIZ_LATENCY_REPEATS": "1",
+       "SKIPVIZ_MODEL": DEFAULT_MODEL}
+
+
+@pytest.fixture(scope="module")
+def shipped_env():
+    old = {k: os.environ.get(k) for k in [*ENV, "SKIPVIZ_DATA_DIR"]}
+    os.environ.update(ENV)
+    os.environ.pop("SKIPVIZ_DATA_DIR", None)  # the weights shipped in data/
+    from streamlit.runtime.caching import cache_resource
+
+    cache_resource.clear()
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    cache_resource.clear()
+
+
+def decisions(net, policy) -> list[str]:
+    image, _ = load_image(sample_bytes(sample_names()[0]))
+    with torch.no_grad():
+        ex = net.run(views.preprocess(net, image), policy).executed[0]
+    return ["fired" if e else "bypassed" for e in ex.tolist()]
+
+
+def test_views_offer_the_plan_when_the_model_has_one():
+    net = views.load_model(DEFAULT_MODEL).net
+    assert views.decision_sources(net) == ["gates", "plan"]
+    assert isinstance(views.make_policy(net, 0.5, {1: "skip"}, "plan"), PlanPolicy)
+    assert isinstance(views.make_policy(net, 0.5), GatePolicy)
+    with pytest.raises(ValueError, match="decision source"):
+        views.make_policy(net, 0.5, source="oracle")
+
+
+def test_inspect_switches_to_the_plan(shipped_env):
+    from streamlit.testing.v1 import AppTest
+
+    net = views.load_model(DEFAULT_MODEL).net
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    assert not at.exception
+    at.slider(key="inspect_threshold").set_value(0.5).run()
+    assert list(frame(at, "blocks")["decision"]) == decisions(net, GatePolicy(0.5))
+    at.radio(key="inspect_source").set_value("plan").run()
+    assert not at.exception
+    table = frame(at, "blocks")
+    assert list(table["decision"]) == decisions(net, PlanPolicy(0.5))
+    assert any("decided at the stem" in r for r in table["reason"])
+    assert metric(at, "Blocks fired").endswith(f"/{net.num_blocks}")
+    at.switch_page("pages/thresholds.py").run()  # the choice holds on the Thresholds page, sweep included
+    assert not at.exception and at.radio(key="thresholds_source").value == "plan"
