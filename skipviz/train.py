@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ._registry import create_model, data_dir
 from .data import TensorDataset, augment, batches, cifar10_root, load_split, normalize, train_val_split
-from .network import FlopTable, SkipNetwork
+from .network import FlopTable, PlanHead, SkipNetwork
 
 
 @dataclass
@@ -341,7 +341,7 @@ def plan_targets(net: SkipNetwork, data: TensorDataset, teacher_threshold: float
     return torch.cat(feats), torch.cat(targets)
 
 
-def fit_plan_head(head: "PlanHead", feats: torch.Tensor, targets: torch.Tensor, cfg: PlanConfig,
+def fit_plan_head(head: PlanHead, feats: torch.Tensor, targets: torch.Tensor, cfg: PlanConfig,
                   progress: bool = False) -> list[float]:
     """Fit ``head``'s two layers to ``targets`` (N, G) in [0, 1] from ``feats`` (N, C0 * grid^2) with binary
     cross-entropy, on standardised features; the standardisation is then folded into ``fc1``, so the head
@@ -378,7 +378,6 @@ def export_plan(cfg: PlanConfig, progress: bool = True, dest: Path | None = None
     from safetensors.torch import save_file
 
     from .evaluate import evaluate_policy, pick_threshold, threshold_curve
-    from .network import PlanHead
     from .policies import FullPolicy, PlanPolicy
     from .weights import read_card, sha256_file
 

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models and images made by the tests themselves (no downloads, no shared data)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -45,3 +46,25 @@ def varied_images(n: int, seed: int) -> torch.Tensor:
 @pytest.fixture()
 def batch():
     return varied_images(8, seed=1)
+
+
+@contextlib.contextmanager
+def app_environment(env: dict[str, str], unset: tuple[str, ...] = ()):
+    """Environment variables for a module of Streamlit AppTests (``unset`` removed), with the process-wide
+    resource cache cleared on entry and exit: one model per process, built under this environment."""
+    from streamlit.runtime.caching import cache_resource
+
+    old = {k: os.environ.get(k) for k in [*env, *unset]}
+    os.environ.update(env)
+    for k in unset:
+        os.environ.pop(k, None)
+    cache_resource.clear()
+    try:
+        yield env
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        cache_resource.clear()

@@ -8,7 +8,6 @@ the training job; the expected values are computed here with the engine from the
 from __future__ import annotations
 
 import io
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -20,6 +19,8 @@ from PIL import Image
 
 from skipviz import DEFAULT_MODEL, FullPolicy, GatePolicy, load_image, views
 
+from conftest import app_environment
+
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
 ENV = {"SKIPVIZ_CIFAR10": "/nonexistent/cifar10", "SKIPVIZ_CALIB_N": "32", "SKIPVIZ_LATENCY_REPEATS": "2",
@@ -28,19 +29,8 @@ ENV = {"SKIPVIZ_CIFAR10": "/nonexistent/cifar10", "SKIPVIZ_CALIB_N": "32", "SKIP
 
 @pytest.fixture(scope="module")
 def app_env(tmp_path_factory):
-    env = {**ENV, "SKIPVIZ_DATA_DIR": str(tmp_path_factory.mktemp("no_weights"))}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    from streamlit.runtime.caching import cache_resource
-
-    cache_resource.clear()  # one model per process: make sure it is the one built under this environment
-    yield env
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    cache_resource.clear()
+    with app_environment({**ENV, "SKIPVIZ_DATA_DIR": str(tmp_path_factory.mktemp("no_weights"))}) as env:
+        yield env
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,13 @@
 between per-block gates and the plan at the stem, and the rendered decisions follow the engine."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from skipviz import DEFAULT_MODEL, GatePolicy, PlanPolicy, load_image, views
 from skipviz.samples import sample_bytes, sample_names
 
+from conftest import app_environment
 from test_app import APP, frame, metric
 
 ENV = {"SKIPVIZ_CIFAR10": "/nonexistent/cifar10", "SKIPVIZ_CALIB_N": "16", "SKIPVIZ_LATENCY_REPEATS": "1",
@@ -18,19 +17,8 @@ ENV = {"SKIPVIZ_CIFAR10": "/nonexistent/cifar10", "SKIPVIZ_CALIB_N": "16", "SKIP
 
 @pytest.fixture(scope="module")
 def shipped_env():
-    old = {k: os.environ.get(k) for k in [*ENV, "SKIPVIZ_DATA_DIR"]}
-    os.environ.update(ENV)
-    os.environ.pop("SKIPVIZ_DATA_DIR", None)  # the weights shipped in data/
-    from streamlit.runtime.caching import cache_resource
-
-    cache_resource.clear()
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    cache_resource.clear()
+    with app_environment(ENV, unset=("SKIPVIZ_DATA_DIR",)):  # the weights shipped in data/
+        yield
 
 
 def decisions(net, policy) -> list[str]:
