@@ -491,7 +491,9 @@ class BlockProfile:
     (the cost of a sub-batch is not linear in its rows: on CPU a whole batch of 256 spills the caches that half
     of it fits; 0 at batch 1, empty in older profiles); ``engine_ms``: the fixed per-run cost of
     :meth:`SkipNetwork.run` beyond its parts (calibrated on a full run, >= 0); ``full_ms``: the plain full
-    forward, measured.
+    forward, measured; ``block_scale``: how much slower the blocks run inside a forward than one by one on
+    warm caches, ``(full_ms - stem_ms - head_ms) / sum(block_ms)`` (1.0 in older profiles, whose
+    ``engine_ms`` absorbed the difference as a fixed cost).
     """
 
     model: str
@@ -513,12 +515,13 @@ class BlockProfile:
     swap_ms: list[float] = field(default_factory=list)
     block_half_ms: list[float] = field(default_factory=list)
     plan_ms: float = 0.0  # the plan head's decisions for the batch (PlanPolicy), 0 without a plan head
+    block_scale: float = 1.0
 
     def block_rows_ms(self, i: int, fraction: float) -> float:
         """Block i on ``fraction`` of the batch's rows: piecewise linear through (0, 0), half the batch
         (``block_half_ms``) and the whole batch (``block_ms``); linear in the rows without a half-batch time."""
-        full = self.block_ms[i]
-        half = self.block_half_ms[i] if len(self.block_half_ms) == self.num_blocks else 0.0
+        full = self.block_ms[i] * self.block_scale
+        half = self.block_half_ms[i] * self.block_scale if len(self.block_half_ms) == self.num_blocks else 0.0
         if half <= 0.0:
             return fraction * full
         if fraction <= 0.5:
@@ -642,11 +645,14 @@ def profile_blocks(net: SkipNetwork, batch_size: int = 1, device: str | torch.de
     finally:
         net.train(was_training)
     full_ms, full_run_ms = both["full"].median_ms, both["full_run"].median_ms
-    engine = max(0.0, full_run_ms - (stem_ms + sum(block_ms) + head_ms))
+    # inside a forward the blocks stream their data through the caches: scale their one-by-one times to the
+    # measured forward; what run() adds over the plain forward is the engine's fixed cost
+    scale = max(1.0, (full_ms - stem_ms - head_ms) / sum(block_ms)) if sum(block_ms) > 0 else 1.0
+    engine = max(0.0, full_run_ms - full_ms)
     return BlockProfile(model=net.meta.display_name, batch_size=bs, input_hw=(int(x.shape[-2]), int(x.shape[-1])),
                         names=list(net.block_names), downsample=[b.downsample for b in net.blocks], gated=gated,
                         stem_ms=stem_ms, block_ms=block_ms, bypass_ms=bypass_ms, gate_ms=gate_ms, mix_ms=mix_ms,
-                        swap_ms=swap_ms, block_half_ms=half_ms, plan_ms=plan_ms,
+                        swap_ms=swap_ms, block_half_ms=half_ms, plan_ms=plan_ms, block_scale=scale,
                         head_ms=head_ms, engine_ms=engine, full_ms=full_ms, full_run_ms=full_run_ms,
                         info=device_info(dev, next(net.parameters()).dtype, both["full"].threads))
 
@@ -723,7 +729,7 @@ def predict_latency(profile: BlockProfile, executed, gates_evaluated=None, plann
     total = profile.stem_ms + profile.head_ms + profile.engine_ms + (profile.plan_ms if planned else 0.0)
     for i in range(profile.num_blocks):
         if p[i] >= 1.0:
-            total += profile.block_ms[i]
+            total += profile.block_rows_ms(i, 1.0)
         elif p[i] <= 0.0:
             total += profile.bypass_ms[i]
         elif profile.downsample[i] or swaps is None:

@@ -190,6 +190,15 @@ def test_predict_latency_counts_the_rows_an_identity_block_swaps():
                                                                + 30.0)
 
 
+def test_block_scale_stretches_block_times_to_the_measured_forward():
+    p = BlockProfile(**{**_synthetic_profile().__dict__, "block_scale": 1.5, "block_half_ms": [4.0, 8.0, 12.0]})
+    base = 1.0 + 2.0 + 0.25 + 0.5 + 0.5
+    assert predict_latency(p, [True, True, True]) == pytest.approx(base + 1.5 * 60.0)
+    assert p.block_rows_ms(0, 0.5) == pytest.approx(1.5 * 4.0)  # the half-batch time, scaled
+    assert p.block_rows_ms(0, 0.25) == pytest.approx(1.5 * 2.0)  # linear below half
+    assert p.block_rows_ms(0, 0.75) == pytest.approx(1.5 * 7.0)  # between half and full
+
+
 def test_profile_blocks_and_prediction_are_positive_and_monotone(tiny_net, batch):
     prof = profile_blocks(tiny_net, batch_size=2, x=batch[:2], warmup=1, repeats=2, min_repeat_s=0.0)
     L = tiny_net.num_blocks
