@@ -7,8 +7,12 @@ choice and checks what it costs in accuracy: for the default model at batch 1 (`
 timed one by one) and in batches, it times the plain full network and the skipped run at one gate threshold
 with
 
-* ``modules``: folding switched off (``skipviz.inference_folding(False)``): conv, BN, ReLU as written;
+* ``modules``: folding switched off (``skipviz.inference_folding(False)``): conv, BN, ReLU as written, and
+  the gate heads as modules (which also turns off the batch-of-one host decision, ``probability_of_one``);
 * ``folded``: what the engine does.
+
+The full network has no gates, so its speedup is the BatchNorm folding alone; the skipped run's includes the
+gate heads' folding and, at batch 1, their host decision.
 
 Timing is ``skipviz.timing.measure_interleaved`` (the four callables round-robin, medians and quartiles over
 repeats). The largest logit difference and the gate-decision agreement between the two are recorded with the

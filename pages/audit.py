@@ -14,7 +14,7 @@ st.title("📋 Audit a batch")
 model_key, lm = _shared.current_model()
 _shared.model_banner(lm)
 net = lm.net
-t = _shared.threshold(lm.default_threshold)
+t = _shared.threshold(lm.default_threshold_for(_shared.decision_source(net)))
 ov = _shared.overrides()
 policy = views.make_policy(net, t, ov, _shared.decision_source(net))
 st.caption(f"Every image runs under the current policy {policy.config()} and, as a shadow, the full network; "

@@ -13,7 +13,7 @@ net = lm.net
 cur = _shared.current_image()
 if cur is not None:
     x, full_trace = _shared.prepared_input(model_key, cur.info.sha256, net, cur.image)
-    t = _shared.threshold(lm.default_threshold)
+    t = _shared.threshold(lm.default_threshold_for(_shared.decision_source(net)))
     ov = _shared.overrides()
     policy = views.make_policy(net, t, ov, _shared.decision_source(net))
     st.caption(f"Image: {cur.label}. Policy: {policy.config()} (set on the Inspect/Thresholds pages).")

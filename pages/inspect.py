@@ -28,7 +28,8 @@ if cur is not None:
         def live_view() -> None:
             source = _shared.source_picker(net, "inspect_source")
             t = st.slider("Gate threshold (a block runs when its gate probability >= threshold)", 0.0, 1.0,
-                          value=_shared.threshold(lm.default_threshold), step=0.05, key="inspect_threshold")
+                          value=_shared.threshold(lm.default_threshold_for(source)), step=0.05,
+                          key="inspect_threshold")
             st.session_state["sv_threshold"] = t
             ov = _shared.overrides()
             if ov:

@@ -70,6 +70,11 @@ class SkippableBlock(nn.Module):
         return x.add_(r).relu_()
 
 
+def _sigmoid(v: float) -> float:
+    """The logistic function of a Python float, without overflow for large negative or positive ``v``."""
+    return 1.0 / (1.0 + math.exp(-v)) if v >= 0.0 else math.exp(v) / (1.0 + math.exp(v))
+
+
 def _fold_key(tensors: Sequence[torch.Tensor | None]) -> tuple:
     """Identity of a set of tensors' contents: object, storage and in-place version of each. Any change
     (replaced, moved or cast, updated in place, e.g. by ``load_state_dict``) gives a different key."""
@@ -187,8 +192,7 @@ class GateHead(nn.Module):
             return float(torch.sigmoid(self(h)).detach().item())
         _, w1, b1, _, _, w2, b2 = self._folded_weights(h)
         z = torch.addmm(b1, h.sum((2, 3)), w1).tolist()[0]
-        logit = b2 + sum(w * a for w, a in zip(w2, z) if a > 0.0)
-        return 1.0 / (1.0 + math.exp(-logit)) if logit >= 0.0 else math.exp(logit) / (1.0 + math.exp(logit))
+        return _sigmoid(b2 + sum(w * a for w, a in zip(w2, z) if a > 0.0))
 
     def _folded_weights(self, h: torch.Tensor) -> tuple:
         """The inference weights, with the spatial mean's 1/(H*W) and the eval-mode BatchNorm folded into
@@ -221,10 +225,10 @@ class GateHead(nn.Module):
 class PlanHead(nn.Module):
     """BlockDrop-style plan head: every gated block's execute logit at once, from the stem's output.
 
-    The stem's output (N, C0, H0, W0) is average-pooled to a ``grid`` x ``grid`` map, flattened (C0 * grid^2)
-    and read by a two-layer MLP: (N, G) logits, one per block of ``gated_blocks`` (in that order). Used by
-    :class:`~skipviz.policies.PlanPolicy`; trained by distillation from the per-block gates
-    (:func:`skipviz.train.train_plan_head`).
+    The stem's output (N, C0, H0, W0) is average-pooled to a ``grid`` x ``grid`` map, flattened (C0 * grid^2,
+    :meth:`features`) and read by a two-layer MLP: (N, G) logits, one per block of ``gated_blocks`` (in that
+    order). Used by :class:`~skipviz.policies.PlanPolicy`; trained by distillation from the per-block gates
+    (:func:`skipviz.train.fit_plan_head`, :func:`skipviz.train.export_plan`).
     """
 
     def __init__(self, channels: int, gated_blocks: Sequence[int], grid: int = 4, hidden: int = 128) -> None:
@@ -234,25 +238,22 @@ class PlanHead(nn.Module):
         self.fc1 = nn.Linear(channels * self.grid * self.grid, hidden)
         self.fc2 = nn.Linear(hidden, len(self.gated_blocks))
 
+    def features(self, h: torch.Tensor) -> torch.Tensor:
+        """What the MLP reads: (N, C0, H0, W0) -> (N, C0 * grid^2), the stem output average-pooled."""
+        return F.adaptive_avg_pool2d(h, self.grid).flatten(1)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        z = F.adaptive_avg_pool2d(h, self.grid).flatten(1)
+        z = self.features(h)
         if not self.training and not torch.is_grad_enabled():  # inference: 2 GEMMs, no module calls
             p1, p2 = self._modules["fc1"]._parameters, self._modules["fc2"]._parameters  # no __getattr__
-            w1, b1, w2, b2 = p1["weight"], p1["bias"], p2["weight"], p2["bias"]
-            key = _fold_key((w1, b1, w2, b2))
-            cache = self.__dict__.get("_skipviz_folded")
-            if cache is None or cache[0] != key:
-                cache = (key, w1.t().contiguous(), w2.t().contiguous())
-                self.__dict__["_skipviz_folded"] = cache
-            return torch.addmm(b2, torch.addmm(b1, z, cache[1]).relu_(), cache[2])
+            return F.linear(F.linear(z, p1["weight"], p1["bias"]).relu_(), p2["weight"], p2["bias"])
         return self.fc2(F.relu(self.fc1(z)))
 
     def probabilities_of_one(self, h: torch.Tensor) -> list[float]:
         """``sigmoid(forward(h))`` for a batch of ONE, (1, C0, H0, W0) -> G Python floats, read back once."""
         if h.shape[0] != 1:
             raise ValueError(f"a batch of one is expected, got {h.shape[0]}")
-        return [1.0 / (1.0 + math.exp(-v)) if v >= 0.0 else math.exp(v) / (1.0 + math.exp(v))
-                for v in self(h)[0].tolist()]
+        return [_sigmoid(v) for v in self(h)[0].tolist()]
 
 
 class ProbeHead(nn.Module):
@@ -423,7 +424,7 @@ class SkipNetwork(nn.Module):
         self.plan_head: PlanHead | None = None  # optional: assign one to use PlanPolicy
         self.block_names = list(block_names)
         self.meta = meta
-        self._flop_cache: dict[tuple[int, int], FlopTable] = {}
+        self._flop_cache: dict[tuple, FlopTable] = {}  # (input_hw, id of the plan head) -> table
         self._flop_lock = threading.Lock()
         self.to(memory_format=self.memory_format)  # weights in the activations' layout: no per-call reorder
 
@@ -624,11 +625,12 @@ class SkipNetwork(nn.Module):
     def flop_table(self, input_hw: tuple[int, int] | None = None) -> FlopTable:
         """Per-part FLOPs for one input of ``input_hw`` (default: the model's input size), cached."""
         hw = tuple(input_hw or self.meta.input_size[-2:])
+        key = (hw, id(self.plan_head))  # a plan head assigned later changes the table
         with self._flop_lock:
-            table = self._flop_cache.get(hw)
+            table = self._flop_cache.get(key)
             if table is None:
                 table = self._card_flop_table(hw) or self._count_flops(hw)
-                self._flop_cache[hw] = table
+                self._flop_cache[key] = table
         return table
 
     def _card_flop_table(self, hw: tuple[int, int]) -> FlopTable | None:

@@ -83,6 +83,11 @@ class Policy:
 
     name = "policy"
 
+    @property
+    def decides_up_front(self) -> bool:
+        """Whether this policy overrides :meth:`plan` (decides every block at the stem)."""
+        return type(self).plan is not Policy.plan
+
     def plan(self, net: "SkipNetwork", h: torch.Tensor) -> Plan | None:
         """Decide every block up front from the stem's output ``h`` (N, C0, H0, W0), or ``None`` (the
         default) to be asked block by block with :meth:`decide`. Callers: :meth:`SkipNetwork.run` and every
@@ -164,7 +169,10 @@ class GatePolicy(Policy):
 
     ``threshold`` is the global threshold; ``overrides`` maps a block index to ``"run"`` (force run),
     ``"skip"`` (force skip) or a float (that block's own threshold). Blocks without a gate head always run.
-    The gate is evaluated on every running sample (its FLOPs count) unless the block is forced.
+    The gate is evaluated on every running sample (its FLOPs count) unless the block is forced. A batch of
+    one is decided on the host from the gate's probability in float64 (:meth:`GateHead.probability_of_one`), a
+    batch from float32 probabilities: the two agree except for a probability within float rounding (~1e-7) of
+    the threshold.
     """
 
     name = "gates"
@@ -258,7 +266,9 @@ class PlanPolicy(GatePolicy):
     its probability >= ``threshold_i`` (global threshold, per-block overrides as in :class:`GatePolicy`).
 
     One small head and one device-to-host read per batch, instead of a gate head and a read per block: at
-    batch 1 the block loop does no policy work at all. The plan cannot react to what the blocks compute, so at
+    batch 1 the block loop does no policy work at all. As for :class:`GatePolicy`, a batch of one compares a
+    float64 probability finished on the host, a batch a float32 one: they can decide differently only for a
+    probability within float rounding (~1e-7) of the threshold. The plan cannot react to what the blocks compute, so at
     equal compute it is usually a little less accurate than per-block gates (model card, ``plan`` section).
     """
 
@@ -274,14 +284,15 @@ class PlanPolicy(GatePolicy):
         re: list = [_NOT_GATED] * n_blocks
         th: list = [None] * n_blocks
         ev: list = [False] * n_blocks
+        for i, ov in overrides.items():  # forced blocks, gated or not, as GatePolicy.decide
+            if 0 <= i < n_blocks and ov == "run":
+                re[i] = _FORCED_RUN
+            elif 0 <= i < n_blocks and ov == "skip":
+                ex[i], re[i] = False, _FORCED_SKIP
         free: list[tuple[int, int, float]] = []  # (block, column of the head's output, threshold)
         for j, i in enumerate(head.gated_blocks):
-            ov = overrides.get(i) if overrides else None
-            if ov == "run":
-                re[i] = _FORCED_RUN
-            elif ov == "skip":
-                ex[i], re[i] = False, _FORCED_SKIP
-            else:
+            ov = overrides.get(i)
+            if not isinstance(ov, str):
                 free.append((i, j, self.threshold if ov is None else ov))
         if not free:
             return Plan(ex, sc, re, th, ev)

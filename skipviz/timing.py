@@ -484,16 +484,17 @@ class BlockProfile:
 
     ``block_ms[i]``: block i run on the whole batch; ``bypass_ms[i]``: its bypass; ``gate_ms[i]``: the gate
     decision (gate head + sigmoid + threshold, as ``GatePolicy.decide``), 0 for blocks without a gate;
-    ``mix_ms[i]``: the gather/scatter of a half-and-half split (0 at batch 1), what a downsampling block's
-    mixed batch costs; ``swap_ms[i]``: per misplaced row, the row swap that makes an identity block's
+    ``mix_ms[i]``: the gather/scatter of a half-and-half split, what a downsampling block's mixed batch costs
+    (0 at batch 1 and for identity blocks, which swap rows instead; older profiles timed it for every block); ``swap_ms[i]``: per misplaced row, the row swap that makes an identity block's
     executing rows contiguous (:meth:`SkipNetwork._run_contiguous`; 0 for downsampling blocks and at batch 1,
     empty in profiles recorded before it existed); ``block_half_ms[i]``: block i on the first half of the batch
     (the cost of a sub-batch is not linear in its rows: on CPU a whole batch of 256 spills the caches that half
     of it fits; 0 at batch 1, empty in older profiles); ``engine_ms``: the fixed per-run cost of
-    :meth:`SkipNetwork.run` beyond its parts (calibrated on a full run, >= 0); ``full_ms``: the plain full
-    forward, measured; ``block_scale``: how much slower the blocks run inside a forward than one by one on
-    warm caches, ``(full_ms - stem_ms - head_ms) / sum(block_ms)`` (1.0 in older profiles, whose
-    ``engine_ms`` absorbed the difference as a fixed cost).
+    :meth:`SkipNetwork.run` over the plain forward, ``max(0, full_run_ms - full_ms)`` (older profiles: over
+    the sum of the parts); ``full_ms``: the plain full forward, measured; ``block_scale``: how much slower the
+    blocks run inside a forward than one by one on warm caches, ``max(1, (full_ms - stem_ms - head_ms) /
+    sum(block_ms))`` (clamped at 1: a forward faster than its parts is predicted from the parts; 1.0 in older
+    profiles).
     """
 
     model: str
@@ -624,7 +625,7 @@ def profile_blocks(net: SkipNetwork, batch_size: int = 1, device: str | torch.de
                 half_ms.append(_block_ms(timed, block, hi[: bs // 2], f"block{i}_half") if bs >= 2 else 0.0)
                 bypass_ms.append(timed(lambda: block.bypass(hi), f"bypass{i}"))
                 out = block(hi)
-                if bs > 1:
+                if bs > 1 and block.downsample:  # identity blocks swap rows instead (swap_ms)
                     mix_ms.append(timed(lambda: _gather_scatter(hi, out, run_idx, skip_idx, block.downsample),
                                         f"mix{i}"))
                 else:
@@ -794,7 +795,7 @@ def check_prediction(profile: BlockProfile, net: SkipNetwork, x: torch.Tensor, p
             ev = np.zeros(net.num_blocks)
             for i, rec in enumerate(r.records):
                 ev[i] = 1.0 if rec.gate_evaluated and profile.gated[i] else 0.0
-            preds.append(predict_latency(profile, r.executed, ev, planned=type(policy).plan is not Policy.plan))
+            preds.append(predict_latency(profile, r.executed, ev, planned=policy.decides_up_front))
             blocks.append(float(r.executed.sum(1).double().mean()))
 
     def call() -> None:

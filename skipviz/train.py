@@ -336,7 +336,7 @@ def plan_targets(net: SkipNetwork, data: TensorDataset, teacher_threshold: float
     feats, targets = [], []
     for i in tqdm(range(0, len(data), batch_size), desc="plan targets", disable=not progress, leave=False):
         x = normalize(data.images[i: i + batch_size].to(device), net.meta.mean, net.meta.std)
-        feats.append(F.adaptive_avg_pool2d(net._stem(x), grid).flatten(1).float().cpu())
+        feats.append(F.adaptive_avg_pool2d(net._stem(x), grid).flatten(1).float().cpu())  # PlanHead.features
         targets.append(net.run(x, GatePolicy(teacher_threshold)).scores[:, gated].float().cpu())
     return torch.cat(feats), torch.cat(targets)
 
@@ -417,7 +417,8 @@ def export_plan(cfg: PlanConfig, progress: bool = True, dest: Path | None = None
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(weights_path), metadata={"arch": cfg.arch, "format": "skipviz.SkipNetwork"})
     card = dict(card)
-    card["model_kwargs"] = {**card.get("model_kwargs", {}), "plan": True}
+    card["model_kwargs"] = {**card.get("model_kwargs", {}), "plan": True, "plan_grid": cfg.grid,
+                            "plan_hidden": cfg.hidden}
     card["architecture"] = {**card.get("architecture", {}), "params": sum(p.numel() for p in net.parameters())}
     card["plan"] = {
         "head": {"grid": cfg.grid, "hidden": cfg.hidden, "gated_blocks": head.gated_blocks,

@@ -76,7 +76,15 @@ class LoadedModel:
 
     @property
     def default_threshold(self) -> float:
-        return float(self.net.meta.card.get("default_policy", {}).get("threshold", 0.5))
+        return self.default_threshold_for("gates")
+
+    def default_threshold_for(self, source: str) -> float:
+        """The card's default threshold for a decision source: the gates' (``default_policy``) or the plan's
+        (``plan.default_threshold``); 0.5 when the card has none."""
+        card = self.net.meta.card or {}
+        section = card.get("plan", {}).get("default_threshold") if source == "plan" else \
+            card.get("default_policy", {}).get("threshold")
+        return float(section if section is not None else 0.5)
 
 
 def load_model(name: str = DEFAULT_MODEL, device: torch.device | None = None) -> LoadedModel:
@@ -241,7 +249,7 @@ def measure_latency(net: SkipNetwork, x: torch.Tensor, policy: Policy, trace: Sa
         full_ms = quick_median_ms(lambda: net(x), repeats, device)
         skipped_ms = quick_median_ms(lambda: net.run(x, policy), repeats, device)
         per_block: list[list[float]] = [[] for _ in net.blocks]
-        planned = type(policy).plan is not Policy.plan  # decided at the stem: the plan counts with block 0
+        planned = policy.decides_up_front  # decided at the stem: the plan counts with block 0
         for _ in range(repeats):
             h = net.stem(x)
             for i, block in enumerate(net.blocks):
@@ -251,8 +259,8 @@ def measure_latency(net: SkipNetwork, x: torch.Tensor, policy: Policy, trace: Sa
                 t0 = time.perf_counter()
                 if planned and i == 0:
                     policy.plan(net, h)
-                if gate is not None:
-                    gate(h)
+                if gate is not None:  # as GatePolicy decides: a batch of one on the host, else on the device
+                    gate.probability_of_one(h) if h.shape[0] == 1 else torch.sigmoid(gate(h))
                 h = block(h) if d.executed else block.bypass(h)
                 synchronize(device)
                 per_block[i].append((time.perf_counter() - t0) * 1e3)

@@ -31,6 +31,9 @@ def decisions(net, policy) -> list[str]:
 def test_views_offer_the_plan_when_the_model_has_one():
     net = views.load_model(DEFAULT_MODEL).net
     assert views.decision_sources(net) == ["gates", "plan"]
+    lm = views.load_model(DEFAULT_MODEL)
+    assert lm.default_threshold_for("plan") == net.meta.card["plan"]["default_threshold"]
+    assert lm.default_threshold_for("gates") == lm.default_threshold == net.meta.card["default_policy"]["threshold"]
     assert isinstance(views.make_policy(net, 0.5, {1: "skip"}, "plan"), PlanPolicy)
     assert isinstance(views.make_policy(net, 0.5), GatePolicy)
     with pytest.raises(ValueError, match="decision source"):

@@ -93,3 +93,18 @@ def test_plan_head_batch_of_one_fast_path_matches_the_module(planned_net):
 def test_full_policy_has_no_plan(planned_net):
     assert FullPolicy().plan(planned_net, torch.zeros(1)) is None
     assert int(Reason.PLAN_RUN) != int(Reason.PLAN_SKIP)
+
+
+@torch.no_grad()
+def test_plan_obeys_forced_overrides_on_ungated_blocks_too(planned_net):
+    x = varied_images(6, seed=9)
+    res = planned_net.run(x, PlanPolicy(0.5, {3: "skip", 0: "run"}))  # block 3 downsamples and has no gate
+    assert not res.executed[:, 3].any() and res.executed[:, 0].all()
+    assert res.traces()[0].blocks[3].reason == "forced skip by override"
+
+
+def test_assigning_a_plan_head_later_updates_the_flop_table():
+    net = create_model("cifar_resnet20")
+    assert net.flop_table().plan == 0
+    net.plan_head = PlanHead(16, net.gated_blocks, grid=2, hidden=8)
+    assert net.flop_table().plan == 2 * (16 * 4 * 8 + 8 * len(net.gated_blocks))

@@ -91,15 +91,16 @@ def test_train_plan_on_an_exported_model(tiny_folder, tmp_path):
     cfg = TrainConfig(data_root=str(tiny_folder), epochs=1, batch_size=16, val_size=8, monitor_size=8,
                       out_dir=str(tmp_path / "run"))
     weights, _ = export(cfg, train(cfg, progress=False), thresholds=[0.5], progress=False, dest=tmp_path / "gated")
-    plan_cfg = PlanConfig(weights=str(weights), data_root=str(tiny_folder), epochs=2, val_size=8)
+    plan_cfg = PlanConfig(weights=str(weights), data_root=str(tiny_folder), epochs=2, val_size=8, grid=2, hidden=8)
     path, card = export_plan(plan_cfg, progress=False, dest=tmp_path / "planned")
     assert path.name == weights.name and card["model_kwargs"]["plan"] is True
     plan = card["plan"]
     assert len(plan["curve_test"]) == 9 and plan["default_threshold"] in [r["threshold"] for r in plan["curve_test"]]
     assert 0.0 <= plan["validation"]["val_decision_agreement"] <= 1.0 and len(plan["training"]["loss_per_epoch"]) == 2
     assert card["flops"]["table"]["plan"] > 0
-    net = create_model("cifar_resnet20", weights=path, **card["model_kwargs"])
-    assert net.plan_head is not None and net.flop_table().plan == card["flops"]["table"]["plan"]
+    net = create_model("cifar_resnet20", weights=path, **card["model_kwargs"])  # the head's size from the card
+    assert net.plan_head.grid == 2 and net.plan_head.fc1.out_features == 8
+    assert net.flop_table().plan == card["flops"]["table"]["plan"]
     gated = create_model("cifar_resnet20", weights=weights)  # the source is left as it was
     for name, value in gated.state_dict().items():
         assert torch.equal(value, net.state_dict()[name])

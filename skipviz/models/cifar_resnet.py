@@ -69,12 +69,13 @@ class PoolClassifier(nn.Module):
 
 def cifar_resnet(depth: int, num_classes: int = 10, classes: list[str] | None = None, gates: bool = True,
                  gate_downsample: bool = False, probes: bool = True, gate_hidden: int = 16,
-                 plan: bool = False) -> SkipNetwork:
+                 plan: bool = False, plan_grid: int = 4, plan_hidden: int = 128) -> SkipNetwork:
     """Build a CIFAR ResNet of ``depth`` (6n+2) as a :class:`SkipNetwork`.
 
     ``gates``: a gate head on every identity-shortcut block (and on downsampling blocks too when
     ``gate_downsample``). ``probes``: a linear probe head after every block. ``plan``: a plan head deciding
-    the gated blocks up front (:class:`~skipviz.network.PlanHead`, for ``PlanPolicy``).
+    the gated blocks up front (:class:`~skipviz.network.PlanHead` of ``plan_grid`` and ``plan_hidden``, for
+    ``PlanPolicy``).
     """
     if (depth - 2) % 6 != 0 or depth < 8:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
@@ -99,7 +100,7 @@ def cifar_resnet(depth: int, num_classes: int = 10, classes: list[str] | None = 
     if plan:
         if not gate_heads:
             raise ValueError("a plan head decides the gated blocks: build with gates=True")
-        net.plan_head = PlanHead(16, sorted(gate_heads))
+        net.plan_head = PlanHead(16, sorted(gate_heads), plan_grid, plan_hidden)
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
