@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from skipviz import GatePolicy  # noqa: E402
+from skipviz.policies import THRESHOLD_POLICIES  # noqa: E402
 from skipviz.audit import default_audit_batch_size, measure_throughput  # noqa: E402
 from skipviz.timing import (BenchConfig, bench_inputs, device_info, environment_markdown,  # noqa: E402
                             load_bench_model, write_results)
@@ -41,13 +41,14 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for bs in args.batch_sizes:
         for t in args.thresholds:
-            r = measure_throughput(net, GatePolicy(t), x, batch_size=bs, repeats=args.rounds)
+            r = measure_throughput(net, THRESHOLD_POLICIES[args.policy](t), x, batch_size=bs, repeats=args.rounds)
             r["threshold"] = t
             rows.append(r)
             print(f"batch {bs:4d} threshold {t:.2f}: full {r['full_images_per_s']:7.1f} img/s, skipped "
                   f"{r['skip_images_per_s']:7.1f} img/s, speedup {r['speedup']:.2f} of ideal {r['ideal_speedup']:.2f}"
                   f" -> efficiency {r['efficiency']:.2f}", flush=True)
-    return {"model": model_label, "weights_sha256": net.meta.weights_sha256, "inputs": inputs_label,
+    return {"model": model_label, "policy": args.policy, "weights_sha256": net.meta.weights_sha256,
+            "inputs": inputs_label,
             "environment": device_info("cpu").to_dict(),
             "settings": {"images": args.n, "batch_sizes": args.batch_sizes, "thresholds": args.thresholds,
                          "rounds": args.rounds},
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Audit throughput: {report['model']}", "", environment_markdown(report["environment"]),
+    lines = [f"# Audit throughput: {report['model']}, policy {report.get('policy', 'gates')}", "",
+             environment_markdown(report["environment"]),
              f"Inputs: {report['inputs']}; {report['settings']['rounds']} rounds.", "",
              "| batch | threshold | FLOPs executed | full img/s | skipped img/s | with shadow img/s | speedup "
              "| ideal | efficiency (IQR) | target met |",
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1024, help="number of input images")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128, 256])
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.5, 0.7])
+    p.add_argument("--policy", default="gates", choices=sorted(THRESHOLD_POLICIES),
+                   help="gates, or plan (the plan head; writes audit_throughput_plan_<device>)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--inputs", default="auto", choices=["auto", "cifar10", "random"])
@@ -93,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.n, args.batch_sizes, args.rounds = 16, [8], 1
     report = run(args)
-    jp, mp = write_results(report, args.out, f"audit_throughput_{report['environment']['device_type']}", markdown)
+    kind = "" if args.policy == "gates" else f"{args.policy}_"
+    jp, mp = write_results(report, args.out, f"audit_throughput_{kind}{report['environment']['device_type']}", markdown)
     print(f"wrote {jp} and {mp.name}")
     return 0
 

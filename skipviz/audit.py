@@ -714,7 +714,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     db = Path(args.db) if args.db else out.parent / "audit.sqlite"
     try:
         net = _load_model(args.model or DEFAULT_MODEL, args.weights)
-        policy = default_policy_for(net, args.threshold)
+        policy = default_policy_for(net, args.threshold, args.policy)
     except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -753,11 +753,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add ``skipviz audit`` to the ``skipviz`` command."""
+    from .cli import add_policy_argument
+
     a = subparsers.add_parser("audit", help="audit skipping on a folder, file list or zip; write an HTML report")
     a.add_argument("paths", nargs="+", help="image files, folders (recursive) and .zip archives")
     a.add_argument("--model", default=None, help="registered name (default: the embedded default model)")
     a.add_argument("--weights", default=None, help="a .safetensors or weights-only torch file")
     a.add_argument("--threshold", type=float, default=None, help="gate threshold (default: the model card's)")
+    add_policy_argument(a)
     a.add_argument("--labels-from-folders", action="store_true",
                    help="the parent folder name is the true class (ImageFolder layout)")
     a.add_argument("--out", required=True, help="report.html (report.json and report.csv are written beside it)")

@@ -14,15 +14,31 @@ def _load_model(name: str, weights: str | None):
     return create_model(name, weights=weights) if weights else create_model(name)
 
 
-def default_policy_for(net, threshold: float | None):
-    """The policy a model ships with (its card's default threshold), or full when it has no gates."""
-    from .policies import FullPolicy, GatePolicy
+def default_policy_for(net, threshold: float | None, policy: str = "gates"):
+    """The policy a model ships with: its gates (``policy="gates"``) or its plan head (``"plan"``) at the
+    card's default threshold for it unless ``threshold`` is given; full when it has no gates."""
+    from .policies import THRESHOLD_POLICIES, FullPolicy
 
+    if policy not in THRESHOLD_POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; known: {sorted(THRESHOLD_POLICIES)}")
     if not net.gated_blocks:
         return FullPolicy()
+    if policy == "plan" and net.plan_head is None:
+        raise ValueError(f"{net.meta.display_name} has no plan head: train one with `skipviz train-plan`")
     if threshold is None:
-        threshold = float(net.meta.card.get("default_policy", {}).get("threshold", 0.5))
-    return GatePolicy(threshold)
+        card = net.meta.card or {}
+        default = card.get("plan", {}).get("default_threshold") if policy == "plan" else \
+            card.get("default_policy", {}).get("threshold")
+        threshold = float(default if default is not None else 0.5)
+    return THRESHOLD_POLICIES[policy](threshold)
+
+
+def add_policy_argument(parser: argparse.ArgumentParser) -> None:
+    """``--policy gates|plan`` (skipviz predict, audit)."""
+    from .policies import THRESHOLD_POLICIES
+
+    parser.add_argument("--policy", default="gates", choices=sorted(THRESHOLD_POLICIES),
+                        help="decisions from the per-block gates or the plan head at the stem (default: gates)")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -34,10 +50,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     try:
         net = _load_model(args.model or DEFAULT_MODEL, args.weights)
+        policy = default_policy_for(net, args.threshold, args.policy)
     except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    policy = default_policy_for(net, args.threshold)
     status = 0
     for path in args.images:
         try:
@@ -98,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="registered name (default: the embedded default model)")
     p.add_argument("--weights", default=None, help="a .safetensors or weights-only torch file")
     p.add_argument("--threshold", type=float, default=None, help="gate threshold (default: the model card's)")
+    add_policy_argument(p)
     p.set_defaults(func=cmd_predict)
 
     t = sub.add_parser("train", help="train a gated CIFAR ResNet (resumable)")

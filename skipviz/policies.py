@@ -331,6 +331,11 @@ _PLAN_RUN, _PLAN_SKIP = int(Reason.PLAN_RUN), int(Reason.PLAN_SKIP)
 _NOT_GATED, _FORCED_RUN, _FORCED_SKIP = int(Reason.NOT_GATED), int(Reason.FORCED_RUN), int(Reason.FORCED_SKIP)
 
 
+#: The policies driven by one global threshold plus per-block overrides, by name (the ``--policy`` choices of
+#: ``skipviz predict / audit / bench`` and the dashboard's decision sources).
+THRESHOLD_POLICIES: dict[str, type[GatePolicy]] = {"gates": GatePolicy, "plan": PlanPolicy}
+
+
 def policy_from_config(config: Mapping) -> Policy:
     """Rebuild a policy from :meth:`Policy.config` output (used to reproduce audited runs)."""
     name = config.get("name")

@@ -33,10 +33,8 @@ import torch
 
 from ._env import package_version
 from .network import SkipNetwork, gather_rows, misplaced_rows, scatter_rows_
+from .policies import THRESHOLD_POLICIES as POLICIES
 from .policies import FullPolicy, GatePolicy, PlanPolicy, Policy
-
-#: The policies the latency benchmark can time, by ``--policy`` name.
-POLICIES: dict[str, type[GatePolicy]] = {"gates": GatePolicy, "plan": PlanPolicy}
 
 # ------------------------------------------------------------------------------------------------- devices
 

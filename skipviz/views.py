@@ -27,7 +27,7 @@ from PIL import Image
 from . import DEFAULT_MODEL, create_model
 from ._checkpoint import CheckpointError
 from .network import SkipNetwork
-from .policies import FullPolicy, GatePolicy, Override, PlanPolicy, Policy
+from .policies import THRESHOLD_POLICIES, FullPolicy, Override, Policy
 from .timing import quick_median_ms, synchronize
 from .trace import SampleTrace
 
@@ -184,8 +184,10 @@ def model_card_table(net: SkipNetwork) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------- one input
-#: Where the dashboard's decisions come from: per-block gates, or the plan head at the stem (PlanPolicy).
+#: Where the dashboard's decisions come from (labels of ``policies.THRESHOLD_POLICIES``): per-block gates, or
+#: the plan head at the stem.
 DECISION_SOURCES = {"gates": "per-block gates", "plan": "plan at the stem (every block decided up front)"}
+assert set(DECISION_SOURCES) == set(THRESHOLD_POLICIES)
 
 
 def decision_sources(net: SkipNetwork) -> list[str]:
@@ -202,7 +204,7 @@ def make_policy(net: SkipNetwork, threshold: float, overrides: Mapping[int, Over
     if not net.gated_blocks and not overrides:
         return FullPolicy()
     ov = {int(k): v for k, v in (overrides or {}).items() if v != "auto"}
-    return PlanPolicy(threshold, ov) if source == "plan" and net.plan_head is not None else GatePolicy(threshold, ov)
+    return THRESHOLD_POLICIES[source if net.plan_head is not None else "gates"](threshold, ov)
 
 
 def preprocess(net: SkipNetwork, image: Image.Image) -> torch.Tensor:

@@ -33,3 +33,27 @@ def test_predict_with_a_malicious_weights_file_fails_cleanly(tmp_path, capsys):
     Image.new("RGB", (32, 32)).save(img)
     assert main(["predict", str(img), "--model", "cifar_resnet20", "--weights", str(evil)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_predict_with_the_plan_policy(tmp_path, capsys):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (40, 40), (30, 90, 200)).save(img)
+    assert main(["predict", str(img), "--policy", "plan"]) == 0  # the shipped default model has a plan head
+    out = capsys.readouterr().out
+    assert "'name': 'plan'" in out and "decided at the stem" in out
+    weights = tmp_path / "r20.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model("cifar_resnet20").state_dict().items()}, str(weights))
+    assert main(["predict", str(img), "--model", "cifar_resnet20", "--weights", str(weights), "--policy", "plan"]) == 2
+    assert "no plan head" in capsys.readouterr().err
+
+
+def test_default_policy_reads_each_sources_threshold_from_the_card():
+    import skipviz
+    from skipviz.cli import default_policy_for
+
+    net = create_model(skipviz.DEFAULT_MODEL)
+    card = net.meta.card
+    assert default_policy_for(net, None).config()["threshold"] == card["default_policy"]["threshold"]
+    plan = default_policy_for(net, None, "plan")
+    assert plan.name == "plan" and plan.threshold == card["plan"]["default_threshold"]
+    assert default_policy_for(net, 0.7, "plan").threshold == 0.7
