@@ -108,3 +108,20 @@ def test_assigning_a_plan_head_later_updates_the_flop_table():
     assert net.flop_table().plan == 0
     net.plan_head = PlanHead(16, net.gated_blocks, grid=2, hidden=8)
     assert net.flop_table().plan == 2 * (16 * 4 * 8 + 8 * len(net.gated_blocks))
+
+
+def test_an_audit_under_the_plan_reproduces_bit_for_bit(planned_net, tmp_path):
+    from PIL import Image
+
+    from skipviz.audit import reproduce_many, run_audit
+
+    paths = []
+    for i in range(5):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(p)
+        paths.append(p)
+    run = run_audit(paths, planned_net, PlanPolicy(0.5), db=tmp_path / "a.sqlite", batch_size=4)
+    assert run.policy["name"] == "plan" and len(run.ok_records) == 5
+    assert any("decided at the stem" in b["reason"] for r in run.ok_records for b in r.trace["blocks"])
+    results = reproduce_many(tmp_path / "a.sqlite", [r.record_id for r in run.ok_records], net=planned_net)
+    assert all(r.reproduced for r in results), [r.message for r in results]
