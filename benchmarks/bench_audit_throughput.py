@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> dict:
     cfg = BenchConfig(model=args.model, inputs=args.inputs, seed=0)
     net, model_label = load_bench_model(cfg)
     net.eval()
+    if args.policy == "plan" and net.plan_head is None:
+        raise SystemExit(f"error: {model_label} has no plan head: the plan policy cannot be measured on it")
     x, inputs_label = bench_inputs(net, cfg, args.n)
     rows = []
     for bs in args.batch_sizes:

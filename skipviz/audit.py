@@ -759,7 +759,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("paths", nargs="+", help="image files, folders (recursive) and .zip archives")
     a.add_argument("--model", default=None, help="registered name (default: the embedded default model)")
     a.add_argument("--weights", default=None, help="a .safetensors or weights-only torch file")
-    a.add_argument("--threshold", type=float, default=None, help="gate threshold (default: the model card's)")
+    a.add_argument("--threshold", type=float, default=None,
+                   help="decision threshold (default: the card's threshold for the chosen --policy)")
     add_policy_argument(a)
     a.add_argument("--labels-from-folders", action="store_true",
                    help="the parent folder name is the true class (ImageFolder layout)")

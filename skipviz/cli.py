@@ -21,10 +21,10 @@ def default_policy_for(net, threshold: float | None, policy: str = "gates"):
 
     if policy not in THRESHOLD_POLICIES:
         raise ValueError(f"unknown policy {policy!r}; known: {sorted(THRESHOLD_POLICIES)}")
-    if not net.gated_blocks:
-        return FullPolicy()
     if policy == "plan" and net.plan_head is None:
         raise ValueError(f"{net.meta.display_name} has no plan head: train one with `skipviz train-plan`")
+    if not net.gated_blocks:
+        return FullPolicy()
     if threshold is None:
         card = net.meta.card or {}
         default = card.get("plan", {}).get("default_threshold") if policy == "plan" else \
@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--model", default=None, help="registered name (default: the embedded default model)")
     p.add_argument("--weights", default=None, help="a .safetensors or weights-only torch file")
-    p.add_argument("--threshold", type=float, default=None, help="gate threshold (default: the model card's)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="decision threshold (default: the card's threshold for the chosen --policy)")
     add_policy_argument(p)
     p.set_defaults(func=cmd_predict)
 

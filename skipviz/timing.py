@@ -750,7 +750,12 @@ def _is_mask(values) -> bool:
 
 @dataclass(frozen=True)
 class PredictionCheck:
-    """Predicted vs. measured latency (ms per batch) of one policy run at the profile's batch size."""
+    """Predicted vs. measured latency (ms per batch) of one policy run at the profile's batch size.
+
+    ``decision_free_ms``: the same decisions predicted as if they cost nothing (no gate or plan head);
+    ``full_predicted_ms``: every block run, no decision, by the same model. Their ratio bounds what any
+    decision source could save on this device: :attr:`decision_free_time_saved_fraction`.
+    """
 
     policy: dict
     batch_size: int
@@ -758,6 +763,13 @@ class PredictionCheck:
     predicted_ms: float
     measured_ms: float
     measured_iqr_ms: float
+    decision_free_ms: float = math.nan
+    full_predicted_ms: float = math.nan
+
+    @property
+    def decision_free_time_saved_fraction(self) -> float:
+        """Time the bypassed blocks (and their data movement) account for, as a fraction of the full run."""
+        return 1.0 - self.decision_free_ms / self.full_predicted_ms
 
     @property
     def error_ms(self) -> float:
@@ -786,7 +798,8 @@ def check_prediction(profile: BlockProfile, net: SkipNetwork, x: torch.Tensor, p
         raise ValueError(f"x has {x.shape[0]} samples, not a multiple of the profile's batch size {bs}")
     dev = _net_device(net)
     chunks = [c.contiguous() for c in x.to(dev).split(bs)]
-    preds, blocks = [], []
+    preds, free, blocks = [], [], []
+    no_decisions = np.zeros(net.num_blocks)
     with torch.inference_mode():
         for c in chunks:
             r = net.run(c, policy)
@@ -794,6 +807,7 @@ def check_prediction(profile: BlockProfile, net: SkipNetwork, x: torch.Tensor, p
             for i, rec in enumerate(r.records):
                 ev[i] = 1.0 if rec.gate_evaluated and profile.gated[i] else 0.0
             preds.append(predict_latency(profile, r.executed, ev, planned=policy.decides_up_front))
+            free.append(predict_latency(profile, r.executed, no_decisions))
             blocks.append(float(r.executed.sum(1).double().mean()))
 
     def call() -> None:
@@ -805,7 +819,8 @@ def check_prediction(profile: BlockProfile, net: SkipNetwork, x: torch.Tensor, p
                          batch_size=bs, batches_per_call=len(chunks), min_repeat_s=min_repeat_s)
     return PredictionCheck(policy=policy.config(), batch_size=bs, blocks_executed_mean=float(np.mean(blocks)),
                            predicted_ms=float(np.mean(preds)), measured_ms=st.per_batch_ms,
-                           measured_iqr_ms=st.iqr_ms / len(chunks))
+                           measured_iqr_ms=st.iqr_ms / len(chunks), decision_free_ms=float(np.mean(free)),
+                           full_predicted_ms=predict_latency(profile, np.ones(net.num_blocks), no_decisions))
 
 
 @dataclass(frozen=True)
@@ -962,8 +977,12 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
             check = check_prediction(prof, net, x, pol, warmup=cfg.warmup, repeats=max(2, cfg.repeats // 2),
                                      threads=cfg.threads, min_repeat_s=cfg.min_repeat_s)
             row = tm.to_dict()
+            free_saved = check.decision_free_time_saved_fraction
             row.update(threshold=float(t), predicted_ms=check.predicted_ms,
-                       prediction_measured_ms=check.measured_ms, prediction_relative_error=check.relative_error)
+                       prediction_measured_ms=check.measured_ms, prediction_relative_error=check.relative_error,
+                       decision_free_time_saved_fraction=free_saved,
+                       decision_free_efficiency=(free_saved / tm.flops_saved_fraction
+                                                 if tm.flops_saved_fraction > 0 else None))
             rows.append(row)
             eff = "n/a" if tm.efficiency is None else f"{tm.efficiency:.2f}"
             log(f"batch {bs:4d} threshold {t:.2f}: full {tm.full_ms:.2f} ms, skipped {tm.skipped_ms:.2f} ms, "
@@ -981,7 +1000,9 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
             "notes": "latencies are ms per batch (medians over repeats, interleaved full/skipped/masked); batch 1 "
                      f"is averaged over {cfg.batch1_images} different images; efficiency = time saved fraction / "
                      "FLOPs saved fraction (gate FLOPs counted as spent); masked = every block computed and "
-                     "mixed by the gate, as published SkipNet/ConvNet-AIG code"}
+                     "mixed by the gate, as published SkipNet/ConvNet-AIG code; ceiling: free decisions = the "
+                     "share of the full run's time the bypassed blocks account for, and the efficiency it allows, "
+                     "from the per-block profile (the same decisions at no decision cost)"}
 
 
 def _fmt(v, spec: str) -> str:
@@ -1002,15 +1023,16 @@ def results_markdown(report: dict) -> str:
     lines = [f"# Latency benchmark: {report['model']}, {policy}", "", environment_markdown(report["environment"]),
              f"Inputs: {report['inputs']}.", "",
              "| batch | threshold | blocks run | FLOPs saved | full ms | skipped ms | masked ms | time saved "
-             "| efficiency | masked time saved | predicted ms (err) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| efficiency | masked time saved | predicted ms (err) | ceiling: free decisions |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         lines.append(
             f"| {r['batch_size']} | {r['threshold']:.2f} | {r['blocks_executed_mean']:.2f}/{r['blocks_total']} | "
             f"{r['flops_saved_fraction']:.1%} | {r['full_ms']:.3f} | {r['skipped_ms']:.3f} | "
             f"{_fmt(r['masked_ms'], '.3f')} | {r['time_saved_fraction']:.1%} | {_fmt(r['efficiency'], '.2f')} | "
             f"{_fmt(r['masked_time_saved_fraction'], '.1%')} | {r['predicted_ms']:.3f} "
-            f"({r['prediction_relative_error']:+.1%}) |")
+            f"({r['prediction_relative_error']:+.1%}) | {_fmt(r.get('decision_free_time_saved_fraction'), '.1%')} "
+            f"saved, {_fmt(r.get('decision_free_efficiency'), '.2f')} |")
     lines += ["", "Decision heads (gate heads, all evaluated, or the plan head), share of the full network:", "",
               "| batch | gates | FLOPs share | latency share |", "|---:|---:|---:|---:|"]
     for g in report["gate_cost"]:

@@ -31,10 +31,13 @@ def test_benchmark_runs_end_to_end_on_a_tiny_setting(tmp_path):
         assert 0 <= r["flops_saved_fraction"] < 1 and r["max_abs_logit_diff_masked"] < 1e-3
         if r["flops_saved_fraction"] > 0:
             assert abs(r["efficiency"] - r["time_saved_fraction"] / r["flops_saved_fraction"]) < 1e-9
+            assert r["decision_free_efficiency"] == r["decision_free_time_saved_fraction"] / r["flops_saved_fraction"]
+        assert 0 <= r["decision_free_time_saved_fraction"] < 1
     assert [g["batch_size"] for g in report["gate_cost"]] == [1, 2]
     assert all(g["flops_fraction"] <= 0.02 for g in report["gate_cost"])
     md = (tmp_path / "latency_cpu.md").read_text()
     assert "| batch | threshold |" in md and "efficiency" in md and env["device_name"] in md
+    assert "ceiling: free decisions" in md
     assert "wrote" in proc.stdout
 
 
