@@ -128,8 +128,28 @@ def create_model(name: str, weights: str | os.PathLike | None = None, **kwargs: 
 
 def _load_file(model, path: Path, weights_name: str, card: dict) -> None:
     state = load_state_dict(path)
+    _add_plan_head_for(model, state)
     apply_state_dict(model, state, source=path.name)
     model.meta.weights_name = weights_name
     model.meta.weights_path = str(path)
     model.meta.weights_sha256 = sha256_file(path)
     model.meta.card = card
+
+
+def _add_plan_head_for(model, state: dict) -> None:
+    """Give ``model`` the plan head a weights file carries (``plan_head.*``), sized from the file's tensors, when
+    it was built without one: the shipped default's file loads into a plain ``create_model(arch, weights=...)``
+    or a dashboard upload. A head that cannot fit (other channels or gated blocks) is left to
+    :func:`apply_state_dict` to report."""
+    import math
+
+    from .network import PlanHead
+
+    w1, w2 = state.get("plan_head.fc1.weight"), state.get("plan_head.fc2.weight")
+    if w1 is None or w2 is None or getattr(model, "plan_head", None) is not None or not model.gated_blocks:
+        return
+    channels = model.blocks[0].in_channels
+    grid = int(round(math.sqrt(w1.shape[1] / channels)))
+    if grid < 1 or grid * grid * channels != w1.shape[1] or w2.shape[0] != len(model.gated_blocks):
+        return
+    model.plan_head = PlanHead(channels, model.gated_blocks, grid, w1.shape[0])

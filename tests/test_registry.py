@@ -1,6 +1,8 @@
 """The registry: one entry point, metadata that travels with the model, no downloads."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -59,3 +61,18 @@ def test_missing_pretrained_file_says_how_to_make_it(tmp_path, monkeypatch):
     monkeypatch.setenv("SKIPVIZ_DATA_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="README"):
         create_model("cifar_resnet56.cifar10_gated")
+
+
+def test_a_weights_file_with_a_plan_head_loads_into_the_plain_architecture(tmp_path):
+    import skipviz
+    from skipviz import PlanPolicy, views
+
+    shipped = create_model(skipviz.DEFAULT_MODEL)
+    path = Path(shipped.meta.weights_path)
+    plain = create_model("cifar_resnet20", weights=path)  # no card kwargs: the head is sized from the file
+    assert plain.plan_head is not None and plain.plan_head.gated_blocks == shipped.gated_blocks
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(plain.run(x, PlanPolicy(0.5)).executed, shipped.run(x, PlanPolicy(0.5)).executed)
+    uploaded = views.load_uploaded_weights("cifar_resnet20", path.read_bytes(), path.name)  # the Model page
+    assert uploaded.net.plan_head is not None and views.decision_sources(uploaded.net) == ["gates", "plan"]
