@@ -66,8 +66,8 @@ if cur is not None:
                                         "MFLOPs": st.column_config.NumberColumn(format="%.2f"),
                                         "latency (ms)": st.column_config.NumberColumn(format="%.3f")})
             st.caption(f"Latency measured on {lat.device}, batch 1, median of {lat.repeats} runs; per-block time "
-                       "replays the skipped run's decisions (block or bypass, plus its gate; a plan decided at the stem "
-                       "counts with the first block).")
+                       "replays the skipped run's decisions (block or bypass, plus its gate; a plan decided at the "
+                       "stem counts with the first block).")
             extra = _shared.inspect_extras()
             for render in extra:
                 render(net, x, tr)

@@ -265,11 +265,11 @@ class PlanPolicy(GatePolicy):
     stem's output and gives every gated block an execute probability at once; block i runs for a sample when
     its probability >= ``threshold_i`` (global threshold, per-block overrides as in :class:`GatePolicy`).
 
-    One small head and one device-to-host read per batch, instead of a gate head and a read per block: at
-    batch 1 the block loop does no policy work at all. As for :class:`GatePolicy`, a batch of one compares a
-    float64 probability finished on the host, a batch a float32 one: they can decide differently only for a
-    probability within float rounding (~1e-7) of the threshold. The plan cannot react to what the blocks compute, so at
-    equal compute it is usually a little less accurate than per-block gates (model card, ``plan`` section).
+    One small head and one device-to-host read per batch, instead of a gate head and a read per block: at batch 1
+    the block loop does no policy work at all. As for :class:`GatePolicy`, a batch of one compares a float64
+    probability finished on the host, a batch a float32 one: they can decide differently only for a probability
+    within float rounding (~1e-7) of the threshold. The plan cannot react to what the blocks compute, so at equal
+    compute it is usually a little less accurate than per-block gates (model card, ``plan`` section).
     """
 
     name = "plan"

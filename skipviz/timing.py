@@ -482,17 +482,17 @@ class BlockProfile:
 
     ``block_ms[i]``: block i run on the whole batch; ``bypass_ms[i]``: its bypass; ``gate_ms[i]``: the gate
     decision (gate head + sigmoid + threshold, as ``GatePolicy.decide``), 0 for blocks without a gate;
-    ``mix_ms[i]``: the gather/scatter of a half-and-half split, what a downsampling block's mixed batch costs
-    (0 at batch 1 and for identity blocks, which swap rows instead; older profiles timed it for every block); ``swap_ms[i]``: per misplaced row, the row swap that makes an identity block's
-    executing rows contiguous (:meth:`SkipNetwork._run_contiguous`; 0 for downsampling blocks and at batch 1,
-    empty in profiles recorded before it existed); ``block_half_ms[i]``: block i on the first half of the batch
-    (the cost of a sub-batch is not linear in its rows: on CPU a whole batch of 256 spills the caches that half
-    of it fits; 0 at batch 1, empty in older profiles); ``engine_ms``: the fixed per-run cost of
-    :meth:`SkipNetwork.run` over the plain forward, ``max(0, full_run_ms - full_ms)`` (older profiles: over
-    the sum of the parts); ``full_ms``: the plain full forward, measured; ``block_scale``: how much slower the
-    blocks run inside a forward than one by one on warm caches, ``max(1, (full_ms - stem_ms - head_ms) /
-    sum(block_ms))`` (clamped at 1: a forward faster than its parts is predicted from the parts; 1.0 in older
-    profiles).
+    ``mix_ms[i]``: the gather/scatter of a half-and-half split, what a downsampling block's mixed batch costs (0 at
+    batch 1 and for identity blocks, which swap rows instead; older profiles timed it for every block);
+    ``swap_ms[i]``: per misplaced row, the row swap that makes an identity block's executing rows contiguous
+    (:meth:`SkipNetwork._run_contiguous`; 0 for downsampling blocks and at batch 1, empty in profiles recorded
+    before it existed); ``block_half_ms[i]``: block i on the first half of the batch (the cost of a sub-batch is
+    not linear in its rows: on CPU a whole batch of 256 spills the caches that half of it fits; 0 at batch 1, empty
+    in older profiles); ``engine_ms``: the fixed per-run cost of :meth:`SkipNetwork.run` over the plain forward,
+    ``max(0, full_run_ms - full_ms)`` (older profiles: over the sum of the parts); ``full_ms``: the plain full
+    forward, measured; ``block_scale``: how much slower the blocks run inside a forward than one by one on warm
+    caches, ``max(1, (full_ms - stem_ms - head_ms) / sum(block_ms))`` (clamped at 1: a forward faster than its
+    parts is predicted from the parts; 1.0 in older profiles).
     """
 
     model: str
@@ -706,11 +706,11 @@ def predict_latency(profile: BlockProfile, executed, gates_evaluated=None, plann
         gates_evaluated: like ``executed`` for gate evaluation (default: every gated block's gate runs).
         planned: the decisions come from the plan head (:class:`~skipviz.policies.PlanPolicy`): its time
             (``plan_ms``) is counted once and no gate is evaluated.
-    Model: stem + head + engine overhead + per block: all run -> block time; none -> bypass time; a fraction
-    p -> the block on that share of the rows (:meth:`BlockProfile.block_rows_ms`) plus the data movement: for an identity block the swap of its m misplaced rows
-    (``m * swap_ms``; m replayed from an (N, L) mask with :func:`~skipviz.network.misplaced_rows`, else
-    estimated as ``SWAP_FRACTION_ESTIMATE * min(k, N - k)``), for a downsampling block the gather/scatter and
-    the bypass of the other rows; plus the gate decisions.
+    Model: stem + head + engine overhead + per block: all run -> block time; none -> bypass time; a fraction p ->
+    the block on that share of the rows (:meth:`BlockProfile.block_rows_ms`) plus the data movement: for an
+    identity block the swap of its m misplaced rows (``m * swap_ms``; m replayed from an (N, L) mask with
+    :func:`~skipviz.network.misplaced_rows`, else estimated as ``SWAP_FRACTION_ESTIMATE * min(k, N - k)``), for a
+    downsampling block the gather/scatter and the bypass of the other rows; plus the gate decisions.
     """
     p = _fractions(profile, executed, "executed")
     if planned:

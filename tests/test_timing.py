@@ -9,8 +9,8 @@ import torch
 
 from skipviz import EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy
 from skipviz.timing import (SWAP_FRACTION_ESTIMATE, BenchConfig, BlockProfile, check_prediction, device_info,
-                            gate_cost, measure_interleaved, measure_latency, predict_latency, profile_blocks, resolve_device, results_markdown,
-                            run_masked, time_policy)
+                            gate_cost, measure_interleaved, measure_latency, predict_latency, profile_blocks,
+                            resolve_device, results_markdown, run_masked, time_policy)
 
 FAST = dict(warmup=1, repeats=3, min_repeat_s=0.0)  # one call per repeat: keeps the suite fast
 
