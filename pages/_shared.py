@@ -117,13 +117,23 @@ def decision_source(net) -> str:
     return source if source in offered else offered[0]
 
 
-def source_picker(net, key: str) -> str:
-    """A radio choosing where decisions come from, shown only when the model offers more than one."""
+THRESHOLD_SLIDERS = ("inspect_threshold", "thresholds_threshold")
+
+
+def source_picker(lm: views.LoadedModel, key: str) -> str:
+    """A radio choosing where decisions come from, shown only when the model offers more than one. Switching
+    source moves the threshold to that source's card default (the sliders take it up on this run)."""
+    net = lm.net
     offered = views.decision_sources(net)
     if len(offered) < 2:
         return decision_source(net)
-    source = st.radio("Decisions from", offered, index=offered.index(decision_source(net)), horizontal=True,
+    previous = decision_source(net)
+    source = st.radio("Decisions from", offered, index=offered.index(previous), horizontal=True,
                       key=key, format_func=lambda s: views.DECISION_SOURCES[s])
+    if source != previous:
+        st.session_state["sv_threshold"] = lm.default_threshold_for(source)
+        for slider in THRESHOLD_SLIDERS:  # not rendered yet on this run: recreated from sv_threshold
+            st.session_state.pop(slider, None)
     st.session_state["sv_decisions"] = source
     return source
 

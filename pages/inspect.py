@@ -26,7 +26,7 @@ if cur is not None:
     with right:
         @st.fragment
         def live_view() -> None:
-            source = _shared.source_picker(net, "inspect_source")
+            source = _shared.source_picker(lm, "inspect_source")
             t = st.slider("Gate threshold (a block runs when its gate probability >= threshold)", 0.0, 1.0,
                           value=_shared.threshold(lm.default_threshold_for(source)), step=0.05,
                           key="inspect_threshold")

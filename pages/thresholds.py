@@ -15,7 +15,7 @@ if not net.gated_blocks:
     st.info(f"{net.meta.display_name} has no gate heads: every block always runs unless forced to skip below.")
 
 cur = _shared.current_image()
-source = _shared.source_picker(net, "thresholds_source")
+source = _shared.source_picker(lm, "thresholds_source")
 sweep = _shared.calibration_sweep(model_key, lm, source)
 st.caption(f"Calibration set: {sweep.calib.source}. Precomputed once per process for every slider value "
            f"({len(sweep.points)} thresholds) on {sweep.device}; per-block overrides are computed on demand and "

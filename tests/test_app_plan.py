@@ -50,9 +50,15 @@ def test_inspect_switches_to_the_plan(shipped_env):
     assert list(frame(at, "blocks")["decision"]) == decisions(net, GatePolicy(0.5))
     at.radio(key="inspect_source").set_value("plan").run()
     assert not at.exception
+    plan_default = net.meta.card["plan"]["default_threshold"]
+    assert at.slider(key="inspect_threshold").value == plan_default  # the plan's own operating point
+    table = frame(at, "blocks")
+    assert list(table["decision"]) == decisions(net, PlanPolicy(plan_default))
+    at.slider(key="inspect_threshold").set_value(0.5).run()
     table = frame(at, "blocks")
     assert list(table["decision"]) == decisions(net, PlanPolicy(0.5))
     assert any("decided at the stem" in r for r in table["reason"])
     assert metric(at, "Blocks fired").endswith(f"/{net.num_blocks}")
-    at.switch_page("pages/thresholds.py").run()  # the choice holds on the Thresholds page, sweep included
+    at.switch_page("pages/thresholds.py").run()  # the choice and the threshold hold on the Thresholds page
     assert not at.exception and at.radio(key="thresholds_source").value == "plan"
+    assert at.slider(key="thresholds_threshold").value == 0.5
