@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from skipviz.policies import THRESHOLD_POLICIES  # noqa: E402
 from skipviz.audit import default_audit_batch_size, measure_throughput  # noqa: E402
-from skipviz.timing import (BenchConfig, bench_inputs, device_info, environment_markdown,  # noqa: E402
-                            load_bench_model, write_results)
+from skipviz.timing import (BenchConfig, bench_inputs, device_info, load_bench_model,  # noqa: E402
+                            report_header, write_results)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -63,9 +63,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Audit throughput: {report['model']}, policy {report.get('policy', 'gates')}", "",
-             environment_markdown(report["environment"]),
-             f"Inputs: {report['inputs']}; {report['settings']['rounds']} rounds.", "",
+    lines = report_header(f"Audit throughput, policy {report.get('policy', 'gates')}", report,
+                          f"{report['settings']['rounds']} rounds") + [
              "| batch | threshold | FLOPs executed | full img/s | skipped img/s | with shadow img/s | speedup "
              "| ideal | efficiency (IQR) | target met |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---|"]

@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from skipviz import GatePolicy, inference_folding  # noqa: E402
 from skipviz.network import SkipNetwork  # noqa: E402
-from skipviz.timing import (BenchConfig, bench_inputs, device_info, environment_markdown,  # noqa: E402
-                            load_bench_model, measure_interleaved, write_results)
+from skipviz.timing import (BenchConfig, add_engine_bench_arguments, bench_inputs, device_info,  # noqa: E402
+                            load_bench_model, measure_interleaved, report_header, write_results)
 
 VARIANTS = {"modules": False, "folded": True}
 
@@ -108,9 +108,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Inference folding (BatchNorm into convolutions): {report['model']}", "",
-             environment_markdown(report["environment"]),
-             f"Inputs: {report['inputs']}; skipped run at gate threshold {report['settings']['threshold']:.2f}.", "",
+    lines = report_header("Inference folding (BatchNorm into convolutions)", report,
+                          f"skipped run at gate threshold {report['settings']['threshold']:.2f}") + [
              "| batch | full modules ms | full folded ms | speedup | skipped modules ms | skipped folded ms | speedup "
              "| max abs logit diff | decisions agree |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
@@ -124,16 +123,10 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="registered model (default: the default model, else random init)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
+    add_engine_bench_arguments(p, ROOT / "benchmarks" / "results", warmup=2,
+                               quick_help="tiny smoke setting: batch 1 (2 images) and 4, 2 repeats")
     p.add_argument("--batch1-images", type=int, default=32, help="images timed one by one at batch 1")
-    p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--inputs", default="auto", choices=["auto", "cifar10", "random"])
-    p.add_argument("--quick", action="store_true", help="tiny smoke setting: batch 1 (2 images) and 4, 2 repeats")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.batch1_images, args.repeats, args.warmup = [1, 4], 2, 2, 1

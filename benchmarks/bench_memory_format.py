@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from skipviz import GatePolicy  # noqa: E402
 from skipviz.network import SkipNetwork  # noqa: E402
-from skipviz.timing import (BenchConfig, bench_inputs, device_info, environment_markdown,  # noqa: E402
-                            load_bench_model, write_results)
+from skipviz.timing import (BenchConfig, add_engine_bench_arguments, bench_inputs, device_info,  # noqa: E402
+                            load_bench_model, report_header, write_results)
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Memory layout: {report['model']}", "", environment_markdown(report["environment"]),
-             f"Inputs: {report['inputs']}; skipped run at gate threshold {report['settings']['threshold']:.2f}.", "",
+    lines = report_header("Memory layout", report,
+                          f"skipped run at gate threshold {report['settings']['threshold']:.2f}") + [
              "| batch | full NCHW ms | full channels-last ms | speedup | skipped NCHW ms | skipped channels-last ms "
              "| speedup |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
@@ -105,15 +105,9 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="registered model (default: the default model, else random init)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
-    p.add_argument("--threshold", type=float, default=0.5)
+    add_engine_bench_arguments(p, ROOT / "benchmarks" / "results", warmup=3,
+                               quick_help="tiny smoke setting: batch 1 and 4, 1 round")
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--inputs", default="auto", choices=["auto", "cifar10", "random"])
-    p.add_argument("--quick", action="store_true", help="tiny smoke setting: batch 1 and 4, 1 round")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.rounds, args.warmup = [1, 4], 1, 1

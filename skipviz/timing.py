@@ -559,17 +559,15 @@ class BlockProfile:
         return pd.DataFrame(rows)
 
 
-def _gather_scatter(h: torch.Tensor, out_like: torch.Tensor, run_idx: torch.Tensor, skip_idx: torch.Tensor,
-                    downsample: bool) -> torch.Tensor:
-    """The data movement of a mixed block in :meth:`SkipNetwork._apply_block`, without the block's maths."""
-    sub = gather_rows(h, run_idx)
-    ran = out_like[: run_idx.numel()]
-    if not downsample:
-        return scatter_rows_(h.clone(), run_idx, ran) if sub.numel() else h
-    skipped = out_like[: skip_idx.numel()]
+def _gather_scatter(h: torch.Tensor, out_like: torch.Tensor, run_idx: torch.Tensor,
+                    skip_idx: torch.Tensor) -> torch.Tensor:
+    """The data movement of a mixed downsampling block in :meth:`SkipNetwork._apply_block`, without the
+    block's maths (identity blocks swap rows instead: ``swap_ms``)."""
+    gather_rows(h, run_idx)
     gather_rows(h, skip_idx)
     out = torch.empty_like(out_like)
-    return scatter_rows_(scatter_rows_(out, run_idx, ran), skip_idx, skipped)
+    return scatter_rows_(scatter_rows_(out, run_idx, out_like[: run_idx.numel()]), skip_idx,
+                         out_like[: skip_idx.numel()])
 
 
 def profile_blocks(net: SkipNetwork, batch_size: int = 1, device: str | torch.device | None = None,
@@ -624,8 +622,7 @@ def profile_blocks(net: SkipNetwork, batch_size: int = 1, device: str | torch.de
                 bypass_ms.append(timed(lambda: block.bypass(hi), f"bypass{i}"))
                 out = block(hi)
                 if bs > 1 and block.downsample:  # identity blocks swap rows instead (swap_ms)
-                    mix_ms.append(timed(lambda: _gather_scatter(hi, out, run_idx, skip_idx, block.downsample),
-                                        f"mix{i}"))
+                    mix_ms.append(timed(lambda: _gather_scatter(hi, out, run_idx, skip_idx), f"mix{i}"))
                 else:
                     mix_ms.append(0.0)
                 if bs >= 2 * n_swap and not block.downsample:
@@ -1016,6 +1013,26 @@ def environment_markdown(env: dict) -> str:
             f"{env['python_version']}; {env['date']}; 1-min load average at the end {env['load_average_1min']}.")
 
 
+def report_header(title: str, report: dict, inputs_note: str) -> list[str]:
+    """The first lines every benchmark's Markdown shares: ``# title: model``, where it ran, the inputs."""
+    return [f"# {title}: {report['model']}", "", environment_markdown(report["environment"]),
+            f"Inputs: {report['inputs']}; {inputs_note}.", ""]
+
+
+def add_engine_bench_arguments(p: argparse.ArgumentParser, out_dir: str | Path, warmup: int = 3,
+                               quick_help: str = "tiny smoke setting") -> None:
+    """The options shared by the engine-variant benchmarks (``bench_memory_format.py``, ``bench_fold_bn.py``):
+    model, batch sizes, gate threshold of the skipped run, warm-up, threads, inputs, ``--quick``, output folder."""
+    p.add_argument("--model", default=None, help="registered model (default: the default model, else random init)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
+    p.add_argument("--threshold", type=float, default=0.5, help="gate threshold of the skipped run")
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--inputs", default="auto", choices=["auto", "cifar10", "random"])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out", default=str(out_dir))
+
+
 def results_markdown(report: dict) -> str:
     """The benchmark's Markdown table (one row per batch size x threshold) plus gate cost and environment."""
     policy = {"gates": "per-block gates (GatePolicy)", "plan": "plan head, every block decided at the stem "
@@ -1119,6 +1136,7 @@ def add_cli(subparsers) -> None:
 
 
 __all__ = ["BenchConfig", "BlockProfile", "DeviceInfo", "GateCost", "LatencyStats", "PolicyTiming",
-           "PredictionCheck", "add_cli", "check_prediction", "device_info", "gate_cost", "measure_interleaved",
-           "measure_latency", "predict_latency", "profile_blocks", "random_gated_model", "resolve_device",
-           "results_markdown", "run_benchmark", "run_masked", "time_policy", "write_results"]
+           "PredictionCheck", "add_cli", "add_engine_bench_arguments", "check_prediction", "device_info", "gate_cost",
+           "measure_interleaved", "measure_latency", "predict_latency", "profile_blocks", "random_gated_model",
+           "report_header", "resolve_device", "results_markdown", "run_benchmark", "run_masked", "time_policy",
+           "write_results"]

@@ -324,11 +324,11 @@ class PlanConfig:
 
 
 @torch.no_grad()
-def plan_targets(net: SkipNetwork, data: TensorDataset, teacher_threshold: float, grid: int,
+def plan_targets(net: SkipNetwork, head: PlanHead, data: TensorDataset, teacher_threshold: float,
                  batch_size: int = 500, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(features (N, C0 * grid^2), targets (N, G))``: each image's stem output average-pooled to ``grid`` x
-    ``grid`` (what :class:`PlanHead` reads) and the gate probabilities of the G gated blocks in a skipped run
-    of ``net`` under ``GatePolicy(teacher_threshold)``."""
+    """``(features (N, C0 * grid^2), targets (N, G))``: what ``head`` reads for each image
+    (:meth:`PlanHead.features` of the stem output) and the gate probabilities of the G gated blocks in a
+    skipped run of ``net`` under ``GatePolicy(teacher_threshold)``."""
     from .policies import GatePolicy
 
     device = next(net.parameters()).device
@@ -336,7 +336,7 @@ def plan_targets(net: SkipNetwork, data: TensorDataset, teacher_threshold: float
     feats, targets = [], []
     for i in tqdm(range(0, len(data), batch_size), desc="plan targets", disable=not progress, leave=False):
         x = normalize(data.images[i: i + batch_size].to(device), net.meta.mean, net.meta.std)
-        feats.append(F.adaptive_avg_pool2d(net._stem(x), grid).flatten(1).float().cpu())  # PlanHead.features
+        feats.append(head.features(net._stem(x)).float().cpu())
         targets.append(net.run(x, GatePolicy(teacher_threshold)).scores[:, gated].float().cpu())
     return torch.cat(feats), torch.cat(targets)
 
@@ -396,8 +396,8 @@ def export_plan(cfg: PlanConfig, progress: bool = True, dest: Path | None = None
     train_set, val_set, test_set = load_data(TrainConfig(arch=cfg.arch, data_root=cfg.data_root,
                                                          val_size=cfg.val_size, seed=cfg.seed,
                                                          limit_train=cfg.limit_train))
-    tr_f, tr_t = plan_targets(net, train_set, cfg.teacher_threshold, cfg.grid, progress=progress)
-    va_f, va_t = plan_targets(net, val_set, cfg.teacher_threshold, cfg.grid, progress=progress)
+    tr_f, tr_t = plan_targets(net, head, train_set, cfg.teacher_threshold, progress=progress)
+    va_f, va_t = plan_targets(net, head, val_set, cfg.teacher_threshold, progress=progress)
     losses = fit_plan_head(head.cpu(), tr_f, tr_t, cfg, progress=progress)
     with torch.no_grad():
         va_logits = head.fc2(F.relu(head.fc1(va_f)))
