@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import threading
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -75,10 +76,26 @@ def _sigmoid(v: float) -> float:
     return 1.0 / (1.0 + math.exp(-v)) if v >= 0.0 else math.exp(v) / (1.0 + math.exp(v))
 
 
-def _fold_key(tensors: Sequence[torch.Tensor | None]) -> tuple:
-    """Identity of a set of tensors' contents: object, storage and in-place version of each. Any change
-    (replaced, moved or cast, updated in place, e.g. by ``load_state_dict``) gives a different key."""
-    return tuple((id(t), t.data_ptr(), t._version) if t is not None else None for t in tensors)
+class _Fold:
+    """A cache entry of folded inference weights: the source tensors they were computed from (held, so that no
+    later tensor can take a freed one's ``id`` or memory and pass for it), each one's storage address and
+    in-place version at fold time, an extra key (input size, dtype...) and the folded ``values``."""
+
+    __slots__ = ("sources", "state", "extra", "values")
+
+    def __init__(self, sources: tuple, extra: tuple, values: tuple) -> None:
+        self.sources, self.state, self.extra, self.values = sources, _fold_state(sources), extra, values
+
+    def valid_for(self, sources: tuple, extra: tuple = ()) -> bool:
+        """Whether ``sources`` are the same tensors with the same contents: not replaced, moved, cast or updated
+        in place (``load_state_dict`` copies in place) since the fold."""
+        return (extra == self.extra and all(map(operator.is_, sources, self.sources))
+                and _fold_state(sources) == self.state)
+
+
+def _fold_state(tensors: Sequence[torch.Tensor | None]) -> tuple:
+    """Storage address and in-place version counter of each tensor (``None`` stays ``None``)."""
+    return tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
 
 
 _FOLDING: ContextVar[bool] = ContextVar("skipviz_inference_folding", default=True)
@@ -110,17 +127,17 @@ def folded_conv_bn_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.T
     Cached on ``conv`` until any of its six source tensors is replaced, moved, cast or changed in place.
     """
     p, bp, bb = conv._parameters, bn._parameters, bn._buffers  # dict reads: no nn.Module.__getattr__ (hot path)
-    key = _fold_key((p["weight"], p["bias"], bp["weight"], bp["bias"], bb["running_mean"], bb["running_var"]))
-    cache = conv.__dict__.get("_skipviz_folded")
-    if cache is None or cache[0] != key:
+    sources = (p["weight"], p["bias"], bp["weight"], bp["bias"], bb["running_mean"], bb["running_var"])
+    cache: _Fold | None = conv.__dict__.get("_skipviz_folded")
+    if cache is None or not cache.valid_for(sources):
         with torch.no_grad():
             w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
                                         bn.weight, bn.bias)
             layout = (torch.channels_last if conv.weight.dim() == 4 and not conv.weight.is_contiguous()
                       and conv.weight.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
-            cache = (key, w.detach().contiguous(memory_format=layout), b.detach())
+            cache = _Fold(sources, (), (w.detach().contiguous(memory_format=layout), b.detach()))
         conv.__dict__["_skipviz_folded"] = cache  # a plain attribute: not a parameter, not in the state dict
-    return cache[1], cache[2]
+    return cache.values
 
 
 def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
@@ -163,8 +180,9 @@ class GateHead(nn.Module):
         self.bn = nn.BatchNorm1d(hidden)
         self.fc2 = nn.Linear(hidden, 1)
         nn.init.constant_(self.fc2.bias, init_bias)  # start with every block executing
-        # inference fast path: (key, w1 (C, hidden), b1 (hidden,), w2 (hidden, 1), b2 (1,), w2 as floats, b2 float)
-        self._folded: tuple | None = None
+        # inference fast path (_folded_weights): w1 (C, hidden), b1 (hidden,), w2 (hidden, 1), b2 (1,), w2 as
+        # floats, b2 as a float
+        self._folded: _Fold | None = None
 
     def folds(self) -> bool:
         """Whether calls take the folded inference path (eval mode, running statistics, autograd off, folding
@@ -173,7 +191,7 @@ class GateHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.folds():
-            _, w1, b1, w2, b2, _, _ = self._folded_weights(h)
+            w1, b1, w2, b2, _, _ = self._folded_weights(h)
             return torch.addmm(b2, torch.addmm(b1, h.sum((2, 3)), w1).relu_(), w2).squeeze(1)
         z = F.relu(self.bn(self.fc1(h.mean((2, 3)))))
         return self.fc2(z).squeeze(1)
@@ -190,7 +208,7 @@ class GateHead(nn.Module):
             raise ValueError(f"a batch of one is expected, got {h.shape[0]}")
         if not self.folds():
             return float(torch.sigmoid(self(h)).detach().item())
-        _, w1, b1, _, _, w2, b2 = self._folded_weights(h)
+        w1, b1, _, _, w2, b2 = self._folded_weights(h)
         z = torch.addmm(b1, h.sum((2, 3)), w1).tolist()[0]
         return _sigmoid(b2 + sum(w * a for w, a in zip(w2, z) if a > 0.0))
 
@@ -203,19 +221,20 @@ class GateHead(nn.Module):
         m = self._modules  # plain dict reads: no nn.Module.__getattr__ on the hot path
         p1, p2, bn = m["fc1"]._parameters, m["fc2"]._parameters, m["bn"]
         pb, bb = bn._parameters, bn._buffers
-        tensors = (p1["weight"], p1["bias"], pb["weight"], pb["bias"], bb["running_mean"], bb["running_var"],
+        sources = (p1["weight"], p1["bias"], pb["weight"], pb["bias"], bb["running_mean"], bb["running_var"],
                    p2["weight"], p2["bias"])
-        key = (h.shape[2] * h.shape[3], h.dtype, *map(id, tensors), *[t._version for t in tensors])
+        extra = (h.shape[2] * h.shape[3], h.dtype)
         cache = self._folded
-        if cache is None or cache[0] != key:
+        if cache is None or not cache.valid_for(sources, extra):
             fc1, bn, fc2 = self.fc1, self.bn, self.fc2
             with torch.no_grad():
                 scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-                w1 = (fc1.weight * (scale / key[0]).unsqueeze(1)).to(h.dtype).t().contiguous()
+                w1 = (fc1.weight * (scale / extra[0]).unsqueeze(1)).to(h.dtype).t().contiguous()
                 b1 = ((fc1.bias - bn.running_mean) * scale + bn.bias).to(h.dtype)
                 w2, b2 = fc2.weight.to(h.dtype).t().contiguous(), fc2.bias.to(h.dtype)
-                cache = self._folded = (key, w1, b1, w2, b2, fc2.weight[0].double().tolist(), float(fc2.bias))
-        return cache
+                cache = self._folded = _Fold(sources, extra, (w1, b1, w2, b2, fc2.weight[0].double().tolist(),
+                                                              float(fc2.bias)))
+        return cache.values
 
     def _apply(self, fn, *args, **kwargs):
         self._folded = None  # moved or cast: fold again on the next inference call

@@ -9,7 +9,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from skipviz import (EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy, create_model)
 from skipviz.models.torchvision_resnet import wrap_torchvision
-from skipviz.network import (SkipNetwork, _densest_window, conv_bn, count_flops, gather_rows, inference_folding,
+from skipviz.network import (GateHead, SkipNetwork, _densest_window, conv_bn, count_flops, gather_rows, inference_folding,
                              misplaced_rows, scatter_rows_)
 
 from conftest import varied_images
@@ -64,7 +64,7 @@ def test_inference_folds_batchnorm_and_matches_the_module_path(tiny_net, batch):
     assert torch.allclose(skipped, reference_forward(tiny_net, batch, {1, 4}, fold=False), atol=1e-4, rtol=1e-5)
     conv_weight = tiny_net.stem[0].weight
     assert conv_weight.is_contiguous(memory_format=torch.channels_last)
-    assert tiny_net.stem[0]._skipviz_folded[1].is_contiguous(memory_format=torch.channels_last)
+    assert tiny_net.stem[0]._skipviz_folded.values[0].is_contiguous(memory_format=torch.channels_last)
 
 
 @torch.no_grad()
@@ -98,6 +98,26 @@ def test_folded_weights_follow_every_change_of_the_modules():
         assert out.dtype == torch.float64 and torch.allclose(out, bn(conv(x.double())), atol=1e-10)
     bn.train()  # training mode: the batch's statistics, never a fold
     assert torch.equal(conv_bn(x.double(), conv, bn), bn(conv(x.double())))
+
+
+@torch.no_grad()
+def test_folded_weights_follow_rebuilt_parameters():
+    # a freed tensor's id and memory can be reused by the next one of the same size, at version 0 again: the
+    # cache holds its sources, so a replacement is always a different object and is folded afresh
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4).eval()
+    gate = GateHead(4, hidden=3).eval()
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(20):
+        del conv.weight, gate.fc1.weight  # freed first, as when a module is rebuilt
+        conv.weight = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
+        bn.running_mean = torch.randn(4)
+        assert torch.allclose(conv_bn(x, conv, bn), bn(conv(x)), atol=1e-5)
+        gate.fc1.weight = torch.nn.Parameter(torch.randn(3, 4))
+        h = conv(x)
+        with inference_folding(False):
+            expected = gate(h)
+        assert torch.allclose(gate(h), expected, atol=1e-5)
 
 
 @torch.no_grad()
