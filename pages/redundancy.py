@@ -10,7 +10,8 @@ st.title("🧩 Inter-layer redundancy")
 model_key, lm = _shared.current_model()
 _shared.model_banner(lm)
 net = lm.net
-sweep = _shared.calibration_sweep(model_key, lm)
+source = _shared.decision_source(net)  # the comparison row follows the session's decisions (Inspect, Thresholds)
+sweep = _shared.calibration_sweep(model_key, lm, source)
 calib = sweep.calib
 
 methods = redundancy.available_methods(net)
@@ -55,9 +56,11 @@ def policy_view() -> None:
     policy = base.with_q(q)
     st.plotly_chart(figures.kl_policy_scores(policy), key="kl_scores", width="stretch")
     kl_point = views.evaluate_calibration(net, calib, policy, sweep.full.predictions)
-    gate_point = sweep.point_for(net, _shared.threshold(lm.default_threshold), _shared.overrides())
-    st.dataframe(views.compare_points({"KL policy (q={:.2f})".format(q): kl_point,
-                                       "learned gates (current threshold)": gate_point, "full": sweep.full}),
+    t = _shared.threshold(lm.default_threshold_for(source))
+    current = sweep.point_for(net, t, _shared.overrides())
+    st.dataframe(views.compare_points({f"KL policy (q={q:.2f})": kl_point,
+                                       f"{views.DECISION_SOURCES[source]} (current threshold {t:.2f})": current,
+                                       "full": sweep.full}),
                  hide_index=True)
     st.dataframe(policy.to_dataframe(), hide_index=True)
 

@@ -62,3 +62,11 @@ def test_inspect_switches_to_the_plan(shipped_env):
     at.switch_page("pages/thresholds.py").run()  # the choice and the threshold hold on the Thresholds page
     assert not at.exception and at.radio(key="thresholds_source").value == "plan"
     assert at.slider(key="thresholds_threshold").value == 0.5
+    at.switch_page("pages/redundancy.py").run()  # its comparison row is the session's policy, not the gates
+    assert not at.exception
+    table = [d.value for d in at.dataframe if "agreement with full" in d.value.columns][0]
+    row = table[table["policy"].str.startswith(views.DECISION_SOURCES["plan"])]
+    assert list(row["policy"]) == [f"{views.DECISION_SOURCES['plan']} (current threshold 0.50)"]
+    calib = views.load_calibration(net, 16)
+    expected = views.evaluate_calibration(net, calib, PlanPolicy(0.5))
+    assert float(row["FLOPs cut"].iloc[0]) == pytest.approx(1.0 - expected.flops_fraction)
