@@ -4,7 +4,8 @@
 
 Prints and writes (``benchmarks/results/default_model.{json,md}``): the full network's accuracy, the gated
 network at the model card's default threshold (accuracy, drop, FLOPs cut, blocks run), the whole gate curve
-(threshold -> accuracy, FLOPs cut), the early-exit curve, mean blocks executed for correct vs wrong
+(threshold -> accuracy, FLOPs cut), the plan head's curve when the model carries one (every gated block
+decided at the stem, ``PlanPolicy``), the early-exit curve, mean blocks executed for correct vs wrong
 predictions and per class. Runs in a few minutes on 2 CPU cores.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from skipviz import DEFAULT_MODEL, FullPolicy, create_model  # noqa: E402
+from skipviz import DEFAULT_MODEL, FullPolicy, PlanPolicy, create_model  # noqa: E402
 from skipviz.data import cifar10_root, load_split  # noqa: E402
 from skipviz.evaluate import blocks_by_outcome, early_exit_policy, evaluate_policy, threshold_curve  # noqa: E402
 from skipviz.train import software_versions  # noqa: E402
@@ -41,6 +42,21 @@ def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], e
     curve, evals = threshold_curve(net, test, thresholds, reference=full, progress=True)
     gated = evals[thresholds.index(default_t)]
     exit_curve, _ = threshold_curve(net, test, exits, make_policy=early_exit_policy, reference=full, progress=True)
+    plan_section: list[str] = []
+    plan_result = None
+    if net.plan_head is not None:
+        plan_t = float(net.meta.card.get("plan", {}).get("default_threshold", 0.5))
+        plan_ts = sorted(set(thresholds) | {plan_t})
+        plan_curve, plan_evals = threshold_curve(net, test, plan_ts, make_policy=PlanPolicy, reference=full,
+                                                 progress=True)
+        planned = plan_evals[plan_ts.index(plan_t)]
+        plan_result = {"default_threshold": plan_t, "at_default": planned.summary(full),
+                       "curve": plan_curve.to_dict(orient="records")}
+        plan_section = ["## Plan threshold curve (plan head at the stem, every gated block decided up front)", "",
+                        f"At the plan's default threshold {plan_t}: **{planned.accuracy:.2%}** (drop "
+                        f"{100 * (full.accuracy - planned.accuracy):.2f} points), **{planned.flops_saved_fraction:.1%}**"
+                        f" of FLOPs skipped (plan head counted), agreement with full {planned.agreement(full):.2%}.",
+                        "", plan_curve.to_markdown(index=False, floatfmt=".4f"), ""]
     outcome, per_class = blocks_by_outcome(gated, test.classes)
     result = {
         "model": model, "weights_sha256": net.meta.weights_sha256, "test_images": len(test),
@@ -48,7 +64,7 @@ def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], e
         "software": software_versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "full_accuracy": full.accuracy, "default_threshold": default_t, "gated": gated.summary(full),
         "blocks_mean_correct": outcome["correct"], "blocks_mean_wrong": outcome["wrong"],
-        "gate_curve": curve.to_dict(orient="records"), "early_exit_curve": exit_curve.to_dict(orient="records"),
+        "gate_curve": curve.to_dict(orient="records"), "plan": plan_result, "early_exit_curve": exit_curve.to_dict(orient="records"),
         "per_class": per_class.to_dict(orient="records"),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +78,7 @@ def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], e
           f"skipped (gate heads counted), {gated.blocks_mean:.2f} of {net.num_blocks} blocks run, agreement with full "
           f"{gated.agreement(full):.2%}",
           f"- Mean blocks run: correct {outcome['correct']:.2f}, wrong {outcome['wrong']:.2f}", "",
-          "## Gate threshold curve", "", curve.to_markdown(index=False, floatfmt=".4f"), "",
+          "## Gate threshold curve", "", curve.to_markdown(index=False, floatfmt=".4f"), "", *plan_section,
           "## Early-exit curve (probe heads)", "", exit_curve.to_markdown(index=False, floatfmt=".4f"), "",
           "## Per class at the default threshold", "", per_class.to_markdown(index=False, floatfmt=".3f"), ""]
     (out_dir / "default_model.md").write_text("\n".join(md))
