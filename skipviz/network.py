@@ -93,9 +93,9 @@ class _Fold:
                 and _fold_state(sources) == self.state)
 
 
-def _fold_state(tensors: Sequence[torch.Tensor | None]) -> tuple:
+def _fold_state(tensors: Sequence[torch.Tensor | None]) -> list:
     """Storage address and in-place version counter of each tensor (``None`` stays ``None``)."""
-    return tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+    return [(t.data_ptr(), t._version) if t is not None else None for t in tensors]  # a list: built fastest
 
 
 _FOLDING: ContextVar[bool] = ContextVar("skipviz_inference_folding", default=True)
@@ -163,8 +163,10 @@ class ConvBNStem(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn, *rest = self
         x = conv_bn(x, conv, bn)
+        inference = not torch.is_grad_enabled()
         for m in rest:
-            x = m(x)
+            # at inference the conv's output is a fresh tensor: a ReLU applies in place, without a module call
+            x = x.relu_() if inference and type(m) is nn.ReLU else m(x)
         return x
 
 
@@ -262,17 +264,43 @@ class PlanHead(nn.Module):
         return F.adaptive_avg_pool2d(h, self.grid).flatten(1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        z = self.features(h)
-        if not self.training and not torch.is_grad_enabled():  # inference: 2 GEMMs, no module calls
-            p1, p2 = self._modules["fc1"]._parameters, self._modules["fc2"]._parameters  # no __getattr__
-            return F.linear(F.linear(z, p1["weight"], p1["bias"]).relu_(), p2["weight"], p2["bias"])
-        return self.fc2(F.relu(self.fc1(z)))
+        if not self.training and not torch.is_grad_enabled():
+            return self._inference_logits(h)
+        return self.fc2(F.relu(self.fc1(self.features(h))))
+
+    def _inference_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """``forward`` at inference, (N, C0, H0, W0) -> (N, G): 2 GEMMs and no module calls. A channels-last
+        pooled map is read through a view in its own memory order, (N, grid * grid * C0), by ``fc1``'s weight
+        with its columns reordered to match (:meth:`_channels_last_fc1`): no flattening copy. The same sums in
+        another order: equal to the module path up to float rounding."""
+        p1, p2 = self._modules["fc1"]._parameters, self._modules["fc2"]._parameters  # no __getattr__
+        pooled = F.adaptive_avg_pool2d(h, self.grid)  # (N, C0, grid, grid)
+        if not pooled.is_contiguous() and pooled.is_contiguous(memory_format=torch.channels_last):
+            z, w1 = pooled.permute(0, 2, 3, 1).reshape(pooled.shape[0], -1), self._channels_last_fc1()
+        else:
+            z, w1 = pooled.flatten(1), p1["weight"]
+        return F.linear(F.linear(z, w1, p1["bias"]).relu_(), p2["weight"], p2["bias"])
+
+    def _channels_last_fc1(self) -> torch.Tensor:
+        """``fc1.weight`` (hidden, C0 * grid^2) with its columns in channels-last order (grid, grid, C0);
+        cached until the weight is replaced, moved, cast or changed in place."""
+        w = self._modules["fc1"]._parameters["weight"]
+        cache: _Fold | None = self.__dict__.get("_skipviz_cl_fc1")
+        if cache is None or not cache.valid_for((w,)):
+            with torch.no_grad():
+                g = self.grid
+                cl = w.detach().view(w.shape[0], -1, g, g).permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()
+            cache = _Fold((w,), (), (cl,))
+            self.__dict__["_skipviz_cl_fc1"] = cache  # a plain attribute: not in the state dict
+        return cache.values[0]
 
     def probabilities_of_one(self, h: torch.Tensor) -> list[float]:
-        """``sigmoid(forward(h))`` for a batch of ONE, (1, C0, H0, W0) -> G Python floats, read back once."""
+        """``sigmoid(forward(h))`` for a batch of ONE, (1, C0, H0, W0) -> G Python floats, read back once and
+        finished on the host."""
         if h.shape[0] != 1:
             raise ValueError(f"a batch of one is expected, got {h.shape[0]}")
-        return [_sigmoid(v) for v in self(h)[0].tolist()]
+        logits = self._inference_logits(h) if not self.training and not torch.is_grad_enabled() else self(h)
+        return [_sigmoid(v) for v in logits[0].tolist()]
 
 
 class ProbeHead(nn.Module):
@@ -498,7 +526,8 @@ class SkipNetwork(nn.Module):
         exit_block: torch.Tensor | None = None
         exit_logits: list[tuple[torch.Tensor, torch.Tensor]] = []
         # with no exits, mixed identity blocks run on a contiguous window of the batch, in place (_run_contiguous)
-        partition = inplace and type(policy).exit_after is Policy.exit_after
+        exits = type(policy).exit_after is not Policy.exit_after  # only early-exit policies ask after each block
+        partition = inplace and not exits
         plan = policy.plan(self, h)  # every block decided up front, or None: block by block
         for i, block in enumerate(self.blocks):
             d = policy.decide(self, i, h) if plan is None else plan.decide(i, rows)
@@ -509,7 +538,7 @@ class SkipNetwork(nn.Module):
                 h, rows = self._run_contiguous(block, h, d.execute, rows)
             else:
                 h = self._apply_block(block, h, d.execute, inplace)
-            ex = policy.exit_after(self, i, h)
+            ex = policy.exit_after(self, i, h) if exits else None
             if ex is not None:
                 leave, logits, conf = ex
                 rec.score, rec.gate_evaluated = conf, True
