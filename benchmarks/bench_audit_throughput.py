@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from skipviz.policies import THRESHOLD_POLICIES  # noqa: E402
 from skipviz.audit import default_audit_batch_size, measure_throughput  # noqa: E402
-from skipviz.timing import (BenchConfig, bench_inputs, device_info, load_bench_model,  # noqa: E402
-                            report_header, write_results)
+from skipviz.timing import (BenchConfig, bench_inputs, device_info, keep_heap_memory,  # noqa: E402
+                            load_bench_model, report_header, write_results)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny smoke setting: 16 images, batch 8, 1 round")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
+    keep_heap_memory()  # as the skipviz command does: stable CPU timings (skipviz._allocator)
     if args.quick:
         args.n, args.batch_sizes, args.rounds = 16, [8], 1
     report = run(args)

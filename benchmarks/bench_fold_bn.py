@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 from skipviz import GatePolicy, inference_folding  # noqa: E402
 from skipviz.network import SkipNetwork  # noqa: E402
 from skipviz.timing import (BenchConfig, add_engine_bench_arguments, bench_inputs, device_info,  # noqa: E402
-                            load_bench_model, measure_interleaved, report_header, write_results)
+                            keep_heap_memory, load_bench_model, measure_interleaved, report_header,
+                            write_results)
 
 VARIANTS = {"modules": False, "folded": True}
 
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch1-images", type=int, default=32, help="images timed one by one at batch 1")
     p.add_argument("--repeats", type=int, default=15)
     args = p.parse_args(argv)
+    keep_heap_memory()  # as the skipviz command does: stable CPU timings (skipviz._allocator)
     if args.quick:
         args.batch_sizes, args.batch1_images, args.repeats, args.warmup = [1, 4], 2, 2, 1
     report = run(args)

@@ -18,13 +18,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from skipviz.timing import add_bench_arguments, cmd_bench  # noqa: E402
+from skipviz.timing import add_bench_arguments, cmd_bench, keep_heap_memory  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_latency", description=__doc__.splitlines()[0])
     add_bench_arguments(parser)
-    return cmd_bench(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    keep_heap_memory()  # as the skipviz command does: stable CPU timings (skipviz._allocator)
+    return cmd_bench(args)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from skipviz import GatePolicy  # noqa: E402
 from skipviz.network import SkipNetwork  # noqa: E402
 from skipviz.timing import (BenchConfig, add_engine_bench_arguments, bench_inputs, device_info,  # noqa: E402
-                            load_bench_model, report_header, write_results)
+                            keep_heap_memory, load_bench_model, report_header, write_results)
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                                quick_help="tiny smoke setting: batch 1 and 4, 1 round")
     p.add_argument("--rounds", type=int, default=15)
     args = p.parse_args(argv)
+    keep_heap_memory()  # as the skipviz command does: stable CPU timings (skipviz._allocator)
     if args.quick:
         args.batch_sizes, args.rounds, args.warmup = [1, 4], 1, 1
     report = run(args)

@@ -39,6 +39,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--skip-apptest", action="store_true")
     args = ap.parse_args()
+    from skipviz.timing import keep_heap_memory
+
+    keep_heap_memory()  # as the dashboard does (app.py): stable CPU timings (skipviz._allocator)
     os.environ["SKIPVIZ_CALIB_N"] = str(args.calib_n)
 
     import torch

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import streamlit as st
 from PIL import Image
 
-from skipviz import DEFAULT_MODEL, ImageInfo, ImageLoadError, load_image, views
+from skipviz import DEFAULT_MODEL, ImageInfo, ImageLoadError, keep_heap_memory, load_image, views
 from skipviz.samples import sample_bytes, sample_names
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
@@ -35,6 +35,7 @@ def latency_repeats() -> int:
 @st.cache_resource(show_spinner="Loading the model (once per process)...")
 def registry_model(name: str) -> views.LoadedModel:
     views.configure_threads()
+    keep_heap_memory()  # once per process: activations are not page-faulted in again on every run
     return views.load_model(name)
 
 

@@ -3,6 +3,7 @@
 Entry points: :func:`create_model` (one call over a registry of model families) and
 :meth:`SkipNetwork.run` (execute a batch under a :class:`Policy`, really skipping bypassed blocks).
 """
+from ._allocator import AllocatorSetting, allocator_setting, keep_heap_memory
 from ._checkpoint import CheckpointError, load_state_dict
 from ._imageio import ImageInfo, ImageLoadError, load_image
 from ._registry import create_model, data_dir, list_models, list_pretrained
@@ -17,10 +18,10 @@ __version__ = "0.1.0"
 DEFAULT_MODEL = "cifar_resnet20.cifar10_gated"
 
 __all__ = [
-    "BlockDecision", "CheckpointError", "DEFAULT_MODEL", "Decision", "EarlyExitPolicy", "FlopTable", "FullPolicy",
+    "AllocatorSetting", "BlockDecision", "CheckpointError", "DEFAULT_MODEL", "Decision", "EarlyExitPolicy", "FlopTable", "FullPolicy",
     "GateHead", "GatePolicy", "ImageInfo", "ImageLoadError", "ModelMeta", "Plan", "PlanHead", "PlanPolicy", "Policy",
     "ProbeHead", "Reason",
     "SampleTrace", "SkipNetwork", "SkipResult", "SkippableBlock", "StaticMaskPolicy", "create_model", "data_dir",
-    "inference_folding", "list_models", "list_pretrained", "load_image", "load_state_dict", "policy_from_config",
+    "allocator_setting", "inference_folding", "keep_heap_memory", "list_models", "list_pretrained", "load_image", "load_state_dict", "policy_from_config",
     "traces_to_dataframe",
 ]

@@ -152,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import keep_heap_memory
+
     args = build_parser().parse_args(argv)
+    keep_heap_memory()  # activations are not page-faulted in again on every batch (skipviz._allocator)
     return int(args.func(args) or 0)
 
 

@@ -31,6 +31,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ._allocator import allocator_setting, keep_heap_memory  # noqa: F401 (keep_heap_memory: re-exported)
 from ._env import package_version
 from .network import SkipNetwork, gather_rows, misplaced_rows, scatter_rows_
 from .policies import THRESHOLD_POLICIES as POLICIES
@@ -89,6 +90,7 @@ class DeviceInfo:
     cpu_count: int
     load_average_1min: float | None
     date: str
+    allocator: str = ""  # the CPU allocator's setting (skipviz._allocator), e.g. "glibc 2.36 malloc, mmap ..."
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,7 +117,8 @@ def device_info(device: str | torch.device | None = None, dtype: torch.dtype = t
                       python_version=platform.python_version(), platform=platform.platform(),
                       cuda_version=torch.version.cuda if dev.type == "cuda" else None, cpu_count=os.cpu_count() or 1,
                       load_average_1min=load,
-                      date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+                      date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                      allocator=allocator_setting().label)
 
 
 # ----------------------------------------------------------------------------------------------- latency
@@ -1010,7 +1013,8 @@ def environment_markdown(env: dict) -> str:
     """One Markdown line saying where a benchmark ran (a :meth:`DeviceInfo.to_dict`)."""
     return (f"Device: **{env['device_type']}** ({env['device_name']}), {env['threads']} threads, {env['dtype']}; "
             f"torch {env['torch_version']}, torchvision {env['torchvision_version']}, Python "
-            f"{env['python_version']}; {env['date']}; 1-min load average at the end {env['load_average_1min']}.")
+            f"{env['python_version']}; {env['date']}; 1-min load average at the end {env['load_average_1min']}"
+            + (f"; CPU allocator: {env['allocator']}." if env.get("allocator") else "."))
 
 
 def report_header(title: str, report: dict, inputs_note: str) -> list[str]:
@@ -1137,6 +1141,6 @@ def add_cli(subparsers) -> None:
 
 __all__ = ["BenchConfig", "BlockProfile", "DeviceInfo", "GateCost", "LatencyStats", "PolicyTiming",
            "PredictionCheck", "add_cli", "add_engine_bench_arguments", "check_prediction", "device_info", "gate_cost",
-           "measure_interleaved", "measure_latency", "predict_latency", "profile_blocks", "random_gated_model",
+           "keep_heap_memory", "measure_interleaved", "measure_latency", "predict_latency", "profile_blocks", "random_gated_model",
            "report_header", "resolve_device", "results_markdown", "run_benchmark", "run_masked", "time_policy",
            "write_results"]
