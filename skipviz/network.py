@@ -531,13 +531,18 @@ class SkipNetwork(nn.Module):
         plan = policy.plan(self, h)  # every block decided up front, or None: block by block
         for i, block in enumerate(self.blocks):
             d = policy.decide(self, i, h) if plan is None else plan.decide(i, rows)
-            rec = BlockRecord(rows=rows, execute=d.execute, reason=d.reason, score=d.score, threshold=d.threshold,
-                              gate_evaluated=d.evaluated)
+            execute = d.execute
+            rec = BlockRecord(rows, execute, d.reason, d.score, d.threshold, d.evaluated)
             records.append(rec)
-            if partition and not block.downsample:
-                h, rows = self._run_contiguous(block, h, d.execute, rows)
+            if execute.__class__ is bool:  # one decision for every row (a batch of one, a forced or full block)
+                if not execute:
+                    h = block.bypass(h)
+                else:
+                    h = block.forward_(h) if inplace and not block.downsample else block(h)
+            elif partition and not block.downsample:
+                h, rows = self._run_contiguous(block, h, execute, rows)
             else:
-                h = self._apply_block(block, h, d.execute, inplace)
+                h = self._apply_block(block, h, execute, inplace)
             ex = policy.exit_after(self, i, h) if exits else None
             if ex is not None:
                 leave, logits, conf = ex

@@ -29,7 +29,7 @@ import torch
 from .trace import Reason
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .network import FlopTable, SkipNetwork
+    from .network import FlopTable, PlanHead, SkipNetwork
 
 Override = Union[str, float]  # "run" | "skip" | a per-block threshold in [0, 1]
 
@@ -278,22 +278,12 @@ class PlanPolicy(GatePolicy):
         head = net.plan_head
         if head is None:
             raise ValueError(f"{net.meta.display_name} has no plan head: train one with `skipviz train-plan`")
-        n_blocks, overrides = len(net.blocks), self.overrides
-        ex: list = [True] * n_blocks
+        n_blocks = len(net.blocks)
+        base_ex, base_re, free = self._layout(head, n_blocks)
+        ex, re = list(base_ex), list(base_re)
         sc: list = [None] * n_blocks
-        re: list = [_NOT_GATED] * n_blocks
         th: list = [None] * n_blocks
         ev: list = [False] * n_blocks
-        for i, ov in overrides.items():  # forced blocks, gated or not, as GatePolicy.decide
-            if 0 <= i < n_blocks and ov == "run":
-                re[i] = _FORCED_RUN
-            elif 0 <= i < n_blocks and ov == "skip":
-                ex[i], re[i] = False, _FORCED_SKIP
-        free: list[tuple[int, int, float]] = []  # (block, column of the head's output, threshold)
-        for j, i in enumerate(head.gated_blocks):
-            ov = overrides.get(i)
-            if not isinstance(ov, str):
-                free.append((i, j, self.threshold if ov is None else ov))
         if not free:
             return Plan(ex, sc, re, th, ev)
         if h.shape[0] == 1:  # a batch of one: one read-back, then Python values only
@@ -310,6 +300,33 @@ class PlanPolicy(GatePolicy):
                 re[i] = torch.where(run, _PLAN_RUN, _PLAN_SKIP)
         ev[0] = True  # the plan head's FLOPs are counted once, with block 0 (head_flops)
         return Plan(ex, sc, re, th, ev)
+
+    def _layout(self, head: "PlanHead", n_blocks: int) -> tuple[list, list, list[tuple[int, int, float]]]:
+        """What the overrides fix before any input: the execute flags and reasons of forced and ungated blocks,
+        and ``(block, column of the head's output, threshold)`` of the blocks the head decides. The same for
+        every batch: kept for the last head (held, so a new head is never mistaken for it by ``id``), threshold
+        and overrides seen."""
+        cached = self.__dict__.get("_layout_cache")
+        key = (n_blocks, head.gated_blocks, self.threshold, self.overrides)  # compared by value: edits are seen
+        if cached is not None and cached[0] is head and cached[1] == key:
+            return cached[2]
+        overrides = self.overrides
+        ex: list = [True] * n_blocks
+        re: list = [_NOT_GATED] * n_blocks
+        for i, ov in overrides.items():  # forced blocks, gated or not, as GatePolicy.decide
+            if 0 <= i < n_blocks and ov == "run":
+                re[i] = _FORCED_RUN
+            elif 0 <= i < n_blocks and ov == "skip":
+                ex[i], re[i] = False, _FORCED_SKIP
+        free: list[tuple[int, int, float]] = []
+        for j, i in enumerate(head.gated_blocks):
+            ov = overrides.get(i)
+            if not isinstance(ov, str):
+                free.append((i, j, self.threshold if ov is None else ov))
+        layout = (ex, re, free)
+        self.__dict__["_layout_cache"] = (head, (n_blocks, list(head.gated_blocks), self.threshold,
+                                                 dict(self.overrides)), layout)
+        return layout
 
     def decide(self, net: "SkipNetwork", index: int, h: torch.Tensor) -> Decision:
         raise TypeError("PlanPolicy decides every block at once: call plan() with the stem's output "

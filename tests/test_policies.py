@@ -125,3 +125,24 @@ def test_an_audit_under_the_plan_reproduces_bit_for_bit(planned_net, tmp_path):
     assert any("decided at the stem" in b["reason"] for r in run.ok_records for b in r.trace["blocks"])
     results = reproduce_many(tmp_path / "a.sqlite", [r.record_id for r in run.ok_records], net=planned_net)
     assert all(r.reproduced for r in results), [r.message for r in results]
+
+
+def test_plan_layout_follows_the_head_and_edits_of_the_policy(planned_net):
+    # the per-head layout (forced blocks, the head's columns and thresholds) is cached across batches; a new
+    # head, a changed threshold or changed overrides are seen
+    net, gated = planned_net, planned_net.plan_head.gated_blocks
+    h = net._stem(varied_images(1, seed=6))
+    policy = PlanPolicy(0.0)
+    with torch.no_grad():
+        assert all(policy.plan(net, h).execute)
+        policy.threshold = 1.0  # a sigmoid below 1 everywhere: every gated block skips
+        assert [not e for e in policy.plan(net, h).execute] == [i in gated for i in range(net.num_blocks)]
+        policy.overrides[gated[0]] = "run"
+        assert policy.plan(net, h).execute[gated[0]] is True
+        other = PlanHead(net.plan_head.fc1.in_features // 16, gated[:2])
+        net.plan_head, saved = other.eval(), net.plan_head
+        try:
+            plan = policy.plan(net, h)  # the new head decides only its 2 blocks
+            assert plan.evaluated[gated[1]] and not plan.evaluated[gated[2]] and plan.execute[gated[2]] is True
+        finally:
+            net.plan_head = saved
