@@ -1125,7 +1125,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stem = f"latency_plan_{report['environment']['device_type']}" if cfg.policy == "plan" else None
+    stem = f"latency{'_plan' if cfg.policy == 'plan' else ''}_{report['environment']['device_type']}"
+    if cfg.threads:  # an explicit thread count is a configuration of its own: kept beside the default's
+        stem += f"_{cfg.threads}thread"
     jp, mp = write_results(report, args.out, stem)
     print(results_markdown(report))
     print(f"wrote {jp} and {mp}")

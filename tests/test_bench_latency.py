@@ -38,7 +38,16 @@ def test_benchmark_runs_end_to_end_on_a_tiny_setting(tmp_path):
     md = (tmp_path / "latency_cpu.md").read_text()
     assert "| batch | threshold |" in md and "efficiency" in md and env["device_name"] in md
     assert "ceiling: free decisions" in md
+    assert env["allocator"] and f"CPU allocator: {env['allocator']}" in md  # what the script set (keep_heap_memory)
     assert "wrote" in proc.stdout
+
+
+def test_an_explicit_thread_count_is_written_beside_the_default(tmp_path):
+    proc = _run("--quick", "--inputs", "random", "--device", "cpu", "--batch-sizes", "1", "--thresholds", "0.5",
+                "--threads", "1", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "latency_cpu_1thread.json").read_text())
+    assert report["environment"]["threads"] == 1 and not (tmp_path / "latency_cpu.json").exists()
 
 
 def test_benchmark_rejects_bad_settings_with_a_message(tmp_path):
