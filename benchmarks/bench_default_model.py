@@ -54,8 +54,9 @@ def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], e
                        "curve": plan_curve.to_dict(orient="records")}
         plan_section = ["## Plan threshold curve (plan head at the stem, every gated block decided up front)", "",
                         f"At the plan's default threshold {plan_t}: **{planned.accuracy:.2%}** (drop "
-                        f"{100 * (full.accuracy - planned.accuracy):.2f} points), **{planned.flops_saved_fraction:.1%}**"
-                        f" of FLOPs skipped (plan head counted), agreement with full {planned.agreement(full):.2%}.",
+                        f"{100 * (full.accuracy - planned.accuracy):.2f} points), "
+                        f"**{planned.flops_saved_fraction:.1%}** of FLOPs skipped (plan head counted), agreement "
+                        f"with full {planned.agreement(full):.2%}.",
                         "", plan_curve.to_markdown(index=False, floatfmt=".4f"), ""]
     outcome, per_class = blocks_by_outcome(gated, test.classes)
     result = {
@@ -64,7 +65,8 @@ def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], e
         "software": software_versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "full_accuracy": full.accuracy, "default_threshold": default_t, "gated": gated.summary(full),
         "blocks_mean_correct": outcome["correct"], "blocks_mean_wrong": outcome["wrong"],
-        "gate_curve": curve.to_dict(orient="records"), "plan": plan_result, "early_exit_curve": exit_curve.to_dict(orient="records"),
+        "gate_curve": curve.to_dict(orient="records"), "plan": plan_result,
+        "early_exit_curve": exit_curve.to_dict(orient="records"),
         "per_class": per_class.to_dict(orient="records"),
     }
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     from skipviz.timing import keep_heap_memory
 
-    keep_heap_memory()  # as the dashboard does (app.py): stable CPU timings (skipviz._allocator)
+    keep_heap_memory()  # as the dashboard does (pages/_shared.registry_model): stable CPU timings
     os.environ["SKIPVIZ_CALIB_N"] = str(args.calib_n)
 
     import torch

@@ -18,10 +18,10 @@ __version__ = "0.1.0"
 DEFAULT_MODEL = "cifar_resnet20.cifar10_gated"
 
 __all__ = [
-    "AllocatorSetting", "BlockDecision", "CheckpointError", "DEFAULT_MODEL", "Decision", "EarlyExitPolicy", "FlopTable", "FullPolicy",
-    "GateHead", "GatePolicy", "ImageInfo", "ImageLoadError", "ModelMeta", "Plan", "PlanHead", "PlanPolicy", "Policy",
-    "ProbeHead", "Reason",
-    "SampleTrace", "SkipNetwork", "SkipResult", "SkippableBlock", "StaticMaskPolicy", "create_model", "data_dir",
-    "allocator_setting", "inference_folding", "keep_heap_memory", "list_models", "list_pretrained", "load_image", "load_state_dict", "policy_from_config",
+    "AllocatorSetting", "BlockDecision", "CheckpointError", "DEFAULT_MODEL", "Decision", "EarlyExitPolicy",
+    "FlopTable", "FullPolicy", "GateHead", "GatePolicy", "ImageInfo", "ImageLoadError", "ModelMeta", "Plan",
+    "PlanHead", "PlanPolicy", "Policy", "ProbeHead", "Reason", "SampleTrace", "SkipNetwork", "SkipResult",
+    "SkippableBlock", "StaticMaskPolicy", "allocator_setting", "create_model", "data_dir", "inference_folding",
+    "keep_heap_memory", "list_models", "list_pretrained", "load_image", "load_state_dict", "policy_from_config",
     "traces_to_dataframe",
 ]

@@ -40,10 +40,10 @@ class AllocatorSetting:
     @property
     def label(self) -> str:
         """E.g. ``"glibc 2.36 malloc, mmap threshold 32 MiB, trim threshold 512 MiB"``."""
-        if not self.tuned:
-            return f"{self.allocator}, default settings" + (f" ({self.note})" if self.note else "")
-        return (f"{self.allocator}, mmap threshold {self.mmap_threshold // 2**20} MiB, trim threshold "
-                f"{self.trim_threshold // 2**20} MiB")
+        parts = [f"{name} {value // 2**20} MiB" for name, value in (("mmap threshold", self.mmap_threshold),
+                                                                     ("trim threshold", self.trim_threshold)) if value]
+        text = f"{self.allocator}, " + (", ".join(parts) if parts else "default settings")
+        return text + (f" ({self.note})" if self.note else "")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,8 +62,9 @@ def keep_heap_memory(mmap_threshold: int = MMAP_THRESHOLD_MAX,
                      trim_threshold: int = 512 * 1024 * 1024) -> AllocatorSetting:
     """Serve blocks below ``mmap_threshold`` bytes from the heap and keep up to ``trim_threshold`` bytes of
     freed heap for reuse (glibc ``mallopt``), for the rest of the process. Returns the setting now in force
-    (also :func:`allocator_setting`); on another C library, or when glibc refuses a value, nothing changes
-    and the setting says why."""
+    (also :func:`allocator_setting`); on another C library nothing changes, and when glibc refuses a value the
+    setting says which. The process then keeps up to ``trim_threshold`` bytes of freed memory instead of
+    returning it to the OS (the ``skipviz`` command applies this to every subcommand, training included)."""
     global _setting
     if not 0 < mmap_threshold <= MMAP_THRESHOLD_MAX:
         raise ValueError(f"mmap_threshold must be in (0, {MMAP_THRESHOLD_MAX}], got {mmap_threshold}")
@@ -75,12 +76,17 @@ def keep_heap_memory(mmap_threshold: int = MMAP_THRESHOLD_MAX,
             _setting = AllocatorSetting(f"{platform.system()} {name or 'libc'} malloc".strip(), False,
                                         note="mallopt is glibc's: not changed")
             return _setting
-        libc = ctypes.CDLL(None, use_errno=True)
-        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold))) and \
-            bool(libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(trim_threshold)))
+        mallopt = ctypes.CDLL(None).mallopt
+        mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+        mmap_ok = bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold))
+        trim_ok = bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
         allocator = f"glibc {version} malloc"
-        _setting = (AllocatorSetting(allocator, True, mmap_threshold, trim_threshold) if ok else
-                    AllocatorSetting(allocator, False, note="mallopt refused the values"))
+        if mmap_ok and trim_ok:
+            _setting = AllocatorSetting(allocator, True, mmap_threshold, trim_threshold)
+        else:  # say what is in force: either value may have been taken alone
+            refused = " and ".join(n for n, ok in (("mmap threshold", mmap_ok), ("trim threshold", trim_ok)) if not ok)
+            _setting = AllocatorSetting(allocator, False, mmap_threshold if mmap_ok else None,
+                                        trim_threshold if trim_ok else None, note=f"mallopt refused the {refused}")
         return _setting
 
 

@@ -77,14 +77,18 @@ def _sigmoid(v: float) -> float:
 
 
 class _Fold:
-    """A cache entry of folded inference weights: the source tensors they were computed from (held, so that no
-    later tensor can take a freed one's ``id`` or memory and pass for it), each one's storage address and
-    in-place version at fold time, an extra key (input size, dtype...) and the folded ``values``."""
+    """A cache entry of folded inference weights: the source tensors they were computed from and a detached
+    alias of each one's storage at fold time (both held, so that no later tensor or storage can take a freed
+    one's ``id`` or address and pass for it: ``module.half()`` swaps a parameter's ``.data`` and keeps its
+    version counter), each one's storage address and in-place version at fold time, an extra key (input size,
+    dtype...) and the folded ``values``."""
 
-    __slots__ = ("sources", "state", "extra", "values")
+    __slots__ = ("sources", "storages", "state", "extra", "values")
 
     def __init__(self, sources: tuple, extra: tuple, values: tuple) -> None:
-        self.sources, self.state, self.extra, self.values = sources, _fold_state(sources), extra, values
+        self.sources, self.extra, self.values = sources, extra, values
+        self.storages = tuple(t.detach() if t is not None else None for t in sources)
+        self.state = _fold_state(sources)
 
     def valid_for(self, sources: tuple, extra: tuple = ()) -> bool:
         """Whether ``sources`` are the same tensors with the same contents: not replaced, moved, cast or updated
@@ -93,7 +97,7 @@ class _Fold:
                 and _fold_state(sources) == self.state)
 
 
-def _fold_state(tensors: Sequence[torch.Tensor | None]) -> list:
+def _fold_state(tensors: Sequence[torch.Tensor | None]) -> list[tuple[int, int] | None]:
     """Storage address and in-place version counter of each tensor (``None`` stays ``None``)."""
     return [(t.data_ptr(), t._version) if t is not None else None for t in tensors]  # a list: built fastest
 

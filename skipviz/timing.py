@@ -1143,6 +1143,6 @@ def add_cli(subparsers) -> None:
 
 __all__ = ["BenchConfig", "BlockProfile", "DeviceInfo", "GateCost", "LatencyStats", "PolicyTiming",
            "PredictionCheck", "add_cli", "add_engine_bench_arguments", "check_prediction", "device_info", "gate_cost",
-           "keep_heap_memory", "measure_interleaved", "measure_latency", "predict_latency", "profile_blocks", "random_gated_model",
-           "report_header", "resolve_device", "results_markdown", "run_benchmark", "run_masked", "time_policy",
-           "write_results"]
+           "keep_heap_memory", "measure_interleaved", "measure_latency", "predict_latency", "profile_blocks",
+           "random_gated_model", "report_header", "resolve_device", "results_markdown", "run_benchmark", "run_masked",
+           "time_policy", "write_results"]

@@ -44,7 +44,7 @@ def configure_threads(default: int = 1) -> int:
     """Set torch's intra-op threads from ``$SKIPVIZ_TORCH_THREADS`` (default 1) and return the count.
 
     One thread is not the fastest setting on an idle machine (default model, 2-core CPU, measured: a batch-1
-    forward takes 2.2 ms on 1 thread and 1.55 ms on 2, a batch of 256 1.9x as long), but it is the robust one:
+    forward takes 2.2 ms on 1 thread and 1.55 ms on 2, a batch of 256 about twice as long), but it is the robust one:
     with 2 threads, OpenMP oversubscription made a batch-1 run take ~1 s instead of ~9 ms while another job
     used both cores, and several dashboard sessions share the process. Set the variable to use more.
     """

@@ -1,9 +1,13 @@
 """skipviz._allocator: the process's CPU allocator keeps freed activation memory, and timings record it."""
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,13 +36,45 @@ def _faults_per_round(rounds: int = 7) -> float:
     return statistics.median(counts)
 
 
+_MMAPPED_BYTES = """
+import ctypes, sys, torch
+from skipviz import keep_heap_memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+if sys.argv[1] == "tuned":
+    keep_heap_memory()
+before = mallinfo2().hblkhd
+t = torch.empty(4 * 2**20).fill_(1.0)  # 16 MiB: one batch-256 activation of the default model's first stage
+print(mallinfo2().hblkhd - before)
+"""
+
+
+def _mmapped_bytes(mode: str) -> int:
+    """Bytes glibc maps for one 16 MiB tensor allocated by a fresh process (growth of its mmapped blocks)."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", _MMAPPED_BYTES, mode], cwd=root, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return int(proc.stdout.split()[-1])
+
+
+@glibc
+def test_activations_come_from_the_heap_once_set():
+    # by default glibc maps a fresh 16 MiB block (and unmaps it on free: faulted in again next time); once set,
+    # it is served from the heap, whose freed memory is kept for the next batch
+    assert _mmapped_bytes("default") >= 16 * 2**20
+    assert _mmapped_bytes("tuned") == 0
+
+
 @glibc
 def test_freed_activations_are_reused_without_page_faults():
     setting = keep_heap_memory()
     assert setting.tuned and setting.mmap_threshold == 32 * 2**20 and setting.trim_threshold == 512 * 2**20
     assert allocator_setting() == setting and keep_heap_memory() == setting  # idempotent
-    assert setting.label.startswith("glibc ") and "mmap threshold 32 MiB" in setting.label
-    # 64 MiB touched per round: without the setting glibc unmaps or trims it and faults it in again
+    assert setting.label == f"{setting.allocator}, mmap threshold 32 MiB, trim threshold 512 MiB"
     assert _faults_per_round() < 16
 
 
@@ -54,6 +90,9 @@ def test_other_c_libraries_are_left_alone(monkeypatch):
     monkeypatch.setattr(_allocator, "_setting", None)
     setting = keep_heap_memory()
     assert not setting.tuned and "not changed" in setting.label and "default settings" in setting.label
+    partly = _allocator.AllocatorSetting("glibc 2.36 malloc", False, 32 * 2**20, None, "mallopt refused the trim "
+                                         "threshold")
+    assert partly.label == "glibc 2.36 malloc, mmap threshold 32 MiB (mallopt refused the trim threshold)"
     with pytest.raises(ValueError, match="mmap_threshold"):
         keep_heap_memory(mmap_threshold=64 * 2**20)  # above glibc's maximum: refused before any call
     with pytest.raises(ValueError, match="trim_threshold"):

@@ -16,7 +16,7 @@ def _randomise_bn(module: torch.nn.Module) -> None:
 
 def test_inference_block_forward_equals_the_out_of_place_module_path():
     torch.manual_seed(0)
-    for c_in, c_out, stride in ((8, 8, 1), (8, 16, 2), (4, 12, 2)):
+    for c_in, c_out, stride in ((8, 8, 1), (8, 16, 2), (4, 12, 2), (4, 9, 2)):  # (4, 9): uneven zero padding
         block = CifarBasicBlock(c_in, c_out, stride).eval()
         _randomise_bn(block)
         x = torch.randn(3, c_in, 8, 8).relu().contiguous(memory_format=torch.channels_last)

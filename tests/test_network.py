@@ -9,8 +9,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from skipviz import (EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy, create_model)
 from skipviz.models.torchvision_resnet import wrap_torchvision
-from skipviz.network import (GateHead, SkipNetwork, _densest_window, conv_bn, count_flops, gather_rows, inference_folding,
-                             misplaced_rows, scatter_rows_)
+from skipviz.network import (GateHead, PlanHead, SkipNetwork, _densest_window, conv_bn, count_flops, gather_rows,
+                             inference_folding, misplaced_rows, scatter_rows_)
 
 from conftest import varied_images
 
@@ -118,6 +118,31 @@ def test_folded_weights_follow_rebuilt_parameters():
         with inference_folding(False):
             expected = gate(h)
         assert torch.allclose(gate(h), expected, atol=1e-5)
+    # a cast swaps a parameter's .data and keeps the object and its version counter; the new storage can land
+    # where the freed one was
+    for _ in range(50):
+        conv.half()
+        conv.float()
+        assert torch.allclose(conv_bn(x, conv, bn), bn(conv(x)), atol=1e-5)
+
+
+def test_plan_head_inference_path_equals_the_module_path():
+    # at inference a channels-last pooled map is read through a view by fc1 with reordered columns
+    torch.manual_seed(0)
+    head = PlanHead(8, [1, 2, 4], grid=4, hidden=16).eval()
+    h = torch.randn(3, 8, 16, 16).relu().contiguous(memory_format=torch.channels_last)
+    with torch.enable_grad():  # the modules: pooled map flattened in (C, grid, grid) order
+        expected = head(h).detach()
+    with torch.no_grad():
+        assert torch.allclose(head(h), expected, atol=1e-5)
+        assert torch.allclose(head(h.contiguous()), expected, atol=1e-5)  # NCHW input: the flattening path
+        probs = head.probabilities_of_one(h[:1])
+        assert probs == pytest.approx(torch.sigmoid(expected[0]).tolist(), abs=1e-6)
+        head.fc1.weight.add_(0.5)  # in place: the reordered copy follows
+    with torch.enable_grad():
+        changed = head(h).detach()
+    with torch.no_grad():
+        assert not torch.allclose(changed, expected) and torch.allclose(head(h), changed, atol=1e-5)
 
 
 @torch.no_grad()

@@ -139,7 +139,7 @@ def test_plan_layout_follows_the_head_and_edits_of_the_policy(planned_net):
         assert [not e for e in policy.plan(net, h).execute] == [i in gated for i in range(net.num_blocks)]
         policy.overrides[gated[0]] = "run"
         assert policy.plan(net, h).execute[gated[0]] is True
-        other = PlanHead(net.plan_head.fc1.in_features // 16, gated[:2])
+        other = PlanHead(net.plan_head.fc1.in_features // net.plan_head.grid ** 2, gated[:2])
         net.plan_head, saved = other.eval(), net.plan_head
         try:
             plan = policy.plan(net, h)  # the new head decides only its 2 blocks
