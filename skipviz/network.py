@@ -593,7 +593,7 @@ class SkipNetwork(nn.Module):
 
         h: (M, C, H, W); execute: (M,) bool or one bool for all. Returns ``(h, rows)``.
         """
-        if not torch.is_tensor(execute):
+        if not torch.is_tensor(execute):  # a scalar that is not a plain bool (run() takes those inline)
             return (block.forward_(h) if execute else h), rows
         flags = execute.tolist()  # one device->host read per block
         k = sum(flags)
