@@ -399,11 +399,35 @@ class PolicyTiming:
         f, t = self.flops_saved_fraction, self.masked_time_saved_fraction
         return None if f <= 1e-9 or t is None else t / f
 
+    @property
+    def paired_efficiencies(self) -> list[float]:
+        """The efficiency of each interleaved round: ``(1 - skipped_r / full_r) / FLOPs saved fraction`` from
+        the r-th repeat of each, which ran back to back in the same round, so a drift of the machine's speed
+        cancels in the ratio (:attr:`efficiency` divides medians taken over the whole run). Empty when no FLOPs
+        are saved or the repeats do not pair."""
+        f, full, skipped = self.flops_saved_fraction, self.full_stats.times_ms, self.skipped_stats.times_ms
+        if f <= 1e-9 or not full or len(full) != len(skipped):
+            return []
+        return [(1.0 - s / t) / f for t, s in zip(full, skipped)]
+
+    @property
+    def paired_efficiency(self) -> float | None:
+        """Median of :attr:`paired_efficiencies` (``None`` when there are none)."""
+        e = self.paired_efficiencies
+        return float(np.median(e)) if e else None
+
+    @property
+    def paired_efficiency_quartiles(self) -> tuple[float, float] | None:
+        e = self.paired_efficiencies
+        return (float(np.percentile(e, 25)), float(np.percentile(e, 75))) if e else None
+
     def to_dict(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("full_stats", "skipped_stats", "masked_stats",
                                                                   "info")}
         out.update(flops_saved_fraction=self.flops_saved_fraction, time_saved_fraction=self.time_saved_fraction,
                    masked_time_saved_fraction=self.masked_time_saved_fraction, efficiency=self.efficiency,
+                   paired_efficiency=self.paired_efficiency,
+                   paired_efficiency_quartiles=self.paired_efficiency_quartiles,
                    masked_efficiency=self.masked_efficiency, full_stats=self.full_stats.to_dict(),
                    skipped_stats=self.skipped_stats.to_dict(),
                    masked_stats=None if self.masked_stats is None else self.masked_stats.to_dict(),
@@ -999,7 +1023,9 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
             "gate_cost": gate_costs, "profiles": profiles,
             "notes": "latencies are ms per batch (medians over repeats, interleaved full/skipped/masked); batch 1 "
                      f"is averaged over {cfg.batch1_images} different images; efficiency = time saved fraction / "
-                     "FLOPs saved fraction (gate FLOPs counted as spent); masked = every block computed and "
+                     "FLOPs saved fraction (gate FLOPs counted as spent), from the medians over the run; paired "
+                     "efficiency = the median (and quartiles) of the same ratio per interleaved round, full and "
+                     "skipped back to back, so drifts of the machine's speed cancel; masked = every block computed and "
                      "mixed by the gate, as published SkipNet/ConvNet-AIG code; ceiling: free decisions = the "
                      "share of the full run's time the bypassed blocks account for, and the efficiency it allows, "
                      "from the per-block profile (the same decisions at no decision cost)"}
@@ -1044,13 +1070,17 @@ def results_markdown(report: dict) -> str:
     lines = [f"# Latency benchmark: {report['model']}, {policy}", "", environment_markdown(report["environment"]),
              f"Inputs: {report['inputs']}.", "",
              "| batch | threshold | blocks run | FLOPs saved | full ms | skipped ms | masked ms | time saved "
-             "| efficiency | masked time saved | predicted ms (err) | ceiling: free decisions |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| efficiency | paired efficiency (IQR) | masked time saved | predicted ms (err) "
+             "| ceiling: free decisions |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
+        q = r.get("paired_efficiency_quartiles")
+        paired = _fmt(r.get("paired_efficiency"), ".2f") + (f" ({q[0]:.2f}-{q[1]:.2f})" if q else "")
         lines.append(
             f"| {r['batch_size']} | {r['threshold']:.2f} | {r['blocks_executed_mean']:.2f}/{r['blocks_total']} | "
             f"{r['flops_saved_fraction']:.1%} | {r['full_ms']:.3f} | {r['skipped_ms']:.3f} | "
             f"{_fmt(r['masked_ms'], '.3f')} | {r['time_saved_fraction']:.1%} | {_fmt(r['efficiency'], '.2f')} | "
+            f"{paired} | "
             f"{_fmt(r['masked_time_saved_fraction'], '.1%')} | {r['predicted_ms']:.3f} "
             f"({r['prediction_relative_error']:+.1%}) | {_fmt(r.get('decision_free_time_saved_fraction'), '.1%')} "
             f"saved, {_fmt(r.get('decision_free_efficiency'), '.2f')} |")

@@ -37,7 +37,8 @@ def test_benchmark_runs_end_to_end_on_a_tiny_setting(tmp_path):
     assert all(g["flops_fraction"] <= 0.02 for g in report["gate_cost"])
     md = (tmp_path / "latency_cpu.md").read_text()
     assert "| batch | threshold |" in md and "efficiency" in md and env["device_name"] in md
-    assert "ceiling: free decisions" in md
+    assert "ceiling: free decisions" in md and "paired efficiency (IQR)" in md
+    assert all(r["paired_efficiency"] is None or len(r["paired_efficiency_quartiles"]) == 2 for r in rows)
     assert env["allocator"] and f"CPU allocator: {env['allocator']}" in md  # what the script set (keep_heap_memory)
     assert "wrote" in proc.stdout
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,6 +142,12 @@ def test_time_policy_reports_full_skipped_masked(tiny_net, batch):
     assert tm.full_stats.batches_per_call == 2 and tm.full_stats.per_batch_ms == pytest.approx(tm.full_ms)
     assert 0 < tm.flops_saved_fraction < 1 and tm.blocks_executed_mean < tm.blocks_total
     assert tm.efficiency == pytest.approx(tm.time_saved_fraction / tm.flops_saved_fraction)
+    rounds = zip(tm.full_stats.times_ms, tm.skipped_stats.times_ms)  # the r-th repeats ran in the same round
+    per_round = [(1 - s / f) / tm.flops_saved_fraction for f, s in rounds]
+    assert len(per_round) == tm.full_stats.n and tm.paired_efficiencies == pytest.approx(per_round)
+    assert tm.paired_efficiency == pytest.approx(float(np.median(per_round)))
+    q25, q75 = tm.paired_efficiency_quartiles
+    assert q25 <= tm.paired_efficiency <= q75
     assert tm.max_abs_logit_diff_masked < 1e-4
     assert tm.info.device_type == "cpu"
     d = tm.to_dict()
