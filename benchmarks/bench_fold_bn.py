@@ -25,7 +25,6 @@ times. Writes ``benchmarks/results/fold_bn_<device>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -36,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 from skipviz import GatePolicy, inference_folding  # noqa: E402
 from skipviz.network import SkipNetwork  # noqa: E402
-from skipviz.timing import (BenchConfig, add_engine_bench_arguments, bench_inputs, device_info,  # noqa: E402
-                            keep_heap_memory, load_bench_model, measure_interleaved, report_header,
-                            write_results)
+from skipviz.timing import (BenchConfig, add_engine_bench_arguments, bench_inputs,  # noqa: E402
+                            engine_bench_report, keep_heap_memory, load_bench_model, report_footer, report_header,
+                            time_engine_variants, write_results)
 
 VARIANTS = {"modules": False, "folded": True}
 
@@ -84,28 +83,18 @@ def run(args: argparse.Namespace) -> dict:
             batches = ([x_all[i:i + 1] for i in range(args.batch1_images)] if bs == 1 else [x_all[:bs]])
             fns = {f"{v}/{kind}": _caller(net, batches, policy if kind == "skipped" else None, fold)
                    for v, fold in VARIANTS.items() for kind in ("full", "skipped")}
-            stats = measure_interleaved(fns, warmup=args.warmup, repeats=args.repeats, device="cpu",
-                                        batch_size=bs, batches_per_call=len(batches), min_repeat_s=0.0, number=1)
+            row = time_engine_variants(fns, bs, len(batches), args.warmup, args.repeats, "modules", "folded", "fold")
             diff, agree = _agreement(net, batches, policy)
-            row = {"batch_size": bs, "images_per_call": len(batches) * bs, "max_abs_logit_diff": diff,
-                   "decision_agreement": agree}
-            for name, st in stats.items():
-                key = name.replace("/", "_")
-                row[f"{key}_ms"] = st.per_batch_ms
-                row[f"{key}_iqr_ms"] = st.iqr_ms / st.batches_per_call
-            for kind in ("full", "skipped"):
-                row[f"{kind}_fold_speedup"] = row[f"modules_{kind}_ms"] / row[f"folded_{kind}_ms"]
+            row.update(images_per_call=len(batches) * bs, max_abs_logit_diff=diff, decision_agreement=agree)
             rows.append(row)
             print(f"batch {bs:4d}: full {row['modules_full_ms']:.3f} -> {row['folded_full_ms']:.3f} ms, skipped "
                   f"{row['modules_skipped_ms']:.3f} -> {row['folded_skipped_ms']:.3f} ms (modules -> folded); "
                   f"max |logit diff| {diff:.1e}, decisions agree {agree:.2%}", flush=True)
-    return {"model": model_label, "inputs": inputs_label, "environment": device_info("cpu").to_dict(),
-            "settings": {"batch_sizes": args.batch_sizes, "batch1_images": args.batch1_images,
-                         "threshold": args.threshold, "repeats": args.repeats, "warmup": args.warmup},
-            "command": "python benchmarks/bench_fold_bn.py " + shlex.join(sys.argv[1:]),
-            "method": "skipviz.timing.measure_interleaved: the four callables round-robin, medians over repeats; "
-                      "batch 1 times each image one by one and reports ms per image",
-            "rows": rows}
+    settings = {"batch_sizes": args.batch_sizes, "batch1_images": args.batch1_images, "threshold": args.threshold,
+                "repeats": args.repeats, "warmup": args.warmup}
+    return engine_bench_report(model_label, inputs_label, settings, "bench_fold_bn.py",
+                               "skipviz.timing.measure_interleaved: the four callables round-robin, medians over "
+                               "repeats; batch 1 times each image one by one and reports ms per image", rows)
 
 
 def markdown(report: dict) -> str:
@@ -118,8 +107,7 @@ def markdown(report: dict) -> str:
                      f"{r['full_fold_speedup']:.2f}x | {r['modules_skipped_ms']:.3f} | {r['folded_skipped_ms']:.3f} | "
                      f"{r['skipped_fold_speedup']:.2f}x | {r['max_abs_logit_diff']:.1e} | "
                      f"{r['decision_agreement']:.2%} |")
-    lines += ["", "ms per batch. " + report["method"] + ".", "", f"Command: `{report['command']}`", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + report_footer(report))
 
 
 def main(argv: list[str] | None = None) -> int:

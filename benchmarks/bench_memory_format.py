@@ -7,8 +7,8 @@ times the plain full network and the skipped run (one gate threshold) with
 * ``nchw``: weights and input NCHW (what the engine did before);
 * ``channels_last``: weights and input channels-last (what the engine does).
 
-Rounds interleave the layouts so both see the same machine load; figures are medians over rounds (ms per
-batch). Writes ``benchmarks/results/memory_format_<device>.json`` and ``.md``.
+Timing is ``skipviz.timing.measure_interleaved`` (the four callables round-robin, so both layouts see the same
+machine load); figures are medians over rounds (ms per batch). Writes ``benchmarks/results/memory_format_<device>.json`` and ``.md``.
 
     . .venv/bin/activate
     python benchmarks/bench_memory_format.py
@@ -17,10 +17,7 @@ batch). Writes ``benchmarks/results/memory_format_<device>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,8 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 from skipviz import GatePolicy  # noqa: E402
 from skipviz.network import SkipNetwork  # noqa: E402
-from skipviz.timing import (BenchConfig, add_engine_bench_arguments, bench_inputs, device_info,  # noqa: E402
-                            keep_heap_memory, load_bench_model, report_header, write_results)
+from skipviz.timing import (BenchConfig, add_engine_bench_arguments, bench_inputs,  # noqa: E402
+                            engine_bench_report, keep_heap_memory, load_bench_model, report_footer, report_header,
+                            time_engine_variants, write_results)
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -42,6 +40,11 @@ def _in_layout(net: SkipNetwork, fmt: torch.memory_format) -> SkipNetwork:
     net.to(memory_format=fmt)
     net.memory_format = fmt
     return net
+
+
+def _caller(net: SkipNetwork, x: torch.Tensor, policy: GatePolicy | None):
+    """A callable running ``x`` once: the full network (``policy`` None) or the skipped run."""
+    return (lambda: net(x)) if policy is None else (lambda: net.run(x, policy))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -57,37 +60,21 @@ def run(args: argparse.Namespace) -> dict:
     with torch.inference_mode():
         for bs in args.batch_sizes:
             x = x_all[:bs]
-            inputs = {name: x.contiguous(memory_format=fmt) for name, fmt in LAYOUTS.items()}
-            times: dict[str, list[float]] = {f"{n}/{k}": [] for n in LAYOUTS for k in ("full", "skipped")}
-            for _ in range(args.warmup):
-                for name, net in nets.items():
-                    net(inputs[name])
-                    net.run(inputs[name], policy)
-            rounds = args.rounds if bs > 1 else args.rounds * 10
-            for _ in range(rounds):
-                for name, net in nets.items():
-                    t0 = time.perf_counter()
-                    net(inputs[name])
-                    t1 = time.perf_counter()
-                    net.run(inputs[name], policy)
-                    t2 = time.perf_counter()
-                    times[f"{name}/full"].append(1e3 * (t1 - t0))
-                    times[f"{name}/skipped"].append(1e3 * (t2 - t1))
-            med = {k: statistics.median(v) for k, v in times.items()}
-            row = {"batch_size": bs, "rounds": rounds, **{f"{k.replace('/', '_')}_ms": v for k, v in med.items()}}
-            for kind in ("full", "skipped"):
-                row[f"{kind}_channels_last_speedup"] = med[f"nchw/{kind}"] / med[f"channels_last/{kind}"]
+            fns = {f"{name}/{kind}": _caller(net, x.contiguous(memory_format=LAYOUTS[name]),
+                                             policy if kind == "skipped" else None)
+                   for name, net in nets.items() for kind in ("full", "skipped")}
+            repeats = args.rounds if bs > 1 else args.rounds * 10
+            row = time_engine_variants(fns, bs, 1, args.warmup, repeats, "nchw", "channels_last", "channels_last")
+            row["rounds"] = repeats
             rows.append(row)
-            print(f"batch {bs:4d}: full {med['nchw/full']:.2f} -> {med['channels_last/full']:.2f} ms, skipped "
-                  f"{med['nchw/skipped']:.2f} -> {med['channels_last/skipped']:.2f} ms (NCHW -> channels-last)",
+            print(f"batch {bs:4d}: full {row['nchw_full_ms']:.2f} -> {row['channels_last_full_ms']:.2f} ms, skipped "
+                  f"{row['nchw_skipped_ms']:.2f} -> {row['channels_last_skipped_ms']:.2f} ms (NCHW -> channels-last)",
                   flush=True)
-    return {"model": model_label, "inputs": inputs_label, "environment": device_info("cpu").to_dict(),
-            "settings": {"batch_sizes": args.batch_sizes, "threshold": args.threshold, "rounds": args.rounds,
-                         "warmup": args.warmup},
-            "command": "python benchmarks/bench_memory_format.py " + shlex.join(sys.argv[1:]),
-            "method": "rounds interleave the two layouts (full then skipped run for each); medians over rounds; "
-                      "batch 1 runs 10x the rounds",
-            "rows": rows}
+    settings = {"batch_sizes": args.batch_sizes, "threshold": args.threshold, "rounds": args.rounds,
+                "warmup": args.warmup}
+    return engine_bench_report(model_label, inputs_label, settings, "bench_memory_format.py",
+                               "skipviz.timing.measure_interleaved: the two layouts' full and skipped runs "
+                               "round-robin, medians over rounds; batch 1 runs 10x the rounds", rows)
 
 
 def markdown(report: dict) -> str:
@@ -99,8 +86,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['batch_size']} | {r['nchw_full_ms']:.2f} | {r['channels_last_full_ms']:.2f} | "
                      f"{r['full_channels_last_speedup']:.2f}x | {r['nchw_skipped_ms']:.2f} | "
                      f"{r['channels_last_skipped_ms']:.2f} | {r['skipped_channels_last_speedup']:.2f}x |")
-    lines += ["", "ms per batch. " + report["method"] + ".", "", f"Command: `{report['command']}`", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + report_footer(report))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -456,7 +456,7 @@ class SkipNetwork(nn.Module):
     """
 
     #: Activations and convolution weights are channels-last (NHWC in memory): on CPU the default model's full
-    #: forward is 1.28x / 1.24x / 1.66x faster than in NCHW at batch 1 / 64 / 256
+    #: forward is 1.34x / 1.27x / 1.29x faster than in NCHW at batch 1 / 64 / 256
     #: (benchmarks/results/memory_format_cpu.md), and with weights and inputs in the same layout no convolution
     #: reorders its weights on every call.
     memory_format: torch.memory_format = torch.channels_last

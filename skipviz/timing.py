@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -1049,6 +1050,36 @@ def report_header(title: str, report: dict, inputs_note: str) -> list[str]:
             f"Inputs: {report['inputs']}; {inputs_note}.", ""]
 
 
+def report_footer(report: dict) -> list[str]:
+    """The last lines of an engine-variant benchmark's Markdown: units, method, the command that wrote it."""
+    return ["", "ms per batch. " + report["method"] + ".", "", f"Command: `{report['command']}`", ""]
+
+
+def engine_bench_report(model: str, inputs: str, settings: dict, script: str, method: str, rows: list) -> dict:
+    """The JSON of an engine-variant benchmark (``benchmarks/bench_<script>.py``): model, inputs, where it ran,
+    settings, the command line, the method and one row per batch size."""
+    return {"model": model, "inputs": inputs, "environment": device_info("cpu").to_dict(), "settings": settings,
+            "command": f"python benchmarks/{script} " + shlex.join(sys.argv[1:]), "method": method, "rows": rows}
+
+
+def time_engine_variants(callers: Mapping[str, Callable[[], object]], batch_size: int, batches_per_call: int,
+                         warmup: int, repeats: int, base: str, new: str, speedup: str) -> dict:
+    """Time two engine variants of the full and the skipped run round-robin (:func:`measure_interleaved`, one
+    call per repeat) and return one result row: ``<variant>_<kind>_ms`` and ``_iqr_ms`` (per batch) for every
+    ``callers`` key ``"<variant>/<kind>"`` (kind ``full`` or ``skipped``), and ``<kind>_<speedup>_speedup`` =
+    ``base`` time / ``new`` time."""
+    stats = measure_interleaved(callers, warmup=warmup, repeats=repeats, device="cpu", batch_size=batch_size,
+                                batches_per_call=batches_per_call, min_repeat_s=0.0, number=1)
+    row: dict = {"batch_size": batch_size}
+    for name, st in stats.items():
+        key = name.replace("/", "_")
+        row[f"{key}_ms"] = st.per_batch_ms
+        row[f"{key}_iqr_ms"] = st.iqr_ms / st.batches_per_call
+    for kind in ("full", "skipped"):
+        row[f"{kind}_{speedup}_speedup"] = row[f"{base}_{kind}_ms"] / row[f"{new}_{kind}_ms"]
+    return row
+
+
 def add_engine_bench_arguments(p: argparse.ArgumentParser, out_dir: str | Path, warmup: int = 3,
                                quick_help: str = "tiny smoke setting") -> None:
     """The options shared by the engine-variant benchmarks (``bench_memory_format.py``, ``bench_fold_bn.py``):
@@ -1172,7 +1203,8 @@ def add_cli(subparsers) -> None:
 
 
 __all__ = ["BenchConfig", "BlockProfile", "DeviceInfo", "GateCost", "LatencyStats", "PolicyTiming",
-           "PredictionCheck", "add_cli", "add_engine_bench_arguments", "check_prediction", "device_info", "gate_cost",
-           "keep_heap_memory", "measure_interleaved", "measure_latency", "predict_latency", "profile_blocks",
-           "random_gated_model", "report_header", "resolve_device", "results_markdown", "run_benchmark", "run_masked",
-           "time_policy", "write_results"]
+           "PredictionCheck", "add_cli", "add_engine_bench_arguments", "check_prediction", "device_info",
+           "engine_bench_report", "gate_cost", "keep_heap_memory", "measure_interleaved", "measure_latency",
+           "predict_latency", "profile_blocks", "random_gated_model", "report_footer", "report_header",
+           "resolve_device", "results_markdown", "run_benchmark", "run_masked", "time_engine_variants", "time_policy",
+           "write_results"]

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,3 +72,15 @@ def app_environment(env: dict[str, str], unset: tuple[str, ...] = ()):
             else:
                 os.environ[k] = v
         cache_resource.clear()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_quick_benchmark(script: str, out: Path, stem: str) -> tuple[subprocess.CompletedProcess, dict, str]:
+    """Run ``benchmarks/<script> --quick --inputs random --out <out>`` in a fresh process and return the process,
+    the JSON report ``<stem>.json`` and the Markdown ``<stem>.md`` it wrote."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--inputs", "random",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc, json.loads((out / f"{stem}.json").read_text()), (out / f"{stem}.md").read_text()
