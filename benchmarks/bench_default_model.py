@@ -35,7 +35,7 @@ def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], e
     if limit:
         test = test.subset(np.random.default_rng(0).permutation(len(test))[:limit])
     net = create_model(model)
-    default_t = float(net.meta.card.get("default_policy", {}).get("threshold", 0.5))
+    default_t = net.meta.default_threshold("gates")
     if default_t not in thresholds:
         thresholds = sorted(thresholds + [default_t])
     full = evaluate_policy(net, test, FullPolicy(), progress=True)
@@ -45,7 +45,7 @@ def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], e
     plan_section: list[str] = []
     plan_result = None
     if net.plan_head is not None:
-        plan_t = float(net.meta.card.get("plan", {}).get("default_threshold", 0.5))
+        plan_t = net.meta.default_threshold("plan")
         plan_ts = sorted(set(thresholds) | {plan_t})
         plan_curve, plan_evals = threshold_curve(net, test, plan_ts, make_policy=PlanPolicy, reference=full,
                                                  progress=True)

@@ -26,10 +26,7 @@ def default_policy_for(net, threshold: float | None, policy: str = "gates"):
     if not net.gated_blocks:
         return FullPolicy()
     if threshold is None:
-        card = net.meta.card or {}
-        default = card.get("plan", {}).get("default_threshold") if policy == "plan" else \
-            card.get("default_policy", {}).get("threshold")
-        threshold = float(default if default is not None else 0.5)
+        threshold = net.meta.default_threshold(policy)
     return THRESHOLD_POLICIES[policy](threshold)
 
 

@@ -221,8 +221,8 @@ class GateHead(nn.Module):
     def _folded_weights(self, h: torch.Tensor) -> tuple:
         """The inference weights, with the spatial mean's 1/(H*W) and the eval-mode BatchNorm folded into
         ``fc1``: 2 kernels for the first layer instead of 4 module calls. Cached until a parameter or buffer is
-        replaced or changed in place (version counters), the module is moved or cast (``_apply``), or the input
-        size or dtype changes. Equal to the module path up to float rounding.
+        replaced, moved, cast or changed in place (:class:`_Fold`), or the input size or dtype changes. Equal to
+        the module path up to float rounding.
         """
         m = self._modules  # plain dict reads: no nn.Module.__getattr__ on the hot path
         p1, p2, bn = m["fc1"]._parameters, m["fc2"]._parameters, m["bn"]
@@ -241,10 +241,6 @@ class GateHead(nn.Module):
                 cache = self._folded = _Fold(sources, extra, (w1, b1, w2, b2, fc2.weight[0].double().tolist(),
                                                               float(fc2.bias)))
         return cache.values
-
-    def _apply(self, fn, *args, **kwargs):
-        self._folded = None  # moved or cast: fold again on the next inference call
-        return super()._apply(fn, *args, **kwargs)
 
 
 class PlanHead(nn.Module):

@@ -279,8 +279,7 @@ class PlanPolicy(GatePolicy):
         if head is None:
             raise ValueError(f"{net.meta.display_name} has no plan head: train one with `skipviz train-plan`")
         n_blocks = len(net.blocks)
-        base_ex, base_re, free = self._layout(head, n_blocks)
-        ex, re = list(base_ex), list(base_re)
+        ex, re, free = self._layout(head, n_blocks)
         sc: list = [None] * n_blocks
         th: list = [None] * n_blocks
         ev: list = [False] * n_blocks
@@ -303,13 +302,8 @@ class PlanPolicy(GatePolicy):
 
     def _layout(self, head: "PlanHead", n_blocks: int) -> tuple[list, list, list[tuple[int, int, float]]]:
         """What the overrides fix before any input: the execute flags and reasons of forced and ungated blocks,
-        and ``(block, column of the head's output, threshold)`` of the blocks the head decides. The same for
-        every batch: kept for the last head (held, so a new head is never mistaken for it by ``id``), threshold
-        and overrides seen."""
-        cached = self.__dict__.get("_layout_cache")
-        key = (n_blocks, head.gated_blocks, self.threshold, self.overrides)  # compared by value: edits are seen
-        if cached is not None and cached[0] is head and cached[1] == key:
-            return cached[2]
+        and ``(block, column of the head's output, threshold)`` of the blocks the head decides. A few list
+        entries, rebuilt per batch, so edits of ``threshold`` or ``overrides`` always apply."""
         overrides = self.overrides
         ex: list = [True] * n_blocks
         re: list = [_NOT_GATED] * n_blocks
@@ -323,10 +317,7 @@ class PlanPolicy(GatePolicy):
             ov = overrides.get(i)
             if not isinstance(ov, str):
                 free.append((i, j, self.threshold if ov is None else ov))
-        layout = (ex, re, free)
-        self.__dict__["_layout_cache"] = (head, (n_blocks, list(head.gated_blocks), self.threshold,
-                                                 dict(self.overrides)), layout)
-        return layout
+        return ex, re, free
 
     def decide(self, net: "SkipNetwork", index: int, h: torch.Tensor) -> Decision:
         raise TypeError("PlanPolicy decides every block at once: call plan() with the stem's output "

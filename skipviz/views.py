@@ -81,12 +81,8 @@ class LoadedModel:
         return self.default_threshold_for("gates")
 
     def default_threshold_for(self, source: str) -> float:
-        """The card's default threshold for a decision source: the gates' (``default_policy``) or the plan's
-        (``plan.default_threshold``); 0.5 when the card has none."""
-        card = self.net.meta.card or {}
-        section = card.get("plan", {}).get("default_threshold") if source == "plan" else \
-            card.get("default_policy", {}).get("threshold")
-        return float(section if section is not None else 0.5)
+        """The card's default threshold for a decision source (:meth:`ModelMeta.default_threshold`)."""
+        return self.net.meta.default_threshold(source)
 
 
 def load_model(name: str = DEFAULT_MODEL, device: torch.device | None = None) -> LoadedModel:
@@ -258,13 +254,14 @@ def measure_latency(net: SkipNetwork, x: torch.Tensor, policy: Policy, trace: Sa
             h = net.stem(x)
             for i, block in enumerate(net.blocks):
                 d = trace.blocks[i]
-                gate = net.gate(i) if d.score is not None and not trace.exit_block and not planned else None
+                exited = trace.exit_block is not None and i > trace.exit_block  # run() asks nothing after an exit
                 synchronize(device)
                 t0 = time.perf_counter()
-                if planned and i == 0:
-                    policy.plan(net, h)
-                if gate is not None:  # as GatePolicy decides: a batch of one on the host, else on the device
-                    gate.probability_of_one(h) if h.shape[0] == 1 else torch.sigmoid(gate(h))
+                if planned:
+                    if i == 0:
+                        policy.plan(net, h)
+                elif not exited:
+                    policy.decide(net, i, h)  # the policy's own decision path, as run() calls it
                 h = block(h) if d.executed else block.bypass(h)
                 synchronize(device)
                 per_block[i].append((time.perf_counter() - t0) * 1e3)

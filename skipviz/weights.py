@@ -51,6 +51,14 @@ class ModelMeta:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def default_threshold(self, source: str = "gates") -> float:
+        """The card's default threshold for a decision source: the per-block gates' (``default_policy``) or the
+        plan head's (``plan.default_threshold``); 0.5 when the card has none."""
+        card = self.card or {}
+        value = (card.get("plan", {}).get("default_threshold") if source == "plan"
+                 else card.get("default_policy", {}).get("threshold"))
+        return float(value if value is not None else 0.5)
+
     @property
     def display_name(self) -> str:
         return f"{self.arch}.{self.weights_name}" if self.weights_name else f"{self.arch} (random init)"
