@@ -852,7 +852,7 @@ def check_prediction(profile: BlockProfile, net: SkipNetwork, x: torch.Tensor, p
 class GateCost:
     """What the gate heads cost: FLOPs over the full network's FLOPs, decision time over the full forward's."""
 
-    gates: int
+    gates: int | str  # the number of gate heads, or "plan head"
     gate_flops: int
     flops_full: int
     gate_ms: float
@@ -873,9 +873,13 @@ class GateCost:
         return out
 
 
-def gate_cost(net: SkipNetwork, profile: BlockProfile) -> GateCost:
-    """Gate heads' share of FLOPs (``net.flop_table``) and of latency (``profile``) of the full network."""
+def gate_cost(net: SkipNetwork, profile: BlockProfile, planned: bool = False) -> GateCost:
+    """Gate heads' share of FLOPs (``net.flop_table``) and of latency (``profile``) of the full network; with
+    ``planned``, the plan head's instead (one per input, for :class:`~skipviz.policies.PlanPolicy`)."""
     table = net.flop_table(profile.input_hw)
+    if planned:
+        return GateCost(gates="plan head", gate_flops=table.plan, flops_full=table.full, gate_ms=profile.plan_ms,
+                        full_ms=profile.full_ms, batch_size=profile.batch_size)
     return GateCost(gates=len(table.gates), gate_flops=int(sum(table.gates.values())), flops_full=table.full,
                     gate_ms=profile.gates_ms, full_ms=profile.full_ms, batch_size=profile.batch_size)
 
@@ -994,7 +998,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
         prof = profile_blocks(net, bs, dev, x=x_all[:bs], warmup=cfg.warmup, repeats=cfg.profile_repeats,
                               threads=cfg.threads, min_repeat_s=cfg.min_repeat_s / 2)
         profiles.append(prof.to_dict())
-        gate_costs.append(gate_cost(net, prof).to_dict())
+        gate_costs.append(gate_cost(net, prof, planned=cfg.policy == "plan").to_dict())
         for t in cfg.thresholds:
             pol = POLICIES[cfg.policy](float(t))
             tm = time_policy(net, x, pol, batch_size=bs, warmup=cfg.warmup, repeats=cfg.repeats, device=dev,
@@ -1015,10 +1019,6 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
                 f"{tm.time_saved_fraction:.1%}, efficiency {eff}, predicted {check.predicted_ms:.2f} ms "
                 f"({check.relative_error:+.1%})")
     env = device_info(dev, next(net.parameters()).dtype, cfg.threads)
-    if cfg.policy == "plan":  # one plan head per input instead of a gate head per block
-        table = net.flop_table(tuple(x_all.shape[-2:]))
-        gate_costs = [{"batch_size": p["batch_size"], "gates": "plan head", "flops_fraction": table.plan / table.full,
-                       "latency_fraction": p["plan_ms"] / p["full_ms"]} for p in profiles]
     return {"environment": env.to_dict(), "settings": asdict(cfg), "model": model_label, "policy": cfg.policy,
             "weights_sha256": net.meta.weights_sha256, "inputs": inputs_label, "rows": rows,
             "gate_cost": gate_costs, "profiles": profiles,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from skipviz import EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy
+from skipviz import EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy, create_model
 from skipviz.timing import (SWAP_FRACTION_ESTIMATE, BenchConfig, BlockProfile, check_prediction, device_info,
                             gate_cost, measure_interleaved, measure_latency, predict_latency, profile_blocks,
                             resolve_device, results_markdown, run_masked, time_policy)
@@ -242,6 +242,11 @@ def test_gate_heads_cost_under_two_percent_of_flops(tiny_net):
     assert cost.gates == len(tiny_net.gated_blocks)
     assert 0 < cost.flops_fraction <= 0.02
     assert cost.flops_full == tiny_net.flop_table().full
+    planned_net = create_model("cifar_resnet20", plan=True)
+    plan = gate_cost(planned_net, BlockProfile(**{**prof.__dict__, "input_hw": (32, 32), "plan_ms": 0.05}),
+                     planned=True)  # the plan head's cost instead, for PlanPolicy
+    assert plan.gates == "plan head" and plan.gate_flops == planned_net.flop_table((32, 32)).plan > 0
+    assert plan.latency_fraction == 0.05 / prof.full_ms and 0 < plan.flops_fraction <= 0.02
 
 
 def test_results_markdown_and_bench_config():
