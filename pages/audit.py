@@ -8,15 +8,13 @@ from pathlib import Path
 import streamlit as st
 
 from pages import _shared
-from skipviz import audit, report, views
+from skipviz import audit, report
 
 st.title("📋 Audit a batch")
 model_key, lm = _shared.current_model()
 _shared.model_banner(lm)
 net = lm.net
-t = _shared.threshold(lm.default_threshold_for(_shared.decision_source(net)))
-ov = _shared.overrides()
-policy = views.make_policy(net, t, ov, _shared.decision_source(net))
+policy = _shared.session_policy(lm)
 st.caption(f"Every image runs under the current policy {policy.config()} and, as a shadow, the full network; "
            "each decision is stored in SQLite and the report can be downloaded (HTML, JSON, CSV).")
 db_default = os.environ.get("SKIPVIZ_AUDIT_DB", str(Path(tempfile.gettempdir()) / "skipviz_dashboard_audit.sqlite"))

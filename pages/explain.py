@@ -4,7 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from pages import _shared
-from skipviz import explain, figures, views
+from skipviz import explain, figures
 
 st.title("💡 Explain the current image")
 model_key, lm = _shared.current_model()
@@ -13,9 +13,7 @@ net = lm.net
 cur = _shared.current_image()
 if cur is not None:
     x, full_trace = _shared.prepared_input(model_key, cur.info.sha256, net, cur.image)
-    t = _shared.threshold(lm.default_threshold_for(_shared.decision_source(net)))
-    ov = _shared.overrides()
-    policy = views.make_policy(net, t, ov, _shared.decision_source(net))
+    policy = _shared.session_policy(lm)
     st.caption(f"Image: {cur.label}. Policy: {policy.config()} (set on the Inspect/Thresholds pages).")
     methods = st.multiselect("Attribution maps", list(explain.MAP_METHODS), default=[explain.MAP_METHODS[0]],
                              key="explain_methods")
