@@ -263,10 +263,14 @@ class PlanHead(nn.Module):
         """What the MLP reads: (N, C0, H0, W0) -> (N, C0 * grid^2), the stem output average-pooled."""
         return F.adaptive_avg_pool2d(h, self.grid).flatten(1)
 
+    def mlp(self, z: torch.Tensor) -> torch.Tensor:
+        """The two-layer MLP on features ``z`` (N, C0 * grid^2) -> (N, G) logits, as modules (training)."""
+        return self.fc2(F.relu(self.fc1(z)))
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if not self.training and not torch.is_grad_enabled():
             return self._inference_logits(h)
-        return self.fc2(F.relu(self.fc1(self.features(h))))
+        return self.mlp(self.features(h))
 
     def _inference_logits(self, h: torch.Tensor) -> torch.Tensor:
         """``forward`` at inference, (N, C0, H0, W0) -> (N, G): 2 GEMMs and no module calls. A channels-last

@@ -355,7 +355,7 @@ def fit_plan_head(head: PlanHead, feats: torch.Tensor, targets: torch.Tensor, cf
     for _ in tqdm(range(cfg.epochs), desc="plan head", disable=not progress):
         total = 0.0
         for idx in batches(len(z), cfg.batch_size, shuffle=True, generator=gen):
-            loss = F.binary_cross_entropy_with_logits(head.fc2(F.relu(head.fc1(z[idx]))), targets[idx])
+            loss = F.binary_cross_entropy_with_logits(head.mlp(z[idx]), targets[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -400,7 +400,7 @@ def export_plan(cfg: PlanConfig, progress: bool = True, dest: Path | None = None
     va_f, va_t = plan_targets(net, head, val_set, cfg.teacher_threshold, progress=progress)
     losses = fit_plan_head(head.cpu(), tr_f, tr_t, cfg, progress=progress)
     with torch.no_grad():
-        va_logits = head.fc2(F.relu(head.fc1(va_f)))
+        va_logits = head.mlp(va_f)
         fit = {"val_bce": float(F.binary_cross_entropy_with_logits(va_logits, va_t)),
                "val_decision_agreement": float(((va_logits >= 0) == (va_t >= 0.5)).float().mean()),
                "val_mean_abs_error": float((torch.sigmoid(va_logits) - va_t).abs().mean())}
