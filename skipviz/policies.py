@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Mapping, Union
 
 import torch
 
-from .trace import Reason
+from .trace import BlockRecord, Reason
 
 if TYPE_CHECKING:  # pragma: no cover
     from .network import FlopTable, PlanHead, SkipNetwork
@@ -74,6 +74,16 @@ class Plan:
             pick = (lambda v: v.index_select(0, rows) if torch.is_tensor(v) else v)
             ex, sc, re = pick(ex), pick(sc), pick(re)
         return Decision(ex, re, sc, self.threshold[index], self.evaluated[index])
+
+    def uniform(self) -> bool:
+        """Whether every block's decision is one Python bool for the whole batch (a batch of one, or every
+        block forced): the engine then needs no per-row work (:meth:`SkipNetwork.run`)."""
+        return all(e.__class__ is bool for e in self.execute)
+
+    def records(self) -> list[BlockRecord]:
+        """The engine's per-block records of this plan for the whole batch in batch order (no row moved)."""
+        return [BlockRecord(None, ex, re, sc, th, ev) for ex, re, sc, th, ev
+                in zip(self.execute, self.reason, self.score, self.threshold, self.evaluated)]
 
 
 class Policy:

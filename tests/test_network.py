@@ -145,6 +145,19 @@ def test_plan_head_inference_path_equals_the_module_path():
         assert not torch.allclose(changed, expected) and torch.allclose(head(h), changed, atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [16, 18])  # the grid divides 16 (fixed-window pooling), not 18 (adaptive)
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_plan_head_batch_of_one_path_equals_the_module_path(size, layout):
+    torch.manual_seed(1)
+    head = PlanHead(8, [0, 2], grid=4, hidden=16).eval()
+    h = torch.randn(1, 8, size, size).relu().contiguous(memory_format=layout)
+    with torch.enable_grad():
+        expected = torch.sigmoid(head(h)).detach()[0].tolist()
+    with torch.no_grad():
+        assert head.probabilities_of_one(h) == pytest.approx(expected, abs=1e-6)
+        assert torch.allclose(torch.sigmoid(head(h))[0], torch.tensor(expected), atol=1e-6)
+
+
 @torch.no_grad()
 def test_full_policy_equals_torchvision_resnet():
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ import torch
 
 from skipviz import FullPolicy, PlanHead, PlanPolicy, Reason, create_model, policy_from_config
 from skipviz.timing import run_masked
+from skipviz.policies import Plan
 
 from conftest import varied_images
 
@@ -127,9 +128,28 @@ def test_an_audit_under_the_plan_reproduces_bit_for_bit(planned_net, tmp_path):
     assert all(r.reproduced for r in results), [r.message for r in results]
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("policy", [PlanPolicy(0.5), PlanPolicy(0.5, {0: "skip", 3: "skip"}), PlanPolicy(0.0)])
+def test_a_batch_of_one_under_a_plan_takes_the_bool_path_with_the_same_result(planned_net, policy, monkeypatch):
+    # one bool per block: run() loops over the blocks like the plain forward and builds its records from the
+    # plan afterwards; the result must equal the general per-block loop's
+    x = varied_images(1, seed=11)
+    plan = policy.plan(planned_net, planned_net._stem(x))
+    assert plan.uniform() and all(r.rows is None for r in plan.records())
+    fast = planned_net.run(x, policy)
+    monkeypatch.setattr(Plan, "uniform", lambda self: False)
+    general = planned_net.run(x, policy)
+    assert torch.equal(fast.logits, general.logits)
+    assert torch.equal(fast.executed, general.executed)
+    assert fast.traces() == general.traces()
+    assert torch.equal(fast.flops_executed(), general.flops_executed())
+    batched = PlanPolicy(0.5).plan(planned_net, planned_net._stem(varied_images(3, seed=11)))
+    assert not batched.uniform()
+
+
 def test_plan_layout_follows_the_head_and_edits_of_the_policy(planned_net):
-    # the per-head layout (forced blocks, the head's columns and thresholds) is cached across batches; a new
-    # head, a changed threshold or changed overrides are seen
+    # the per-head layout (forced blocks, the head's columns and thresholds) is rebuilt per batch: a new head,
+    # a changed threshold or changed overrides are seen
     net, gated = planned_net, planned_net.plan_head.gated_blocks
     h = net._stem(varied_images(1, seed=6))
     policy = PlanPolicy(0.0)
