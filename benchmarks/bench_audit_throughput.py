@@ -40,9 +40,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.policy == "plan" and net.plan_head is None:
         raise SystemExit(f"error: {model_label} has no plan head: the plan policy cannot be measured on it")
     x, inputs_label = bench_inputs(net, cfg, args.n)
+    card_default = net.meta.default_threshold(args.policy)
+    thresholds = args.thresholds or sorted({0.1, 0.5, 0.7, card_default})
     rows = []
     for bs in args.batch_sizes:
-        for t in args.thresholds:
+        for t in thresholds:
             r = measure_throughput(net, THRESHOLD_POLICIES[args.policy](t), x, batch_size=bs, repeats=args.rounds)
             r["threshold"] = t
             rows.append(r)
@@ -52,8 +54,9 @@ def run(args: argparse.Namespace) -> dict:
     return {"model": model_label, "policy": args.policy, "weights_sha256": net.meta.weights_sha256,
             "inputs": inputs_label,
             "environment": device_info("cpu").to_dict(),
-            "settings": {"images": args.n, "batch_sizes": args.batch_sizes, "thresholds": args.thresholds,
+            "settings": {"images": args.n, "batch_sizes": args.batch_sizes, "thresholds": thresholds,
                          "rounds": args.rounds},
+            "card_default_threshold": card_default,
             "audit_default_batch_size": default_audit_batch_size(net),
             "command": "python benchmarks/bench_audit_throughput.py " + shlex.join(sys.argv[1:]),
             "method": "skipviz.audit.measure_throughput: per round one full pass and one skipped pass over the "
@@ -68,10 +71,11 @@ def markdown(report: dict) -> str:
              "| batch | threshold | FLOPs executed | full img/s | skipped img/s | with shadow img/s | speedup "
              "| ideal | efficiency (IQR) | target met |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---|"]
-    default = report.get("audit_default_batch_size")
+    default, card = report.get("audit_default_batch_size"), report.get("card_default_threshold")
     for r in report["rows"]:
         mark = " (audit default)" if r["batch_size"] == default else ""
-        lines.append(f"| {r['batch_size']}{mark} | {r['threshold']:.2f} | {r['flops_fraction_executed']:.1%} | "
+        tmark = " (card default)" if card is not None and abs(r["threshold"] - card) < 1e-9 else ""
+        lines.append(f"| {r['batch_size']}{mark} | {r['threshold']:.2f}{tmark} | {r['flops_fraction_executed']:.1%} | "
                      f"{r['full_images_per_s']:.0f} | {r['skip_images_per_s']:.0f} | "
                      f"{r['skip_with_shadow_images_per_s']:.0f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
                      f"{r['efficiency']:.2f} ({r['efficiency_quartiles'][0]:.2f}-{r['efficiency_quartiles'][1]:.2f}) | "
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="registered model (default: the default model, else random init)")
     p.add_argument("--n", type=int, default=1024, help="number of input images")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128, 256])
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.5, 0.7])
+    p.add_argument("--thresholds", type=float, nargs="+", default=None,
+                   help="default: 0.1, 0.5, 0.7 and the model card's default threshold for the policy")
     p.add_argument("--policy", default="gates", choices=sorted(THRESHOLD_POLICIES),
                    help="gates, or plan (the plan head; writes audit_throughput_plan_<device>)")
     p.add_argument("--rounds", type=int, default=15)
