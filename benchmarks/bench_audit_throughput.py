@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from skipviz.policies import THRESHOLD_POLICIES  # noqa: E402
+from skipviz.policies import THRESHOLD_POLICIES, policy_for  # noqa: E402
 from skipviz.audit import default_audit_batch_size, measure_throughput  # noqa: E402
 from skipviz.timing import (BenchConfig, bench_inputs, device_info, keep_heap_memory,  # noqa: E402
                             load_bench_model, report_header, write_results)
@@ -37,15 +37,17 @@ def run(args: argparse.Namespace) -> dict:
     cfg = BenchConfig(model=args.model, inputs=args.inputs, seed=0)
     net, model_label = load_bench_model(cfg)
     net.eval()
-    if args.policy == "plan" and net.plan_head is None:
-        raise SystemExit(f"error: {model_label} has no plan head: the plan policy cannot be measured on it")
+    try:
+        policy_for(net, args.policy)  # a plan on a network without a plan head fails here, before any timing
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     x, inputs_label = bench_inputs(net, cfg, args.n)
     card_default = net.meta.default_threshold(args.policy)
     thresholds = args.thresholds or sorted({0.1, 0.5, 0.7, card_default})
     rows = []
     for bs in args.batch_sizes:
         for t in thresholds:
-            r = measure_throughput(net, THRESHOLD_POLICIES[args.policy](t), x, batch_size=bs, repeats=args.rounds)
+            r = measure_throughput(net, policy_for(net, args.policy, t), x, batch_size=bs, repeats=args.rounds)
             r["threshold"] = t
             rows.append(r)
             print(f"batch {bs:4d} threshold {t:.2f}: full {r['full_images_per_s']:7.1f} img/s, skipped "

@@ -9,7 +9,7 @@ from ._imageio import ImageInfo, ImageLoadError, load_image
 from ._registry import create_model, data_dir, list_models, list_pretrained
 from .network import FlopTable, GateHead, PlanHead, ProbeHead, SkippableBlock, SkipNetwork, inference_folding
 from .policies import (Decision, EarlyExitPolicy, FullPolicy, GatePolicy, Plan, PlanPolicy, Policy,
-                       StaticMaskPolicy, policy_from_config)
+                       StaticMaskPolicy, policy_for, policy_from_config)
 from .trace import BlockDecision, Reason, SampleTrace, SkipResult, traces_to_dataframe
 from .weights import ModelMeta
 
@@ -22,6 +22,6 @@ __all__ = [
     "FlopTable", "FullPolicy", "GateHead", "GatePolicy", "ImageInfo", "ImageLoadError", "ModelMeta", "Plan",
     "PlanHead", "PlanPolicy", "Policy", "ProbeHead", "Reason", "SampleTrace", "SkipNetwork", "SkipResult",
     "SkippableBlock", "StaticMaskPolicy", "allocator_setting", "create_model", "data_dir", "inference_folding",
-    "keep_heap_memory", "list_models", "list_pretrained", "load_image", "load_state_dict", "policy_from_config",
+    "keep_heap_memory", "list_models", "list_pretrained", "load_image", "load_state_dict", "policy_for", "policy_from_config",
     "traces_to_dataframe",
 ]

@@ -45,7 +45,7 @@ from PIL import Image
 from ._archive import ArchiveError, InputItem, collect_inputs, items_from_uploads, read_source
 from ._imageio import ImageLoadError, load_image
 from ._store import AuditStore, StoreError, utc_now
-from .policies import Policy, policy_from_config
+from .policies import Policy, policy_for, policy_from_config
 from .timing import synchronize
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -312,11 +312,9 @@ def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy |
                 db: str | Path | AuditStore, batch_size: int | None = None, progress: ProgressFn | None = None,
                 run_id: str | None = None, thumbnails: bool = True, extra_config: dict | None = None) -> AuditRun:
     """Audit already collected inputs (see :func:`run_audit`)."""
-    from .cli import default_policy_for
-
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    policy = policy if policy is not None else default_policy_for(net, None)
+    policy = policy if policy is not None else policy_for(net)
     net.eval()
     batch_size = default_audit_batch_size(net) if batch_size is None else int(batch_size)
     device = next(net.parameters()).device
@@ -704,7 +702,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     from . import DEFAULT_MODEL
     from ._checkpoint import CheckpointError
-    from .cli import _load_model, default_policy_for
+    from .cli import _load_model
     from .report import write_report
 
     out = Path(args.out)
@@ -714,7 +712,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     db = Path(args.db) if args.db else out.parent / "audit.sqlite"
     try:
         net = _load_model(args.model or DEFAULT_MODEL, args.weights)
-        policy = default_policy_for(net, args.threshold, args.policy)
+        policy = policy_for(net, args.policy, args.threshold)
     except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

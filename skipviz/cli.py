@@ -14,22 +14,6 @@ def _load_model(name: str, weights: str | None):
     return create_model(name, weights=weights) if weights else create_model(name)
 
 
-def default_policy_for(net, threshold: float | None, policy: str = "gates"):
-    """The policy a model ships with: its gates (``policy="gates"``) or its plan head (``"plan"``) at the
-    card's default threshold for it unless ``threshold`` is given; full when it has no gates."""
-    from .policies import THRESHOLD_POLICIES, FullPolicy
-
-    if policy not in THRESHOLD_POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; known: {sorted(THRESHOLD_POLICIES)}")
-    if policy == "plan" and net.plan_head is None:
-        raise ValueError(f"{net.meta.display_name} has no plan head: train one with `skipviz train-plan`")
-    if not net.gated_blocks:
-        return FullPolicy()
-    if threshold is None:
-        threshold = net.meta.default_threshold(policy)
-    return THRESHOLD_POLICIES[policy](threshold)
-
-
 def add_policy_argument(parser: argparse.ArgumentParser) -> None:
     """``--policy gates|plan`` (skipviz predict, audit)."""
     from .policies import THRESHOLD_POLICIES
@@ -44,10 +28,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from . import DEFAULT_MODEL
     from ._checkpoint import CheckpointError
     from ._imageio import ImageLoadError, load_image
+    from .policies import policy_for
 
     try:
         net = _load_model(args.model or DEFAULT_MODEL, args.weights)
-        policy = default_policy_for(net, args.threshold, args.policy)
+        policy = policy_for(net, args.policy, args.threshold)
     except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -354,6 +354,23 @@ _NOT_GATED, _FORCED_RUN, _FORCED_SKIP = int(Reason.NOT_GATED), int(Reason.FORCED
 THRESHOLD_POLICIES: dict[str, type[GatePolicy]] = {"gates": GatePolicy, "plan": PlanPolicy}
 
 
+def policy_for(net: "SkipNetwork", source: str = "gates", threshold: float | None = None,
+               overrides: Mapping[int, Override] | None = None) -> Policy:
+    """The threshold policy of ``net`` for a decision source: its per-block gates (``"gates"``) or its plan head
+    (``"plan"``), at ``threshold`` (default: the model card's default for that source,
+    :meth:`~skipviz.weights.ModelMeta.default_threshold`) with per-block ``overrides``; :class:`FullPolicy` for
+    a network without gate heads and no overrides. ``ValueError`` for an unknown source, or for ``"plan"`` on
+    a network without a plan head."""
+    if source not in THRESHOLD_POLICIES:
+        raise ValueError(f"unknown policy {source!r}; known: {sorted(THRESHOLD_POLICIES)}")
+    if source == "plan" and net.plan_head is None:
+        raise ValueError(f"{net.meta.display_name} has no plan head: train one with `skipviz train-plan`")
+    if not net.gated_blocks and not overrides:
+        return FullPolicy()
+    return THRESHOLD_POLICIES[source](net.meta.default_threshold(source) if threshold is None else threshold,
+                                      overrides)
+
+
 def policy_from_config(config: Mapping) -> Policy:
     """Rebuild a policy from :meth:`Policy.config` output (used to reproduce audited runs)."""
     name = config.get("name")

@@ -36,7 +36,7 @@ from ._allocator import allocator_setting, keep_heap_memory  # noqa: F401 (keep_
 from ._env import package_version
 from .network import SkipNetwork, gather_rows, misplaced_rows, scatter_rows_
 from .policies import THRESHOLD_POLICIES as POLICIES
-from .policies import FullPolicy, GatePolicy, PlanPolicy, Policy
+from .policies import FullPolicy, GatePolicy, PlanPolicy, Policy, policy_for
 
 # ------------------------------------------------------------------------------------------------- devices
 
@@ -987,8 +987,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
     dev = resolve_device(cfg.device)
     net, model_label = load_bench_model(cfg)
     net = net.to(dev).eval()
-    if cfg.policy == "plan" and net.plan_head is None:
-        raise ValueError(f"{model_label} has no plan head: the plan policy cannot be benchmarked on it")
+    policy_for(net, cfg.policy)  # a plan on a network without a plan head fails here, before any timing
     n_inputs = max(max(cfg.batch_sizes), cfg.batch1_images)
     x_all, inputs_label = bench_inputs(net, cfg, n_inputs)
     log(f"model: {model_label}; inputs: {inputs_label}; device: {dev}")

@@ -27,7 +27,7 @@ from PIL import Image
 from . import DEFAULT_MODEL, create_model
 from ._checkpoint import CheckpointError
 from .network import SkipNetwork
-from .policies import THRESHOLD_POLICIES, FullPolicy, Override, Policy
+from .policies import THRESHOLD_POLICIES, FullPolicy, Override, Policy, policy_for
 from .timing import quick_median_ms, synchronize
 from .trace import SampleTrace
 
@@ -199,10 +199,10 @@ def make_policy(net: SkipNetwork, threshold: float, overrides: Mapping[int, Over
     stem) at ``threshold`` with per-block overrides; full if the network has no gates."""
     if source not in DECISION_SOURCES:
         raise ValueError(f"unknown decision source {source!r}; known: {sorted(DECISION_SOURCES)}")
+    ov = {int(k): v for k, v in (overrides or {}).items() if v != "auto"}
     if not net.gated_blocks and not overrides:
         return FullPolicy()
-    ov = {int(k): v for k, v in (overrides or {}).items() if v != "auto"}
-    return THRESHOLD_POLICIES[source if net.plan_head is not None else "gates"](threshold, ov)
+    return policy_for(net, source if net.plan_head is not None else "gates", threshold, ov)
 
 
 def preprocess(net: SkipNetwork, image: Image.Image) -> torch.Tensor:

@@ -45,15 +45,3 @@ def test_predict_with_the_plan_policy(tmp_path, capsys):
     save_file({k: v.contiguous() for k, v in create_model("cifar_resnet20").state_dict().items()}, str(weights))
     assert main(["predict", str(img), "--model", "cifar_resnet20", "--weights", str(weights), "--policy", "plan"]) == 2
     assert "no plan head" in capsys.readouterr().err
-
-
-def test_default_policy_reads_each_sources_threshold_from_the_card():
-    import skipviz
-    from skipviz.cli import default_policy_for
-
-    net = create_model(skipviz.DEFAULT_MODEL)
-    card = net.meta.card
-    assert default_policy_for(net, None).config()["threshold"] == card["default_policy"]["threshold"]
-    plan = default_policy_for(net, None, "plan")
-    assert plan.name == "plan" and plan.threshold == card["plan"]["default_threshold"]
-    assert default_policy_for(net, 0.7, "plan").threshold == 0.7

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skipviz import FullPolicy, PlanHead, PlanPolicy, Reason, create_model, policy_from_config
+from skipviz import FullPolicy, PlanHead, PlanPolicy, Reason, create_model, policy_for, policy_from_config
 from skipviz.timing import run_masked
 from skipviz.policies import Plan
 
@@ -166,3 +166,25 @@ def test_plan_layout_follows_the_head_and_edits_of_the_policy(planned_net):
             assert plan.evaluated[gated[1]] and not plan.evaluated[gated[2]] and plan.execute[gated[2]] is True
         finally:
             net.plan_head = saved
+
+
+def test_policy_for_reads_each_sources_threshold_from_the_card():
+    import skipviz
+
+    net = create_model(skipviz.DEFAULT_MODEL)
+    card = net.meta.card
+    assert policy_for(net).config()["threshold"] == card["default_policy"]["threshold"]
+    plan = policy_for(net, "plan")
+    assert plan.name == "plan" and plan.threshold == card["plan"]["default_threshold"]
+    assert policy_for(net, "plan", 0.7).threshold == 0.7
+    assert policy_for(net, "gates", 0.3, {2: "skip"}).config() == {"name": "gates", "threshold": 0.3,
+                                                                  "overrides": {"2": "skip"}}
+
+
+def test_policy_for_refuses_what_the_network_cannot_do():
+    plain = create_model("cifar_resnet20")  # gate heads, no plan head
+    with pytest.raises(ValueError, match="no plan head"):
+        policy_for(plain, "plan")
+    with pytest.raises(ValueError, match="unknown policy"):
+        policy_for(plain, "oracle")
+    assert isinstance(policy_for(create_model("cifar_resnet20", gates=False)), FullPolicy)
