@@ -92,7 +92,8 @@ class _Fold:
 
     def valid_for(self, sources: tuple, extra: tuple = ()) -> bool:
         """Whether ``sources`` are the same tensors with the same contents: not replaced, moved, cast or updated
-        in place (``load_state_dict`` copies in place) since the fold."""
+        in place (``load_state_dict`` copies in place) since the fold. An edit through ``.data``
+        (``w.data.mul_(2)``) bypasses the version counters, as it does for autograd, and is not seen."""
         return (extra == self.extra and all(map(operator.is_, sources, self.sources))
                 and _fold_state(sources) == self.state)
 
@@ -128,10 +129,14 @@ def folded_conv_bn_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.T
     """The weight (C_out, C_in/g, kh, kw) and bias (C_out,) of one convolution computing eval-mode
     ``bn(conv(x))``, by ``torch.nn.utils.fusion.fuse_conv_bn_weights``, in ``conv.weight``'s memory layout.
 
-    Cached on ``conv`` until any of its six source tensors is replaced, moved, cast or changed in place.
+    Cached on ``conv`` until any of its source tensors is replaced, moved, cast or changed in place, or the
+    BatchNorm counts another training batch.
     """
     p, bp, bb = conv._parameters, bn._parameters, bn._buffers  # dict reads: no nn.Module.__getattr__ (hot path)
-    sources = (p["weight"], p["bias"], bp["weight"], bp["bias"], bb["running_mean"], bb["running_var"])
+    # num_batches_tracked: a train-mode forward updates the running statistics inside the kernel without
+    # bumping their version counters, but it also counts the batch with a Python add_, which does
+    sources = (p["weight"], p["bias"], bp["weight"], bp["bias"], bb["running_mean"], bb["running_var"],
+               bb.get("num_batches_tracked"))
     cache: _Fold | None = conv.__dict__.get("_skipviz_folded")
     if cache is None or not cache.valid_for(sources):
         with torch.no_grad():
@@ -174,6 +179,12 @@ class ConvBNStem(nn.Sequential):
         return x
 
 
+def _channel_sums(h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C) sums over the map, accumulated and returned in ``dtype`` (float32 for half-precision
+    maps; the same call as ``h.sum((2, 3))`` otherwise)."""
+    return h.sum((2, 3)) if h.dtype == dtype else h.sum((2, 3), dtype=dtype)
+
+
 class GateHead(nn.Module):
     """ConvNet-AIG-style gate: pooled features -> tiny MLP -> one logit per sample.
 
@@ -198,7 +209,8 @@ class GateHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.folds():
             w1, b1, w2, b2, _, _ = self._folded_weights(h)
-            return torch.addmm(b2, torch.addmm(b1, h.sum((2, 3)), w1).relu_(), w2).squeeze(1)
+            logits = torch.addmm(b2, torch.addmm(b1, _channel_sums(h, w1.dtype), w1).relu_(), w2).squeeze(1)
+            return logits if logits.dtype == h.dtype else logits.to(h.dtype)
         z = F.relu(self.bn(self.fc1(h.mean((2, 3)))))
         return self.fc2(z).squeeze(1)
 
@@ -215,29 +227,32 @@ class GateHead(nn.Module):
         if not self.folds():
             return float(torch.sigmoid(self(h)).detach().item())
         w1, b1, _, _, w2, b2 = self._folded_weights(h)
-        z = torch.addmm(b1, h.sum((2, 3)), w1).tolist()[0]
+        z = torch.addmm(b1, _channel_sums(h, w1.dtype), w1).tolist()[0]
         return _sigmoid(b2 + sum(w * a for w, a in zip(w2, z) if a > 0.0))
 
     def _folded_weights(self, h: torch.Tensor) -> tuple:
         """The inference weights, with the spatial mean's 1/(H*W) and the eval-mode BatchNorm folded into
         ``fc1``: 2 kernels for the first layer instead of 4 module calls. Cached until a parameter or buffer is
         replaced, moved, cast or changed in place (:class:`_Fold`), or the input size or dtype changes. Equal to
-        the module path up to float rounding.
+        the module path up to float rounding. For float16/bfloat16 input the folded weights are float32 and the
+        channel sums are taken in float32 (:func:`_channel_sums`): a half-precision sum over a large map
+        overflows where the module path's mean does not.
         """
         m = self._modules  # plain dict reads: no nn.Module.__getattr__ on the hot path
         p1, p2, bn = m["fc1"]._parameters, m["fc2"]._parameters, m["bn"]
         pb, bb = bn._parameters, bn._buffers
         sources = (p1["weight"], p1["bias"], pb["weight"], pb["bias"], bb["running_mean"], bb["running_var"],
-                   p2["weight"], p2["bias"])
+                   p2["weight"], p2["bias"], bb.get("num_batches_tracked"))  # see folded_conv_bn_weights
         extra = (h.shape[2] * h.shape[3], h.dtype)
         cache = self._folded
         if cache is None or not cache.valid_for(sources, extra):
             fc1, bn, fc2 = self.fc1, self.bn, self.fc2
             with torch.no_grad():
                 scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-                w1 = (fc1.weight * (scale / extra[0]).unsqueeze(1)).to(h.dtype).t().contiguous()
-                b1 = ((fc1.bias - bn.running_mean) * scale + bn.bias).to(h.dtype)
-                w2, b2 = fc2.weight.to(h.dtype).t().contiguous(), fc2.bias.to(h.dtype)
+                acc = torch.float32 if h.dtype in (torch.float16, torch.bfloat16) else h.dtype
+                w1 = (fc1.weight * (scale / extra[0]).unsqueeze(1)).to(acc).t().contiguous()
+                b1 = ((fc1.bias - bn.running_mean) * scale + bn.bias).to(acc)
+                w2, b2 = fc2.weight.to(acc).t().contiguous(), fc2.bias.to(acc)
                 cache = self._folded = _Fold(sources, extra, (w1, b1, w2, b2, fc2.weight[0].double().tolist(),
                                                               float(fc2.bias)))
         return cache.values
@@ -316,6 +331,8 @@ class PlanHead(nn.Module):
         # inference: matrix-vector products, measured faster than 1-row GEMMs (equal up to float rounding)
         p1, p2 = self._modules["fc1"]._parameters, self._modules["fc2"]._parameters
         z, w1 = self._inference_features(h)
+        if z.dtype != w1.dtype:  # autocast: the features in the autocast dtype, the weights as stored
+            return [_sigmoid(v) for v in self._inference_logits(h)[0].tolist()]
         hidden = torch.addmv(p1["bias"], w1, z[0]).relu_()
         return [_sigmoid(v) for v in torch.addmv(p2["bias"], p2["weight"], hidden).tolist()]
 
@@ -672,6 +689,7 @@ class SkipNetwork(nn.Module):
             indices: block indices to return (negative counts from the end), an int n for the last n blocks,
                 or ``None`` for all.
             policy: run under a skipping policy (default: full). A bypassed block's "output" is its bypass.
+                Early-exit policies are refused (``ValueError``): a sample that left has no later features.
             intermediates_only: return only the list.
             include_stem: put the stem output (the first block's input) first in the list.
         Returns:
@@ -689,6 +707,9 @@ class SkipNetwork(nn.Module):
         if include_stem:
             feats.append(h)
         policy = policy or FullPolicy()
+        if type(policy).exit_after is not Policy.exit_after:
+            raise ValueError(f"forward_intermediates cannot run an early-exit policy ({policy.name}): a sample "
+                             "that exits has no later features; use run() for its decisions and logits")
         last = wanted[-1] if (intermediates_only and wanted) else nb - 1
         plan = policy.plan(self, h)
         for i, block in enumerate(self.blocks[: last + 1]):
@@ -730,14 +751,19 @@ class SkipNetwork(nn.Module):
                 or sorted(table.gates) != self.gated_blocks or len(table.probes) != probes
                 or (table.plan > 0) != (self.plan_head is not None)):
             return None
+        if self.plan_head is not None:  # the card's plan cost holds only for a head of the card's shape
+            head, shape = self.plan_head, (card.get("plan") or {}).get("head") or {}
+            if (shape.get("grid") != head.grid or shape.get("hidden") != head.fc1.out_features
+                    or list(shape.get("gated_blocks") or []) != head.gated_blocks):
+                return None
         return table
 
     def _count_flops(self, hw: tuple[int, int]) -> FlopTable:
         was_training = self.training
         self.eval()
         try:
-            dev = next(self.parameters()).device
-            x = torch.zeros(1, 3, *hw, device=dev)
+            p = next(self.parameters())
+            x = torch.zeros(1, 3, *hw, device=p.device, dtype=p.dtype)
             with torch.no_grad():
                 stem_flops = count_flops(self.stem, x)
                 h = self._stem(x)

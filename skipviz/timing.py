@@ -831,7 +831,9 @@ def check_prediction(profile: BlockProfile, net: SkipNetwork, x: torch.Tensor, p
             ev = np.zeros(net.num_blocks)
             for i, rec in enumerate(r.records):
                 ev[i] = 1.0 if rec.gate_evaluated and profile.gated[i] else 0.0
-            preds.append(predict_latency(profile, r.executed, ev, planned=policy.decides_up_front))
+            # the plan head's time counts only when it ran (overrides may force every gated block)
+            planned = policy.decides_up_front and any(rec.gate_evaluated for rec in r.records)
+            preds.append(predict_latency(profile, r.executed, ev, planned=planned))
             free.append(predict_latency(profile, r.executed, no_decisions))
             blocks.append(float(r.executed.sum(1).double().mean()))
 

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 import torchvision
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from skipviz import (EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy, create_model)
+from skipviz import (DEFAULT_MODEL, EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy, create_model,
+                     inference_folding)
 from skipviz.models.torchvision_resnet import wrap_torchvision
 from skipviz.network import (GateHead, PlanHead, SkipNetwork, _densest_window, conv_bn, count_flops, gather_rows,
                              inference_folding, misplaced_rows, scatter_rows_)
@@ -480,3 +481,55 @@ def test_card_flop_table_is_ignored_unless_it_names_these_weights(tiny_net):
         assert tiny_net._card_flop_table(table.input_hw) is None  # another network shape
     finally:
         tiny_net.meta.weights_sha256, tiny_net.meta.card = None, {}
+
+
+@torch.no_grad()
+def test_folds_follow_running_statistics_updated_by_a_training_forward():
+    # a train-mode forward updates running_mean/var inside the kernel without bumping their version counters;
+    # the BatchNorm's batch count (num_batches_tracked) does move, and the folds follow it
+    torch.manual_seed(0)
+    net = create_model("cifar_resnet20").eval()
+    x = torch.randn(2, 3, 32, 32)
+    net(x), net.run(x, GatePolicy(0.5))  # folds cached
+    net.train()
+    net(torch.randn(8, 3, 32, 32) * 5 + 3)
+    net.eval()
+    with inference_folding(False):
+        expected, expected_scores = net(x), net.run(x, GatePolicy(0.5)).scores
+    assert torch.allclose(net(x), expected, atol=1e-5)
+    assert torch.allclose(net.run(x, GatePolicy(0.5)).scores.nan_to_num(), expected_scores.nan_to_num(), atol=1e-6)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gates_do_not_overflow_and_flops_count(dtype):
+    # a folded gate sums its map instead of averaging it: in half precision the sum of a large map overflows,
+    # so it is taken in float32; the FLOP count runs in the network's dtype
+    torch.manual_seed(0)
+    net = create_model("cifar_resnet20").to(dtype).eval()
+    x = torch.randn(2, 3, 256, 256, dtype=dtype)
+    gate, h = net.gate(0), net._stem(x)
+    folded = gate(h)
+    with inference_folding(False):
+        module = gate(h)
+    assert folded.dtype == dtype and torch.isfinite(folded).all()
+    assert torch.allclose(folded.float(), module.float(), atol=0.05)
+    assert gate.probability_of_one(h[:1]) == pytest.approx(torch.sigmoid(module[0].double()).item(), abs=0.02)
+    res = net.run(x, GatePolicy(0.5))
+    assert torch.isfinite(res.scores[:, net.gated_blocks]).all()
+    assert (res.flops_executed() > 0).all()
+
+
+def test_forward_intermediates_refuses_early_exit_policies(tiny_net):
+    with pytest.raises(ValueError, match="early-exit"):
+        tiny_net.forward_intermediates(torch.zeros(1, 3, 32, 32), policy=EarlyExitPolicy(0.5))
+
+
+def test_the_cards_flop_table_is_not_reused_for_a_plan_head_of_another_shape():
+    net = create_model(DEFAULT_MODEL)
+    if net.plan_head is None or not (net.meta.card or {}).get("flops"):
+        pytest.skip("the default model's weights (with a plan head) are not in data/")
+    shipped = net.flop_table().plan
+    net.plan_head = PlanHead(net.plan_head.fc1.in_features // 16, net.gated_blocks, grid=4, hidden=512).eval()
+    assert net.flop_table().plan == 2 * (net.plan_head.fc1.in_features * 512 + 512 * len(net.gated_blocks))
+    assert net.flop_table().plan != shipped

@@ -188,3 +188,13 @@ def test_policy_for_refuses_what_the_network_cannot_do():
     with pytest.raises(ValueError, match="unknown policy"):
         policy_for(plain, "oracle")
     assert isinstance(policy_for(create_model("cifar_resnet20", gates=False)), FullPolicy)
+
+
+@torch.no_grad()
+def test_a_batch_of_one_under_a_plan_runs_under_autocast(planned_net):
+    # the batch-of-one plan head reads autocast-dtype features with float32 weights: it takes the GEMM path
+    x = varied_images(2, seed=12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        one, both = planned_net.run(x[:1], PlanPolicy(0.5)), planned_net.run(x, PlanPolicy(0.5))
+    assert one.scores[0, planned_net.gated_blocks].tolist() == pytest.approx(
+        both.scores[0, planned_net.gated_blocks].tolist(), abs=0.02)

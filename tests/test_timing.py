@@ -279,3 +279,19 @@ def test_quick_median_ms_times_the_call():
 
     ms = quick_median_ms(lambda: time.sleep(0.004), repeats=5, device="cpu")
     assert 3.5 <= ms < 50
+
+
+def test_check_prediction_counts_the_plan_head_only_when_it_ran(batch):
+    import dataclasses
+
+    from skipviz import PlanPolicy
+
+    torch.manual_seed(0)
+    net = create_model("cifar_resnet20", plan=True).eval()
+    prof = profile_blocks(net, batch_size=2, x=batch[:2], warmup=1, repeats=2, min_repeat_s=0.0)
+    prof = dataclasses.replace(prof, plan_ms=1000.0)  # unmistakable if counted
+    forced = PlanPolicy(0.5, {i: "run" for i in net.gated_blocks})  # every gated block forced: no plan head
+    check = check_prediction(prof, net, batch[:2], forced, warmup=1, repeats=1, min_repeat_s=0.0)
+    assert check.predicted_ms == pytest.approx(check.full_predicted_ms)
+    check = check_prediction(prof, net, batch[:2], PlanPolicy(0.5), warmup=1, repeats=1, min_repeat_s=0.0)
+    assert check.predicted_ms > 1000.0
