@@ -30,7 +30,7 @@ if files and st.button("Run the audit", key="audit_run"):
                                          labels_from_folders=labels,
                                          progress=lambda frac, text: bar.progress(min(1.0, float(frac)), text=text))
         html, js, csv = report.render_report(run, net=net, n_reproduce=int(n_repro))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, audit.StoreError) as e:  # bad uploads, archives or database paths
         st.error(f"The audit failed: {e}")
     else:
         bar.empty()

@@ -46,16 +46,21 @@ class InputItem:
 
     ``source`` is a filesystem path, ``"archive.zip::member"`` for a zip member on disk, or ``None`` for data
     that exists only in memory (an upload); ``data`` holds the bytes when they were already read (zip members,
-    uploads). ``label`` is the class name from the parent folder when labels come from folders.
+    uploads). ``label`` is the class name from the parent folder when labels come from folders. ``error``: why
+    the input cannot be read (a damaged or duplicated zip member); :meth:`read` raises it, so the audit records
+    a failed row with the reason.
     """
 
     name: str
     source: str | None
     data: bytes | None = None
     label: str | None = None
+    error: str | None = None
 
     def read(self) -> bytes | str:
         """What to hand to :func:`skipviz.load_image`: the bytes if held, else the path."""
+        if self.error is not None:
+            raise ArchiveError(self.error)
         if self.data is not None:
             return self.data
         if self.source is None:
@@ -105,7 +110,8 @@ def read_zip(source: str | Path | bytes | BinaryIO, labels_from_folders: bool = 
 
     Raises :class:`ArchiveError` for a damaged archive, a path-traversal member or a zip bomb. Members that
     do not look like images by their suffix are skipped; members that do are returned even if they are
-    damaged (the audit turns them into failed rows).
+    damaged (the audit turns them into failed rows): a member that fails to decompress, and a second member of
+    the same name (which a recorded source could not tell apart from the first), come back with ``error`` set.
     """
     limits = limits or ZipLimits()
     on_disk = isinstance(source, (str, Path))
@@ -132,32 +138,58 @@ def read_zip(source: str | Path | bytes | BinaryIO, labels_from_folders: bool = 
             raise ArchiveError(f"{archive}: refused, {sum(i.file_size for i in infos) / 2**20:.0f} MiB "
                                f"uncompressed is over the {limits.max_total_bytes / 2**20:.0f} MiB limit")
         used = 0
-        for info in sorted(infos, key=lambda i: i.filename):
+        seen: set[str] = set()
+        for info in sorted(infos, key=lambda i: i.filename):  # stable: duplicates keep the archive's order
             if info.is_dir() or not _is_image_name(info.filename):
                 continue
-            try:
-                data = _read_member(zf, info, limits, archive, limits.max_total_bytes - used)
-            except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as e:
-                raise ArchiveError(f"{archive}: member {info.filename!r} could not be decompressed ({e})") from e
-            used += len(data)
             member = _check_member_name(info.filename, archive)
             label = (member.parent.name or None) if labels_from_folders else None
-            items.append(InputItem(name=f"{archive}/{info.filename}",
-                                   source=f"{source}{ZIP_SEP}{info.filename}" if on_disk else None,
-                                   data=data, label=label))
+            item = InputItem(name=f"{archive}/{info.filename}",
+                             source=f"{source}{ZIP_SEP}{info.filename}" if on_disk else None, label=label)
+            if info.filename in seen:
+                item.source, item.error = None, (f"{archive}: a second member named {info.filename!r}; it cannot "
+                                                 "be told apart from the first, so it is not audited")
+            else:
+                seen.add(info.filename)
+                try:
+                    item.data = _read_member(zf, info, limits, archive, limits.max_total_bytes - used)
+                    used += len(item.data)
+                except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as e:
+                    item.error = f"{archive}: member {info.filename!r} could not be decompressed ({e})"
+            items.append(item)
     return items
 
 
-def read_source(source: str, limits: ZipLimits | None = None) -> bytes | str:
-    """Re-read a recorded source: a path is returned as is, ``archive.zip::member`` is extracted safely."""
-    if ZIP_SEP in source and not Path(source).exists():
-        archive, _, member = source.partition(ZIP_SEP)
-        for item in read_zip(archive, limits=limits):
-            if item.source == f"{archive}{ZIP_SEP}{member}":
-                assert item.data is not None
-                return item.data
+def _split_zip_source(source: str) -> tuple[str, str] | None:
+    """``"archive.zip::member"`` -> ``(archive, member)``, at the first separator whose left part is an existing
+    file (an archive's own path may contain the separator), or ``None``."""
+    at = source.find(ZIP_SEP)
+    while at != -1:
+        if Path(source[:at]).is_file():
+            return source[:at], source[at + len(ZIP_SEP):]
+        at = source.find(ZIP_SEP, at + 1)
+    return None
+
+
+def read_source(source: str, limits: ZipLimits | None = None,
+                cache: dict[str, dict[str, InputItem]] | None = None) -> bytes | str:
+    """Re-read a recorded source: a path is returned as is, ``archive.zip::member`` is extracted safely.
+
+    ``cache``: archive path -> its items by source, filled on first use, so that replaying a batch of many
+    members reads each archive once (pass the same dict for the whole batch)."""
+    split = _split_zip_source(source) if ZIP_SEP in source and not Path(source).exists() else None
+    if split is None:
+        return source
+    archive, member = split
+    items = cache.get(archive) if cache is not None else None
+    if items is None:
+        items = {item.source: item for item in read_zip(archive, limits=limits) if item.source is not None}
+        if cache is not None:
+            cache[archive] = items
+    item = items.get(f"{archive}{ZIP_SEP}{member}")
+    if item is None:
         raise ArchiveError(f"{archive}: has no member {member!r} any more")
-    return source
+    return item.read()
 
 
 def collect_inputs(paths: Sequence[str | Path], labels_from_folders: bool = False,
@@ -183,7 +215,7 @@ def collect_inputs(paths: Sequence[str | Path], labels_from_folders: bool = Fals
             items.extend(read_zip(p.resolve(), labels_from_folders=labels_from_folders, limits=limits,
                                   name=p.name))
         else:
-            label = p.parent.name if labels_from_folders else None
+            label = (p.resolve().parent.name or None) if labels_from_folders else None  # "0.png": its folder
             items.append(InputItem(name=p.name, source=str(p.resolve()), label=label))
     return items
 

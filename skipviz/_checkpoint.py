@@ -43,6 +43,15 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         if not (head.startswith(b"PK") or head[:1] == b"\x80"):
             raise CheckpointError(f"{p.name}: not a PyTorch weights file (expected .safetensors or a torch.save zip)")
+        if head.startswith(b"PK"):  # the size limit holds for what the members unpack to, not just the file
+            try:
+                with zipfile.ZipFile(p) as zf:
+                    unpacked = sum(info.file_size for info in zf.infolist())
+            except (zipfile.BadZipFile, OSError, ValueError) as e:
+                raise CheckpointError(f"{p.name}: damaged or unreadable weights file ({e})") from e
+            if unpacked > MAX_CHECKPOINT_BYTES:
+                raise CheckpointError(f"{p.name}: its contents unpack to {unpacked / 2**30:.1f} GiB, over the weights "
+                                      "size limit")
         try:
             state = torch.load(str(p), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:

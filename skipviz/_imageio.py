@@ -2,7 +2,9 @@
 
 Handles any size and mode: grayscale, RGBA/LA (composited on white), palette, 16/32-bit integer and float
 images (rescaled to 8 bit), CMYK, EXIF orientation; animated images use their first frame. Refuses empty
-files, files over ``max_bytes``, non-images, truncated files and decompression bombs (over ``max_pixels``).
+files, files over ``max_bytes``, paths that are not regular files (devices, pipes), non-images, truncated files,
+decompression bombs (over ``max_pixels``) and extreme aspect ratios (over ``max_aspect``: a 39,000,000 x 1 PNG is
+113 KB, but resizing its short side for a model would ask for gigabytes).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_BYTES = 50 * 1024 * 1024
 MAX_PIXELS = 40_000_000  # 40 MP: large photos pass, 20000 x 20000 bombs do not
+MAX_ASPECT = 200.0  # long side / short side: panoramas pass, 1-pixel-high strips do not
 
 
 class ImageLoadError(ValueError):
@@ -66,10 +69,13 @@ def read_bytes(source: str | Path | bytes | BinaryIO, max_bytes: int = MAX_BYTES
             raise ImageLoadError(f"{p}: no such file")
         if p.is_dir():
             raise ImageLoadError(f"{p}: is a folder, not an image")
+        if not p.is_file():  # a device, pipe or socket: its size says nothing about what a read returns
+            raise ImageLoadError(f"{p}: not a regular file")
         size = p.stat().st_size
         if size > max_bytes:
             raise ImageLoadError(f"{p.name}: file is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.0f} MiB limit")
-        data, name = p.read_bytes(), p.name
+        with p.open("rb") as f:
+            data, name = f.read(max_bytes + 1), p.name  # bounded even if the file grows meanwhile
     else:
         data = source.read(max_bytes + 1)
         name = getattr(source, "name", "<upload>")
@@ -81,7 +87,7 @@ def read_bytes(source: str | Path | bytes | BinaryIO, max_bytes: int = MAX_BYTES
 
 
 def load_image(source: str | Path | bytes | BinaryIO, max_bytes: int = MAX_BYTES,
-               max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, ImageInfo]:
+               max_pixels: int = MAX_PIXELS, max_aspect: float = MAX_ASPECT) -> tuple[Image.Image, ImageInfo]:
     """Decode an untrusted image to RGB. Returns ``(image, info)``; raises :class:`ImageLoadError`."""
     data, name = read_bytes(source, max_bytes)
     digest = hashlib.sha256(data).hexdigest()
@@ -94,6 +100,9 @@ def load_image(source: str | Path | bytes | BinaryIO, max_bytes: int = MAX_BYTES
             if w * h > max_pixels:
                 raise ImageLoadError(f"{name}: {w}x{h} pixels is over the {max_pixels:,}-pixel limit "
                                      "(possible decompression bomb)")
+            if max(w, h) > max_aspect * max(1, min(w, h)):
+                raise ImageLoadError(f"{name}: {w}x{h} pixels has an aspect ratio over {max_aspect:g}:1 (resizing "
+                                     "its short side for a model would need an image of extreme length)")
             frames = int(getattr(im, "n_frames", 1))
             if frames > 1:
                 im.seek(0)

@@ -87,8 +87,15 @@ def utc_now() -> str:
 
 
 def _iso(value: str | datetime | None) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
+    """A date bound as the store's UTC ISO string: a ``datetime`` or an ISO-8601 string, with any UTC offset (a
+    naive one is taken as UTC); ``ValueError`` for a string that is not ISO-8601."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError as e:
+            raise ValueError(f"not an ISO-8601 date or time: {value!r}") from e
     if value.tzinfo is None:
         value = value.replace(tzinfo=timezone.utc)
     return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
@@ -110,11 +117,16 @@ class AuditStore:
             self._conn = sqlite3.connect(str(self.path), timeout=timeout_ms / 1000, isolation_level=None,
                                          check_same_thread=False)
             self._conn.execute(f"PRAGMA busy_timeout = {int(timeout_ms)}")
+            self._refuse_newer_schema()  # before anything writes to the file (switching to WAL does)
             self._set_wal(timeout_ms)
             self._conn.execute("PRAGMA synchronous = FULL")
             self._conn.execute("PRAGMA foreign_keys = ON")
             self._migrate()
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, StoreError) as e:
+            if getattr(self, "_conn", None) is not None:
+                self._conn.close()
+            if isinstance(e, StoreError):
+                raise
             raise StoreError(f"{self.path}: not a usable SkipViz audit database ({e})") from e
 
     def _set_wal(self, timeout_ms: int) -> None:
@@ -151,12 +163,16 @@ class AuditStore:
         with self._lock:
             return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
 
-    def _migrate(self) -> None:
+    def _refuse_newer_schema(self) -> None:
         version = self.schema_version
         if version > SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"{self.path}: audit database schema version {version} is newer than this SkipViz supports "
                 f"({SCHEMA_VERSION}); upgrade SkipViz to read it (the file was left untouched)")
+
+    def _migrate(self) -> None:
+        self._refuse_newer_schema()  # again: another process may have upgraded the file meanwhile
+        version = self.schema_version
         if version == SCHEMA_VERSION:
             return
         with self._transaction() as conn:  # re-read inside the write lock: another process may have migrated

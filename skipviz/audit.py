@@ -349,8 +349,10 @@ def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy |
                 try:
                     image, info = load_image(item.read())
                     tensor = tf(image)
-                except (ImageLoadError, ArchiveError, OSError, ValueError, RuntimeError) as e:
-                    rec = AuditRecord(status="failed", error=str(e), timestamp=utc_now(), **base)
+                except (ImageLoadError, ArchiveError, OSError, ValueError, RuntimeError, MemoryError) as e:
+                    # one input that cannot be read (or fits in no memory) is a failed row; the audit goes on
+                    error = str(e) if not isinstance(e, MemoryError) else f"out of memory reading this input ({e})"
+                    rec = AuditRecord(status="failed", error=error, timestamp=utc_now(), **base)
                     batch_records.append(rec)
                     batch_data.append(item.data)
                     continue
@@ -489,12 +491,15 @@ class ReproResult:
 
 def rebuild_model(record: AuditRecord) -> "SkipNetwork":
     """The network a record was made with, from its weights file (checked against the stored hashes)."""
-    from . import create_model
+    from . import create_model, list_models
 
     arch, _, tag = record.model_name.partition(".")
     if not tag:
         raise StoreError(f"record {record.record_id} used a randomly initialised {arch}: pass the same network "
                          "object (net=...) to reproduce it")
+    if record.model_name not in list_models(pretrained=True):
+        raise StoreError(f"record {record.record_id} used {record.model_name}, weights not registered or not present "
+                         "here (a local weights file?): load that network and pass it (net=...) to reproduce it")
     net = create_model(record.model_name)
     if record.weights_sha256 and net.meta.weights_sha256 != record.weights_sha256:
         raise StoreError(f"{record.model_name}: weights file changed since the audit (sha256 "
@@ -524,11 +529,13 @@ def _max_diff(a: Sequence[float | None], b: Sequence[float | None]) -> float:
     return worst
 
 
-def _load_source(rec: AuditRecord, sources: dict[int, bytes] | None) -> Image.Image:
+def _load_source(rec: AuditRecord, sources: dict[int, bytes] | None,
+                 archives: dict[str, dict[str, InputItem]] | None = None) -> Image.Image:
+    """A record's input image again, hash-checked; ``archives`` caches zip archives across a batch."""
     if sources and rec.record_id in sources:
         data: bytes | str = sources[rec.record_id]
     elif rec.input_path:
-        data = read_source(rec.input_path)
+        data = read_source(rec.input_path, cache=archives)
     else:
         raise StoreError(f"{rec.input_name}: was uploaded and its bytes are no longer available")
     image, info = load_image(data)
@@ -585,7 +592,8 @@ def _replay_batch(store: AuditStore, run_id: str, batch_index: int, targets: lis
         dev = next(net.parameters()).device
         siblings = store.query(run_id=run_id, batch_index=batch_index, status="ok")
         siblings.sort(key=lambda r: r.batch_pos)
-        images = [_load_source(r, sources) for r in siblings]
+        archives: dict[str, dict[str, InputItem]] = {}  # each zip read once for the whole batch
+        images = [_load_source(r, sources, archives) for r in siblings]
         policy = policy_from_config(first.policy)
     except (StoreError, ImageLoadError, ArchiveError, OSError, ValueError, KeyError) as e:
         return fail(f"cannot replay: {e}")
@@ -627,7 +635,10 @@ def reproduce(store: AuditStore | str | Path, record: AuditRecord | int, net: "S
     rid = record.record_id if isinstance(record, AuditRecord) else int(record)
     if rid is None:
         raise StoreError("the record has no record_id: store it first")
-    return reproduce_many(store, [rid], net=net, sources=sources, device=device, atol=atol)[0]
+    results = reproduce_many(store, [rid], net=net, sources=sources, device=device, atol=atol)
+    if not results:
+        raise StoreError(f"no record {rid} in {getattr(store, 'path', store)}")
+    return results[0]
 
 
 def reproduce_sample(run: AuditRun, net: "SkipNetwork | None" = None, k: int = 8, seed: int = 0,
@@ -696,6 +707,16 @@ def measure_throughput(net: "SkipNetwork", policy: Policy, x: torch.Tensor, batc
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     """``skipviz audit``: run, store, reproduce a sample, write report.html/.json/.csv."""
     from tqdm import tqdm
@@ -764,7 +785,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="the parent folder name is the true class (ImageFolder layout)")
     a.add_argument("--out", required=True, help="report.html (report.json and report.csv are written beside it)")
     a.add_argument("--db", default=None, help="SQLite audit database (default: audit.sqlite beside the report)")
-    a.add_argument("--batch-size", type=int, default=None,
+    a.add_argument("--batch-size", type=_positive_int, default=None,
                    help="images per batch and per transaction (default: up to 256, by the model's activation size)")
     a.add_argument("--reproduce", type=int, default=8, help="re-run this many stored records (0: none)")
     a.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -55,8 +55,9 @@ class ModelMeta:
         """The card's default threshold for a decision source: the per-block gates' (``default_policy``) or the
         plan head's (``plan.default_threshold``); 0.5 when the card has none."""
         card = self.card or {}
-        value = (card.get("plan", {}).get("default_threshold") if source == "plan"
-                 else card.get("default_policy", {}).get("threshold"))
+        key, name = ("plan", "default_threshold") if source == "plan" else ("default_policy", "threshold")
+        section = card.get(key)
+        value = section.get(name) if isinstance(section, dict) else None
         return float(value if value is not None else 0.5)
 
     @property
@@ -122,7 +123,15 @@ class ModelMeta:
 
 def read_card(path: str | Path) -> dict[str, Any]:
     """Read a model card (JSON) next to a weights file; empty dict if there is none."""
+    from ._checkpoint import CheckpointError
+
     p = Path(path)
     if not p.exists():
         return {}
-    return json.loads(p.read_text())
+    try:
+        card = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p.name}: unreadable model card ({e})") from e
+    if not isinstance(card, dict):
+        raise CheckpointError(f"{p.name}: a model card must be a JSON object, got {type(card).__name__}")
+    return card

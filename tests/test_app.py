@@ -235,3 +235,13 @@ def test_audit_page(app_env, tmp_path):
     at.button(key="audit_run").click().run()
     assert not at.exception and at.success
     assert len(at.get("download_button")) == 3
+
+
+def test_audit_page_reports_a_bad_database_path(app_env, tmp_path):
+    at = new_app().run()
+    at.switch_page("pages/audit.py").run()
+    at.text_input(key="audit_db").set_value(str(tmp_path))  # a folder, not a database file
+    at.file_uploader(key="audit_files").set_value([("a.png", png_bytes(7), "image/png")]).run()
+    at.button(key="audit_run").click().run()
+    assert not at.exception
+    assert any("The audit failed" in e.value and "is a folder" in e.value for e in at.error)

@@ -110,3 +110,49 @@ def test_uploads_with_zip_and_labels():
         zf.writestr("../x.png", _png())
     with pytest.raises(ArchiveError, match="path traversal"):
         items_from_uploads([("evil.zip", evil.getvalue())])
+
+
+def test_damaged_and_duplicated_members_become_failed_items(tmp_path):
+    # one bad member does not refuse the archive: it comes back with the reason, and the audit records it
+    good, bad = _png(1), _png(2)
+    path = _zip(tmp_path / "mixed.zip", {"a.png": good, "b.png": bad}, compression=zipfile.ZIP_STORED)
+    raw = bytearray(path.read_bytes())
+    at = raw.find(bad[100:120])
+    raw[at] ^= 0xFF  # a flipped byte inside b.png's stored data: its CRC check fails
+    path.write_bytes(bytes(raw))
+    with zipfile.ZipFile(tmp_path / "dup.zip", "w") as zf:
+        zf.writestr("c.png", good)
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            zf.writestr("c.png", bad)  # a second member of the same name: zipfile warns and writes it
+    items = {i.name: i for i in read_zip(path)}
+    assert items["mixed.zip/a.png"].read() == good
+    with pytest.raises(ArchiveError, match="could not be decompressed"):
+        items["mixed.zip/b.png"].read()
+    first, second = read_zip(tmp_path / "dup.zip")
+    assert first.read() == good and read_source(first.source) == good
+    with pytest.raises(ArchiveError, match="second member named"):
+        second.read()
+    assert second.source is None
+
+
+def test_reread_survives_the_separator_in_the_archive_path_and_reads_each_archive_once(tmp_path, monkeypatch):
+    import skipviz._archive as archive_module
+
+    folder = tmp_path / "v1::b"
+    folder.mkdir()
+    path = _zip(folder / "in.zip", {f"{i}.png": _png(i) for i in range(4)})
+    items = read_zip(path)
+    assert read_source(items[2].source) == _png(2)
+    calls = []
+    real = archive_module.read_zip
+    monkeypatch.setattr(archive_module, "read_zip", lambda *a, **k: calls.append(a) or real(*a, **k))
+    cache: dict = {}
+    assert [read_source(i.source, cache=cache) for i in items] == [_png(i) for i in range(4)]
+    assert len(calls) == 1
+
+
+def test_a_relative_single_file_takes_its_folders_label(tmp_path, monkeypatch):
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / "0.png").write_bytes(_png(0))
+    monkeypatch.chdir(tmp_path / "dog")
+    assert [i.label for i in collect_inputs(["0.png"], labels_from_folders=True)] == ["dog"]

@@ -198,3 +198,37 @@ def test_record_json_round_trip():
                       timestamp="2026-01-01T00:00:00+00:00", error="file is empty (0 bytes)")
     assert AuditRecord.from_json(rec.to_json()) == rec
     assert rec.correct is None and rec.executed_mask == [] and rec.flat()["executed_mask"] is None
+
+
+def test_a_strip_image_is_a_failed_row_and_the_rest_is_audited(tiny_net, tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "good.png").write_bytes(_png(1))
+    Image.new("RGB", (100_000, 1)).save(root / "strip.png")  # a few hundred bytes, 100,000:1
+    run = run_audit([root], tiny_net, GatePolicy(0.5), tmp_path / "a.sqlite")
+    assert [r.input_name for r in run.ok_records] == ["in/good.png"]
+    assert "aspect ratio" in run.failed_records[0].error
+
+
+def test_reproducing_needs_the_network_for_unregistered_weights(tiny_net, tmp_path):
+    from safetensors.torch import save_file
+
+    from skipviz._store import StoreError
+
+    weights = tmp_path / "mine.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_net.state_dict().items()}, str(weights))
+    net = create_model("cifar_resnet20", weights=str(weights))
+    (tmp_path / "a.png").write_bytes(_png(3))
+    run = run_audit([tmp_path / "a.png"], net, GatePolicy(0.5), tmp_path / "a.sqlite")
+    rid = run.ok_records[0].record_id
+    result = reproduce(tmp_path / "a.sqlite", rid)  # no net=: the weights are not registered
+    assert not result.reproduced and "pass it (net=...)" in result.message
+    assert reproduce(tmp_path / "a.sqlite", rid, net=net).reproduced
+    with pytest.raises(StoreError, match="no record 99999"):
+        reproduce(tmp_path / "a.sqlite", 99999)
+
+
+def test_cli_audit_refuses_a_batch_size_below_one(image_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["audit", str(image_folder), "--out", str(tmp_path / "r.html"), "--batch-size", "0"])
+    assert exc.value.code == 2 and "whole number >= 1" in capsys.readouterr().err

@@ -68,3 +68,21 @@ def test_wrong_architecture_and_garbage_files(tmp_path):
     save_file(state, str(wrong_shape))
     with pytest.raises(CheckpointError, match="wrong shape"):
         create_model("cifar_resnet20", weights=wrong_shape)
+
+
+def test_the_size_limit_holds_for_what_a_torch_zip_unpacks_to(tmp_path, monkeypatch):
+    # torch.load accepts deflated members: a small file can unpack to a huge tensor
+    import zipfile
+
+    import skipviz._checkpoint as checkpoint_module
+
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(1_000_000)}, plain)
+    packed = tmp_path / "packed.pt"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    assert packed.stat().st_size < 100_000 < 4_000_000 < plain.stat().st_size
+    monkeypatch.setattr(checkpoint_module, "MAX_CHECKPOINT_BYTES", 1_000_000)
+    with pytest.raises(CheckpointError, match="unpack to"):
+        load_state_dict(packed)

@@ -92,3 +92,23 @@ def test_file_size_limit_and_missing_paths(tmp_path):
         load_image(tmp_path / "missing.png")
     with pytest.raises(ImageLoadError, match="folder"):
         load_image(tmp_path)
+
+
+def test_extreme_aspect_ratio_is_refused_before_resizing():
+    # 113 KB can hold a 39,000,000 x 1 PNG: its pixel count passes, resizing its short side would not
+    strip = png_header_only(4_000_000, 1)
+    with pytest.raises(ImageLoadError, match="aspect ratio over 200:1"):
+        load_image(strip)
+    load_image(encode(Image.new("RGB", (600, 3)), "PNG"))  # a 200:1 strip still loads
+
+
+def test_paths_that_are_not_regular_files_are_refused(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # reading it would block: it must be refused without opening it
+    with pytest.raises(ImageLoadError, match="not a regular file"):
+        load_image(fifo)
+    if os.path.exists("/dev/zero"):
+        with pytest.raises(ImageLoadError, match="not a regular file"):
+            load_image("/dev/zero")

@@ -7,8 +7,7 @@ import torch.nn.functional as F
 import torchvision
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from skipviz import (DEFAULT_MODEL, EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy, create_model,
-                     inference_folding)
+from skipviz import DEFAULT_MODEL, EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy, create_model
 from skipviz.models.torchvision_resnet import wrap_torchvision
 from skipviz.network import (GateHead, PlanHead, SkipNetwork, _densest_window, conv_bn, count_flops, gather_rows,
                              inference_folding, misplaced_rows, scatter_rows_)

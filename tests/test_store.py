@@ -186,3 +186,32 @@ def test_two_processes_write_at_once(tmp_path):
         assert st.count("w0") == st.count("w1") == 300
         assert set(st.runs()["status"]) == {"finished"}
         assert st.integrity_check() == "ok"
+
+
+def test_date_filters_accept_iso_strings_with_any_offset(tmp_path):
+    with AuditStore(tmp_path / "d.sqlite") as st:
+        st.create_run("r", "m", "ab" * 32, {"name": "gates"}, {})
+        st.add_records([make_record("r", i) for i in range(3)])
+        an_hour_ago = datetime.now(timezone.utc) - timedelta(hours=1)
+        in_plus_five = an_hour_ago.astimezone(timezone(timedelta(hours=5))).isoformat()  # the same instant
+        assert len(st.query(since=in_plus_five)) == 3 == len(st.query(since=an_hour_ago))
+        assert len(st.query(until=in_plus_five)) == 0
+        assert len(st.query(since=an_hour_ago.strftime("%Y-%m-%dT%H:%M:%SZ"))) == 3
+        with pytest.raises(ValueError, match="ISO-8601"):
+            st.query(since="yesterday")
+
+
+def test_a_newer_schema_is_refused_and_the_file_left_untouched(tmp_path):
+    import hashlib
+
+    db = tmp_path / "newer.sqlite"
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.execute("CREATE TABLE other(x)")
+    conn.commit()
+    conn.close()
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    with pytest.raises(SchemaVersionError, match="left untouched"):
+        AuditStore(db)
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+    assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0] != "wal"

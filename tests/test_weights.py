@@ -46,3 +46,23 @@ def test_the_default_model_predicts_without_importing_torchvision():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("text", ["[1]", "{not json", '"card"'])
+def test_a_malformed_model_card_is_a_clear_error(tmp_path, text):
+    from skipviz import CheckpointError
+    from skipviz.weights import read_card
+
+    card = tmp_path / "w.json"
+    card.write_text(text)
+    with pytest.raises(CheckpointError, match="model card"):
+        read_card(card)
+
+
+def test_default_threshold_survives_missing_or_null_sections():
+    from skipviz import create_model
+
+    meta = create_model("cifar_resnet20").meta
+    for card in ({}, {"default_policy": None, "plan": None}, {"default_policy": [], "plan": "x"}):
+        m = ModelMeta(**{**meta.__dict__, "card": card})
+        assert m.default_threshold("gates") == 0.5 == m.default_threshold("plan")
