@@ -267,8 +267,9 @@ class AuditStore:
             args.append(_iso(until))
         if record_ids is not None:
             ids = [int(i) for i in record_ids]
-            where.append(f"record_id IN ({','.join('?' * len(ids))})" if ids else "0")
-            args.extend(ids)
+            # one JSON array parameter: any number of ids (SQLite limits the number of "?" variables)
+            where.append("record_id IN (SELECT value FROM json_each(?))")
+            args.append(json.dumps(ids))
         sql = "SELECT record_id, record_json FROM records"
         if where:
             sql += " WHERE " + " AND ".join(where)

@@ -643,7 +643,7 @@ def reproduce(store: AuditStore | str | Path, record: AuditRecord | int, net: "S
 
 def reproduce_sample(run: AuditRun, net: "SkipNetwork | None" = None, k: int = 8, seed: int = 0,
                      store: AuditStore | None = None) -> list[ReproResult]:
-    """Reproduce ``k`` randomly chosen successful records of a run (disagreements always included)."""
+    """Reproduce ``k`` successful records of a run: its disagreements first (up to ``k``), the rest drawn at random."""
     ok = [r for r in run.ok_records if r.record_id is not None]
     if not ok or k <= 0:
         return []

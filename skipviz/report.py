@@ -287,6 +287,20 @@ def report_data(run: AuditRun, reproducibility: Sequence[ReproResult] | None = N
     })
 
 
+def _spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy whose text cells cannot run as spreadsheet formulas: a cell starting with ``=``, ``+``, ``-``,
+    ``@``, a tab or a carriage return (an input named ``=HYPERLINK(...).png``) gets a leading ``'``, as OWASP
+    advises for CSV exports."""
+    def safe(value: object) -> object:
+        return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+    out = frame.copy()
+    for column in out.columns:
+        if out[column].dtype == object or pd.api.types.is_string_dtype(out[column].dtype):
+            out[column] = out[column].map(safe)
+    return out
+
+
 def render_report(run: AuditRun, reproducibility: Sequence[ReproResult] | None = None,
                   net: "SkipNetwork | None" = None, n_reproduce: int = 0,
                   max_rows: int = 500) -> tuple[str, str, str]:
@@ -367,7 +381,7 @@ logits and gate scores must match bit for bit, elsewhere within the tolerance sh
 <p><small>SkipViz audit report version {REPORT_VERSION}; database {_e(run.db_path)}.</small></p>
 </body></html>"""
     text = json.dumps(data, indent=1, sort_keys=False, allow_nan=False)
-    csv = records_to_dataframe(run.records).to_csv(index=False)
+    csv = _spreadsheet_safe(records_to_dataframe(run.records)).to_csv(index=False)
     return page, text, csv
 
 

@@ -165,3 +165,11 @@ def test_html_row_cap_keeps_disagreements(run):
     assert page.count('class="bad"') == 4  # both disagreements, in their section and in the capped list
     assert "3 more agreeing inputs are in the CSV and JSON files" in page
     assert len(pd.read_csv(io.StringIO(csv))) == 7
+
+
+def test_csv_cells_cannot_run_as_spreadsheet_formulas():
+    records = [_rec(0, [True], "cat", "cat", "cat", name="=HYPERLINK(\"http://x\")"),
+               _rec(1, [True], "cat", "cat", "cat", name="-2+3.png"), _rec(2, [True], "cat", "cat", "cat")]
+    _, _, csv = render_report(_run(records))
+    names = list(pd.read_csv(io.StringIO(csv))["input_name"])
+    assert names == ["'=HYPERLINK(\"http://x\")", "'-2+3.png", "2.png"]

@@ -215,3 +215,12 @@ def test_a_newer_schema_is_refused_and_the_file_left_untouched(tmp_path):
         AuditStore(db)
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
     assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0] != "wal"
+
+
+def test_query_takes_any_number_of_record_ids(tmp_path):
+    with AuditStore(tmp_path / "ids.sqlite") as st:
+        st.create_run("r", "m", "ab" * 32, {"name": "gates"}, {})
+        st.add_records([make_record("r", i) for i in range(3)])
+        ids = [r.record_id for r in st.query()]
+        assert [r.record_id for r in st.query(record_ids=list(range(-300_000, 0)) + ids[1:])] == ids[1:]
+        assert st.query(record_ids=[]) == []
