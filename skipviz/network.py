@@ -505,7 +505,7 @@ class SkipNetwork(nn.Module):
         self.plan_head: PlanHead | None = None  # optional: assign one to use PlanPolicy
         self.block_names = list(block_names)
         self.meta = meta
-        self._flop_cache: dict[tuple, FlopTable] = {}  # (input_hw, id of the plan head) -> table
+        self._flop_cache: dict[tuple, FlopTable] = {}  # (input_hw, plan head, gate heads, probes) -> table
         self._flop_lock = threading.Lock()
         self.to(memory_format=self.memory_format)  # weights in the activations' layout: no per-call reorder
 
@@ -725,7 +725,9 @@ class SkipNetwork(nn.Module):
     def flop_table(self, input_hw: tuple[int, int] | None = None) -> FlopTable:
         """Per-part FLOPs for one input of ``input_hw`` (default: the model's input size), cached."""
         hw = tuple(input_hw or self.meta.input_size[-2:])
-        key = (hw, id(self.plan_head))  # a plan head assigned later changes the table
+        # the heads themselves (held, so no id can be reused): a plan head, gate or probe assigned later changes
+        # the table
+        key = (hw, self.plan_head, tuple(self.gates.values()), self.probes)
         with self._flop_lock:
             table = self._flop_cache.get(key)
             if table is None:

@@ -347,6 +347,11 @@ def _net_device(net: SkipNetwork) -> torch.device:
     return next(net.parameters()).device
 
 
+def _as_net_input(net: SkipNetwork, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device`` in the network's floating dtype (a float16/bfloat16 network gets half inputs)."""
+    return x.to(device, dtype=next(net.parameters()).dtype) if x.is_floating_point() else x.to(device)
+
+
 def _check_input(net: SkipNetwork, x: torch.Tensor) -> None:
     if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != 3 or x.shape[0] < 1:
         raise ValueError(f"expected images of shape (N, 3, H, W) with N >= 1, got "
@@ -454,7 +459,7 @@ def time_policy(net: SkipNetwork, x: torch.Tensor, policy: Policy, batch_size: i
     bs = int(batch_size or x.shape[0])
     if bs < 1 or x.shape[0] % bs:
         raise ValueError(f"batch_size {bs} must be >= 1 and divide the number of inputs {x.shape[0]}")
-    chunks = [c.contiguous() for c in x.to(dev).split(bs)]
+    chunks = [c.contiguous() for c in _as_net_input(net, x, dev).split(bs)]
     was_training = net.training
     net.eval()
     try:
@@ -619,7 +624,7 @@ def profile_blocks(net: SkipNetwork, batch_size: int = 1, device: str | torch.de
     _check_input(net, x)
     if x.shape[0] != bs:
         raise ValueError(f"x has {x.shape[0]} samples, batch_size is {bs}")
-    x = x.to(dev)
+    x = _as_net_input(net, x, dev)
     kw = dict(warmup=warmup, repeats=repeats, device=dev, threads=threads, batch_size=bs, min_repeat_s=min_repeat_s)
     policy = GatePolicy(0.5)
     was_training = net.training
@@ -822,7 +827,7 @@ def check_prediction(profile: BlockProfile, net: SkipNetwork, x: torch.Tensor, p
     if x.shape[0] % bs:
         raise ValueError(f"x has {x.shape[0]} samples, not a multiple of the profile's batch size {bs}")
     dev = _net_device(net)
-    chunks = [c.contiguous() for c in x.to(dev).split(bs)]
+    chunks = [c.contiguous() for c in _as_net_input(net, x, dev).split(bs)]
     preds, free, blocks = [], [], []
     no_decisions = np.zeros(net.num_blocks)
     with torch.inference_mode():

@@ -532,3 +532,10 @@ def test_the_cards_flop_table_is_not_reused_for_a_plan_head_of_another_shape():
     net.plan_head = PlanHead(net.plan_head.fc1.in_features // 16, net.gated_blocks, grid=4, hidden=512).eval()
     assert net.flop_table().plan == 2 * (net.plan_head.fc1.in_features * 512 + 512 * len(net.gated_blocks))
     assert net.flop_table().plan != shipped
+
+
+def test_the_flop_table_follows_a_replaced_gate_head():
+    net = create_model("cifar_resnet20")
+    before = net.flop_table().gates[0]
+    net.gates["0"] = GateHead(16, hidden=64)
+    assert net.flop_table().gates[0] == 2 * (16 * 64 + 64) > before

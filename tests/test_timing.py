@@ -295,3 +295,9 @@ def test_check_prediction_counts_the_plan_head_only_when_it_ran(batch):
     assert check.predicted_ms == pytest.approx(check.full_predicted_ms)
     check = check_prediction(prof, net, batch[:2], PlanPolicy(0.5), warmup=1, repeats=1, min_repeat_s=0.0)
     assert check.predicted_ms > 1000.0
+
+
+def test_profile_blocks_feeds_a_half_precision_network_half_inputs():
+    net = create_model("cifar_resnet20").to(torch.bfloat16).eval()
+    prof = profile_blocks(net, batch_size=2, warmup=1, repeats=1, min_repeat_s=0.0)  # float32 default input
+    assert prof.full_ms > 0 and prof.info.dtype == "bfloat16"
