@@ -33,7 +33,9 @@ def latency_repeats() -> int:
 
 
 @st.cache_resource(show_spinner="Loading the model (once per process)...")
-def registry_model(name: str) -> views.LoadedModel:
+def registry_model(name: str, weights_state: str = "") -> views.LoadedModel:
+    """A registered model, once per process and state of its weights file (``views.weights_state``): a model
+    shown at random init because its weights were missing is loaded again once they exist."""
     views.configure_threads()
     keep_heap_memory()  # once per process: activations are not page-faulted in again on every run
     return views.load_model(name)
@@ -44,15 +46,31 @@ def uploaded_model(arch: str, sha256: str, filename: str, _data: bytes) -> views
     return views.load_uploaded_weights(arch, _data, filename)
 
 
+#: Session settings that belong to one model: its threshold, decision source and per-block overrides (and the
+#: widgets showing them). They are dropped when the session's model changes.
+PER_MODEL_STATE = ("sv_threshold", "sv_decisions", "sv_overrides", "inspect_threshold", "thresholds_threshold")
+
+
 def current_model() -> tuple[str, views.LoadedModel]:
-    """The session's model: ``(key, LoadedModel)``; the key identifies it in every cache."""
+    """The session's model: ``(key, LoadedModel)``; the key identifies it in every cache. When it differs from
+    the model of the session's previous run, the per-model settings (:data:`PER_MODEL_STATE`, the override
+    widgets) are reset: another model's block indices and thresholds do not apply."""
     key = st.session_state.get("sv_model_key") or f"registry:{default_model_name()}"
     if key.startswith("upload:"):
         up = st.session_state.get("sv_model_upload")
         if up is not None:
-            return key, uploaded_model(up["arch"], up["sha256"], up["filename"], up["data"])
-        key = f"registry:{default_model_name()}"
-    return key, registry_model(key.split(":", 1)[1])
+            lm = uploaded_model(up["arch"], up["sha256"], up["filename"], up["data"])
+        else:
+            key = f"registry:{default_model_name()}"
+    if not key.startswith("upload:"):
+        name = key.split(":", 1)[1]
+        lm = registry_model(name, views.weights_state(name))
+    if st.session_state.get("sv_model_seen", key) != key:
+        for k in list(st.session_state):
+            if k in PER_MODEL_STATE or str(k).startswith("override_"):
+                del st.session_state[k]
+    st.session_state["sv_model_seen"] = key
+    return key, lm
 
 
 @dataclass
@@ -82,7 +100,12 @@ def current_image() -> CurrentImage | None:
 
 def image_picker() -> None:
     """Upload or built-in sample; puts the chosen bytes in the session (errors are shown by current_image)."""
-    source = st.radio("Image source", ["Built-in sample", "Upload"], horizontal=True, key="sv_source")
+    stored = st.session_state.get("sv_image")
+    uploaded = stored is not None and stored.get("name") not in sample_names()
+    # the radio's state is dropped when the user visits another page: start it from the stored image, so
+    # coming back does not replace an upload with a sample
+    source = st.radio("Image source", ["Built-in sample", "Upload"], index=1 if uploaded else 0, horizontal=True,
+                      key="sv_source")
     if source == "Upload":
         up = st.file_uploader("Upload an image (PNG, JPEG, WebP, BMP, GIF: first frame)", type=IMAGE_TYPES,
                               key="sv_upload")

@@ -31,14 +31,18 @@ if files and st.button("Run the audit", key="audit_run"):
                                          progress=lambda frac, text: bar.progress(min(1.0, float(frac)), text=text))
         html, js, csv = report.render_report(run, net=net, n_reproduce=int(n_repro))
     except (OSError, ValueError, audit.StoreError) as e:  # bad uploads, archives or database paths
+        bar.empty()
+        st.session_state.pop("audit_result", None)  # the previous run's result is not this attempt's
         st.error(f"The audit failed: {e}")
     else:
         bar.empty()
         st.session_state["audit_result"] = {"run_id": run.run_id, "html": html, "json": js, "csv": csv,
-                                            "frame": run.dataframe(), "failed": len(run.failed_records)}
+                                            "frame": run.dataframe(), "failed": len(run.failed_records),
+                                            "db_path": str(run.db_path)}
 res = st.session_state.get("audit_result")
 if res:
-    st.success(f"Run {res['run_id']}: {len(res['frame'])} inputs ({res['failed']} failed) stored in {db_path}.")
+    st.success(f"Run {res['run_id']}: {len(res['frame'])} inputs ({res['failed']} failed) stored in "
+               f"{res['db_path']}.")
     st.dataframe(res["frame"], hide_index=True)
     c1, c2, c3 = st.columns(3)
     c1.download_button("Report (HTML)", res["html"], f"audit_{res['run_id']}.html", "text/html", key="dl_html")

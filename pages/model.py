@@ -35,12 +35,18 @@ up = st.file_uploader("Weights file", type=["safetensors", "pt", "pth"], key="we
 if up is not None:
     data = up.getvalue()
     sha = _shared.digest(data)
-    try:
-        loaded = _shared.uploaded_model(arch, sha, up.name, data)
-    except CheckpointError as e:
-        st.error(f"Cannot load {up.name}: {e}")
-    else:
-        st.session_state["sv_model_upload"] = {"arch": arch, "sha256": sha, "filename": up.name, "data": data}
-        st.session_state["sv_model_key"] = f"upload:{sha}"
+    # a file is adopted once (per architecture): while it stays in the uploader, "Use this model" above and
+    # later reruns must not switch the session back to it
+    adopted = st.session_state.get("sv_adopted_upload")
+    if adopted != (arch, sha):
+        try:
+            _shared.uploaded_model(arch, sha, up.name, data)
+        except CheckpointError as e:
+            st.error(f"Cannot load {up.name}: {e}")
+        else:
+            st.session_state["sv_adopted_upload"] = (arch, sha)
+            st.session_state["sv_model_upload"] = {"arch": arch, "sha256": sha, "filename": up.name, "data": data}
+            st.session_state["sv_model_key"] = f"upload:{sha}"
+            st.rerun()  # the header, the sidebar and every cache follow the new model from the top
+    elif model_key == f"upload:{sha}":
         st.success(f"Loaded {up.name} into {arch} (SHA-256 {sha[:16]}...); every page now uses it.")
-        st.dataframe(views.model_card_table(loaded.net), hide_index=True, key="uploaded_card")

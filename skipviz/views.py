@@ -85,20 +85,39 @@ class LoadedModel:
         return self.net.meta.default_threshold(source)
 
 
-def load_model(name: str = DEFAULT_MODEL, device: torch.device | None = None) -> LoadedModel:
-    """Load a registered model; if its pretrained weights are missing, fall back to random init with a warning.
+def weights_state(name: str) -> str:
+    """What a registered ``arch.tag`` model's weights file is now: ``"path size mtime"``, ``"missing"``, or ``""``
+    for a name without registered weights. A cache key: a model loaded while its file was missing or damaged is
+    loaded again once the file changes."""
+    from ._registry import list_pretrained
 
-    Never raises for missing weights: the warning says how to create them.
+    arch, _, tag = name.partition(".")
+    for w in list_pretrained():
+        if (w.arch, w.tag) == (arch, tag):
+            try:
+                st = w.path.stat()
+            except OSError:
+                return "missing"
+            return f"{w.path} {st.st_size} {st.st_mtime_ns}"
+    return ""
+
+
+def load_model(name: str = DEFAULT_MODEL, device: torch.device | None = None) -> LoadedModel:
+    """Load a registered model; if its pretrained weights are missing or unusable (damaged, not this
+    architecture), fall back to random init with a warning that says why and how to create them.
+
+    Never raises for the weights file: the warning says what is wrong.
     """
     device = device or inference_device()
     arch, _, tag = name.partition(".")
     try:
         net = create_model(name)
         warning = None
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         torch.manual_seed(0)
         net = create_model(arch)
-        warning = (f"Trained weights for {name} are missing ({e}). Showing a randomly initialised {arch}: "
+        what = "are missing" if isinstance(e, FileNotFoundError) else "cannot be used"
+        warning = (f"Trained weights for {name} {what} ({e}). Showing a randomly initialised {arch}: "
                    f"its predictions and gate decisions are meaningless. Create the weights with "
                    f"`skipviz train --arch {arch} --export` (writes data/{arch}_cifar10_gated.safetensors and "
                    f"its .json model card), then reload the page.")
@@ -342,7 +361,8 @@ def decisions(trace: SampleTrace) -> list[str]:
 
 
 def block_map_figure(trace: SampleTrace, title: str | None = None) -> go.Figure:
-    """Every block in order as a bar: height and colour = gate probability (ungated blocks drawn at 1 in grey),
+    """Every block in order as a bar: height and colour = gate probability (blocks without a score, ungated or
+    forced by an override, drawn at 1 in grey),
     fired blocks solid, bypassed blocks hatched and faded, downsampling blocks outlined in black and marked
     with a down arrow; each block's threshold is drawn as a red dashed step line.
 
@@ -367,7 +387,7 @@ def block_map_figure(trace: SampleTrace, title: str | None = None) -> go.Figure:
             marker.update(color="#868e96")
         fig.add_trace(go.Bar(
             x=[b.name for b in blocks], y=[b.score if gated else 1.0 for b in blocks],
-            name="gated blocks" if gated else "ungated blocks (always run unless forced)",
+            name="gated blocks" if gated else "no gate score (ungated or forced)",
             hovertext=[f"{b.name}<br>{'fired' if b.executed else 'bypassed'}"
                        f"{' (downsampling)' if b.downsample else ''}<br>gate probability: "
                        f"{'n/a' if b.score is None else f'{b.score:.3f}'}<br>{b.reason}<br>{b.flops / 1e6:.2f} MFLOPs"

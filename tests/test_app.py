@@ -184,8 +184,43 @@ def test_model_page_card_and_weights_upload(app_env, engine):
     at.file_uploader(key="weights_upload").set_value(("good.safetensors", data, "application/octet-stream")).run()
     assert not at.error and at.success and not at.exception
     assert at.session_state["sv_model_key"].startswith("upload:")
+    assert "good" in at.subheader[1].value  # the card shown is the upload's, on the same interaction
     at.switch_page("pages/inspect.py").run()  # the uploaded model now drives the other pages
     assert not at.exception and len(frame(at, "blocks")) == engine.num_blocks
+    at.switch_page("pages/model.py").run()
+    if at.file_uploader(key="weights_upload").value is None:  # AppTest drops it on a page switch: put it back
+        at.file_uploader(key="weights_upload").set_value(("good.safetensors", data, "application/octet-stream"))
+    at.selectbox(key="model_choice").set_value("cifar_resnet32").run()
+    at.button(key="use_model").click().run()  # the upload still in the uploader must not take over again
+    at.run()
+    assert at.session_state["sv_model_key"] == "registry:cifar_resnet32" and not at.exception
+    assert "cifar_resnet32" in at.subheader[1].value
+
+
+def test_per_model_settings_are_dropped_when_the_model_changes(app_env):
+    at = new_app().run()
+    at.switch_page("pages/model.py").run()
+    at.selectbox(key="model_choice").set_value("cifar_resnet32").run()
+    at.button(key="use_model").click().run()
+    at.session_state["sv_overrides"] = {12: "skip"}  # block 12 exists in a ResNet-32, not in a ResNet-20
+    at.session_state["sv_threshold"] = 0.9
+    at.run()
+    at.selectbox(key="model_choice").set_value(DEFAULT_MODEL).run()
+    at.button(key="use_model").click().run()
+    at.switch_page("pages/inspect.py").run()
+    assert not at.exception
+    assert "sv_overrides" not in at.session_state or not at.session_state["sv_overrides"]
+    assert at.slider(key="inspect_threshold").value != 0.9
+
+
+def test_an_uploaded_image_survives_a_visit_to_another_page(app_env):
+    at = new_app().run()
+    at.radio(key="sv_source").set_value("Upload").run()
+    at.file_uploader(key="sv_upload").set_value(("mine.png", png_bytes(3), "image/png")).run()
+    at.switch_page("pages/thresholds.py").run()
+    at.switch_page("pages/inspect.py").run()
+    assert not at.exception and at.session_state["sv_image"]["name"] == "mine.png"
+    assert at.radio(key="sv_source").value == "Upload"
 
 
 def test_navigation_lists_every_page(app_env):
@@ -245,3 +280,9 @@ def test_audit_page_reports_a_bad_database_path(app_env, tmp_path):
     at.button(key="audit_run").click().run()
     assert not at.exception
     assert any("The audit failed" in e.value and "is a folder" in e.value for e in at.error)
+    at.text_input(key="audit_db").set_value(str(tmp_path / "good.sqlite"))
+    at.button(key="audit_run").click().run()
+    assert at.success and str(tmp_path / "good.sqlite") in at.success[0].value
+    at.text_input(key="audit_db").set_value(str(tmp_path))
+    at.button(key="audit_run").click().run()  # a failed attempt does not leave the last run's result on show
+    assert at.error and not at.success

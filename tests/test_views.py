@@ -215,3 +215,22 @@ def test_generated_images_are_seeded():
     buf = io.BytesIO()
     Image.fromarray(a[0].permute(1, 2, 0).numpy()).save(buf, format="PNG")
     assert load_image(buf.getvalue())[0].size == (32, 32)
+
+
+def test_damaged_default_weights_fall_back_with_a_warning_and_change_the_weights_state(tmp_path, monkeypatch):
+    from skipviz import DEFAULT_MODEL
+
+    monkeypatch.setenv("SKIPVIZ_DATA_DIR", str(tmp_path))
+    assert views.weights_state(DEFAULT_MODEL) == "missing" and views.weights_state("cifar_resnet20") == ""
+    name = "cifar_resnet20_cifar10_gated.safetensors"
+    (tmp_path / name).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\"")  # a truncated safetensors header
+    lm = views.load_model(DEFAULT_MODEL)
+    assert lm.warning and "cannot be used" in lm.warning and lm.net.meta.arch == "cifar_resnet20"
+    assert views.weights_state(DEFAULT_MODEL).startswith(str(tmp_path / name))
+
+
+def test_block_map_names_blocks_without_a_score_for_what_they_are(tiny_net, cat_x):
+    forced = views.overrides_from_choices({i: "skip" for i in range(tiny_net.num_blocks)})
+    res = views.inspect(tiny_net, cat_x, views.make_policy(tiny_net, 0.5, forced), measure=False)
+    names = [tr.name for tr in views.block_map_figure(res.trace).data if tr.type == "bar"]
+    assert names == ["no gate score (ungated or forced)"]
