@@ -92,6 +92,32 @@ def load_split(root: str | Path, split: str, size: tuple[int, int] = (32, 32), p
     return TensorDataset(images, labels, folder.classes, rel, str(root), digest)
 
 
+def load_validation_subset(root: str | Path, validation: dict, n: int, seed: int = 0,
+                           size: tuple[int, int] = (32, 32)) -> TensorDataset | None:
+    """``n`` images (a seeded choice) of the validation split a model card records (``dataset.validation``:
+    ``n``, ``seed``, ``files_sha256``, carved from ``train/`` by :func:`train_val_split`), decoding only those
+    images, not the whole of ``train/``. ``None`` when ``root/train`` does not give the recorded split (its
+    file-list hash differs) or the card records none."""
+    from torchvision.datasets import ImageFolder  # on use: the dashboard's first prediction does not need it
+
+    try:
+        val_n, val_seed, expected = int(validation["n"]), int(validation["seed"]), validation["files_sha256"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    folder = ImageFolder(str(Path(root) / "train"))
+    rel = [os.path.relpath(p, folder.root) for p, _ in folder.samples]
+    if val_n > len(rel):
+        return None
+    _, val_idx = train_val_split(len(rel), val_n, val_seed)
+    if file_list_sha256([rel[i] for i in val_idx]) != expected:
+        return None
+    pick = np.sort(np.random.default_rng(seed).choice(val_idx, size=min(n, len(val_idx)), replace=False))
+    images = torch.from_numpy(np.stack([_decode(folder.samples[i][0], size) for i in pick]))
+    labels = torch.tensor([folder.targets[i] for i in pick], dtype=torch.long)
+    files = [rel[i] for i in pick]
+    return TensorDataset(images, labels, folder.classes, files, str(root), file_list_sha256(files))
+
+
 def train_val_split(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of ``range(n)`` into (train indices, validation indices)."""
     perm = np.random.default_rng(seed).permutation(n)

@@ -471,20 +471,30 @@ def generated_images(n: int, hw: tuple[int, int], seed: int = 0) -> torch.Tensor
 
 
 def load_calibration(net: SkipNetwork, n: int = 256, seed: int = 0) -> CalibrationSet:
-    """``n`` fixed CIFAR-10 test images (seeded choice) when the data set is on this machine and fits the model,
-    else ``n`` generated images labelled by the full network."""
-    from .data import cifar10_root, load_split, normalize
+    """The images thresholds are tuned on, when CIFAR-10 is on this machine and fits the model: ``n`` images
+    (seeded choice) of the validation split the model card records (carved from ``train/``, as the card's
+    default thresholds were chosen), or, for a model whose card records none, ``n`` test images (said so in the
+    description). Else ``n`` generated images labelled by the full network."""
+    from .data import cifar10_root, load_split, load_validation_subset, normalize
 
     hw = tuple(net.meta.input_size[-2:])
     root = cifar10_root()
     if root is not None and hw == (32, 32) and len(net.meta.classes) == 10:
         try:
+            validation = ((net.meta.card or {}).get("dataset") or {}).get("validation")
+            val = load_validation_subset(root, validation, n, seed, size=hw) if isinstance(validation, dict) \
+                else None
+            if val is not None and val.classes == list(net.meta.classes):
+                return CalibrationSet(val.images, val.labels, list(val.classes),
+                                      f"CIFAR-10 validation subset (the model card's split, carved from train/): "
+                                      f"{len(val)} images (seed {seed})", True)
             split = load_split(root, "test", size=hw, progress=False)
             if split.classes == list(net.meta.classes):
                 idx = np.sort(np.random.default_rng(seed).choice(len(split), size=min(n, len(split)), replace=False))
                 sub = split.subset(idx)
                 return CalibrationSet(sub.images, sub.labels, list(split.classes),
-                                      f"CIFAR-10 test subset: {len(sub)} images (seed {seed})", True)
+                                      f"CIFAR-10 test subset: {len(sub)} images (seed {seed}; the model card "
+                                      "records no validation split)", True)
         except (OSError, RuntimeError, ValueError):
             pass
     images = generated_images(n, hw, seed)

@@ -1,0 +1,47 @@
+"""Data loading: the seeded train/validation split and the validation subset a model card records."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from skipviz import DEFAULT_MODEL, create_model, list_models, views
+from skipviz.data import cifar10_root, load_validation_subset, train_val_split
+
+
+def test_train_val_split_is_seeded_sorted_and_disjoint():
+    tr, val = train_val_split(100, 20, seed=3)
+    again_tr, again_val = train_val_split(100, 20, seed=3)
+    assert np.array_equal(val, again_val) and np.array_equal(tr, again_tr)
+    assert len(val) == 20 and len(tr) == 80 and not set(tr) & set(val) and set(tr) | set(val) == set(range(100))
+    assert list(val) == sorted(val) and not np.array_equal(val, train_val_split(100, 20, seed=4)[1])
+
+
+@pytest.fixture(scope="module")
+def cifar_and_card():
+    root = cifar10_root()
+    if root is None:
+        pytest.skip("CIFAR-10 is not on this machine ($SKIPVIZ_CIFAR10 or ../shared/datasets/cifar10)")
+    if DEFAULT_MODEL not in list_models(pretrained=True):
+        pytest.skip("the default model's weights and card are not in data/")
+    net = create_model(DEFAULT_MODEL)
+    return root, net, net.meta.card["dataset"]["validation"]
+
+
+def test_the_validation_subset_is_drawn_from_the_cards_split(cifar_and_card):
+    from torchvision.datasets import ImageFolder
+
+    root, net, validation = cifar_and_card
+    sub = load_validation_subset(root, validation, n=12, seed=0)
+    assert sub is not None and len(sub) == 12 and tuple(sub.images.shape) == (12, 3, 32, 32)
+    train = ImageFolder(str(root / "train"))
+    rel = [os.path.relpath(path, train.root) for path, _ in train.samples]
+    _, val_idx = train_val_split(len(rel), validation["n"], validation["seed"])
+    val_files = {rel[i] for i in val_idx}
+    assert set(sub.files) <= val_files  # never a training image, never a test image
+    assert sub.labels.tolist() == [train.class_to_idx[f.split("/")[0]] for f in sub.files]
+    assert load_validation_subset(root, {**validation, "files_sha256": "0" * 64}, n=4) is None  # another split
+    calib = views.load_calibration(net, 12)
+    assert calib.source.startswith("CIFAR-10 validation subset") and calib.labelled
+    assert np.array_equal(calib.images.numpy(), sub.images.numpy())
