@@ -63,14 +63,23 @@ def current_model() -> tuple[str, views.LoadedModel]:
         else:
             key = f"registry:{default_model_name()}"
     if not key.startswith("upload:"):
-        name = key.split(":", 1)[1]
-        lm = registry_model(name, views.weights_state(name))
+        name = registry_name(key)
+        state = views.weights_state(name)
+        lm = registry_model(name, state)
+        # the key names the weights file's state too: every cache keyed on it (prepared inputs, sweeps, KL)
+        # follows a weights file that appears or changes
+        key = f"registry:{name}@{digest(state.encode())[:12]}" if state else f"registry:{name}"
     if st.session_state.get("sv_model_seen", key) != key:
         for k in list(st.session_state):
             if k in PER_MODEL_STATE or str(k).startswith("override_"):
                 del st.session_state[k]
     st.session_state["sv_model_seen"] = key
     return key, lm
+
+
+def registry_name(model_key: str) -> str:
+    """The registered model name in a ``registry:NAME[@STATE]`` model key."""
+    return model_key.split(":", 1)[1].split("@", 1)[0]
 
 
 @dataclass

@@ -15,7 +15,7 @@ st.dataframe(views.models_table(), hide_index=True, key="models_table")
 choices = list_models(pretrained=True) + list_models()
 if _shared.default_model_name() not in choices:
     choices.insert(0, _shared.default_model_name())
-current_name = model_key.split(":", 1)[1] if model_key.startswith("registry:") else None
+current_name = _shared.registry_name(model_key) if model_key.startswith("registry:") else None
 name = st.selectbox("Model", choices, index=choices.index(current_name) if current_name in choices else 0,
                     key="model_choice")
 if st.button("Use this model", key="use_model"):
@@ -35,16 +35,16 @@ up = st.file_uploader("Weights file", type=["safetensors", "pt", "pth"], key="we
 if up is not None:
     data = up.getvalue()
     sha = _shared.digest(data)
-    # a file is adopted once (per architecture): while it stays in the uploader, "Use this model" above and
-    # later reruns must not switch the session back to it
-    adopted = st.session_state.get("sv_adopted_upload")
-    if adopted != (arch, sha):
+    # an upload is adopted once (per architecture): while it stays in the uploader, "Use this model" above and
+    # later reruns must not switch the session back to it; uploading the file again is a new upload
+    upload_id = (arch, getattr(up, "file_id", None) or sha)
+    if st.session_state.get("sv_adopted_upload") != upload_id:
         try:
             _shared.uploaded_model(arch, sha, up.name, data)
         except CheckpointError as e:
             st.error(f"Cannot load {up.name}: {e}")
         else:
-            st.session_state["sv_adopted_upload"] = (arch, sha)
+            st.session_state["sv_adopted_upload"] = upload_id
             st.session_state["sv_model_upload"] = {"arch": arch, "sha256": sha, "filename": up.name, "data": data}
             st.session_state["sv_model_key"] = f"upload:{sha}"
             st.rerun()  # the header, the sidebar and every cache follow the new model from the top

@@ -12,7 +12,9 @@ is over ``max_ratio`` (zip bombs). Sizes are enforced while decompressing, not t
 from __future__ import annotations
 
 import io
+import lzma
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterable, Sequence
@@ -154,7 +156,8 @@ def read_zip(source: str | Path | bytes | BinaryIO, labels_from_folders: bool = 
                 try:
                     item.data = _read_member(zf, info, limits, archive, limits.max_total_bytes - used)
                     used += len(item.data)
-                except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as e:
+                except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError, zlib.error,
+                        lzma.LZMAError) as e:  # a damaged stream: deflate and LZMA raise their own errors
                     item.error = f"{archive}: member {info.filename!r} could not be decompressed ({e})"
             items.append(item)
     return items

@@ -177,6 +177,9 @@ class AuditStore:
             return
         with self._transaction() as conn:  # re-read inside the write lock: another process may have migrated
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise SchemaVersionError(f"{self.path}: upgraded to schema version {version} by a newer SkipViz "
+                                         f"while opening; this one supports {SCHEMA_VERSION}")
             while version < SCHEMA_VERSION:
                 for statement in MIGRATIONS[version].split(";"):
                     if statement.strip():

@@ -201,13 +201,16 @@ class GateHead(nn.Module):
         # floats, b2 as a float
         self._folded: _Fold | None = None
 
-    def folds(self) -> bool:
+    def folds(self, h: torch.Tensor | None = None) -> bool:
         """Whether calls take the folded inference path (eval mode, running statistics, autograd off, folding
-        not switched off by :func:`inference_folding`)."""
-        return bn_is_foldable(self._modules["bn"]) and not self.training
+        not switched off by :func:`inference_folding`, and, given the input ``h``, no autocast on its device:
+        autocast would run the folded layers in half precision on the map's sums, which overflow where the
+        module path's mean does not)."""
+        return (bn_is_foldable(self._modules["bn"]) and not self.training
+                and (h is None or not torch.is_autocast_enabled(h.device.type)))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.folds():
+        if self.folds(h):
             w1, b1, w2, b2, _, _ = self._folded_weights(h)
             logits = torch.addmm(b2, torch.addmm(b1, _channel_sums(h, w1.dtype), w1).relu_(), w2).squeeze(1)
             return logits if logits.dtype == h.dtype else logits.to(h.dtype)
@@ -224,7 +227,7 @@ class GateHead(nn.Module):
         """
         if h.shape[0] != 1:
             raise ValueError(f"a batch of one is expected, got {h.shape[0]}")
-        if not self.folds():
+        if not self.folds(h):
             return float(torch.sigmoid(self(h)).detach().item())
         w1, b1, _, _, w2, b2 = self._folded_weights(h)
         z = torch.addmm(b1, _channel_sums(h, w1.dtype), w1).tolist()[0]
@@ -727,11 +730,13 @@ class SkipNetwork(nn.Module):
         hw = tuple(input_hw or self.meta.input_size[-2:])
         # the heads themselves (held, so no id can be reused): a plan head, gate or probe assigned later changes
         # the table
-        key = (hw, self.plan_head, tuple(self.gates.values()), self.probes)
+        key = (hw, self.plan_head, tuple(self.gates.items()), tuple(self.probes or ()))
         with self._flop_lock:
             table = self._flop_cache.get(key)
             if table is None:
                 table = self._card_flop_table(hw) or self._count_flops(hw)
+                if len(self._flop_cache) >= 16:  # replaced heads are not kept alive without bound
+                    self._flop_cache.clear()
                 self._flop_cache[key] = table
         return table
 

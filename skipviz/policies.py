@@ -358,14 +358,15 @@ def policy_for(net: "SkipNetwork", source: str = "gates", threshold: float | Non
                overrides: Mapping[int, Override] | None = None) -> Policy:
     """The threshold policy of ``net`` for a decision source: its per-block gates (``"gates"``) or its plan head
     (``"plan"``), at ``threshold`` (default: the model card's default for that source,
-    :meth:`~skipviz.weights.ModelMeta.default_threshold`) with per-block ``overrides``; :class:`FullPolicy` for
-    a network without gate heads and no overrides. ``ValueError`` for an unknown source, or for ``"plan"`` on
+    :meth:`~skipviz.weights.ModelMeta.default_threshold`) with per-block ``overrides``; :class:`FullPolicy` when
+    the source decides no block (no gate heads, or a plan head over no blocks) and there are no overrides. ``ValueError`` for an unknown source, or for ``"plan"`` on
     a network without a plan head."""
     if source not in THRESHOLD_POLICIES:
         raise ValueError(f"unknown policy {source!r}; known: {sorted(THRESHOLD_POLICIES)}")
     if source == "plan" and net.plan_head is None:
         raise ValueError(f"{net.meta.display_name} has no plan head: train one with `skipviz train-plan`")
-    if not net.gated_blocks and not overrides:
+    decided = net.plan_head.gated_blocks if source == "plan" else net.gated_blocks
+    if not decided and not overrides:  # nothing for this source to decide
         return FullPolicy()
     return THRESHOLD_POLICIES[source](net.meta.default_threshold(source) if threshold is None else threshold,
                                       overrides)

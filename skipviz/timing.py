@@ -1006,7 +1006,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] | None = None) ->
         profiles.append(prof.to_dict())
         gate_costs.append(gate_cost(net, prof, planned=cfg.policy == "plan").to_dict())
         for t in cfg.thresholds:
-            pol = POLICIES[cfg.policy](float(t))
+            pol = policy_for(net, cfg.policy, float(t))
             tm = time_policy(net, x, pol, batch_size=bs, warmup=cfg.warmup, repeats=cfg.repeats, device=dev,
                              threads=cfg.threads, min_repeat_s=cfg.min_repeat_s)
             check = check_prediction(prof, net, x, pol, warmup=cfg.warmup, repeats=max(2, cfg.repeats // 2),

@@ -86,7 +86,8 @@ class LoadedModel:
 
 
 def weights_state(name: str) -> str:
-    """What a registered ``arch.tag`` model's weights file is now: ``"path size mtime"``, ``"missing"``, or ``""``
+    """What a registered ``arch.tag`` model's weights file (and card) is now: ``"path size mtime card size
+    mtime"``, ``"missing"``, or ``""``
     for a name without registered weights. A cache key: a model loaded while its file was missing or damaged is
     loaded again once the file changes."""
     from ._registry import list_pretrained
@@ -98,7 +99,12 @@ def weights_state(name: str) -> str:
                 st = w.path.stat()
             except OSError:
                 return "missing"
-            return f"{w.path} {st.st_size} {st.st_mtime_ns}"
+            try:
+                card = w.card_path.stat()
+                card_state = f" card {card.st_size} {card.st_mtime_ns}"
+            except OSError:
+                card_state = " no card"
+            return f"{w.path} {st.st_size} {st.st_mtime_ns}{card_state}"
     return ""
 
 
@@ -219,8 +225,6 @@ def make_policy(net: SkipNetwork, threshold: float, overrides: Mapping[int, Over
     if source not in DECISION_SOURCES:
         raise ValueError(f"unknown decision source {source!r}; known: {sorted(DECISION_SOURCES)}")
     ov = {int(k): v for k, v in (overrides or {}).items() if v != "auto"}
-    if not net.gated_blocks and not overrides:
-        return FullPolicy()
     return policy_for(net, source if net.plan_head is not None else "gates", threshold, ov)
 
 
@@ -473,28 +477,33 @@ def generated_images(n: int, hw: tuple[int, int], seed: int = 0) -> torch.Tensor
 def load_calibration(net: SkipNetwork, n: int = 256, seed: int = 0) -> CalibrationSet:
     """The images thresholds are tuned on, when CIFAR-10 is on this machine and fits the model: ``n`` images
     (seeded choice) of the validation split the model card records (carved from ``train/``, as the card's
-    default thresholds were chosen), or, for a model whose card records none, ``n`` test images (said so in the
-    description). Else ``n`` generated images labelled by the full network."""
+    default thresholds were chosen), or, when the card records none or its split cannot be rebuilt here, ``n``
+    test images, the description saying why. Else ``n`` generated images labelled by the full network."""
     from .data import cifar10_root, load_split, load_validation_subset, normalize
 
     hw = tuple(net.meta.input_size[-2:])
     root = cifar10_root()
     if root is not None and hw == (32, 32) and len(net.meta.classes) == 10:
-        try:
-            validation = ((net.meta.card or {}).get("dataset") or {}).get("validation")
-            val = load_validation_subset(root, validation, n, seed, size=hw) if isinstance(validation, dict) \
-                else None
+        dataset = (net.meta.card or {}).get("dataset")
+        validation = dataset.get("validation") if isinstance(dataset, dict) else None
+        why = "the model card records no validation split"
+        if isinstance(validation, dict):
+            try:
+                val = load_validation_subset(root, validation, n, seed, size=hw)
+            except (OSError, RuntimeError, ValueError):
+                val = None
             if val is not None and val.classes == list(net.meta.classes):
                 return CalibrationSet(val.images, val.labels, list(val.classes),
                                       f"CIFAR-10 validation subset (the model card's split, carved from train/): "
                                       f"{len(val)} images (seed {seed})", True)
+            why = "the model card's validation split cannot be rebuilt from this machine's train/"
+        try:
             split = load_split(root, "test", size=hw, progress=False)
             if split.classes == list(net.meta.classes):
                 idx = np.sort(np.random.default_rng(seed).choice(len(split), size=min(n, len(split)), replace=False))
                 sub = split.subset(idx)
                 return CalibrationSet(sub.images, sub.labels, list(split.classes),
-                                      f"CIFAR-10 test subset: {len(sub)} images (seed {seed}; the model card "
-                                      "records no validation split)", True)
+                                      f"CIFAR-10 test subset: {len(sub)} images (seed {seed}; {why})", True)
         except (OSError, RuntimeError, ValueError):
             pass
     images = generated_images(n, hw, seed)

@@ -195,6 +195,8 @@ def test_model_page_card_and_weights_upload(app_env, engine):
     at.run()
     assert at.session_state["sv_model_key"] == "registry:cifar_resnet32" and not at.exception
     assert "cifar_resnet32" in at.subheader[1].value
+    at.file_uploader(key="weights_upload").set_value(("good.safetensors", data, "application/octet-stream")).run()
+    assert at.session_state["sv_model_key"].startswith("upload:")  # the same file uploaded again is used again
 
 
 def test_per_model_settings_are_dropped_when_the_model_changes(app_env):

@@ -156,3 +156,19 @@ def test_a_relative_single_file_takes_its_folders_label(tmp_path, monkeypatch):
     (tmp_path / "dog" / "0.png").write_bytes(_png(0))
     monkeypatch.chdir(tmp_path / "dog")
     assert [i.label for i in collect_inputs(["0.png"], labels_from_folders=True)] == ["dog"]
+
+
+def test_a_damaged_deflate_stream_is_a_failed_item(tmp_path):
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 255, 4000, dtype=np.uint8).tobytes() + b"\x00" * 4000  # compresses, but not to nothing
+    path = _zip(tmp_path / "z.zip", {"a.png": _png(1), "b.png": noisy})
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("b.png")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    for k in range(8, 40):  # scramble the start of b.png's deflate stream
+        raw[start + k] ^= 0x5A
+    path.write_bytes(bytes(raw))
+    items = {i.name: i for i in read_zip(path)}
+    assert items["z.zip/a.png"].read() == _png(1)
+    assert items["z.zip/b.png"].error is not None and "could not be decompressed" in items["z.zip/b.png"].error

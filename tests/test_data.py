@@ -45,3 +45,17 @@ def test_the_validation_subset_is_drawn_from_the_cards_split(cifar_and_card):
     calib = views.load_calibration(net, 12)
     assert calib.source.startswith("CIFAR-10 validation subset") and calib.labelled
     assert np.array_equal(calib.images.numpy(), sub.images.numpy())
+
+
+def test_calibration_says_why_it_falls_back_to_test_images(cifar_and_card):
+    import copy
+    import dataclasses
+
+    root, net, validation = cifar_and_card
+    card = copy.deepcopy(net.meta.card)
+    card["dataset"]["validation"]["files_sha256"] = "0" * 64  # a split this machine's train/ does not give
+    net.meta = dataclasses.replace(net.meta, card=card)
+    calib = views.load_calibration(net, 8)
+    assert calib.source.startswith("CIFAR-10 test subset") and "cannot be rebuilt" in calib.source
+    del card["dataset"]["validation"]
+    assert "records no validation split" in views.load_calibration(net, 8).source

@@ -539,3 +539,29 @@ def test_the_flop_table_follows_a_replaced_gate_head():
     before = net.flop_table().gates[0]
     net.gates["0"] = GateHead(16, hidden=64)
     assert net.flop_table().gates[0] == 2 * (16 * 64 + 64) > before
+
+
+@torch.no_grad()
+def test_gates_under_float16_autocast_take_the_module_path():
+    # autocast would run the folded layers in float16 on the map's sums, which overflow
+    torch.manual_seed(0)
+    gate = GateHead(16).eval()
+    h = torch.full((1, 16, 64, 64), 30.0)
+    with torch.autocast("cpu", dtype=torch.float16):
+        logits = gate(h)
+        p = gate.probability_of_one(h)
+    with inference_folding(False):
+        expected = gate(h)
+    assert torch.isfinite(logits).all() and torch.allclose(logits.float(), expected, atol=0.05)
+    assert p == pytest.approx(torch.sigmoid(expected[0]).item(), abs=1e-3)
+
+
+def test_the_flop_table_follows_replaced_probes_and_moved_gates():
+    from skipviz.network import ProbeHead
+
+    net = create_model("cifar_resnet20")
+    before = net.flop_table()
+    net.probes[0] = ProbeHead(16, 1000)
+    assert net.flop_table().probes[0] == 2 * 16 * 1000 > before.probes[0]
+    net.gates["3"] = net.gates.pop("0")  # the same gate object, now on block 3
+    assert sorted(net.flop_table().gates) == net.gated_blocks

@@ -198,3 +198,10 @@ def test_a_batch_of_one_under_a_plan_runs_under_autocast(planned_net):
         one, both = planned_net.run(x[:1], PlanPolicy(0.5)), planned_net.run(x, PlanPolicy(0.5))
     assert one.scores[0, planned_net.gated_blocks].tolist() == pytest.approx(
         both.scores[0, planned_net.gated_blocks].tolist(), abs=0.02)
+
+
+def test_policy_for_a_plan_head_on_a_network_without_gate_heads():
+    net = create_model("cifar_resnet20", gates=False)
+    net.plan_head = PlanHead(16, [0, 1, 2], grid=2, hidden=8).eval()
+    assert isinstance(policy_for(net, "plan", 0.5), PlanPolicy)  # the plan decides blocks 0-2
+    assert isinstance(policy_for(net, "gates", 0.5), FullPolicy)  # no gate decides anything
