@@ -346,12 +346,20 @@ def top5_side_by_side(res: InspectResult, classes: Sequence[str], k: int = 5) ->
                          "full: class": f["class"], "full: probability": f["probability"]})
 
 
+def score_label(trace: SampleTrace) -> str:
+    """What a block's score is under the trace's policy: ``"plan probability"`` (decided at the stem by the plan
+    head) or ``"gate probability"``."""
+    return "plan probability" if trace.policy == "plan" else "gate probability"
+
+
 def block_table(trace: SampleTrace, latency: LatencyResult | None = None) -> pd.DataFrame:
-    """One row per block: gate probability, threshold, decision, reason, FLOPs and measured latency."""
+    """One row per block: its score (:func:`score_label`), threshold, decision, reason, FLOPs and measured
+    latency."""
     rows = []
+    label = score_label(trace)
     for i, b in enumerate(trace.blocks):
         rows.append({"block": b.index, "name": b.name, "downsampling": b.downsample,
-                     "gate probability": np.nan if b.score is None else b.score,
+                     label: np.nan if b.score is None else b.score,
                      "threshold": np.nan if b.threshold is None else b.threshold,
                      "decision": "fired" if b.executed else "bypassed", "reason": b.reason,
                      "MFLOPs": b.flops / 1e6,
@@ -365,7 +373,7 @@ def decisions(trace: SampleTrace) -> list[str]:
 
 
 def block_map_figure(trace: SampleTrace, title: str | None = None) -> go.Figure:
-    """Every block in order as a bar: height and colour = gate probability (blocks without a score, ungated or
+    """Every block in order as a bar: height and colour = the gate or plan probability (blocks without a score, ungated or
     forced by an override, drawn at 1 in grey),
     fired blocks solid, bypassed blocks hatched and faded, downsampling blocks outlined in black and marked
     with a down arrow; each block's threshold is drawn as a red dashed step line.
@@ -373,6 +381,7 @@ def block_map_figure(trace: SampleTrace, title: str | None = None) -> go.Figure:
     Each bar's text is ``"fired"`` or ``"bypassed"`` (prefixed ``"▼ "`` for downsampling blocks).
     """
     names = [b.name for b in trace.blocks]
+    label = score_label(trace)  # gate or plan probability
     fig = go.Figure()
     for gated in (True, False):
         blocks = [b for b in trace.blocks if (b.score is not None) == gated]
@@ -386,14 +395,15 @@ def block_map_figure(trace: SampleTrace, title: str | None = None) -> go.Figure:
                       width=[3 if b.downsample else 0 for b in blocks]))
         if gated:
             marker.update(color=[b.score for b in blocks], colorscale="Viridis", cmin=0.0, cmax=1.0,
-                          colorbar=dict(title="gate p"))
+                          colorbar=dict(title=label.split()[0] + " p"))
         else:
             marker.update(color="#868e96")
         fig.add_trace(go.Bar(
             x=[b.name for b in blocks], y=[b.score if gated else 1.0 for b in blocks],
-            name="gated blocks" if gated else "no gate score (ungated or forced)",
+            name=("gated blocks" if trace.policy != "plan" else "blocks the plan decides") if gated
+            else "no score (ungated or forced)",
             hovertext=[f"{b.name}<br>{'fired' if b.executed else 'bypassed'}"
-                       f"{' (downsampling)' if b.downsample else ''}<br>gate probability: "
+                       f"{' (downsampling)' if b.downsample else ''}<br>{label}: "
                        f"{'n/a' if b.score is None else f'{b.score:.3f}'}<br>{b.reason}<br>{b.flops / 1e6:.2f} MFLOPs"
                        for b in blocks], hoverinfo="text",
             text=[("▼ " if b.downsample else "") + ("fired" if b.executed else "bypassed") for b in blocks],
@@ -408,7 +418,7 @@ def block_map_figure(trace: SampleTrace, title: str | None = None) -> go.Figure:
     fig.update_layout(title=title or (f"Block map: {trace.blocks_executed}/{trace.blocks_total} blocks fired, "
                                       f"{trace.flops_saved_fraction:.1%} FLOPs saved"),
                       barmode="overlay",
-                      yaxis=dict(title="gate probability (ungated: 1)", range=[0, 1.2]),
+                      yaxis=dict(title=f"{label} (no score: 1)", range=[0, 1.2]),
                       xaxis=dict(title="block (▼ = downsampling, outlined)", categoryorder="array",
                                  categoryarray=names), bargap=0.15,
                       legend=dict(orientation="h", y=-0.45), height=400, margin=dict(l=40, r=20, t=50, b=40))

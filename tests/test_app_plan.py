@@ -70,3 +70,19 @@ def test_inspect_switches_to_the_plan(shipped_env):
     calib = views.load_calibration(net, 16)
     expected = views.evaluate_calibration(net, calib, PlanPolicy(0.5))
     assert float(row["FLOPs cut"].iloc[0]) == pytest.approx(1.0 - expected.flops_fraction)
+
+
+def test_plan_scores_are_labelled_as_plan_probabilities():
+    from skipviz import DEFAULT_MODEL, PlanPolicy, create_model
+
+    net = create_model(DEFAULT_MODEL)
+    if net.plan_head is None:
+        pytest.skip("the default model's weights (with a plan head) are not in data/")
+    x = torch.zeros(1, 3, 32, 32)
+    res = views.inspect(net, x, PlanPolicy(0.5), measure=False)
+    assert "plan probability" in views.block_table(res.trace).columns
+    fig = views.block_map_figure(res.trace)
+    assert fig.layout.yaxis.title.text.startswith("plan probability")
+    assert "blocks the plan decides" in [tr.name for tr in fig.data]
+    gates = views.inspect(net, x, views.make_policy(net, 0.5), measure=False)
+    assert "gate probability" in views.block_table(gates.trace).columns

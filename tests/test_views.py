@@ -233,4 +233,4 @@ def test_block_map_names_blocks_without_a_score_for_what_they_are(tiny_net, cat_
     forced = views.overrides_from_choices({i: "skip" for i in range(tiny_net.num_blocks)})
     res = views.inspect(tiny_net, cat_x, views.make_policy(tiny_net, 0.5, forced), measure=False)
     names = [tr.name for tr in views.block_map_figure(res.trace).data if tr.type == "bar"]
-    assert names == ["no gate score (ungated or forced)"]
+    assert names == ["no score (ungated or forced)"]
