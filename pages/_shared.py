@@ -150,11 +150,16 @@ def decision_source(net) -> str:
     return source if source in offered else offered[0]
 
 
+def session_threshold(lm: views.LoadedModel, source: str) -> float:
+    """The session's global threshold: the source's card default until a slider moves it."""
+    return threshold(lm.default_threshold_for(source))
+
+
 def session_policy(lm: views.LoadedModel):
     """The policy the session set on the Inspect / Thresholds pages: its decision source at its threshold (the
     source's card default until moved) with its per-block overrides."""
     source = decision_source(lm.net)
-    return views.make_policy(lm.net, threshold(lm.default_threshold_for(source)), overrides(), source)
+    return views.make_policy(lm.net, session_threshold(lm, source), overrides(), source)
 
 
 THRESHOLD_SLIDERS = ("inspect_threshold", "thresholds_threshold")

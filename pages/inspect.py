@@ -27,9 +27,8 @@ if cur is not None:
         @st.fragment
         def live_view() -> None:
             source = _shared.source_picker(lm, "inspect_source")
-            what = "plan" if source == "plan" else "gate"
-            t = st.slider(f"Threshold (a block runs when its {what} probability >= threshold)", 0.0, 1.0,
-                          value=_shared.threshold(lm.default_threshold_for(source)), step=0.05,
+            t = st.slider(f"Threshold (a block runs when its {views.score_label(source)} >= threshold)", 0.0, 1.0,
+                          value=_shared.session_threshold(lm, source), step=0.05,
                           key="inspect_threshold")
             st.session_state["sv_threshold"] = t
             ov = _shared.overrides()
@@ -63,7 +62,7 @@ if cur is not None:
                 st.plotly_chart(views.latency_figure(lat), key="latency", width="stretch")
             st.subheader("Per-block decisions")
             st.dataframe(views.block_table(tr, lat), hide_index=True, key="blocks",
-                         column_config={views.score_label(tr): st.column_config.NumberColumn(format="%.3f"),
+                         column_config={views.score_label(tr.policy): st.column_config.NumberColumn(format="%.3f"),
                                         "MFLOPs": st.column_config.NumberColumn(format="%.2f"),
                                         "latency (ms)": st.column_config.NumberColumn(format="%.3f")})
             st.caption(f"Latency measured on {lat.device}, batch 1, median of {lat.repeats} runs; per-block time "

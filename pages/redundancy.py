@@ -56,7 +56,7 @@ def policy_view() -> None:
     policy = base.with_q(q)
     st.plotly_chart(figures.kl_policy_scores(policy), key="kl_scores", width="stretch")
     kl_point = views.evaluate_calibration(net, calib, policy, sweep.full.predictions)
-    t = _shared.threshold(lm.default_threshold_for(source))
+    t = _shared.session_threshold(lm, source)
     current = sweep.point_for(net, t, _shared.overrides())
     st.dataframe(views.compare_points({f"KL policy (q={q:.2f})": kl_point,
                                        f"{views.DECISION_SOURCES[source]} (current threshold {t:.2f})": current,

@@ -24,7 +24,7 @@ st.caption(f"Calibration set: {sweep.calib.source}. Precomputed once per process
 
 @st.fragment
 def live_view() -> None:
-    t = st.slider("Global gate threshold", 0.0, 1.0, value=_shared.threshold(lm.default_threshold_for(source)),
+    t = st.slider("Global gate threshold", 0.0, 1.0, value=_shared.session_threshold(lm, source),
                   step=0.05, key="thresholds_threshold")
     st.session_state["sv_threshold"] = t
     with st.expander("Per-block overrides (run / skip / auto)", expanded=False):

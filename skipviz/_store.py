@@ -171,7 +171,6 @@ class AuditStore:
                 f"({SCHEMA_VERSION}); upgrade SkipViz to read it (the file was left untouched)")
 
     def _migrate(self) -> None:
-        self._refuse_newer_schema()  # again: another process may have upgraded the file meanwhile
         version = self.schema_version
         if version == SCHEMA_VERSION:
             return

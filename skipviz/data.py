@@ -69,12 +69,17 @@ def _decode(path: str, size: tuple[int, int]) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def load_split(root: str | Path, split: str, size: tuple[int, int] = (32, 32), progress: bool = True) -> TensorDataset:
-    """Decode ``root/split`` (ImageFolder layout) to uint8 tensors, using the on-disk cache when valid."""
+def _image_folder(root: str | Path, split: str):
+    """torchvision's ``ImageFolder`` of ``root/split`` (file listing only) and its files relative to it."""
     from torchvision.datasets import ImageFolder  # on use: the dashboard's first prediction does not need it
 
     folder = ImageFolder(str(Path(root) / split))
-    rel = [os.path.relpath(p, folder.root) for p, _ in folder.samples]
+    return folder, [os.path.relpath(p, folder.root) for p, _ in folder.samples]
+
+
+def load_split(root: str | Path, split: str, size: tuple[int, int] = (32, 32), progress: bool = True) -> TensorDataset:
+    """Decode ``root/split`` (ImageFolder layout) to uint8 tensors, using the on-disk cache when valid."""
+    folder, rel = _image_folder(root, split)
     digest = file_list_sha256(rel)
     cache = cache_dir() / f"{Path(root).name}_{split}_{size[0]}x{size[1]}_{digest[:16]}.pt"
     if cache.is_file():
@@ -98,14 +103,11 @@ def load_validation_subset(root: str | Path, validation: dict, n: int, seed: int
     ``n``, ``seed``, ``files_sha256``, carved from ``train/`` by :func:`train_val_split`), decoding only those
     images, not the whole of ``train/``. ``None`` when ``root/train`` does not give the recorded split (its
     file-list hash differs) or the card records none."""
-    from torchvision.datasets import ImageFolder  # on use: the dashboard's first prediction does not need it
-
     try:
         val_n, val_seed, expected = int(validation["n"]), int(validation["seed"]), validation["files_sha256"]
     except (KeyError, TypeError, ValueError):
         return None
-    folder = ImageFolder(str(Path(root) / "train"))
-    rel = [os.path.relpath(p, folder.root) for p, _ in folder.samples]
+    folder, rel = _image_folder(root, "train")
     if val_n > len(rel):
         return None
     _, val_idx = train_val_split(len(rel), val_n, val_seed)

@@ -302,8 +302,11 @@ class PlanHead(nn.Module):
     def _inference_logits(self, h: torch.Tensor) -> torch.Tensor:
         """``forward`` at inference, (N, C0, H0, W0) -> (N, G): 2 GEMMs and no module calls
         (:meth:`_inference_features`). Equal to the module path up to float rounding."""
+        return self._inference_mlp(*self._inference_features(h))
+
+    def _inference_mlp(self, z: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
+        """The MLP at inference on features ``z`` (N, F) read with ``w1`` (hidden, F) -> (N, G) logits."""
         p1, p2 = self._modules["fc1"]._parameters, self._modules["fc2"]._parameters  # no __getattr__
-        z, w1 = self._inference_features(h)
         return F.linear(F.linear(z, w1, p1["bias"]).relu_(), p2["weight"], p2["bias"])
 
     def _inference_features(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,7 +347,7 @@ class PlanHead(nn.Module):
         p1, p2 = self._modules["fc1"]._parameters, self._modules["fc2"]._parameters
         z, w1 = self._inference_features(h)
         if z.dtype != w1.dtype:  # autocast: the features in the autocast dtype, the weights as stored
-            return [_sigmoid(v) for v in self._inference_logits(h)[0].tolist()]
+            return [_sigmoid(v) for v in self._inference_mlp(z, w1)[0].tolist()]
         hidden = torch.addmv(p1["bias"], w1, z[0]).relu_()
         return [_sigmoid(v) for v in torch.addmv(p2["bias"], p2["weight"], hidden).tolist()]
 
@@ -550,8 +553,16 @@ class SkipNetwork(nn.Module):
         h = self._stem(x)
         inplace = not torch.is_grad_enabled()  # the loop owns h: identity blocks may update it in place
         for block in self.blocks:
-            h = block.forward_(h) if inplace and not block.downsample else block(h)
+            h = self._step(block, h, True, inplace)
         return self.head(h)
+
+    @staticmethod
+    def _step(block: SkippableBlock, h: torch.Tensor, execute: bool, inplace: bool) -> torch.Tensor:
+        """Block or bypass for the whole batch ``h`` (M, C, H, W); ``inplace``: an identity block may update ``h``
+        (a tensor only the caller holds, autograd off)."""
+        if not execute:
+            return block.bypass(h)
+        return block.forward_(h) if inplace and not block.downsample else block(h)
 
     def run(self, x: torch.Tensor, policy: Policy | None = None) -> SkipResult:
         """Run a batch under ``policy`` (default: full), really skipping bypassed blocks.
@@ -572,17 +583,14 @@ class SkipNetwork(nn.Module):
         exit_block: torch.Tensor | None = None
         exit_logits: list[tuple[torch.Tensor, torch.Tensor]] = []
         # with no exits, mixed identity blocks run on a contiguous window of the batch, in place (_run_contiguous)
-        exits = type(policy).exit_after is not Policy.exit_after  # only early-exit policies ask after each block
+        exits = policy.exits_early  # only early-exit policies are asked after each block
         partition = inplace and not exits
         plan = policy.plan(self, h)  # every block decided up front, or None: block by block
         if plan is not None and not exits and plan.uniform():
             # one Python bool per block for every row (a batch of one): run the blocks as the plain forward
             # does, with no per-block policy or bookkeeping work; the records come from the plan afterwards
             for execute, block in zip(plan.execute, self.blocks):
-                if not execute:
-                    h = block.bypass(h)
-                else:
-                    h = block.forward_(h) if inplace and not block.downsample else block(h)
+                h = self._step(block, h, execute, inplace)
             return SkipResult(self, policy, self.head(h), plan.records(), hw, None)
         for i, block in enumerate(self.blocks):
             d = policy.decide(self, i, h) if plan is None else plan.decide(i, rows)
@@ -590,10 +598,7 @@ class SkipNetwork(nn.Module):
             rec = BlockRecord(rows, execute, d.reason, d.score, d.threshold, d.evaluated)
             records.append(rec)
             if execute.__class__ is bool:  # one decision for every row (a batch of one, a forced or full block)
-                if not execute:
-                    h = block.bypass(h)
-                else:
-                    h = block.forward_(h) if inplace and not block.downsample else block(h)
+                h = self._step(block, h, execute, inplace)
             elif partition and not block.downsample:
                 h, rows = self._run_contiguous(block, h, execute, rows)
             else:
@@ -719,7 +724,7 @@ class SkipNetwork(nn.Module):
         if include_stem:
             feats.append(h)
         policy = policy or FullPolicy()
-        if type(policy).exit_after is not Policy.exit_after:
+        if policy.exits_early:
             raise ValueError(f"forward_intermediates cannot run an early-exit policy ({policy.name}): a sample "
                              "that exits has no later features; use run() for its decisions and logits")
         last = wanted[-1] if (intermediates_only and wanted) else nb - 1

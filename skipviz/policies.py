@@ -98,6 +98,11 @@ class Policy:
         """Whether this policy overrides :meth:`plan` (decides every block at the stem)."""
         return type(self).plan is not Policy.plan
 
+    @property
+    def exits_early(self) -> bool:
+        """Whether this policy overrides :meth:`exit_after` (samples may leave after a block)."""
+        return type(self).exit_after is not Policy.exit_after
+
     def plan(self, net: "SkipNetwork", h: torch.Tensor) -> Plan | None:
         """Decide every block up front from the stem's output ``h`` (N, C0, H0, W0), or ``None`` (the
         default) to be asked block by block with :meth:`decide`. Callers: :meth:`SkipNetwork.run` and every

@@ -296,7 +296,7 @@ def _spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
 
     out = frame.copy()
     for column in out.columns:
-        if out[column].dtype == object or pd.api.types.is_string_dtype(out[column].dtype):
+        if pd.api.types.is_string_dtype(out[column].dtype):  # text or object columns
             out[column] = out[column].map(safe)
     return out
 

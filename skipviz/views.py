@@ -346,17 +346,17 @@ def top5_side_by_side(res: InspectResult, classes: Sequence[str], k: int = 5) ->
                          "full: class": f["class"], "full: probability": f["probability"]})
 
 
-def score_label(trace: SampleTrace) -> str:
-    """What a block's score is under the trace's policy: ``"plan probability"`` (decided at the stem by the plan
-    head) or ``"gate probability"``."""
-    return "plan probability" if trace.policy == "plan" else "gate probability"
+def score_label(source: str) -> str:
+    """What a block's score is under a decision source or policy name (``trace.policy``): ``"plan probability"``
+    (decided at the stem by the plan head) or ``"gate probability"``."""
+    return "plan probability" if source == "plan" else "gate probability"
 
 
 def block_table(trace: SampleTrace, latency: LatencyResult | None = None) -> pd.DataFrame:
     """One row per block: its score (:func:`score_label`), threshold, decision, reason, FLOPs and measured
     latency."""
     rows = []
-    label = score_label(trace)
+    label = score_label(trace.policy)
     for i, b in enumerate(trace.blocks):
         rows.append({"block": b.index, "name": b.name, "downsampling": b.downsample,
                      label: np.nan if b.score is None else b.score,
@@ -381,7 +381,7 @@ def block_map_figure(trace: SampleTrace, title: str | None = None) -> go.Figure:
     Each bar's text is ``"fired"`` or ``"bypassed"`` (prefixed ``"▼ "`` for downsampling blocks).
     """
     names = [b.name for b in trace.blocks]
-    label = score_label(trace)  # gate or plan probability
+    label = score_label(trace.policy)  # gate or plan probability
     fig = go.Figure()
     for gated in (True, False):
         blocks = [b for b in trace.blocks if (b.score is not None) == gated]
