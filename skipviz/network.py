@@ -553,16 +553,9 @@ class SkipNetwork(nn.Module):
         h = self._stem(x)
         inplace = not torch.is_grad_enabled()  # the loop owns h: identity blocks may update it in place
         for block in self.blocks:
-            h = self._step(block, h, True, inplace)
+            # written inline here and in run(): a helper call per block measured 6-10 µs per batch-1 forward
+            h = block.forward_(h) if inplace and not block.downsample else block(h)
         return self.head(h)
-
-    @staticmethod
-    def _step(block: SkippableBlock, h: torch.Tensor, execute: bool, inplace: bool) -> torch.Tensor:
-        """Block or bypass for the whole batch ``h`` (M, C, H, W); ``inplace``: an identity block may update ``h``
-        (a tensor only the caller holds, autograd off)."""
-        if not execute:
-            return block.bypass(h)
-        return block.forward_(h) if inplace and not block.downsample else block(h)
 
     def run(self, x: torch.Tensor, policy: Policy | None = None) -> SkipResult:
         """Run a batch under ``policy`` (default: full), really skipping bypassed blocks.
@@ -590,7 +583,10 @@ class SkipNetwork(nn.Module):
             # one Python bool per block for every row (a batch of one): run the blocks as the plain forward
             # does, with no per-block policy or bookkeeping work; the records come from the plan afterwards
             for execute, block in zip(plan.execute, self.blocks):
-                h = self._step(block, h, execute, inplace)
+                if not execute:
+                    h = block.bypass(h)
+                else:
+                    h = block.forward_(h) if inplace and not block.downsample else block(h)
             return SkipResult(self, policy, self.head(h), plan.records(), hw, None)
         for i, block in enumerate(self.blocks):
             d = policy.decide(self, i, h) if plan is None else plan.decide(i, rows)
@@ -598,7 +594,10 @@ class SkipNetwork(nn.Module):
             rec = BlockRecord(rows, execute, d.reason, d.score, d.threshold, d.evaluated)
             records.append(rec)
             if execute.__class__ is bool:  # one decision for every row (a batch of one, a forced or full block)
-                h = self._step(block, h, execute, inplace)
+                if not execute:
+                    h = block.bypass(h)
+                else:
+                    h = block.forward_(h) if inplace and not block.downsample else block(h)
             elif partition and not block.downsample:
                 h, rows = self._run_contiguous(block, h, execute, rows)
             else:
