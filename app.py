@@ -13,7 +13,7 @@ import streamlit as st
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pages import _shared  # noqa: E402
-from skipviz import views  # noqa: E402
+from skipviz.measure import clock  # noqa: E402
 
 st.set_page_config(page_title="SkipViz", page_icon="⏭️", layout="wide")
 
@@ -32,7 +32,7 @@ nav = st.navigation(PAGES)
 model_key, lm = _shared.current_model()
 with st.sidebar:
     st.caption(f"Model: **{lm.net.meta.display_name}**")
-    st.caption(f"Device: {views.device_label()}")
+    st.caption(f"Device: {clock.device_label()}")
     if lm.warning:
         st.caption("⚠️ trained weights missing: random init")
 nav.run()

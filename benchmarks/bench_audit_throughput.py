@@ -5,7 +5,7 @@ The audit issue's target: on CPU, for the default model, the skipped run process
 (``efficiency`` = measured speedup x fraction executed >= 0.9). The shadow run (the full network on every
 input, for agreement) is paid separately, so images/s with it are reported too.
 
-Method: ``skipviz.audit.measure_throughput``. Each round times one pass of the full network and one of the
+Method: ``skipviz.measure.runs.measure_throughput``. Each round times one pass of the full network and one of the
 skipped run over all batches, back to back; images/s are medians over rounds and the speedup is the median of
 the per-round ratios. Inputs are the first ``--n`` CIFAR-10 test images (random tensors when the data set is not
 here, which the report says). Writes ``benchmarks/results/audit_throughput_<device>.json`` and ``.md``.
@@ -27,9 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from skipviz.policies import THRESHOLD_POLICIES, policy_for  # noqa: E402
-from skipviz.audit import default_audit_batch_size, measure_throughput  # noqa: E402
-from skipviz.timing import (BenchConfig, bench_inputs, device_info, keep_heap_memory,  # noqa: E402
-                            load_bench_model, report_header, write_results)
+from skipviz.measure.runs import default_audit_batch_size, measure_throughput  # noqa: E402
+from skipviz.cli.bench import BenchConfig, bench_inputs, load_bench_model, write_results
+from skipviz.measure.clock import device_info
+from skipviz import keep_heap_memory
+from skipviz.cli.bench_common import report_header
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> dict:
             "card_default_threshold": card_default,
             "audit_default_batch_size": default_audit_batch_size(net),
             "command": "python benchmarks/bench_audit_throughput.py " + shlex.join(sys.argv[1:]),
-            "method": "skipviz.audit.measure_throughput: per round one full pass and one skipped pass over the "
+            "method": "skipviz.measure.runs.measure_throughput: per round one full pass and one skipped pass over the "
                       "same batches, back to back, which goes first alternating; medians over rounds; speedup = "
                       "median of per-round ratios; IQR = quartiles of the per-round efficiencies",
             "rows": rows}

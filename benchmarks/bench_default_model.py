@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from skipviz import DEFAULT_MODEL, FullPolicy, PlanPolicy, create_model  # noqa: E402
 from skipviz.data import cifar10_root, load_split  # noqa: E402
 from skipviz.evaluate import blocks_by_outcome, early_exit_policy, evaluate_policy, threshold_curve  # noqa: E402
-from skipviz.train import software_versions  # noqa: E402
+from skipviz.measure.clock import software_versions  # noqa: E402
 
 
 def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], exits: list[float]) -> dict:

@@ -2,7 +2,7 @@
 layer) against the modules run as written, full and skipped runs, same process.
 
 At inference the engine computes each ``bn(conv(x))`` as one convolution with folded weights
-(``skipviz.network.conv_bn``, ``torch.nn.utils.fusion.fuse_conv_bn_weights``). This benchmark backs that
+(``skipviz.engine.folding.conv_bn``, ``torch.nn.utils.fusion.fuse_conv_bn_weights``). This benchmark backs that
 choice and checks what it costs in accuracy: for the default model at batch 1 (``--batch1-images`` images
 timed one by one) and in batches, it times the plain full network and the skipped run at one gate threshold
 with
@@ -14,7 +14,7 @@ with
 The full network has no gates, so its speedup is the BatchNorm folding alone; the skipped run's includes the
 gate heads' folding and, at batch 1, their host decision.
 
-Timing is ``skipviz.timing.measure_interleaved`` (the four callables round-robin, medians and quartiles over
+Timing is ``skipviz.measure.clock.measure_interleaved`` (the four callables round-robin, medians and quartiles over
 repeats). The largest logit difference and the gate-decision agreement between the two are recorded with the
 times. Writes ``benchmarks/results/fold_bn_<device>.json`` and ``.md``.
 
@@ -34,10 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from skipviz import GatePolicy, inference_folding  # noqa: E402
-from skipviz.network import SkipNetwork  # noqa: E402
-from skipviz.timing import (BenchConfig, add_engine_bench_arguments, bench_inputs,  # noqa: E402
-                            engine_bench_report, keep_heap_memory, load_bench_model, report_footer, report_header,
-                            time_engine_variants, write_results)
+from skipviz.engine.network import SkipNetwork  # noqa: E402
+from skipviz.cli.bench import BenchConfig, bench_inputs, load_bench_model, write_results
+from skipviz.cli.bench_common import (add_engine_bench_arguments, engine_bench_report, report_footer, report_header,
+                                      time_engine_variants)
+from skipviz import keep_heap_memory
 
 VARIANTS = {"modules": False, "folded": True}
 
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> dict:
     settings = {"batch_sizes": args.batch_sizes, "batch1_images": args.batch1_images, "threshold": args.threshold,
                 "repeats": args.repeats, "warmup": args.warmup}
     return engine_bench_report(model_label, inputs_label, settings, "bench_fold_bn.py",
-                               "skipviz.timing.measure_interleaved: the four callables round-robin, medians over "
+                               "skipviz.measure.clock.measure_interleaved: the four callables round-robin, medians over "
                                "repeats; batch 1 times each image one by one and reports ms per image", rows)
 
 

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from skipviz import DEFAULT_MODEL, FullPolicy, GatePolicy, create_model  # noqa: E402
 from skipviz.data import cifar10_root, load_split, train_val_split  # noqa: E402
 from skipviz.evaluate import evaluate_policy  # noqa: E402
-from skipviz.redundancy import KLRedundancyPolicy  # noqa: E402
+from skipviz.policies.kl import KLRedundancyPolicy  # noqa: E402
 
 
 def training_running() -> list[str]:

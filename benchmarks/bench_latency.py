@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from skipviz.timing import add_bench_arguments, cmd_bench, keep_heap_memory  # noqa: E402
+from skipviz.cli.bench import add_bench_arguments, cmd_bench  # noqa: E402
+from skipviz import keep_heap_memory  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ times the plain full network and the skipped run (one gate threshold) with
 * ``nchw``: weights and input NCHW (what the engine did before);
 * ``channels_last``: weights and input channels-last (what the engine does).
 
-Timing is ``skipviz.timing.measure_interleaved`` (the four callables round-robin, so both layouts see the same
+Timing is ``skipviz.measure.clock.measure_interleaved`` (the four callables round-robin, so both layouts see the same
 machine load); figures are medians over rounds (ms per batch). Writes ``benchmarks/results/memory_format_<device>.json`` and ``.md``.
 
     . .venv/bin/activate
@@ -26,10 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from skipviz import GatePolicy  # noqa: E402
-from skipviz.network import SkipNetwork  # noqa: E402
-from skipviz.timing import (BenchConfig, add_engine_bench_arguments, bench_inputs,  # noqa: E402
-                            engine_bench_report, keep_heap_memory, load_bench_model, report_footer, report_header,
-                            time_engine_variants, write_results)
+from skipviz.engine.network import SkipNetwork  # noqa: E402
+from skipviz.cli.bench import BenchConfig, bench_inputs, load_bench_model, write_results
+from skipviz.cli.bench_common import (add_engine_bench_arguments, engine_bench_report, report_footer, report_header,
+                                      time_engine_variants)
+from skipviz import keep_heap_memory
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> dict:
     settings = {"batch_sizes": args.batch_sizes, "threshold": args.threshold, "rounds": args.rounds,
                 "warmup": args.warmup}
     return engine_bench_report(model_label, inputs_label, settings, "bench_memory_format.py",
-                               "skipviz.timing.measure_interleaved: the two layouts' full and skipped runs "
+                               "skipviz.measure.clock.measure_interleaved: the two layouts' full and skipped runs "
                                "round-robin, medians over rounds; batch 1 runs 10x the rounds", rows)
 
 

@@ -39,44 +39,46 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--skip-apptest", action="store_true")
     args = ap.parse_args()
-    from skipviz.timing import keep_heap_memory
+    from skipviz import keep_heap_memory
 
     keep_heap_memory()  # as the dashboard does (pages/_shared.registry_model): stable CPU timings
     os.environ["SKIPVIZ_CALIB_N"] = str(args.calib_n)
 
     import torch
 
-    from skipviz import DEFAULT_MODEL, load_image, views
+    from skipviz import DEFAULT_MODEL, load_image, dashboard, figures, policies
+    from skipviz.evaluate import calibration
+    from skipviz.measure import clock
     from skipviz.samples import sample_bytes, sample_names
 
-    threads = views.configure_threads()
-    lm = views.load_model(DEFAULT_MODEL)
+    threads = dashboard.configure_threads()
+    lm = dashboard.load_model(DEFAULT_MODEL)
     net = lm.net
     image, _ = load_image(sample_bytes(sample_names()[0]))
-    x = views.preprocess(net, image)
-    full = views.run_full(net, x)
+    x = dashboard.preprocess(net, image)
+    full = dashboard.run_full(net, x)
     t0 = time.perf_counter()
-    sweep = views.sweep_calibration(net, views.load_calibration(net, args.calib_n))
+    sweep = calibration.sweep_calibration(net, calibration.load_calibration(net, args.calib_n))
     precompute_s = time.perf_counter() - t0
-    grid = views.threshold_grid()
+    grid = calibration.threshold_grid()
     values = [grid[(3 + 7 * k) % len(grid)] for k in range(args.changes)]
 
     inspect_ms, thresholds_ms = [], []
     for t in values:
         t0 = time.perf_counter()
-        res = views.inspect(net, x, views.make_policy(net, t), full, repeats=5)
-        views.block_map_figure(res.trace), views.block_table(res.trace, res.latency)
-        views.top5_side_by_side(res, net.meta.classes), views.latency_figure(res.latency)
+        res = dashboard.inspect(net, x, policies.make_policy(net, t), full, repeats=5)
+        figures.block_map_figure(res.trace), dashboard.block_table(res.trace, res.latency)
+        dashboard.top5_side_by_side(res, net.meta.classes), figures.latency_figure(res.latency)
         inspect_ms.append((time.perf_counter() - t0) * 1e3)
         t0 = time.perf_counter()
-        res = views.inspect(net, x, views.make_policy(net, t), full, measure=False)
-        views.block_map_figure(res.trace)
+        res = dashboard.inspect(net, x, policies.make_policy(net, t), full, measure=False)
+        figures.block_map_figure(res.trace)
         point = sweep.point_for(net, t)
-        views.pareto_figure(sweep, point), views.skip_rate_figure(point, net), views.calibration_summary(point, sweep.full)
+        figures.pareto_figure(sweep, point), figures.skip_rate_figure(point, net), calibration.calibration_summary(point, sweep.full)
         thresholds_ms.append((time.perf_counter() - t0) * 1e3)
 
     result = {"model": net.meta.display_name, "weights_missing": lm.warning is not None,
-              "device": views.device_label(), "torch_threads": threads, "cpu_count": os.cpu_count(),
+              "device": clock.device_label(), "torch_threads": threads, "cpu_count": os.cpu_count(),
               "torch": torch.__version__, "python": platform.python_version(), "calibration": sweep.calib.source,
               "precompute_s": precompute_s, "views": {"inspect": pct(inspect_ms), "thresholds": pct(thresholds_ms)},
               "load_average_1min": os.getloadavg()[0]}

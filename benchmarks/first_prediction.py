@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from test_e2e_browser import ARGS, BLOCK_TEXTS, CHROMIUM, free_port  # noqa: E402
 
-from skipviz.timing import device_info, environment_markdown  # noqa: E402
+from skipviz.measure.clock import device_info  # noqa: E402
+from skipviz.cli.bench_common import environment_markdown  # noqa: E402
 
 
 def one_run(port: int) -> dict:

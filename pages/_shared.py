@@ -1,5 +1,5 @@
 """Streamlit glue shared by the pages: process-wide caches (one model per process, shared by every session),
-the session's current model, image, threshold and overrides. No computation here: see ``skipviz.views``."""
+the session's current model, image, threshold and overrides. No computation here: see ``skipviz.dashboard``."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import streamlit as st
 from PIL import Image
 
-from skipviz import DEFAULT_MODEL, ImageInfo, ImageLoadError, keep_heap_memory, load_image, views
+from skipviz import DEFAULT_MODEL, ImageInfo, ImageLoadError, keep_heap_memory, load_image, dashboard, policies
+from skipviz.evaluate import calibration
 from skipviz.samples import sample_bytes, sample_names
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
@@ -33,17 +34,17 @@ def latency_repeats() -> int:
 
 
 @st.cache_resource(show_spinner="Loading the model (once per process)...")
-def registry_model(name: str, weights_state: str = "") -> views.LoadedModel:
-    """A registered model, once per process and state of its weights file (``views.weights_state``): a model
+def registry_model(name: str, weights_state: str = "") -> dashboard.LoadedModel:
+    """A registered model, once per process and state of its weights file (``dashboard.weights_state``): a model
     shown at random init because its weights were missing is loaded again once they exist."""
-    views.configure_threads()
+    dashboard.configure_threads()
     keep_heap_memory()  # once per process: activations are not page-faulted in again on every run
-    return views.load_model(name)
+    return dashboard.load_model(name)
 
 
 @st.cache_resource(max_entries=8, show_spinner="Loading the uploaded weights...")
-def uploaded_model(arch: str, sha256: str, filename: str, _data: bytes) -> views.LoadedModel:
-    return views.load_uploaded_weights(arch, _data, filename)
+def uploaded_model(arch: str, sha256: str, filename: str, _data: bytes) -> dashboard.LoadedModel:
+    return dashboard.load_uploaded_weights(arch, _data, filename)
 
 
 #: Session settings that belong to one model: its threshold, decision source and per-block overrides (and the
@@ -51,7 +52,7 @@ def uploaded_model(arch: str, sha256: str, filename: str, _data: bytes) -> views
 PER_MODEL_STATE = ("sv_threshold", "sv_decisions", "sv_overrides", "inspect_threshold", "thresholds_threshold")
 
 
-def current_model() -> tuple[str, views.LoadedModel]:
+def current_model() -> tuple[str, dashboard.LoadedModel]:
     """The session's model: ``(key, LoadedModel)``; the key identifies it in every cache. When it differs from
     the model of the session's previous run, the per-model settings (:data:`PER_MODEL_STATE`, the override
     widgets) are reset: another model's block indices and thresholds do not apply."""
@@ -64,7 +65,7 @@ def current_model() -> tuple[str, views.LoadedModel]:
             key = f"registry:{default_model_name()}"
     if not key.startswith("upload:"):
         name = registry_name(key)
-        state = views.weights_state(name)
+        state = dashboard.weights_state(name)
         lm = registry_model(name, state)
         # the key names the weights file's state too: every cache keyed on it (prepared inputs, sweeps, KL)
         # follows a weights file that appears or changes
@@ -131,8 +132,8 @@ def image_picker() -> None:
 @st.cache_resource(max_entries=64)
 def prepared_input(model_key: str, sha256: str, _net, _image: Image.Image):
     """``(x (1, 3, H, W), full-network trace)`` for an image, once per model and image."""
-    x = views.preprocess(_net, _image)
-    return x, views.run_full(_net, x)
+    x = dashboard.preprocess(_net, _image)
+    return x, dashboard.run_full(_net, x)
 
 
 def threshold(default: float) -> float:
@@ -144,37 +145,37 @@ def overrides() -> dict[int, str]:
 
 
 def decision_source(net) -> str:
-    """The session's decision source (``views.DECISION_SOURCES``), one the model offers; default: gates."""
-    offered = views.decision_sources(net) or ["gates"]
+    """The session's decision source (``skipviz.policies.DECISION_SOURCES``), one the model offers; default: gates."""
+    offered = dashboard.decision_sources(net) or ["gates"]
     source = st.session_state.get("sv_decisions", offered[0])
     return source if source in offered else offered[0]
 
 
-def session_threshold(lm: views.LoadedModel, source: str) -> float:
+def session_threshold(lm: dashboard.LoadedModel, source: str) -> float:
     """The session's global threshold: the source's card default until a slider moves it."""
     return threshold(lm.default_threshold_for(source))
 
 
-def session_policy(lm: views.LoadedModel):
+def session_policy(lm: dashboard.LoadedModel):
     """The policy the session set on the Inspect / Thresholds pages: its decision source at its threshold (the
     source's card default until moved) with its per-block overrides."""
     source = decision_source(lm.net)
-    return views.make_policy(lm.net, session_threshold(lm, source), overrides(), source)
+    return policies.make_policy(lm.net, session_threshold(lm, source), overrides(), source)
 
 
 THRESHOLD_SLIDERS = ("inspect_threshold", "thresholds_threshold")
 
 
-def source_picker(lm: views.LoadedModel, key: str) -> str:
+def source_picker(lm: dashboard.LoadedModel, key: str) -> str:
     """A radio choosing where decisions come from, shown only when the model offers more than one. Switching
     source moves the threshold to that source's card default (the sliders take it up on this run)."""
     net = lm.net
-    offered = views.decision_sources(net)
+    offered = dashboard.decision_sources(net)
     if len(offered) < 2:
         return decision_source(net)
     previous = decision_source(net)
     source = st.radio("Decisions from", offered, index=offered.index(previous), horizontal=True,
-                      key=key, format_func=lambda s: views.DECISION_SOURCES[s])
+                      key=key, format_func=lambda s: policies.DECISION_SOURCES[s].label)
     if source != previous:
         st.session_state["sv_threshold"] = lm.default_threshold_for(source)
         for slider in THRESHOLD_SLIDERS:  # not rendered yet on this run: recreated from sv_threshold
@@ -188,7 +189,7 @@ def _sweep_store() -> dict:
     return {"lock": threading.Lock(), "sweeps": {}}
 
 
-def calibration_sweep(model_key: str, lm: views.LoadedModel, source: str = "gates") -> views.CalibrationSweep:
+def calibration_sweep(model_key: str, lm: dashboard.LoadedModel, source: str = "gates") -> calibration.CalibrationSweep:
     """The precomputed calibration sweep for a model and decision source (once per process, with a progress bar
     the first time)."""
     store = _sweep_store()
@@ -197,18 +198,18 @@ def calibration_sweep(model_key: str, lm: views.LoadedModel, source: str = "gate
     with store["lock"]:
         if key not in store["sweeps"]:
             bar = st.progress(0.0, text="Preparing the calibration set...")
-            calib = views.load_calibration(lm.net, n)
+            calib = calibration.load_calibration(lm.net, n)
 
             def progress(frac: float, text: str) -> None:
-                bar.progress(min(1.0, frac), text=f"Precomputing {len(calib)} images x {len(views.threshold_grid())}"
+                bar.progress(min(1.0, frac), text=f"Precomputing {len(calib)} images x {len(calibration.threshold_grid())}"
                                                   f" thresholds: {text}")
 
-            store["sweeps"][key] = views.sweep_calibration(lm.net, calib, progress=progress, source=source)
+            store["sweeps"][key] = calibration.sweep_calibration(lm.net, calib, progress=progress, source=source)
             bar.empty()
         return store["sweeps"][key]
 
 
-def model_banner(lm: views.LoadedModel) -> None:
+def model_banner(lm: dashboard.LoadedModel) -> None:
     if lm.warning:
         st.warning(lm.warning, icon="⚠️")
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import streamlit as st
 
 from pages import _shared
-from skipviz import audit, report
+from skipviz import audit
+from skipviz.audit import report
 
 st.title("📋 Audit a batch")
 model_key, lm = _shared.current_model()
@@ -29,7 +30,8 @@ if files and st.button("Run the audit", key="audit_run"):
         run = audit.audit_uploaded_files([(f.name, f.getvalue()) for f in files], net, policy, db_path,
                                          labels_from_folders=labels,
                                          progress=lambda frac, text: bar.progress(min(1.0, float(frac)), text=text))
-        html, js, csv = report.render_report(run, net=net, n_reproduce=int(n_repro))
+        repro = audit.reproduce_sample(run, net, k=int(n_repro))  # the network runs here; the report renders
+        html, js, csv = report.render_report(run, repro)
     except (OSError, ValueError, audit.StoreError) as e:  # bad uploads, archives or database paths
         bar.empty()
         st.session_state.pop("audit_result", None)  # the previous run's result is not this attempt's

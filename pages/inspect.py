@@ -4,7 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from pages import _shared
-from skipviz import views
+from skipviz import dashboard, figures, policies
 
 st.title("🔍 Inspect one input")
 model_key, lm = _shared.current_model()
@@ -27,7 +27,7 @@ if cur is not None:
         @st.fragment
         def live_view() -> None:
             source = _shared.source_picker(lm, "inspect_source")
-            t = st.slider(f"Threshold (a block runs when its {views.score_label(source)} >= threshold)", 0.0, 1.0,
+            t = st.slider(f"Threshold (a block runs when its {policies.score_label(source)} >= threshold)", 0.0, 1.0,
                           value=_shared.session_threshold(lm, source), step=0.05,
                           key="inspect_threshold")
             st.session_state["sv_threshold"] = t
@@ -35,8 +35,8 @@ if cur is not None:
             if ov:
                 st.caption("Per-block overrides from the Thresholds page: " +
                            ", ".join(f"{net.block_names[k]}={v}" for k, v in sorted(ov.items())))
-            policy = views.make_policy(net, t, ov, source)
-            res = views.inspect(net, x, policy, full_trace, repeats=_shared.latency_repeats())
+            policy = policies.make_policy(net, t, ov, source)
+            res = dashboard.inspect(net, x, policy, full_trace, repeats=_shared.latency_repeats())
             tr, lat = res.trace, res.latency
             c1, c2, c3, c4 = st.columns(4)
             c1.metric("Prediction (skipped)", f"{tr.predicted_label}", f"{tr.confidence:.1%}", delta_color="off")
@@ -49,20 +49,20 @@ if cur is not None:
             if not res.agrees:
                 st.warning(f"Skipping changed the prediction: {tr.predicted_label} (skipped) vs "
                            f"{res.full_trace.predicted_label} (full).")
-            st.plotly_chart(views.block_map_figure(tr), key="block_map", width="stretch")
+            st.plotly_chart(figures.block_map_figure(tr), key="block_map", width="stretch")
             a, b = st.columns(2)
             with a:
                 st.subheader("Top-5: skipped vs full")
-                st.dataframe(views.top5_side_by_side(res, net.meta.classes), hide_index=True,
+                st.dataframe(dashboard.top5_side_by_side(res, net.meta.classes), hide_index=True,
                              column_config={"skipped: probability": st.column_config.ProgressColumn(
                                  format="%.3f", min_value=0, max_value=1),
                                  "full: probability": st.column_config.ProgressColumn(
                                  format="%.3f", min_value=0, max_value=1)}, key="top5")
             with b:
-                st.plotly_chart(views.latency_figure(lat), key="latency", width="stretch")
+                st.plotly_chart(figures.latency_figure(lat), key="latency", width="stretch")
             st.subheader("Per-block decisions")
-            st.dataframe(views.block_table(tr, lat), hide_index=True, key="blocks",
-                         column_config={views.score_label(tr.policy): st.column_config.NumberColumn(format="%.3f"),
+            st.dataframe(dashboard.block_table(tr, lat), hide_index=True, key="blocks",
+                         column_config={policies.score_label(tr.policy): st.column_config.NumberColumn(format="%.3f"),
                                         "MFLOPs": st.column_config.NumberColumn(format="%.2f"),
                                         "latency (ms)": st.column_config.NumberColumn(format="%.3f")})
             st.caption(f"Latency measured on {lat.device}, batch 1, median of {lat.repeats} runs; per-block time "

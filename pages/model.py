@@ -4,14 +4,14 @@ from __future__ import annotations
 import streamlit as st
 
 from pages import _shared
-from skipviz import CheckpointError, list_models, views
+from skipviz import CheckpointError, list_models, dashboard
 
 st.title("🧠 Model")
 model_key, lm = _shared.current_model()
 _shared.model_banner(lm)
 
 st.subheader("Registered models")
-st.dataframe(views.models_table(), hide_index=True, key="models_table")
+st.dataframe(dashboard.models_table(), hide_index=True, key="models_table")
 choices = list_models(pretrained=True) + list_models()
 if _shared.default_model_name() not in choices:
     choices.insert(0, _shared.default_model_name())
@@ -24,7 +24,7 @@ if st.button("Use this model", key="use_model"):
     st.rerun()
 
 st.subheader(f"Model card: {lm.net.meta.display_name}")
-st.dataframe(views.model_card_table(lm.net), hide_index=True, key="card_table")
+st.dataframe(dashboard.model_card_table(lm.net), hide_index=True, key="card_table")
 
 st.subheader("Load a weights file")
 st.caption("Safetensors or a weights-only PyTorch file: nothing is unpickled, and the file must fit the "

@@ -4,7 +4,8 @@ from __future__ import annotations
 import streamlit as st
 
 from pages import _shared
-from skipviz import figures, redundancy, views
+from skipviz import figures, redundancy, policies
+from skipviz.evaluate import calibration
 
 st.title("🧩 Inter-layer redundancy")
 model_key, lm = _shared.current_model()
@@ -26,7 +27,7 @@ st.caption(f"Data: {calib.source}.")
 
 @st.cache_resource(max_entries=16, show_spinner="Computing divergences over the calibration set...")
 def _stats(key: str, method: str, divergence: str, _net, _calib) -> redundancy.RedundancyStats:
-    return redundancy.dataset_redundancy(_net, views.calibration_dataset(_calib), method, divergence)
+    return redundancy.dataset_redundancy(_net, calibration.calibration_dataset(_calib), method, divergence)
 
 
 stats = _stats(f"{model_key}:{len(calib)}", method, divergence, net, calib)
@@ -43,8 +44,8 @@ st.caption("Each block is scored by the mean KL between its input and output dis
 
 
 @st.cache_resource(max_entries=8, show_spinner="Calibrating the KL policy...")
-def _kl_policy(key: str, method: str, _net, _calib) -> redundancy.KLRedundancyPolicy:
-    return redundancy.KLRedundancyPolicy.calibrate(_net, views.calibration_dataset(_calib), q=0.3, method=method)
+def _kl_policy(key: str, method: str, _net, _calib) -> policies.KLRedundancyPolicy:
+    return policies.KLRedundancyPolicy.calibrate(_net, calibration.calibration_dataset(_calib), q=0.3, method=method)
 
 
 base = _kl_policy(f"{model_key}:{len(calib)}", method, net, calib)
@@ -55,11 +56,11 @@ def policy_view() -> None:
     q = st.slider("Quantile q (higher skips more blocks)", 0.0, 1.0, 0.3, 0.05, key="kl_q")
     policy = base.with_q(q)
     st.plotly_chart(figures.kl_policy_scores(policy), key="kl_scores", width="stretch")
-    kl_point = views.evaluate_calibration(net, calib, policy, sweep.full.predictions)
+    kl_point = calibration.evaluate_calibration(net, calib, policy, sweep.full.predictions)
     t = _shared.session_threshold(lm, source)
     current = sweep.point_for(net, t, _shared.overrides())
-    st.dataframe(views.compare_points({f"KL policy (q={q:.2f})": kl_point,
-                                       f"{views.DECISION_SOURCES[source]} (current threshold {t:.2f})": current,
+    st.dataframe(calibration.compare_points({f"KL policy (q={q:.2f})": kl_point,
+                                       f"{policies.DECISION_SOURCES[source].label} (current threshold {t:.2f})": current,
                                        "full": sweep.full}),
                  hide_index=True)
     st.dataframe(policy.to_dataframe(), hide_index=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import streamlit as st
 
 from pages import _shared
-from skipviz import views
+from skipviz import dashboard, figures, policies
+from skipviz.evaluate import calibration
 
 st.title("🎚️ Tune thresholds")
 model_key, lm = _shared.current_model()
@@ -37,14 +38,14 @@ def live_view() -> None:
             options = ["auto", "run", "skip"]
             choices[i] = cols[i % 3].selectbox(label, options, index=options.index(saved.get(i, "auto")),
                                               key=f"override_{i}")
-    ov = views.overrides_from_choices(choices)
+    ov = dashboard.overrides_from_choices(choices)
     st.session_state["sv_overrides"] = ov
-    policy = views.make_policy(net, t, ov, source)
+    policy = policies.make_policy(net, t, ov, source)
 
     st.subheader("Current image")
     if cur is not None:
         x, full_trace = _shared.prepared_input(model_key, cur.info.sha256, net, cur.image)
-        res = views.inspect(net, x, policy, full_trace, measure=False)
+        res = dashboard.inspect(net, x, policy, full_trace, measure=False)
         tr = res.trace
         a, b = st.columns([1, 3])
         a.image(cur.image, caption=cur.label, width=140)
@@ -52,7 +53,7 @@ def live_view() -> None:
                  f"({res.full_trace.predicted_label})", delta_color="normal" if res.agrees else "inverse")
         a.metric("Blocks fired", f"{tr.blocks_executed}/{tr.blocks_total}", f"{tr.flops_saved_fraction:.1%} FLOPs saved",
                  delta_color="off")
-        b.plotly_chart(views.block_map_figure(tr), key="thr_block_map", width="stretch")
+        b.plotly_chart(figures.block_map_figure(tr), key="thr_block_map", width="stretch")
 
     st.subheader("Calibration set")
     point = sweep.point_for(net, t, ov)
@@ -65,9 +66,9 @@ def live_view() -> None:
               delta_color="inverse")
     m4.metric("FLOPs executed", f"{point.flops_fraction:.1%} of full")
     c1, c2 = st.columns(2)
-    c1.plotly_chart(views.pareto_figure(sweep, point), key="pareto", width="stretch")
-    c2.plotly_chart(views.skip_rate_figure(point, net), key="skip_rate", width="stretch")
-    st.dataframe(views.calibration_summary(point, sweep.full), hide_index=True, key="calib_summary")
+    c1.plotly_chart(figures.pareto_figure(sweep, point), key="pareto", width="stretch")
+    c2.plotly_chart(figures.skip_rate_figure(point, net), key="skip_rate", width="stretch")
+    st.dataframe(calibration.calibration_summary(point, sweep.full), hide_index=True, key="calib_summary")
     with st.expander("Every precomputed threshold"):
         st.dataframe(sweep.frame(), hide_index=True, key="sweep_table")
 

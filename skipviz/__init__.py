@@ -2,20 +2,25 @@
 
 Entry points: :func:`create_model` (one call over a registry of model families) and
 :meth:`SkipNetwork.run` (execute a batch under a :class:`Policy`, really skipping bypassed blocks).
+
+The packages: ``engine`` (the network, its heads, folding, rows, FLOPs, traces), ``policies``, ``models``
+(families, registry, the weights' metadata), ``measure`` (latency), ``evaluate``, ``redundancy``, ``explain``,
+``figures``, ``audit``, ``training``, ``cli`` (the ``skipviz`` command) and ``dashboard`` (what the pages call).
 """
 from ._allocator import AllocatorSetting, allocator_setting, keep_heap_memory
 from ._checkpoint import CheckpointError, load_state_dict
+from ._env import __version__  # noqa: F401  (skipviz.__version__)
 from ._imageio import ImageInfo, ImageLoadError, load_image
-from ._registry import create_model, data_dir, list_models, list_pretrained
-from .network import FlopTable, GateHead, PlanHead, ProbeHead, SkippableBlock, SkipNetwork, inference_folding
+from .engine.flops import FlopTable
+from .engine.folding import inference_folding
+from .engine.blocks import SkippableBlock
+from .engine.heads import GateHead, PlanHead, ProbeHead
+from .engine.network import SkipNetwork
+from .engine.trace import BlockDecision, Reason, SampleTrace, SkipResult, traces_to_dataframe
+from .models import DEFAULT_MODEL, create_model, data_dir, list_models, list_pretrained
+from .models.weights import ModelMeta
 from .policies import (Decision, EarlyExitPolicy, FullPolicy, GatePolicy, Plan, PlanPolicy, Policy,
                        StaticMaskPolicy, policy_for, policy_from_config)
-from .trace import BlockDecision, Reason, SampleTrace, SkipResult, traces_to_dataframe
-from .weights import ModelMeta
-
-__version__ = "0.1.0"
-
-DEFAULT_MODEL = "cifar_resnet20.cifar10_gated"
 
 __all__ = [
     "AllocatorSetting", "BlockDecision", "CheckpointError", "DEFAULT_MODEL", "Decision", "EarlyExitPolicy",

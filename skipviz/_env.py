@@ -10,3 +10,7 @@ def package_version(name: str) -> str:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+#: The package's version (``skipviz.__version__``), here so that modules below the package root can record it.
+__version__ = "0.1.0"

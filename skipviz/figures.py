@@ -1,10 +1,23 @@
-"""Pure Plotly figure builders for redundancy and explanations (no Streamlit; the dashboard lays them out).
+"""Every Plotly figure of the package, pure builders (no Streamlit; the dashboard and the audit report lay
+them out).
+
+One input (Inspect page):
+
+* :func:`block_map_figure` - every block's score, threshold and decision; :func:`top5_figure`,
+  :func:`latency_figure` - skipped vs full.
+
+Thresholds page: :func:`pareto_figure` (accuracy vs latency), :func:`skip_rate_figure` (per block).
+
+Redundancy and explanations:
 
 * :func:`kl_heatmap` - an L x L divergence matrix with block names on both axes;
 * :func:`adjacent_kl_series` - the adjacent-block divergence over a data set, mean line + percentile band;
 * :func:`kl_policy_scores` - the KL policy's per-block scores with the skip threshold and decisions;
 * :func:`importance_bars` - per-block importance with the skip decisions marked;
 * :func:`attribution_overlay` - attribution maps of the full and the skipped run side by side over the image.
+
+Audit report: ``fig_skip_rate_per_block``, ``fig_skip_rate_per_class``, ``fig_flops_saved``,
+``fig_throughput``, ``fig_agreement``.
 """
 from __future__ import annotations
 
@@ -15,13 +28,24 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .evaluate.calibration import pareto_mask
+from .policies.threshold import score_label
+
 if TYPE_CHECKING:  # pragma: no cover
+    from .audit.records import AuditRecord
+    from .dashboard import InspectResult
+    from .engine.network import SkipNetwork
+    from .engine.trace import SampleTrace
+    from .evaluate.calibration import CalibrationPoint, CalibrationSweep
     from .explain import BlockImportance, Explanation
-    from .redundancy import KLRedundancyPolicy, RedundancyStats
+    from .measure.runs import LatencyResult
+    from .policies.kl import KLRedundancyPolicy
+    from .redundancy import RedundancyStats
 
 EXECUTED_COLOR = "#1f77b4"
 BYPASSED_COLOR = "#d62728"
 PROTECTED_COLOR = "#7f7f7f"
+RUN_COLOR = "#2b8a3e"
 
 
 def _as_matrix(matrix) -> np.ndarray:
@@ -166,4 +190,201 @@ def attribution_overlay(explanation: "Explanation", method: str = "gradcam", opa
     return fig
 
 
-__all__ = ["adjacent_kl_series", "attribution_overlay", "importance_bars", "kl_heatmap", "kl_policy_scores"]
+# ------------------------------------------------------------------------------------------- one input
+def block_map_figure(trace: "SampleTrace", title: str | None = None) -> go.Figure:
+    """Every block in order as a bar: height and colour = the gate or plan probability (blocks without a score, ungated or
+    forced by an override, drawn at 1 in grey),
+    fired blocks solid, bypassed blocks hatched and faded, downsampling blocks outlined in black and marked
+    with a down arrow; each block's threshold is drawn as a red dashed step line.
+
+    Each bar's text is ``"fired"`` or ``"bypassed"`` (prefixed ``"▼ "`` for downsampling blocks).
+    """
+    names = [b.name for b in trace.blocks]
+    label = score_label(trace.policy)  # gate or plan probability
+    fig = go.Figure()
+    for gated in (True, False):
+        blocks = [b for b in trace.blocks if (b.score is not None) == gated]
+        if not blocks:
+            continue
+        fired = [b.executed for b in blocks]
+        marker = dict(
+            opacity=[1.0 if f else 0.35 for f in fired],
+            pattern=dict(shape=["" if f else "/" for f in fired], fgcolor="#212529", solidity=0.3),
+            line=dict(color=["#000000" if b.downsample else "rgba(0,0,0,0)" for b in blocks],
+                      width=[3 if b.downsample else 0 for b in blocks]))
+        if gated:
+            marker.update(color=[b.score for b in blocks], colorscale="Viridis", cmin=0.0, cmax=1.0,
+                          colorbar=dict(title=label.split()[0] + " p"))
+        else:
+            marker.update(color="#868e96")
+        fig.add_trace(go.Bar(
+            x=[b.name for b in blocks], y=[b.score if gated else 1.0 for b in blocks],
+            name=("gated blocks" if trace.policy != "plan" else "blocks the plan decides") if gated
+            else "no score (ungated or forced)",
+            hovertext=[f"{b.name}<br>{'fired' if b.executed else 'bypassed'}"
+                       f"{' (downsampling)' if b.downsample else ''}<br>{label}: "
+                       f"{'n/a' if b.score is None else f'{b.score:.3f}'}<br>{b.reason}<br>{b.flops / 1e6:.2f} MFLOPs"
+                       for b in blocks], hoverinfo="text",
+            text=[("▼ " if b.downsample else "") + ("fired" if b.executed else "bypassed") for b in blocks],
+            textposition="outside", cliponaxis=False, marker=marker,
+            customdata=[[b.index, "fired" if b.executed else "bypassed"] for b in blocks]))
+    thresholds = [b.threshold for b in trace.blocks]
+    if any(t is not None for t in thresholds):
+        fig.add_trace(go.Scatter(x=names, y=thresholds, mode="lines+markers", name="threshold", connectgaps=False,
+                                 line=dict(color="#e03131", dash="dash", shape="hvh"),
+                                 marker=dict(symbol="line-ew-open", size=18, color="#e03131"),
+                                 hovertemplate="threshold %{y:.2f}<extra></extra>"))
+    fig.update_layout(title=title or (f"Block map: {trace.blocks_executed}/{trace.blocks_total} blocks fired, "
+                                      f"{trace.flops_saved_fraction:.1%} FLOPs saved"),
+                      barmode="overlay",
+                      yaxis=dict(title=f"{label} (no score: 1)", range=[0, 1.2]),
+                      xaxis=dict(title="block (▼ = downsampling, outlined)", categoryorder="array",
+                                 categoryarray=names), bargap=0.15,
+                      legend=dict(orientation="h", y=-0.45), height=400, margin=dict(l=40, r=20, t=50, b=40))
+    return fig
+
+
+def block_map_decisions(fig: go.Figure) -> dict[str, str]:
+    """Block name -> ``"fired"``/``"bypassed"`` as drawn in a :func:`block_map_figure` (for checks and tests)."""
+    out = {}
+    for tr in fig.data:
+        if tr.type == "bar" and tr.customdata is not None:
+            for name, cd in zip(tr.x, tr.customdata):
+                out[name] = cd[1]
+    return out
+
+
+def top5_figure(res: "InspectResult", classes: Sequence[str], k: int = 5) -> go.Figure:
+    """Grouped horizontal bars: the union of both top-k class sets, skipped vs full probability."""
+    idx = list(dict.fromkeys(list(np.argsort(-res.probs_full)[:k]) + list(np.argsort(-res.probs_skipped)[:k])))
+    labels = [classes[i] for i in idx]
+    fig = go.Figure([go.Bar(y=labels, x=res.probs_skipped[idx], orientation="h", name="skipped", marker_color=RUN_COLOR),
+                     go.Bar(y=labels, x=res.probs_full[idx], orientation="h", name="full", marker_color="#1c7ed6")])
+    fig.update_layout(barmode="group", xaxis=dict(title="probability", range=[0, 1]), height=300,
+                      yaxis=dict(autorange="reversed"), margin=dict(l=40, r=20, t=30, b=40),
+                      title="Top classes: skipped vs full")
+    return fig
+
+
+def latency_figure(lat: "LatencyResult") -> go.Figure:
+    """Full vs skipped measured latency (bars), labelled with the device."""
+    fig = go.Figure(go.Bar(x=["full", "skipped"], y=[lat.full_ms, lat.skipped_ms], marker_color=["#1c7ed6", RUN_COLOR],
+                           text=[f"{lat.full_ms:.2f} ms", f"{lat.skipped_ms:.2f} ms"], textposition="auto"))
+    fig.update_layout(title=f"Measured latency, batch 1, {lat.device} (median of {lat.repeats})",
+                      yaxis_title="ms", height=300, margin=dict(l=40, r=20, t=50, b=40))
+    return fig
+
+
+# ------------------------------------------------------------------------------------------- thresholds
+def pareto_figure(sweep: "CalibrationSweep", current: "CalibrationPoint", use_predicted: bool = False) -> go.Figure:
+    """Accuracy vs latency per image over the calibration set: every grid threshold, the Pareto front, the
+    full network and the current setting marked."""
+    df = sweep.frame()
+    xcol = "predicted ms/image" if use_predicted and df["predicted ms/image"].notna().all() else "latency ms/image"
+    what = "predicted" if xcol.startswith("predicted") else "measured"
+    cur_x = current.predicted_latency_ms if what == "predicted" and current.predicted_latency_ms else current.latency_ms
+    full_x = sweep.full.predicted_latency_ms if what == "predicted" and sweep.full.predicted_latency_ms \
+        else sweep.full.latency_ms
+    front = pareto_mask(df[xcol], df["accuracy"])
+    fr = df[front].sort_values(xcol)
+    acc_name = "accuracy" if sweep.calib.labelled else "agreement with full (no labels)"
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=df[xcol], y=df["accuracy"], mode="markers", name="thresholds",
+                             marker=dict(color=df["threshold"], colorscale="Viridis", size=9,
+                                         colorbar=dict(title="threshold")),
+                             customdata=np.stack([df["threshold"], df["FLOPs fraction"]], 1),
+                             hovertemplate="threshold %{customdata[0]:.2f}<br>%{x:.3f} ms/image<br>"
+                                           "%{y:.1%}<br>FLOPs %{customdata[1]:.1%}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=fr[xcol], y=fr["accuracy"], mode="lines", name="Pareto front",
+                             line=dict(color="#495057", shape="hv")))
+    fig.add_trace(go.Scatter(x=[full_x], y=[sweep.full.accuracy], mode="markers", name="full network",
+                             marker=dict(symbol="square", size=12, color="#1c7ed6")))
+    fig.add_trace(go.Scatter(x=[cur_x], y=[current.accuracy], mode="markers", name="current setting",
+                             marker=dict(symbol="star", size=18, color="#e03131", line=dict(width=1, color="black"))))
+    fig.update_layout(title=f"{acc_name.capitalize()} vs {what} latency ({sweep.device}, batch "
+                            f"{min(256, len(sweep.calib))}; {len(sweep.calib)} images)",
+                      xaxis_title=f"{what} latency per image (ms)", yaxis_title=acc_name, height=420,
+                      margin=dict(l=50, r=20, t=50, b=40))
+    return fig
+
+
+def skip_rate_figure(point: "CalibrationPoint", net: "SkipNetwork") -> go.Figure:
+    """Fraction of calibration images that bypassed each block (downsampling blocks outlined)."""
+    rate = point.skip_rate
+    fig = go.Figure(go.Bar(x=net.block_names, y=rate, marker=dict(
+        color=rate, colorscale="Blues", cmin=0, cmax=1,
+        line=dict(color=["#000" if b.downsample else "rgba(0,0,0,0)" for b in net.blocks],
+                  width=[3 if b.downsample else 0 for b in net.blocks])),
+        text=[f"{r:.0%}" for r in rate], textposition="outside"))
+    fig.update_layout(title="Skip rate per block (calibration set)", yaxis=dict(title="fraction bypassed",
+                      range=[0, 1.1]), height=320, margin=dict(l=40, r=20, t=50, b=40))
+    return fig
+
+
+# ------------------------------------------------------------------------------------------- audit report
+def fig_skip_rate_per_block(per_block: pd.DataFrame) -> go.Figure:
+    """Bar chart: fraction of inputs for which each block was bypassed."""
+    fig = go.Figure(go.Bar(x=per_block["name"], y=per_block["skip_rate"],
+                           marker_color=["#999" if d else "#3b7dd8" for d in per_block["downsample"]],
+                           hovertemplate="%{x}<br>skipped for %{y:.1%} of inputs<extra></extra>"))
+    fig.update_layout(title="Skip rate per block (grey: downsampling block)", yaxis_tickformat=".0%",
+                      yaxis_range=[0, 1], xaxis_title="block", yaxis_title="inputs bypassing the block",
+                      height=360, margin=dict(t=50, b=40, l=60, r=20))
+    return fig
+
+
+def fig_skip_rate_per_class(by_block: pd.DataFrame) -> go.Figure:
+    """Heat map: skip rate of each block (columns) for each class (rows)."""
+    fig = go.Figure(go.Heatmap(z=by_block.to_numpy(dtype=float), x=list(by_block.columns),
+                               y=[str(i) for i in by_block.index], zmin=0, zmax=1, colorscale="Blues",
+                               colorbar=dict(title="skip rate", tickformat=".0%"),
+                               hovertemplate="class %{y}<br>%{x}: skipped %{z:.1%}<extra></extra>"))
+    fig.update_layout(title="Skip rate per class and block", height=120 + 28 * max(len(by_block), 1),
+                      margin=dict(t=50, b=40, l=100, r=20))
+    return fig
+
+
+def fig_flops_saved(records: Sequence["AuditRecord"]) -> go.Figure:
+    """Histogram of the fraction of FLOPs saved per input, agreeing and disagreeing inputs separately."""
+    fig = go.Figure()
+    for agree, color, name in ((True, "#3b7dd8", "agrees with full"), (False, "#d62728", "disagrees")):
+        vals = [r.flops_saved_fraction for r in records if r.ok and bool(r.agree) == agree]
+        if vals:
+            fig.add_trace(go.Histogram(x=vals, name=name, marker_color=color, xbins=dict(start=0, end=1, size=0.02)))
+    fig.update_layout(title="FLOPs saved per input", barmode="stack", xaxis_tickformat=".0%",
+                      xaxis_title="fraction of the full network's FLOPs saved", yaxis_title="inputs", height=340,
+                      margin=dict(t=50, b=40, l=60, r=20))
+    return fig
+
+
+def fig_throughput(throughput: dict) -> go.Figure:
+    """Bar chart: images/s of the skipped run, skipped + shadow full run, and the plain full network."""
+    names = ["skipped", "skipped + shadow full", "full network"]
+    vals = [throughput.get("skip_images_per_s"), throughput.get("skip_with_shadow_images_per_s"),
+            throughput.get("full_images_per_s")]
+    fig = go.Figure(go.Bar(x=names, y=[v or 0 for v in vals], marker_color=["#3b7dd8", "#7fa7e0", "#999"],
+                           text=[f"{v:.1f}" if v else "n/a" for v in vals], textposition="auto"))
+    fig.update_layout(title="Throughput measured during the audit (images/s)", yaxis_title="images / s",
+                      height=320, margin=dict(t=50, b=40, l=60, r=20))
+    return fig
+
+
+def fig_agreement(summary: dict) -> go.Figure:
+    """Agreement with the full network and accuracies, with their 95% Wilson intervals."""
+    items = [("agreement with full", summary["agreement"]), ("accuracy (skipped)", summary["accuracy_skipped"]),
+             ("accuracy (full)", summary["accuracy_full"])]
+    items = [(n, p) for n, p in items if p["n"]]
+    fig = go.Figure(go.Bar(
+        x=[n for n, _ in items], y=[p["rate"] for _, p in items], marker_color="#3b7dd8",
+        error_y=dict(type="data", symmetric=False, array=[p["ci_high"] - p["rate"] for _, p in items],
+                     arrayminus=[p["rate"] - p["ci_low"] for _, p in items]),
+        text=[f"{p['rate']:.1%} ({p['k']}/{p['n']})" for _, p in items], textposition="auto"))
+    fig.update_layout(title="Agreement and accuracy (95% Wilson intervals)", yaxis_tickformat=".0%",
+                      yaxis_range=[0, 1.05], height=320, margin=dict(t=50, b=40, l=60, r=20))
+    return fig
+
+
+__all__ = ["adjacent_kl_series", "attribution_overlay", "block_map_decisions", "block_map_figure", "fig_agreement",
+           "fig_flops_saved", "fig_skip_rate_per_block", "fig_skip_rate_per_class", "fig_throughput",
+           "importance_bars", "kl_heatmap", "kl_policy_scores", "latency_figure", "pareto_figure", "skip_rate_figure",
+           "top5_figure"]

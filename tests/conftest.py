@@ -9,42 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+import toys
+from toys import varied_images  # noqa: F401  (tests import it from here)
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 @pytest.fixture(scope="session")
 def tiny_net():
-    """A CIFAR ResNet-20 with random weights and gates that fire on some inputs and not others."""
-    from skipviz import create_model
-
-    torch.manual_seed(0)
-    net = create_model("cifar_resnet20")
-    with torch.no_grad():
-        for g in net.gates.values():
-            torch.nn.init.normal_(g.fc2.weight, std=3.0)
-            torch.nn.init.normal_(g.fc2.bias, std=1.0)
-        for m in net.modules():  # non-trivial BN statistics so blocks are not identities
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.normal_(1.0, 0.2)
-                m.bias.normal_(0.0, 0.1)
-        net.eval()
-        # centre each gate on a calibration batch so that about half of varied inputs execute each block
-        feats = net.forward_intermediates(varied_images(64, seed=123), intermediates_only=True, include_stem=True)
-        for i in net.gated_blocks:
-            gate = net.gate(i)
-            gate.fc2.bias -= gate(feats[i]).median()
-    return net
-
-
-def varied_images(n: int, seed: int) -> torch.Tensor:
-    """(n, 3, 32, 32) inputs whose brightness, contrast and colour differ per sample."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 32, 32, generator=g)
-    scale = torch.rand(n, 1, 1, 1, generator=g) * 2 + 0.2
-    shift = torch.randn(n, 3, 1, 1, generator=g)
-    return x * scale + shift
+    """A CIFAR ResNet-20 with random weights and gates that fire on some inputs and not others (:func:`toys.tiny_net`)."""
+    return toys.tiny_net()
 
 
 @pytest.fixture()

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from skipviz import _allocator, allocator_setting, keep_heap_memory
-from skipviz.timing import device_info, environment_markdown
+from skipviz.measure.clock import device_info
+from skipviz.cli.bench_common import environment_markdown
 
 glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                            reason="mallopt is glibc's; elsewhere the setting is left alone (tested below)")

@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from skipviz import DEFAULT_MODEL, FullPolicy, GatePolicy, load_image, views
+from skipviz import DEFAULT_MODEL, FullPolicy, GatePolicy, load_image, dashboard, policies
+from skipviz.evaluate import calibration
 
 from conftest import app_environment
 
@@ -36,7 +37,7 @@ def app_env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(app_env):
     """The model the app loads, built here with the engine."""
-    return views.load_model(DEFAULT_MODEL).net
+    return dashboard.load_model(DEFAULT_MODEL).net
 
 
 def new_app():
@@ -76,7 +77,7 @@ def frame(at, key: str):
 def expected_decisions(net, data: bytes, threshold: float, overrides=None) -> list[str]:
     image, _ = load_image(data)
     with torch.no_grad():
-        ex = net.run(views.preprocess(net, image), GatePolicy(threshold, overrides or {})).executed[0]
+        ex = net.run(dashboard.preprocess(net, image), GatePolicy(threshold, overrides or {})).executed[0]
     return ["fired" if e else "bypassed" for e in ex.tolist()]
 
 
@@ -103,7 +104,7 @@ def test_inspect_upload_and_threshold(app_env, engine):
     # top-5 tables side by side, as the engine computes them
     image, _ = load_image(data)
     with torch.no_grad():
-        full = torch.softmax(engine(views.preprocess(engine, image))[0], 0)
+        full = torch.softmax(engine(dashboard.preprocess(engine, image))[0], 0)
     top = frame(at, "top5")
     assert top["full: class"].iloc[0] == engine.meta.classes[int(full.argmax())]
     assert top["full: probability"].iloc[0] == pytest.approx(float(full.max()), abs=1e-5)
@@ -147,8 +148,8 @@ def test_thresholds_page_live_and_calibration(app_env, engine):
     at = new_app().run()
     at.switch_page("pages/thresholds.py").run()
     assert not at.exception and at.title[0].value.startswith("🎚️")
-    calib = views.load_calibration(engine, 32)
-    full = views.evaluate_calibration(engine, calib, FullPolicy())
+    calib = calibration.load_calibration(engine, 32)
+    full = calibration.evaluate_calibration(engine, calib, FullPolicy())
     image = sample_bytes(sample_names()[0])
     for t, ov in ((0.0, {}), (1.0, {}), (1.0, {1: "run", 3: "skip"})):
         at.slider(key="thresholds_threshold").set_value(t)
@@ -158,7 +159,7 @@ def test_thresholds_page_live_and_calibration(app_env, engine):
         assert not at.exception
         exp = expected_decisions(engine, image, t, ov)
         assert metric(at, "Blocks fired") == f"{exp.count('fired')}/{engine.num_blocks}"
-        point = views.evaluate_calibration(engine, calib, views.make_policy(engine, t, ov), full.predictions)
+        point = calibration.evaluate_calibration(engine, calib, policies.make_policy(engine, t, ov), full.predictions)
         assert metric(at, "Agreement with full") == f"{point.agreement:.1%}"
         summary = frame(at, "calib_summary")
         assert summary["agreement with full"].iloc[0] == pytest.approx(point.agreement)
@@ -241,8 +242,8 @@ def test_redundancy_page(app_env, engine):
     at = new_app().run()
     at.switch_page("pages/redundancy.py").run()
     assert not at.exception and at.title[0].value.startswith("🧩")
-    calib = views.load_calibration(engine, 32)
-    base = redundancy.KLRedundancyPolicy.calibrate(engine, views.calibration_dataset(calib), q=0.3, method="spatial")
+    calib = calibration.load_calibration(engine, 32)
+    base = policies.KLRedundancyPolicy.calibrate(engine, calibration.calibration_dataset(calib), q=0.3, method="spatial")
     for q in (0.0, 0.9):
         at.slider(key="kl_q").set_value(q).run()
         assert not at.exception
@@ -262,7 +263,7 @@ def test_explain_page(app_env):
 
 def test_audit_page(app_env, tmp_path):
     pytest.importorskip("skipviz.audit")
-    pytest.importorskip("skipviz.report")
+    pytest.importorskip("skipviz.audit.report")
     at = new_app().run()
     at.switch_page("pages/audit.py").run()
     assert not at.exception and at.title[0].value.startswith("📋")

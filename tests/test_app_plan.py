@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skipviz import DEFAULT_MODEL, GatePolicy, PlanPolicy, load_image, views
+from skipviz import DEFAULT_MODEL, GatePolicy, PlanPolicy, load_image, dashboard, figures, policies
+from skipviz.evaluate import calibration
 from skipviz.samples import sample_bytes, sample_names
 
 from conftest import app_environment
@@ -24,26 +25,26 @@ def shipped_env():
 def decisions(net, policy) -> list[str]:
     image, _ = load_image(sample_bytes(sample_names()[0]))
     with torch.no_grad():
-        ex = net.run(views.preprocess(net, image), policy).executed[0]
+        ex = net.run(dashboard.preprocess(net, image), policy).executed[0]
     return ["fired" if e else "bypassed" for e in ex.tolist()]
 
 
 def test_views_offer_the_plan_when_the_model_has_one():
-    net = views.load_model(DEFAULT_MODEL).net
-    assert views.decision_sources(net) == ["gates", "plan"]
-    lm = views.load_model(DEFAULT_MODEL)
+    net = dashboard.load_model(DEFAULT_MODEL).net
+    assert dashboard.decision_sources(net) == ["gates", "plan"]
+    lm = dashboard.load_model(DEFAULT_MODEL)
     assert lm.default_threshold_for("plan") == net.meta.card["plan"]["default_threshold"]
     assert lm.default_threshold_for("gates") == lm.default_threshold == net.meta.card["default_policy"]["threshold"]
-    assert isinstance(views.make_policy(net, 0.5, {1: "skip"}, "plan"), PlanPolicy)
-    assert isinstance(views.make_policy(net, 0.5), GatePolicy)
+    assert isinstance(policies.make_policy(net, 0.5, {1: "skip"}, "plan"), PlanPolicy)
+    assert isinstance(policies.make_policy(net, 0.5), GatePolicy)
     with pytest.raises(ValueError, match="decision source"):
-        views.make_policy(net, 0.5, source="oracle")
+        policies.make_policy(net, 0.5, source="oracle")
 
 
 def test_inspect_switches_to_the_plan(shipped_env):
     from streamlit.testing.v1 import AppTest
 
-    net = views.load_model(DEFAULT_MODEL).net
+    net = dashboard.load_model(DEFAULT_MODEL).net
     at = AppTest.from_file(APP, default_timeout=120).run()
     assert not at.exception
     at.slider(key="inspect_threshold").set_value(0.5).run()
@@ -65,10 +66,10 @@ def test_inspect_switches_to_the_plan(shipped_env):
     at.switch_page("pages/redundancy.py").run()  # its comparison row is the session's policy, not the gates
     assert not at.exception
     table = [d.value for d in at.dataframe if "agreement with full" in d.value.columns][0]
-    row = table[table["policy"].str.startswith(views.DECISION_SOURCES["plan"])]
-    assert list(row["policy"]) == [f"{views.DECISION_SOURCES['plan']} (current threshold 0.50)"]
-    calib = views.load_calibration(net, 16)
-    expected = views.evaluate_calibration(net, calib, PlanPolicy(0.5))
+    row = table[table["policy"].str.startswith(policies.DECISION_SOURCES["plan"].label)]
+    assert list(row["policy"]) == [f"{policies.DECISION_SOURCES['plan'].label} (current threshold 0.50)"]
+    calib = calibration.load_calibration(net, 16)
+    expected = calibration.evaluate_calibration(net, calib, PlanPolicy(0.5))
     assert float(row["FLOPs cut"].iloc[0]) == pytest.approx(1.0 - expected.flops_fraction)
 
 
@@ -79,10 +80,10 @@ def test_plan_scores_are_labelled_as_plan_probabilities():
     if net.plan_head is None:
         pytest.skip("the default model's weights (with a plan head) are not in data/")
     x = torch.zeros(1, 3, 32, 32)
-    res = views.inspect(net, x, PlanPolicy(0.5), measure=False)
-    assert "plan probability" in views.block_table(res.trace).columns
-    fig = views.block_map_figure(res.trace)
+    res = dashboard.inspect(net, x, PlanPolicy(0.5), measure=False)
+    assert "plan probability" in dashboard.block_table(res.trace).columns
+    fig = figures.block_map_figure(res.trace)
     assert fig.layout.yaxis.title.text.startswith("plan probability")
     assert "blocks the plan decides" in [tr.name for tr in fig.data]
-    gates = views.inspect(net, x, views.make_policy(net, 0.5), measure=False)
-    assert "gate probability" in views.block_table(gates.trace).columns
+    gates = dashboard.inspect(net, x, policies.make_policy(net, 0.5), measure=False)
+    assert "gate probability" in dashboard.block_table(gates.trace).columns

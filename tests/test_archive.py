@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skipviz._archive import (ArchiveError, ZipLimits, collect_inputs, items_from_uploads, read_source,
-                              read_zip)
+from skipviz.audit.archive import ArchiveError, ZipLimits, collect_inputs, items_from_uploads, read_source, read_zip
 
 
 def _png(seed: int = 0, size: tuple[int, int] = (32, 32)) -> bytes:
@@ -136,7 +135,7 @@ def test_damaged_and_duplicated_members_become_failed_items(tmp_path):
 
 
 def test_reread_survives_the_separator_in_the_archive_path_and_reads_each_archive_once(tmp_path, monkeypatch):
-    import skipviz._archive as archive_module
+    import skipviz.audit.archive as archive_module
 
     folder = tmp_path / "v1::b"
     folder.mkdir()

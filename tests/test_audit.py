@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 
 from skipviz import GatePolicy, create_model
-from skipviz._archive import ArchiveError
-from skipviz._store import AuditStore
-from skipviz.audit import (AuditRecord, audit_uploaded_files, default_audit_batch_size, load_run,
-                           measure_throughput, params_sha256, reproduce, reproduce_many, reproduce_sample, run_audit)
+from skipviz.audit.archive import ArchiveError
+from skipviz.audit.store import AuditStore
+from skipviz.audit import (AuditRecord, audit_uploaded_files, load_run, params_sha256, reproduce, reproduce_many,
+                           reproduce_sample, run_audit)
+from skipviz.measure.runs import default_audit_batch_size, measure_throughput
 from skipviz.cli import main
 
 
@@ -213,7 +214,7 @@ def test_a_strip_image_is_a_failed_row_and_the_rest_is_audited(tiny_net, tmp_pat
 def test_reproducing_needs_the_network_for_unregistered_weights(tiny_net, tmp_path):
     from safetensors.torch import save_file
 
-    from skipviz._store import StoreError
+    from skipviz.audit.store import StoreError
 
     weights = tmp_path / "mine.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_net.state_dict().items()}, str(weights))

@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from skipviz import DEFAULT_MODEL, create_model, list_models, views
+from skipviz import DEFAULT_MODEL, create_model, list_models
+from skipviz.evaluate import calibration
 from skipviz.data import cifar10_root, load_validation_subset, train_val_split
 
 
@@ -42,7 +43,7 @@ def test_the_validation_subset_is_drawn_from_the_cards_split(cifar_and_card):
     assert set(sub.files) <= val_files  # never a training image, never a test image
     assert sub.labels.tolist() == [train.class_to_idx[f.split("/")[0]] for f in sub.files]
     assert load_validation_subset(root, {**validation, "files_sha256": "0" * 64}, n=4) is None  # another split
-    calib = views.load_calibration(net, 12)
+    calib = calibration.load_calibration(net, 12)
     assert calib.source.startswith("CIFAR-10 validation subset") and calib.labelled
     assert np.array_equal(calib.images.numpy(), sub.images.numpy())
 
@@ -55,7 +56,7 @@ def test_calibration_says_why_it_falls_back_to_test_images(cifar_and_card):
     card = copy.deepcopy(net.meta.card)
     card["dataset"]["validation"]["files_sha256"] = "0" * 64  # a split this machine's train/ does not give
     net.meta = dataclasses.replace(net.meta, card=card)
-    calib = views.load_calibration(net, 8)
+    calib = calibration.load_calibration(net, 8)
     assert calib.source.startswith("CIFAR-10 test subset") and "cannot be rebuilt" in calib.source
     del card["dataset"]["validation"]
-    assert "records no validation split" in views.load_calibration(net, 8).source
+    assert "records no validation split" in calibration.load_calibration(net, 8).source

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from skipviz import EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy
-from skipviz.explain import (FrozenPolicy, attribution_maps, block_importance, compare_maps,
-                             executed_block_gradients, explain, replica)
+from skipviz.policies.simple import FrozenPolicy
+from skipviz.explain import attribution_maps, block_importance, compare_maps, executed_block_gradients, explain, replica
 
 
 @pytest.fixture()

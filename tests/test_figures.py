@@ -10,7 +10,8 @@ from skipviz import StaticMaskPolicy
 from skipviz.explain import block_importance, explain
 from skipviz.figures import (adjacent_kl_series, attribution_overlay, importance_bars, kl_heatmap,
                              kl_policy_scores)
-from skipviz.redundancy import KLRedundancyPolicy, dataset_redundancy, kl_matrix
+from skipviz.policies.kl import KLRedundancyPolicy
+from skipviz.redundancy import dataset_redundancy, kl_matrix
 
 
 def test_kl_heatmap_names_on_both_axes(tiny_net, batch):

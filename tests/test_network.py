@@ -9,8 +9,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from skipviz import DEFAULT_MODEL, EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy, create_model
 from skipviz.models.torchvision_resnet import wrap_torchvision
-from skipviz.network import (GateHead, PlanHead, SkipNetwork, _densest_window, conv_bn, count_flops, gather_rows,
-                             inference_folding, misplaced_rows, scatter_rows_)
+from skipviz.engine.heads import GateHead, PlanHead
+from skipviz.engine.network import SkipNetwork
+from skipviz.engine.rows import _densest_window, gather_rows, misplaced_rows, scatter_rows_
+from skipviz.engine.folding import conv_bn, inference_folding
+from skipviz.engine.flops import card_flop_table, count_flops, count_network_flops
 
 from conftest import varied_images
 
@@ -268,7 +271,7 @@ def test_row_gather_and_scatter_keep_the_layout_and_match_index_ops():
 
 
 def test_misplaced_rows_replays_the_engines_swaps(tiny_net, monkeypatch):
-    import skipviz.network as network
+    import skipviz.engine.network as network
 
     swapped, plan = [], network._swap_plan
 
@@ -462,9 +465,9 @@ def test_shipped_card_flop_table_equals_a_fresh_count():
 
     net = create_model(skipviz.DEFAULT_MODEL).eval()
     hw = tuple(net.meta.input_size[-2:])
-    from_card = net._card_flop_table(hw)
-    assert from_card is not None, "the shipped card must carry its FLOP table (skipviz.train.refresh_card_flops)"
-    assert from_card == net._count_flops(hw) == net.flop_table()
+    from_card = card_flop_table(net, hw)
+    assert from_card is not None, "the shipped card must carry its FLOP table (skipviz.training.export.refresh_card_flops)"
+    assert from_card == count_network_flops(net, hw) == net.flop_table()
 
 
 def test_card_flop_table_is_ignored_unless_it_names_these_weights(tiny_net):
@@ -472,12 +475,12 @@ def test_card_flop_table_is_ignored_unless_it_names_these_weights(tiny_net):
     tiny_net.meta.weights_sha256 = "a" * 64
     try:
         tiny_net.meta.card = {"weights_sha256": "b" * 64, "flops": {"table": {**table.to_dict(), "stem": 1}}}
-        assert tiny_net._card_flop_table(table.input_hw) is None  # another file's card
+        assert card_flop_table(tiny_net, table.input_hw) is None  # another file's card
         tiny_net.meta.card["weights_sha256"] = "a" * 64
-        assert tiny_net._card_flop_table(table.input_hw).stem == 1
-        assert tiny_net._card_flop_table((64, 64)) is None  # another input size
+        assert card_flop_table(tiny_net, table.input_hw).stem == 1
+        assert card_flop_table(tiny_net, (64, 64)) is None  # another input size
         tiny_net.meta.card["flops"]["table"]["blocks"] = [1]
-        assert tiny_net._card_flop_table(table.input_hw) is None  # another network shape
+        assert card_flop_table(tiny_net, table.input_hw) is None  # another network shape
     finally:
         tiny_net.meta.weights_sha256, tiny_net.meta.card = None, {}
 
@@ -557,7 +560,7 @@ def test_gates_under_float16_autocast_take_the_module_path():
 
 
 def test_the_flop_table_follows_replaced_probes_and_moved_gates():
-    from skipviz.network import ProbeHead
+    from skipviz.engine.heads import ProbeHead
 
     net = create_model("cifar_resnet20")
     before = net.flop_table()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from skipviz import FullPolicy, PlanHead, PlanPolicy, Reason, create_model, policy_for, policy_from_config
-from skipviz.timing import run_masked
+from skipviz.measure.runs import run_masked
 from skipviz.policies import Plan
 
 from conftest import varied_images

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from skipviz import policy_from_config
-from skipviz.redundancy import (KLRedundancyPolicy, adjacent, beta_quantile_threshold, block_io_divergence,
-                                block_log_distributions, dataset_redundancy, kl_matrix, pairwise_divergence,
-                                spatial_log_distribution)
-from skipviz.trace import Reason
+from skipviz.policies.kl import KLRedundancyPolicy, beta_quantile_threshold
+from skipviz.redundancy import (adjacent, block_io_divergence, block_log_distributions, dataset_redundancy,
+                                kl_matrix, pairwise_divergence, spatial_log_distribution)
+from skipviz.engine.trace import Reason
 
 
 @pytest.mark.parametrize("method", ["spatial", "prediction"])

@@ -65,7 +65,7 @@ def test_missing_pretrained_file_says_how_to_make_it(tmp_path, monkeypatch):
 
 def test_a_weights_file_with_a_plan_head_loads_into_the_plain_architecture(tmp_path):
     import skipviz
-    from skipviz import PlanPolicy, views
+    from skipviz import PlanPolicy, dashboard
 
     shipped = create_model(skipviz.DEFAULT_MODEL)
     path = Path(shipped.meta.weights_path)
@@ -74,5 +74,5 @@ def test_a_weights_file_with_a_plan_head_loads_into_the_plain_architecture(tmp_p
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(plain.run(x, PlanPolicy(0.5)).executed, shipped.run(x, PlanPolicy(0.5)).executed)
-    uploaded = views.load_uploaded_weights("cifar_resnet20", path.read_bytes(), path.name)  # the Model page
-    assert uploaded.net.plan_head is not None and views.decision_sources(uploaded.net) == ["gates", "plan"]
+    uploaded = dashboard.load_uploaded_weights("cifar_resnet20", path.read_bytes(), path.name)  # the Model page
+    assert uploaded.net.plan_head is not None and dashboard.decision_sources(uploaded.net) == ["gates", "plan"]

@@ -13,10 +13,11 @@ import pytest
 from PIL import Image
 
 from skipviz import GatePolicy
-from skipviz.audit import AuditRecord, AuditRun, ReproResult, run_audit
-from skipviz.report import (fig_agreement, fig_flops_saved, fig_skip_rate_per_block, fig_skip_rate_per_class,
-                            fig_throughput, proportion, render_report, skip_rate_per_block, skip_rate_per_class,
-                            summarize, write_report)
+from skipviz.audit import AuditRecord, AuditRun, ReproResult, reproduce_sample, run_audit
+from skipviz.figures import (fig_agreement, fig_flops_saved, fig_skip_rate_per_block, fig_skip_rate_per_class,
+                             fig_throughput)
+from skipviz.audit.report import (proportion, render_report, skip_rate_per_block, skip_rate_per_class, summarize,
+                                  write_report)
 
 
 def _rec(i: int, executed: list[bool], label: str | None, pred: str, full: str, status: str = "ok",
@@ -141,8 +142,8 @@ def test_folder_with_corrupt_files_still_produces_a_report(tiny_net, tmp_path):
     (root / "plane" / "text.png").write_text("hello")
     run = run_audit([root], tiny_net, GatePolicy(0.5), tmp_path / "a.sqlite", labels_from_folders=True,
                     batch_size=3)
-    html_path, json_path, csv_path = write_report(run, tmp_path / "out" / "report.html", net=tiny_net,
-                                                  n_reproduce=2)
+    html_path, json_path, csv_path = write_report(run, tmp_path / "out" / "report.html",
+                                                  reproducibility=reproduce_sample(run, tiny_net, k=2))
     page = html_path.read_text()
     assert "Failed inputs (2)" in page and "imgs/ship/bad.jpg" in page and "imgs/plane/text.png" in page
     data = json.loads(json_path.read_text())

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import skipviz._store as store_module
-from skipviz._store import SCHEMA_VERSION, AuditStore, SchemaVersionError, StoreError
+import skipviz.audit.store as store_module
+from skipviz.audit.store import SCHEMA_VERSION, AuditStore, SchemaVersionError, StoreError
 from skipviz.audit import AuditRecord
 
 

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from skipviz import EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy, create_model
-from skipviz.timing import (SWAP_FRACTION_ESTIMATE, BenchConfig, BlockProfile, check_prediction, device_info,
-                            gate_cost, measure_interleaved, measure_latency, predict_latency, profile_blocks,
-                            resolve_device, results_markdown, run_masked, time_policy)
+from skipviz.measure.predict import SWAP_FRACTION_ESTIMATE, check_prediction, predict_latency
+from skipviz.cli.bench import BenchConfig, results_markdown
+from skipviz.measure.profile import BlockProfile, gate_cost, profile_blocks
+from skipviz.measure.clock import device_info, measure_interleaved, measure_latency, resolve_device
+from skipviz.measure.runs import run_masked, time_policy
 
 FAST = dict(warmup=1, repeats=3, min_repeat_s=0.0)  # one call per repeat: keeps the suite fast
 
@@ -275,7 +277,7 @@ def test_bench_subcommand_is_registered():
 def test_quick_median_ms_times_the_call():
     import time
 
-    from skipviz.timing import quick_median_ms
+    from skipviz.measure.clock import quick_median_ms
 
     ms = quick_median_ms(lambda: time.sleep(0.004), repeats=5, device="cpu")
     assert 3.5 <= ms < 50

@@ -10,10 +10,10 @@ from PIL import Image
 
 from skipviz import create_model
 from skipviz.data import augment, load_split, train_val_split
-from skipviz.network import PlanHead
-from skipviz.train import (PlanConfig, TrainConfig, export, export_plan, fit_plan_head, one_cycle_lr, rate_target,
-                           train)
-from skipviz.weights import CIFAR10_CLASSES
+from skipviz.engine.heads import PlanHead
+from skipviz.training import (PlanConfig, TrainConfig, export, export_plan, fit_plan_head, one_cycle_lr, rate_target,
+                              train)
+from skipviz.models.weights import CIFAR10_CLASSES
 
 
 @pytest.fixture()

@@ -8,14 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from skipviz import CheckpointError, GatePolicy, load_image, views
+from skipviz import CheckpointError, GatePolicy, load_image, dashboard, figures, policies
+from skipviz.evaluate import calibration
+from skipviz.measure import clock
 from skipviz.samples import sample_bytes, sample_names
 
 
 @pytest.fixture(scope="module")
 def cat_x(tiny_net):
     image, _ = load_image(sample_bytes(sample_names()[0]))
-    return views.preprocess(tiny_net, image)
+    return dashboard.preprocess(tiny_net, image)
 
 
 def test_samples_load_offline_through_load_image():
@@ -33,7 +35,7 @@ def test_samples_load_offline_through_load_image():
 
 def _threshold_with_mixed_decisions(net, x) -> float:
     """A grid threshold at which some gated blocks fire and others do not (searched with the engine)."""
-    for t in views.threshold_grid():
+    for t in calibration.threshold_grid():
         ex = net.run(x, GatePolicy(t)).executed[0]
         gated = ex[net.gated_blocks]
         if gated.any() and not gated.all():
@@ -44,24 +46,24 @@ def _threshold_with_mixed_decisions(net, x) -> float:
 @torch.no_grad()
 def test_inspect_matches_engine_and_tables(tiny_net, cat_x):
     t = _threshold_with_mixed_decisions(tiny_net, cat_x)
-    policy = views.make_policy(tiny_net, t)
-    res = views.inspect(tiny_net, cat_x, policy, repeats=2)
+    policy = policies.make_policy(tiny_net, t)
+    res = dashboard.inspect(tiny_net, cat_x, policy, repeats=2)
     expected = tiny_net.run(cat_x, GatePolicy(t))
-    assert views.decisions(res.trace) == ["fired" if e else "bypassed" for e in expected.executed[0].tolist()]
+    assert dashboard.decisions(res.trace) == ["fired" if e else "bypassed" for e in expected.executed[0].tolist()]
     assert torch.allclose(torch.tensor(res.trace.logits), expected.logits[0].float(), atol=1e-5)
     full_logits = tiny_net(cat_x)[0]
     assert np.allclose(res.probs_full, torch.softmax(full_logits, 0).numpy(), atol=1e-5)
 
-    table = views.block_table(res.trace, res.latency)
+    table = dashboard.block_table(res.trace, res.latency)
     assert list(table["name"]) == tiny_net.block_names
-    assert list(table["decision"]) == views.decisions(res.trace)
+    assert list(table["decision"]) == dashboard.decisions(res.trace)
     assert list(table["downsampling"]) == [b.downsample for b in tiny_net.blocks]
     scores = expected.scores[0].numpy()
     assert np.allclose(table["gate probability"].to_numpy(), scores, equal_nan=True)
     assert (table["latency (ms)"] > 0).all()
     assert table["MFLOPs"].sum() * 1e6 == pytest.approx(sum(b.flops for b in res.trace.blocks))
 
-    top = views.top5_side_by_side(res, tiny_net.meta.classes)
+    top = dashboard.top5_side_by_side(res, tiny_net.meta.classes)
     assert len(top) == 5 and top["skipped: probability"].is_monotonic_decreasing
     assert top["full: class"].iloc[0] == tiny_net.meta.classes[int(full_logits.argmax())]
 
@@ -73,13 +75,13 @@ def test_inspect_matches_engine_and_tables(tiny_net, cat_x):
 
 @torch.no_grad()
 def test_block_map_figure_shows_decisions_threshold_and_downsampling(tiny_net, cat_x):
-    lo = views.inspect(tiny_net, cat_x, views.make_policy(tiny_net, 0.0), measure=False)
-    hi = views.inspect(tiny_net, cat_x, views.make_policy(tiny_net, 1.0), measure=False)
-    f_lo, f_hi = views.block_map_figure(lo.trace), views.block_map_figure(hi.trace)
-    d_lo, d_hi = views.block_map_decisions(f_lo), views.block_map_decisions(f_hi)
+    lo = dashboard.inspect(tiny_net, cat_x, policies.make_policy(tiny_net, 0.0), measure=False)
+    hi = dashboard.inspect(tiny_net, cat_x, policies.make_policy(tiny_net, 1.0), measure=False)
+    f_lo, f_hi = figures.block_map_figure(lo.trace), figures.block_map_figure(hi.trace)
+    d_lo, d_hi = figures.block_map_decisions(f_lo), figures.block_map_decisions(f_hi)
     assert list(d_lo) == tiny_net.block_names or set(d_lo) == set(tiny_net.block_names)
     assert all(v == "fired" for v in d_lo.values())
-    assert d_hi == dict(zip(tiny_net.block_names, views.decisions(hi.trace)))
+    assert d_hi == dict(zip(tiny_net.block_names, dashboard.decisions(hi.trace)))
     assert d_lo != d_hi
     names = [tr.name for tr in f_hi.data]
     assert "threshold" in names
@@ -95,22 +97,22 @@ def test_block_map_figure_shows_decisions_threshold_and_downsampling(tiny_net, c
 
 
 def test_overrides_and_policy(tiny_net, cat_x):
-    assert isinstance(views.make_policy(tiny_net, 0.3), GatePolicy)
-    ov = views.overrides_from_choices({0: "skip", 1: "auto", 3: "skip", 4: "run"})
+    assert isinstance(policies.make_policy(tiny_net, 0.3), GatePolicy)
+    ov = dashboard.overrides_from_choices({0: "skip", 1: "auto", 3: "skip", 4: "run"})
     assert ov == {0: "skip", 3: "skip", 4: "run"}
-    res = views.inspect(tiny_net, cat_x, views.make_policy(tiny_net, 1.0, ov), measure=False)
-    d = views.decisions(res.trace)
+    res = dashboard.inspect(tiny_net, cat_x, policies.make_policy(tiny_net, 1.0, ov), measure=False)
+    d = dashboard.decisions(res.trace)
     assert d[0] == "bypassed" and d[3] == "bypassed" and d[4] == "fired"
     assert "forced" in res.trace.blocks[3].reason
 
 
 def test_load_model_falls_back_with_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("SKIPVIZ_DATA_DIR", str(tmp_path))
-    lm = views.load_model("cifar_resnet20.cifar10_gated")
+    lm = dashboard.load_model("cifar_resnet20.cifar10_gated")
     assert lm.warning and "missing" in lm.warning and "skipviz train" in lm.warning
     assert lm.net.meta.arch == "cifar_resnet20" and not lm.net.training
     assert lm.default_threshold == 0.5
-    again = views.load_model("cifar_resnet20.cifar10_gated")
+    again = dashboard.load_model("cifar_resnet20.cifar10_gated")
     assert all(torch.equal(a, b) for a, b in zip(lm.net.state_dict().values(), again.net.state_dict().values()))
 
 
@@ -118,26 +120,26 @@ def test_uploaded_weights_round_trip_and_errors(tiny_net, cat_x, tmp_path):
     from safetensors.torch import save
 
     data = save({k: v.contiguous() for k, v in tiny_net.state_dict().items()})
-    lm = views.load_uploaded_weights("cifar_resnet20", data, "mine.safetensors")
+    lm = dashboard.load_uploaded_weights("cifar_resnet20", data, "mine.safetensors")
     with torch.no_grad():
         assert torch.allclose(lm.net(cat_x), tiny_net(cat_x), atol=1e-6)
     assert lm.net.meta.weights_sha256 and lm.net.meta.weights_path == "mine.safetensors"
     with pytest.raises(CheckpointError):
-        views.load_uploaded_weights("cifar_resnet20", b"not a weights file at all", "bad.safetensors")
+        dashboard.load_uploaded_weights("cifar_resnet20", b"not a weights file at all", "bad.safetensors")
     with pytest.raises(CheckpointError, match="empty"):
-        views.load_uploaded_weights("cifar_resnet20", b"", "empty.pt")
+        dashboard.load_uploaded_weights("cifar_resnet20", b"", "empty.pt")
     with pytest.raises(CheckpointError, match="expected"):
-        views.load_uploaded_weights("cifar_resnet20", b"abc", "weights.txt")
+        dashboard.load_uploaded_weights("cifar_resnet20", b"abc", "weights.txt")
     with pytest.raises(CheckpointError):  # right format, wrong architecture
-        views.load_uploaded_weights("cifar_resnet32", data, "mine.safetensors")
+        dashboard.load_uploaded_weights("cifar_resnet32", data, "mine.safetensors")
 
 
 def test_model_tables(tiny_net):
-    card = views.model_card_table(tiny_net)
+    card = dashboard.model_card_table(tiny_net)
     values = dict(zip(card["field"], card["value"]))
     assert values["FLOPs (full, one input)"] == f"{tiny_net.flop_table().full / 1e6:.2f} M"
     assert values["architecture"] == "cifar_resnet20"
-    models = views.models_table()
+    models = dashboard.models_table()
     assert "cifar_resnet20" in set(models["model"]) and "resnet18" in set(models["model"])
 
 
@@ -148,14 +150,14 @@ def sweep(tiny_net):
     old = os.environ.get("SKIPVIZ_CIFAR10")
     os.environ["SKIPVIZ_CIFAR10"] = "/nonexistent/cifar10"  # force generated images: independent of the data set
     try:
-        calib = views.load_calibration(tiny_net, n=24)
+        calib = calibration.load_calibration(tiny_net, n=24)
     finally:
         if old is None:
             os.environ.pop("SKIPVIZ_CIFAR10")
         else:
             os.environ["SKIPVIZ_CIFAR10"] = old
     seen = []
-    sw = views.sweep_calibration(tiny_net, calib, thresholds=[0.0, 0.5, 0.95],
+    sw = calibration.sweep_calibration(tiny_net, calib, thresholds=[0.0, 0.5, 0.95],
                                  progress=lambda f, text: seen.append(f))
     assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen)
     return sw
@@ -191,26 +193,26 @@ def views_normalize(net, images):
 
 
 def test_pareto_and_skip_rate_figures(tiny_net, sweep):
-    assert list(views.pareto_mask([1, 2, 3, 2], [0.5, 0.6, 0.6, 0.4])) == [True, True, False, False]
+    assert list(calibration.pareto_mask([1, 2, 3, 2], [0.5, 0.6, 0.6, 0.4])) == [True, True, False, False]
     cur = sweep.point_for(tiny_net, 0.95)
-    fig = views.pareto_figure(sweep, cur)
+    fig = figures.pareto_figure(sweep, cur)
     star = [tr for tr in fig.data if tr.name == "current setting"][0]
     assert star.x[0] == pytest.approx(cur.latency_ms) and star.y[0] == pytest.approx(cur.accuracy)
     assert "agreement" in fig.layout.yaxis.title.text  # unlabelled set says so
-    bars = views.skip_rate_figure(cur, tiny_net)
+    bars = figures.skip_rate_figure(cur, tiny_net)
     assert np.allclose(bars.data[0].y, cur.skip_rate)
-    summary = views.calibration_summary(cur, sweep.full)
+    summary = calibration.calibration_summary(cur, sweep.full)
     assert list(summary["run"]) == ["current", "full"]
 
 
 def test_threshold_grid_and_device_label():
-    grid = views.threshold_grid()
+    grid = calibration.threshold_grid()
     assert grid[0] == 0.0 and grid[-1] == 1.0 and len(grid) == 21 and 0.35 in grid
-    assert views.device_label("cpu").startswith("CPU (")
+    assert clock.device_label("cpu").startswith("CPU (")
 
 
 def test_generated_images_are_seeded():
-    a, b = views.generated_images(4, (32, 32), seed=3), views.generated_images(4, (32, 32), seed=3)
+    a, b = calibration.generated_images(4, (32, 32), seed=3), calibration.generated_images(4, (32, 32), seed=3)
     assert a.dtype == torch.uint8 and a.shape == (4, 3, 32, 32) and torch.equal(a, b)
     buf = io.BytesIO()
     Image.fromarray(a[0].permute(1, 2, 0).numpy()).save(buf, format="PNG")
@@ -221,16 +223,16 @@ def test_damaged_default_weights_fall_back_with_a_warning_and_change_the_weights
     from skipviz import DEFAULT_MODEL
 
     monkeypatch.setenv("SKIPVIZ_DATA_DIR", str(tmp_path))
-    assert views.weights_state(DEFAULT_MODEL) == "missing" and views.weights_state("cifar_resnet20") == ""
+    assert dashboard.weights_state(DEFAULT_MODEL) == "missing" and dashboard.weights_state("cifar_resnet20") == ""
     name = "cifar_resnet20_cifar10_gated.safetensors"
     (tmp_path / name).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\"")  # a truncated safetensors header
-    lm = views.load_model(DEFAULT_MODEL)
+    lm = dashboard.load_model(DEFAULT_MODEL)
     assert lm.warning and "cannot be used" in lm.warning and lm.net.meta.arch == "cifar_resnet20"
-    assert views.weights_state(DEFAULT_MODEL).startswith(str(tmp_path / name))
+    assert dashboard.weights_state(DEFAULT_MODEL).startswith(str(tmp_path / name))
 
 
 def test_block_map_names_blocks_without_a_score_for_what_they_are(tiny_net, cat_x):
-    forced = views.overrides_from_choices({i: "skip" for i in range(tiny_net.num_blocks)})
-    res = views.inspect(tiny_net, cat_x, views.make_policy(tiny_net, 0.5, forced), measure=False)
-    names = [tr.name for tr in views.block_map_figure(res.trace).data if tr.type == "bar"]
+    forced = dashboard.overrides_from_choices({i: "skip" for i in range(tiny_net.num_blocks)})
+    res = dashboard.inspect(tiny_net, cat_x, policies.make_policy(tiny_net, 0.5, forced), measure=False)
+    names = [tr.name for tr in figures.block_map_figure(res.trace).data if tr.type == "bar"]
     assert names == ["no score (ungated or forced)"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from skipviz.weights import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, ModelMeta
+from skipviz.models.weights import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, ModelMeta
 
 ROOT = Path(__file__).resolve().parent.parent
 CIFAR = ModelMeta("cifar", [str(i) for i in range(10)], (3, 32, 32), CIFAR10_MEAN, CIFAR10_STD, resize=32)
@@ -39,7 +39,8 @@ def test_preprocess_batches_several_images():
 
 def test_the_default_model_predicts_without_importing_torchvision():
     """The dashboard's first prediction must not wait for torchvision's import (about 2 s on 2 cores)."""
-    code = ("import sys; from PIL import Image; import skipviz; from skipviz import views; "
+    code = ("import sys; from PIL import Image; import skipviz; from skipviz import dashboard, figures; "
+            "from skipviz.evaluate import calibration; "
             "net = skipviz.create_model(skipviz.DEFAULT_MODEL).eval(); "
             "x = net.meta.preprocess(Image.new('RGB', (300, 200))); net.run(x, skipviz.GatePolicy(0.5)).traces(); "
             "print('torchvision' in sys.modules)")
@@ -51,7 +52,7 @@ def test_the_default_model_predicts_without_importing_torchvision():
 @pytest.mark.parametrize("text", ["[1]", "{not json", '"card"'])
 def test_a_malformed_model_card_is_a_clear_error(tmp_path, text):
     from skipviz import CheckpointError
-    from skipviz.weights import read_card
+    from skipviz.models.weights import read_card
 
     card = tmp_path / "w.json"
     card.write_text(text)

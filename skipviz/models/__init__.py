@@ -1,2 +1,9 @@
-"""Model families; importing this package registers them with :func:`skipviz.create_model`."""
-from . import cifar_resnet, torchvision_resnet  # noqa: F401
+"""Model families; importing this package registers them with :func:`skipviz.create_model`.
+
+``_registry`` (``create_model``, ``DEFAULT_MODEL``), ``weights`` (``ModelMeta``: the model card), one module per
+family, and ``toy`` (random-init stand-ins for timing and tests).
+"""
+from ._registry import DEFAULT_MODEL, create_model, data_dir, list_models, list_pretrained  # noqa: F401
+from . import cifar_resnet, torchvision_resnet  # noqa: F401,E402  (register the families)
+
+__all__ = ["DEFAULT_MODEL", "create_model", "data_dir", "list_models", "list_pretrained"]

@@ -7,9 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._registry import PretrainedWeights, register_model, register_pretrained
-from ..network import ConvBNStem, GateHead, PlanHead, ProbeHead, SkippableBlock, SkipNetwork, conv_bn
-from ..weights import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, ModelMeta
+from ._registry import PretrainedWeights, register_model, register_pretrained
+from ..engine.blocks import SkippableBlock
+from ..engine.folding import ConvBNStem, conv_bn
+from ..engine.heads import GateHead, PlanHead, ProbeHead
+from ..engine.network import SkipNetwork
+from .weights import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, ModelMeta
 
 DEPTHS = (20, 32, 44, 56, 110)
 

@@ -14,9 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checkpoint import apply_state_dict, load_state_dict
-from .._registry import register_model
-from ..network import ConvBNStem, GateHead, ProbeHead, SkippableBlock, SkipNetwork, bn_is_foldable, conv_bn
-from ..weights import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, sha256_file
+from ._registry import register_model
+from ..engine.blocks import SkippableBlock
+from ..engine.folding import ConvBNStem, bn_is_foldable, conv_bn
+from ..engine.heads import GateHead, ProbeHead
+from ..engine.network import SkipNetwork
+from .weights import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, sha256_file
 
 ARCHS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights",
          "resnet101": "ResNet101_Weights"}

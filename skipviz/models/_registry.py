@@ -1,5 +1,7 @@
 """One entry point over a registry of model families, as timm's ``create_model``.
 
+The families register themselves on import (``skipviz.models`` imports every family after this module).
+
 ``create_model("cifar_resnet56")`` builds a randomly initialised network; ``create_model("cifar_resnet56",
 weights="cifar10_gated")`` or ``create_model("cifar_resnet56.cifar10_gated")`` loads a pretrained tag that
 the family registered; ``weights="path/to/file.safetensors"`` loads a local file safely.
@@ -7,12 +9,20 @@ the family registered; ``weights="path/to/file.safetensors"`` loads a local file
 from __future__ import annotations
 
 import os
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ._checkpoint import CheckpointError, apply_state_dict, load_state_dict
+from .._checkpoint import CheckpointError, apply_state_dict, load_state_dict
+from ..engine.heads import PlanHead
 from .weights import read_card, sha256_file
+
+__all__ = ["DEFAULT_MODEL", "PretrainedWeights", "create_model", "data_dir", "list_models", "list_pretrained",
+           "register_model", "register_pretrained"]
+
+#: The model the command, the dashboard and the benchmarks use unless told otherwise.
+DEFAULT_MODEL = "cifar_resnet20.cifar10_gated"
 
 _MODELS: dict[str, Callable[..., Any]] = {}
 _PRETRAINED: dict[tuple[str, str], "PretrainedWeights"] = {}
@@ -21,7 +31,7 @@ _PRETRAINED: dict[tuple[str, str], "PretrainedWeights"] = {}
 def data_dir() -> Path:
     """Where shipped weights live: ``$SKIPVIZ_DATA_DIR`` or the repository's ``data/``."""
     env = os.environ.get("SKIPVIZ_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "data"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "data"
 
 
 @dataclass(frozen=True)
@@ -63,19 +73,13 @@ def register_pretrained(weights: PretrainedWeights) -> None:
 
 def list_models(pretrained: bool = False) -> list[str]:
     """Registered architectures, or with ``pretrained=True`` the ``arch.tag`` names whose file is present."""
-    _import_families()
     if pretrained:
         return sorted(f"{a}.{t}" for (a, t), w in _PRETRAINED.items() if w.available())
     return sorted(_MODELS)
 
 
 def list_pretrained() -> list[PretrainedWeights]:
-    _import_families()
     return sorted(_PRETRAINED.values(), key=lambda w: (w.arch, w.tag))
-
-
-def _import_families() -> None:
-    from . import models  # noqa: F401  (registers the families)
 
 
 def create_model(name: str, weights: str | os.PathLike | None = None, **kwargs: Any):
@@ -87,9 +91,8 @@ def create_model(name: str, weights: str | os.PathLike | None = None, **kwargs: 
             ``.safetensors`` / weights-only torch file.
         **kwargs: passed to the family's builder (e.g. ``gates=False``).
     Returns:
-        a :class:`~skipviz.network.SkipNetwork` in eval mode.
+        a :class:`~skipviz.engine.network.SkipNetwork` in eval mode.
     """
-    _import_families()
     arch, _, tag = name.partition(".")
     if tag and weights is not None:
         raise ValueError(f"give weights either in the name ({name!r}) or as weights=, not both")
@@ -101,8 +104,9 @@ def create_model(name: str, weights: str | os.PathLike | None = None, **kwargs: 
     builder = _MODELS[arch]
     if tag is not None:
         pre = _PRETRAINED.get((arch, tag))
-        if pre is None:
-            # families with their own weight sources (torchvision) resolve tags themselves
+        if pre is None or getattr(builder, "loads_own_weights", False):
+            # families with their own weight sources (torchvision, heads over a published backbone) resolve
+            # tags themselves
             model = builder(weights_tag=tag, **kwargs)
             return model.eval()
         if not pre.available():
@@ -141,10 +145,6 @@ def _add_plan_head_for(model, state: dict) -> None:
     it was built without one: the shipped default's file loads into a plain ``create_model(arch, weights=...)``
     or a dashboard upload. A head that cannot fit (other channels or gated blocks) is left to
     :func:`apply_state_dict` to report."""
-    import math
-
-    from .network import PlanHead
-
     w1, w2 = state.get("plan_head.fc1.weight"), state.get("plan_head.fc2.weight")
     if w1 is None or w2 is None or getattr(model, "plan_head", None) is not None or not model.gated_blocks:
         return

@@ -1,5 +1,9 @@
 """Model metadata that travels with the weights (as torchvision's ``Weights``): classes, input size,
-normalisation, the preprocessing transform, and the identity of the weights file (path, SHA-256, card)."""
+normalisation, the preprocessing transform, and the identity of the weights file (path, SHA-256, card).
+
+The model card is read here and only here: :func:`read_card` parses the file, :class:`ModelMeta` answers every
+question about it (default thresholds, the recorded FLOP table, the plan head's shape, the validation split,
+the dashboard's card rows)."""
 from __future__ import annotations
 
 import hashlib
@@ -11,6 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from .._checkpoint import CheckpointError
+from ..policies.threshold import DECISION_SOURCES
+
+__all__ = ["CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD", "ModelMeta", "read_card",
+           "sha256_file"]
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -52,13 +62,58 @@ class ModelMeta:
         return len(self.classes)
 
     def default_threshold(self, source: str = "gates") -> float:
-        """The card's default threshold for a decision source: the per-block gates' (``default_policy``) or the
-        plan head's (``plan.default_threshold``); 0.5 when the card has none."""
-        card = self.card or {}
-        key, name = ("plan", "default_threshold") if source == "plan" else ("default_policy", "threshold")
-        section = card.get(key)
-        value = section.get(name) if isinstance(section, dict) else None
+        """The card's default threshold for a decision source (:data:`~skipviz.policies.threshold.DECISION_SOURCES`
+        says where: the per-block gates' ``default_policy.threshold``, the plan head's ``plan.default_threshold``;
+        an unknown source reads the gates'); 0.5 when the card has none."""
+        src = DECISION_SOURCES.get(source) or DECISION_SOURCES["gates"]
+        section = (self.card or {}).get(src.card_section)
+        value = section.get(src.card_field) if isinstance(section, dict) else None
         return float(value if value is not None else 0.5)
+
+    def card_flop_table(self) -> dict | None:
+        """The per-part FLOP table the card recorded (:meth:`FlopTable.to_dict` form), when the card names these
+        weights' SHA-256; else ``None``."""
+        card = self.card or {}
+        raw = (card.get("flops") or {}).get("table")
+        if not raw or not self.weights_sha256 or card.get("weights_sha256") != self.weights_sha256:
+            return None
+        return raw
+
+    def card_plan_head(self) -> dict:
+        """The shape of the plan head the card describes (``grid``, ``hidden``, ``gated_blocks``), or ``{}``."""
+        return ((self.card or {}).get("plan") or {}).get("head") or {}
+
+    def card_validation_split(self) -> dict | None:
+        """The validation split the card records (``dataset.validation``: how it was carved from ``train/``), or
+        ``None``."""
+        dataset = (self.card or {}).get("dataset")
+        validation = dataset.get("validation") if isinstance(dataset, dict) else None
+        return validation if isinstance(validation, dict) else None
+
+    def card_rows(self) -> list[tuple[str, str]]:
+        """The card's training data, test metrics, default policy, date and reproduce command as readable
+        (field, value) rows (the dashboard's model card table)."""
+        card, rows = self.card or {}, []
+        ds = card.get("dataset", {})
+        if ds:
+            rows.append(("training data", f"{ds.get('name', '')}: train {ds.get('train', {}).get('n', '?')}, "
+                                          f"validation {ds.get('validation', {}).get('n', '?')}, "
+                                          f"test {ds.get('test', {}).get('n', '?')}"))
+        m = card.get("metrics_test", {})
+        if m:
+            rows += [("test accuracy (full)", f"{m.get('full_accuracy', float('nan')):.2%}"),
+                     ("test accuracy (gated)", f"{m.get('gated_accuracy', float('nan')):.2%} at threshold "
+                                               f"{m.get('gated_threshold', float('nan')):.2f}"),
+                     ("FLOPs saved (gated, test)", f"{m.get('gated_flops_saved_fraction', float('nan')):.1%}"),
+                     ("agreement with full (test)", f"{m.get('agreement_with_full', float('nan')):.2%}")]
+        if card.get("default_policy"):
+            rows.append(("default policy", json.dumps({k: v for k, v in card["default_policy"].items()
+                                                       if k != "rule"})))
+        if card.get("date"):
+            rows.append(("trained", str(card["date"])))
+        if card.get("reproduce"):
+            rows.append(("reproduce", str(card["reproduce"])))
+        return rows
 
     @property
     def display_name(self) -> str:
@@ -123,8 +178,6 @@ class ModelMeta:
 
 def read_card(path: str | Path) -> dict[str, Any]:
     """Read a model card (JSON) next to a weights file; empty dict if there is none."""
-    from ._checkpoint import CheckpointError
-
     p = Path(path)
     if not p.exists():
         return {}

@@ -7,8 +7,9 @@ Durability and concurrency:
 * Each batch of records is written in ONE ``BEGIN IMMEDIATE`` transaction, so a batch is all-or-nothing.
 * ``busy_timeout``: a second process writing at the same time waits for the lock instead of failing.
 
-The module imports only the standard library at load time (pandas and the record class are imported when
-used), so a writer process starts quickly.
+The module imports only the standard library at load time (pandas and the record class,
+:mod:`skipviz.audit.records`, the layer below this one, are imported when used), so a writer process can load
+this file on its own and starts quickly.
 
 Schema versioning: the version lives in ``PRAGMA user_version`` (and in the ``meta`` table for people reading
 the file). Opening a file written by a NEWER SkipViz raises :class:`SchemaVersionError`; an older one is
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-    from .audit import AuditRecord
+    from .records import AuditRecord
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
@@ -253,7 +254,7 @@ class AuditStore:
               batch_index: int | None = None, limit: int | None = None) -> list["AuditRecord"]:
         """Records matching every given filter, in insertion order. ``since``/``until``: ISO strings or
         datetimes (naive = UTC), inclusive."""
-        from .audit import AuditRecord
+        from .records import AuditRecord
 
         where, args = [], []
         for column, value in (("run_id", run_id), ("model_name", model_name), ("input_sha256", input_sha256),
@@ -320,7 +321,7 @@ class AuditStore:
 
     def records_dataframe(self, **filters: Any) -> "pd.DataFrame":
         """:meth:`query` as a flat table (one row per record; see ``AuditRecord.flat``)."""
-        from .audit import records_to_dataframe
+        from .records import records_to_dataframe  # on use, as AuditRecord in query()
 
         return records_to_dataframe(self.query(**filters))
 

@@ -1,17 +1,65 @@
-"""Accuracy and compute of a policy over a data set, and threshold curves (threshold -> accuracy, FLOPs cut)."""
+"""Accuracy and compute of a policy over a data set, and threshold curves (threshold -> accuracy, FLOPs cut).
+
+:func:`run_images` is the one loop that runs a policy over an image set with the real skipping engine; the
+evaluation here (:func:`evaluate_policy`) and the dashboard's calibration sweep
+(:mod:`skipviz.evaluate.calibration`) both read their numbers from it.
+"""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .data import TensorDataset, normalize
-from .network import SkipNetwork
-from .policies import EarlyExitPolicy, FullPolicy, GatePolicy, Policy
+from ..data import TensorDataset, normalize
+from ..measure.clock import synchronize
+from ..policies.base import Policy
+from ..policies.simple import EarlyExitPolicy, FullPolicy
+from ..policies.threshold import GatePolicy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.network import SkipNetwork
+
+__all__ = ["ImageRuns", "PolicyEval", "blocks_by_outcome", "early_exit_policy", "evaluate_policy", "pick_threshold",
+           "run_images", "threshold_curve"]
+
+
+@dataclass
+class ImageRuns:
+    """A policy run over N images: ``predictions`` (N,) and ``executed`` (N, L) numpy arrays, ``flops`` (N,) the
+    FLOPs each image spent (a tensor), ``seconds`` the wall time of the engine's runs (0 when not timed)."""
+
+    predictions: np.ndarray
+    executed: np.ndarray
+    flops: torch.Tensor
+    seconds: float
+
+
+@torch.no_grad()
+def run_images(net: "SkipNetwork", images: torch.Tensor, policy: Policy, batch_size: int,
+               device: torch.device | str | None = None, progress: bool = False, timed: bool = False) -> ImageRuns:
+    """Run ``policy`` over ``images`` (N, 3, H, W) uint8 in batches of ``batch_size`` (normalised with the model's
+    mean and std) with the real skipping engine. ``timed``: each run is timed on the host clock, the device
+    synchronised around it."""
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    preds, executed, flops, elapsed = [], [], [], 0.0
+    for i in tqdm(range(0, len(images), batch_size), desc=policy.name, disable=not progress, leave=False):
+        x = normalize(images[i: i + batch_size].to(device), net.meta.mean, net.meta.std)
+        if timed:
+            synchronize(device)
+        t0 = time.perf_counter()
+        res = net.run(x, policy)
+        if timed:
+            synchronize(device)
+            elapsed += time.perf_counter() - t0
+        preds.append(res.logits.argmax(1).cpu())
+        executed.append(res.executed)
+        flops.append(res.flops_executed())
+    return ImageRuns(torch.cat(preds).numpy(), torch.cat(executed).numpy(), torch.cat(flops), elapsed)
 
 
 @dataclass
@@ -59,23 +107,16 @@ class PolicyEval:
 
 
 @torch.no_grad()
-def evaluate_policy(net: SkipNetwork, data: TensorDataset, policy: Policy, batch_size: int = 500,
+def evaluate_policy(net: "SkipNetwork", data: TensorDataset, policy: Policy, batch_size: int = 500,
                     device: torch.device | str | None = None, progress: bool = False) -> PolicyEval:
     """Run ``policy`` over every image of ``data`` with the real skipping engine."""
-    device = torch.device(device) if device is not None else next(net.parameters()).device
-    preds, executed, flops = [], [], []
-    for i in tqdm(range(0, len(data), batch_size), desc=policy.name, disable=not progress, leave=False):
-        x = normalize(data.images[i: i + batch_size].to(device), net.meta.mean, net.meta.std)
-        res = net.run(x, policy)
-        preds.append(res.logits.argmax(1).cpu())
-        executed.append(res.executed)
-        flops.append(res.flops_executed())
-    return PolicyEval(policy=policy.config(), predictions=torch.cat(preds).numpy(), labels=data.labels.numpy(),
-                      executed=torch.cat(executed).numpy(), flops=torch.cat(flops).numpy(),
+    runs = run_images(net, data.images, policy, batch_size, device, progress)
+    return PolicyEval(policy=policy.config(), predictions=runs.predictions, labels=data.labels.numpy(),
+                      executed=runs.executed, flops=runs.flops.numpy(),
                       flops_full=net.flop_table(tuple(data.images.shape[-2:])).full)
 
 
-def threshold_curve(net: SkipNetwork, data: TensorDataset, thresholds: Sequence[float],
+def threshold_curve(net: "SkipNetwork", data: TensorDataset, thresholds: Sequence[float],
                     make_policy: Callable[[float], Policy] = GatePolicy, reference: PolicyEval | None = None,
                     batch_size: int = 500, progress: bool = False) -> tuple[pd.DataFrame, list[PolicyEval]]:
     """Accuracy and FLOPs cut at each threshold. Returns (table, the per-threshold evaluations)."""

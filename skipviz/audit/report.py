@@ -5,8 +5,9 @@ Pure pieces, each testable without Streamlit:
 * :func:`summarize` - agreement with the full network (Wilson 95% interval, ``scipy.stats.binomtest``),
   accuracy when labels are known, FLOPs and latency saved, throughput, KL statistics.
 * :func:`skip_rate_per_block`, :func:`skip_rate_per_class` - pandas tables.
-* ``fig_*`` - Plotly figures built from those tables.
-* :func:`render_report` -> ``(html, json, csv)`` strings; :func:`write_report` writes the three files.
+* :func:`render_report` -> ``(html, json, csv)`` strings; :func:`write_report` writes the three files. They
+  render what the run stored (figures from :mod:`skipviz.figures`); they never run the network: a reproduced
+  sample is passed in (:func:`skipviz.audit.reproduce.reproduce_sample`).
 
 Every string that came from an input (file names, labels, error texts) is HTML-escaped.
 """
@@ -16,7 +17,7 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,10 +25,11 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from scipy import stats
 
-from .audit import AuditRecord, AuditRun, ReproResult, records_to_dataframe
+from ..figures import fig_agreement, fig_flops_saved, fig_skip_rate_per_block, fig_skip_rate_per_class, fig_throughput
+from .records import AuditRecord, AuditRun, ReproResult, records_to_dataframe
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .network import SkipNetwork
+__all__ = ["proportion", "render_report", "report_data", "skip_rate_per_block", "skip_rate_per_class", "summarize",
+           "write_report"]
 
 REPORT_VERSION = 1
 CONFIDENCE = 0.95
@@ -121,69 +123,6 @@ def skip_rate_per_class(records: Sequence[AuditRecord]) -> tuple[pd.DataFrame, p
     order = c.drop_duplicates("block").sort_values("block")["name"].tolist()
     by_block = c.pivot_table(index="class", columns="name", values="skipped", aggfunc="mean")[order]
     return summary, by_block
-
-
-# ----------------------------------------------------------------------------------------------- figures
-def fig_skip_rate_per_block(per_block: pd.DataFrame) -> go.Figure:
-    """Bar chart: fraction of inputs for which each block was bypassed."""
-    fig = go.Figure(go.Bar(x=per_block["name"], y=per_block["skip_rate"],
-                           marker_color=["#999" if d else "#3b7dd8" for d in per_block["downsample"]],
-                           hovertemplate="%{x}<br>skipped for %{y:.1%} of inputs<extra></extra>"))
-    fig.update_layout(title="Skip rate per block (grey: downsampling block)", yaxis_tickformat=".0%",
-                      yaxis_range=[0, 1], xaxis_title="block", yaxis_title="inputs bypassing the block",
-                      height=360, margin=dict(t=50, b=40, l=60, r=20))
-    return fig
-
-
-def fig_skip_rate_per_class(by_block: pd.DataFrame) -> go.Figure:
-    """Heat map: skip rate of each block (columns) for each class (rows)."""
-    fig = go.Figure(go.Heatmap(z=by_block.to_numpy(dtype=float), x=list(by_block.columns),
-                               y=[str(i) for i in by_block.index], zmin=0, zmax=1, colorscale="Blues",
-                               colorbar=dict(title="skip rate", tickformat=".0%"),
-                               hovertemplate="class %{y}<br>%{x}: skipped %{z:.1%}<extra></extra>"))
-    fig.update_layout(title="Skip rate per class and block", height=120 + 28 * max(len(by_block), 1),
-                      margin=dict(t=50, b=40, l=100, r=20))
-    return fig
-
-
-def fig_flops_saved(records: Sequence[AuditRecord]) -> go.Figure:
-    """Histogram of the fraction of FLOPs saved per input, agreeing and disagreeing inputs separately."""
-    fig = go.Figure()
-    for agree, color, name in ((True, "#3b7dd8", "agrees with full"), (False, "#d62728", "disagrees")):
-        vals = [r.flops_saved_fraction for r in records if r.ok and bool(r.agree) == agree]
-        if vals:
-            fig.add_trace(go.Histogram(x=vals, name=name, marker_color=color, xbins=dict(start=0, end=1, size=0.02)))
-    fig.update_layout(title="FLOPs saved per input", barmode="stack", xaxis_tickformat=".0%",
-                      xaxis_title="fraction of the full network's FLOPs saved", yaxis_title="inputs", height=340,
-                      margin=dict(t=50, b=40, l=60, r=20))
-    return fig
-
-
-def fig_throughput(throughput: dict) -> go.Figure:
-    """Bar chart: images/s of the skipped run, skipped + shadow full run, and the plain full network."""
-    names = ["skipped", "skipped + shadow full", "full network"]
-    vals = [throughput.get("skip_images_per_s"), throughput.get("skip_with_shadow_images_per_s"),
-            throughput.get("full_images_per_s")]
-    fig = go.Figure(go.Bar(x=names, y=[v or 0 for v in vals], marker_color=["#3b7dd8", "#7fa7e0", "#999"],
-                           text=[f"{v:.1f}" if v else "n/a" for v in vals], textposition="auto"))
-    fig.update_layout(title="Throughput measured during the audit (images/s)", yaxis_title="images / s",
-                      height=320, margin=dict(t=50, b=40, l=60, r=20))
-    return fig
-
-
-def fig_agreement(summary: dict) -> go.Figure:
-    """Agreement with the full network and accuracies, with their 95% Wilson intervals."""
-    items = [("agreement with full", summary["agreement"]), ("accuracy (skipped)", summary["accuracy_skipped"]),
-             ("accuracy (full)", summary["accuracy_full"])]
-    items = [(n, p) for n, p in items if p["n"]]
-    fig = go.Figure(go.Bar(
-        x=[n for n, _ in items], y=[p["rate"] for _, p in items], marker_color="#3b7dd8",
-        error_y=dict(type="data", symmetric=False, array=[p["ci_high"] - p["rate"] for _, p in items],
-                     arrayminus=[p["rate"] - p["ci_low"] for _, p in items]),
-        text=[f"{p['rate']:.1%} ({p['k']}/{p['n']})" for _, p in items], textposition="auto"))
-    fig.update_layout(title="Agreement and accuracy (95% Wilson intervals)", yaxis_tickformat=".0%",
-                      yaxis_range=[0, 1.05], height=320, margin=dict(t=50, b=40, l=60, r=20))
-    return fig
 
 
 # --------------------------------------------------------------------------------------------------- HTML
@@ -301,19 +240,37 @@ def _spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _headline(s: dict, repro_line: str) -> dict[str, str]:
+    """The report's summary table: label -> text, from :func:`summarize`'s numbers (``s``) and the
+    reproducibility line (HTML)."""
+    tp = s["throughput"]
+    return {
+        "inputs": f"{s['n_inputs']} ({s['n_ok']} audited, {s['n_failed']} failed)",
+        "agreement with the full network": _prop(s["agreement"]),
+        "accuracy, skipped": _prop(s["accuracy_skipped"]),
+        "accuracy, full network": _prop(s["accuracy_full"]),
+        "FLOPs saved": (f"{_pct(s['flops_saved_fraction'])} (mean {s['flops_executed_mean'] / 1e6:.2f}M of "
+                        f"{s['flops_full'] / 1e6:.2f}M)" if s["flops_full"] else "n/a"),
+        "latency saved (model time per image)": (
+            f"{_pct(s['latency_saved_fraction'])} ({s['latency_ms_mean']:.3f} ms skipped vs "
+            f"{s['full_latency_ms_mean']:.3f} ms full)" if s["full_latency_ms_mean"] else "n/a"),
+        "throughput (images/s)": (f"skipped {tp['skip_images_per_s']:.1f}, with shadow run "
+                                  f"{tp['skip_with_shadow_images_per_s']:.1f}, full {tp['full_images_per_s']:.1f}"
+                                  if tp["skip_images_per_s"] else "n/a"),
+        "KL(full || skipped)": ("n/a" if s["kl_full_skipped_mean"] is None else
+                                f"mean {s['kl_full_skipped_mean']:.4g}, max {s['kl_full_skipped_max']:.4g}"),
+        "reproducibility": repro_line,
+    }
+
+
 def render_report(run: AuditRun, reproducibility: Sequence[ReproResult] | None = None,
-                  net: "SkipNetwork | None" = None, n_reproduce: int = 0,
                   max_rows: int = 500) -> tuple[str, str, str]:
     """The report as ``(html, json, csv)`` strings (what the dashboard offers as downloads).
 
-    ``reproducibility``: results of :func:`skipviz.audit.reproduce_sample`; or give ``net`` and
-    ``n_reproduce > 0`` to reproduce a sample here. The HTML lists every disagreement and failed input, and
-    agreeing inputs up to ``max_rows`` rows in all (the JSON and CSV always hold every record).
+    ``reproducibility``: results of :func:`skipviz.audit.reproduce.reproduce_sample` (the network runs there,
+    not here). The HTML lists every disagreement and failed input, and agreeing inputs up to ``max_rows`` rows
+    in all (the JSON and CSV always hold every record).
     """
-    if reproducibility is None and n_reproduce > 0:
-        from .audit import reproduce_sample
-
-        reproducibility = reproduce_sample(run, net, k=n_reproduce)
     data = report_data(run, reproducibility)
     s = data["summary"]
     per_block = skip_rate_per_block(run.records)
@@ -332,24 +289,7 @@ def render_report(run: AuditRun, reproducibility: Sequence[ReproResult] | None =
                   f"{repro['reproduced']}/{repro['sampled']} sampled records reproduced</span>")
     repro_table = pd.DataFrame(repro["results"]).to_html(index=False, escape=True, na_rep="") if repro[
         "sampled"] else ""
-    tp = s["throughput"]
-    headline = {
-        "inputs": f"{s['n_inputs']} ({s['n_ok']} audited, {s['n_failed']} failed)",
-        "agreement with the full network": _prop(s["agreement"]),
-        "accuracy, skipped": _prop(s["accuracy_skipped"]),
-        "accuracy, full network": _prop(s["accuracy_full"]),
-        "FLOPs saved": (f"{_pct(s['flops_saved_fraction'])} (mean {s['flops_executed_mean'] / 1e6:.2f}M of "
-                        f"{s['flops_full'] / 1e6:.2f}M)" if s["flops_full"] else "n/a"),
-        "latency saved (model time per image)": (
-            f"{_pct(s['latency_saved_fraction'])} ({s['latency_ms_mean']:.3f} ms skipped vs "
-            f"{s['full_latency_ms_mean']:.3f} ms full)" if s["full_latency_ms_mean"] else "n/a"),
-        "throughput (images/s)": (f"skipped {tp['skip_images_per_s']:.1f}, with shadow run "
-                                  f"{tp['skip_with_shadow_images_per_s']:.1f}, full {tp['full_images_per_s']:.1f}"
-                                  if tp["skip_images_per_s"] else "n/a"),
-        "KL(full || skipped)": ("n/a" if s["kl_full_skipped_mean"] is None else
-                                f"mean {s['kl_full_skipped_mean']:.4g}, max {s['kl_full_skipped_max']:.4g}"),
-        "reproducibility": repro_line,
-    }
+    headline = _headline(s, repro_line)
     head_rows = "".join(f"<tr><th>{_e(k)}</th><td>{v if k == 'reproducibility' else _e(v)}</td></tr>"
                         for k, v in headline.items())
     failed_rows = "".join(f"<tr><td>{_e(r.input_name)}</td><td>{_e(r.error)}</td></tr>" for r in run.failed_records)
@@ -386,12 +326,11 @@ logits and gate scores must match bit for bit, elsewhere within the tolerance sh
 
 
 def write_report(run: AuditRun, out_html: str | Path, reproducibility: Sequence[ReproResult] | None = None,
-                 net: "SkipNetwork | None" = None, n_reproduce: int = 0,
                  max_rows: int = 500) -> tuple[Path, Path, Path]:
     """Write ``out.html`` plus ``out.json`` and ``out.csv`` beside it; returns the three paths."""
     out = Path(out_html)
     out.parent.mkdir(parents=True, exist_ok=True)
-    page, text, csv = render_report(run, reproducibility, net=net, n_reproduce=n_reproduce, max_rows=max_rows)
+    page, text, csv = render_report(run, reproducibility, max_rows=max_rows)
     paths = (out, out.with_suffix(".json"), out.with_suffix(".csv"))
     for p, content in zip(paths, (page, text, csv)):
         p.write_text(content, encoding="utf-8")

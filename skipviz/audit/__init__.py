@@ -1,0 +1,24 @@
+"""Audit trail: every skip decision for every input, stored, reproducible and exportable.
+
+* :mod:`~skipviz.audit.records` - :class:`AuditRecord` (one input in one run: input hash and image metadata,
+  model and weights hashes, the policy, every block's decision, the prediction, the FULL network's prediction
+  on the same input (shadow run), agreement, KL(full || skipped), FLOPs, latency, device, versions, timestamp,
+  label; or the error text for an input that could not be read), :class:`AuditRun`, :class:`ReproResult`.
+* :mod:`~skipviz.audit.store` - the SQLite store (:class:`AuditStore`); :mod:`~skipviz.audit.archive` - inputs
+  from folders, files and zip archives, safely.
+* :mod:`~skipviz.audit.run` - :func:`run_audit`, :func:`audit_uploaded_files`, :func:`load_run`.
+* :mod:`~skipviz.audit.reproduce` - :func:`reproduce`, :func:`reproduce_many`, :func:`reproduce_sample`.
+* :mod:`~skipviz.audit.report` - the HTML/JSON/CSV report of a stored run (it never runs the network).
+
+The ``skipviz audit`` command is :mod:`skipviz.cli.audit`; throughput is :func:`skipviz.measure.runs.measure_throughput`.
+"""
+from .archive import ArchiveError, InputItem, ZipLimits, collect_inputs, items_from_uploads, read_source
+from .records import GPU_ATOL, AuditRecord, AuditRun, ReproResult, records_to_dataframe
+from .reproduce import rebuild_model, reproduce, reproduce_many, reproduce_sample
+from .run import audit_items, audit_uploaded_files, load_run, model_name_of, params_sha256, run_audit
+from .store import AuditStore, SchemaVersionError, StoreError
+
+__all__ = ["ArchiveError", "AuditRecord", "AuditRun", "AuditStore", "GPU_ATOL", "InputItem", "ReproResult",
+           "SchemaVersionError", "StoreError", "ZipLimits", "audit_items", "audit_uploaded_files", "collect_inputs",
+           "items_from_uploads", "load_run", "model_name_of", "params_sha256", "rebuild_model", "records_to_dataframe",
+           "read_source", "reproduce", "reproduce_many", "reproduce_sample", "run_audit"]

@@ -1,0 +1,202 @@
+"""The records an audit writes: one :class:`AuditRecord` per input, the :class:`AuditRun` that holds them, and
+the :class:`ReproResult` of replaying one. Plain data: the store (:mod:`skipviz.audit.store`) and the code that
+writes (:mod:`skipviz.audit.run`) or replays (:mod:`skipviz.audit.reproduce`) them sit above."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["AuditRecord", "AuditRun", "GPU_ATOL", "ReproResult", "records_to_dataframe"]
+
+GPU_ATOL = 1e-4  # absolute tolerance on logits and gate scores when a run or its replay is not on the CPU
+
+
+@dataclass
+class AuditRecord:
+    """One input in one audit run. ``status`` is ``"ok"`` or ``"failed"`` (then only ``error`` and the input
+    identity are set).
+
+    ``trace`` is :meth:`SampleTrace.to_dict` of the skipped run (every block's decision, score, threshold,
+    reason, FLOPs, and the logits (K,)); ``full_logits`` (K,) are the shadow full run's. ``latency_ms`` and
+    ``full_latency_ms`` are the batch's measured wall time divided by the images in it.
+    ``batch_index``/``batch_pos`` place the input in the batch it ran in (what :func:`reproduce` replays).
+    """
+
+    run_id: str
+    input_name: str
+    input_path: str | None
+    status: str
+    model_name: str
+    weights_sha256: str | None
+    params_sha256: str | None
+    policy: dict
+    device: str
+    versions: dict
+    timestamp: str
+    input_sha256: str | None = None
+    image: dict | None = None
+    label: str | None = None
+    error: str | None = None
+    trace: dict | None = None
+    predicted_index: int | None = None
+    predicted_label: str | None = None
+    confidence: float | None = None
+    full_logits: list[float] | None = None
+    full_predicted_index: int | None = None
+    full_predicted_label: str | None = None
+    full_confidence: float | None = None
+    agree: bool | None = None
+    kl_full_skipped: float | None = None
+    flops_executed: int | None = None
+    flops_full: int | None = None
+    blocks_executed: int | None = None
+    blocks_total: int | None = None
+    latency_ms: float | None = None
+    full_latency_ms: float | None = None
+    batch_index: int | None = None
+    batch_pos: int | None = None
+    batch_size: int | None = None
+    thumbnail_png_b64: str | None = None
+    record_id: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def executed_mask(self) -> list[bool]:
+        return [bool(b["executed"]) for b in self.trace["blocks"]] if self.trace else []
+
+    @property
+    def correct(self) -> bool | None:
+        return None if self.label is None or not self.ok else self.predicted_label == self.label
+
+    @property
+    def full_correct(self) -> bool | None:
+        return None if self.label is None or not self.ok else self.full_predicted_label == self.label
+
+    @property
+    def flops_saved_fraction(self) -> float | None:
+        if self.flops_executed is None or not self.flops_full:
+            return None
+        return 1.0 - self.flops_executed / self.flops_full
+
+    def to_dict(self, thumbnail: bool = True) -> dict:
+        out = dataclasses.asdict(self)
+        if not thumbnail:
+            out.pop("thumbnail_png_b64")
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, allow_nan=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AuditRecord":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_json(cls, text: str) -> "AuditRecord":
+        return cls.from_dict(json.loads(text))
+
+    def flat(self) -> dict:
+        """One flat row (CSV/DataFrame): identity, outcome, agreement, cost, and the executed mask as text, one
+        character per block: ``R`` ran, ``-`` bypassed (letters, so spreadsheets do not read it as a number)."""
+        return {
+            "record_id": self.record_id, "run_id": self.run_id, "input_name": self.input_name,
+            "input_path": self.input_path, "input_sha256": self.input_sha256, "status": self.status,
+            "error": self.error, "label": self.label, "predicted": self.predicted_label,
+            "confidence": self.confidence, "full_predicted": self.full_predicted_label,
+            "full_confidence": self.full_confidence, "agree": self.agree, "correct": self.correct,
+            "full_correct": self.full_correct, "kl_full_skipped": self.kl_full_skipped,
+            "blocks_executed": self.blocks_executed, "blocks_total": self.blocks_total,
+            "executed_mask": "".join("R" if e else "-" for e in self.executed_mask) or None,
+            "flops_executed": self.flops_executed, "flops_full": self.flops_full,
+            "flops_saved_fraction": self.flops_saved_fraction, "latency_ms": self.latency_ms,
+            "full_latency_ms": self.full_latency_ms, "model_name": self.model_name,
+            "weights_sha256": self.weights_sha256, "policy": json.dumps(self.policy, sort_keys=True),
+            "device": self.device, "timestamp": self.timestamp,
+            "image_format": (self.image or {}).get("format"), "image_width": (self.image or {}).get("width"),
+            "image_height": (self.image or {}).get("height"),
+        }
+
+
+def records_to_dataframe(records: Sequence[AuditRecord]) -> pd.DataFrame:
+    """One row per record (:meth:`AuditRecord.flat`), disagreements first, then failed rows, then the rest."""
+    rows = [r.flat() for r in records]
+    df = pd.DataFrame(rows, columns=list(AuditRecord(run_id="", input_name="", input_path=None, status="",
+                                                     model_name="", weights_sha256=None, params_sha256=None,
+                                                     policy={}, device="", versions={},
+                                                     timestamp="").flat().keys()))
+    if df.empty:
+        return df
+    order = np.where(df["agree"].eq(False), 0, np.where(df["status"].eq("failed"), 1, 2))
+    return df.assign(_o=order).sort_values(["_o", "record_id"], kind="stable").drop(columns="_o").reset_index(
+        drop=True)
+
+
+@dataclass
+class AuditRun:
+    """One finished audit: its records (stored), configuration, timings and environment.
+
+    ``timings``: ``skip_s`` / ``full_s`` seconds spent in the skipped runs and the shadow full runs, over
+    ``images`` images. ``sources`` maps ``record_id`` to bytes for inputs that exist only in memory (uploads),
+    so they can be reproduced while the run object lives.
+    """
+
+    run_id: str
+    db_path: str
+    model_name: str
+    weights_sha256: str | None
+    params_sha256: str
+    policy: dict
+    config: dict
+    environment: dict
+    records: list[AuditRecord]
+    timings: dict
+    sources: dict[int, bytes] = field(default_factory=dict)
+
+    @property
+    def ok_records(self) -> list[AuditRecord]:
+        return [r for r in self.records if r.ok]
+
+    @property
+    def failed_records(self) -> list[AuditRecord]:
+        return [r for r in self.records if not r.ok]
+
+    def throughput(self) -> dict:
+        """Images/s measured during the audit: skipped run alone, skipped + shadow full run, full alone."""
+        n, s, f = self.timings.get("images", 0), self.timings.get("skip_s", 0.0), self.timings.get("full_s", 0.0)
+        return {"images": n, "skip_images_per_s": n / s if s else None,
+                "skip_with_shadow_images_per_s": n / (s + f) if s + f else None,
+                "full_images_per_s": n / f if f else None}
+
+    def dataframe(self) -> pd.DataFrame:
+        return records_to_dataframe(self.records)
+
+
+@dataclass
+class ReproResult:
+    """Whether a stored record was reproduced. On CPU (``tolerance == 0``) every logit and gate score must be
+    bit-for-bit equal; otherwise within ``tolerance`` (absolute). Decisions (which blocks ran) and the
+    predictions must always match exactly."""
+
+    record_id: int | None
+    input_name: str
+    reproduced: bool
+    decisions_match: bool
+    prediction_match: bool
+    logits_match: bool
+    full_match: bool
+    max_abs_logit_diff: float
+    max_abs_score_diff: float
+    tolerance: float
+    device: str
+    message: str = ""
+
+    to_dict = dataclasses.asdict  # the JSON of the result: every field

@@ -1,0 +1,35 @@
+"""What several commands share: loading the model, the ``--policy`` option."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .._checkpoint import CheckpointError
+from ..models._registry import DEFAULT_MODEL, create_model
+from ..policies.base import Policy
+from ..policies.threshold import DECISION_SOURCES, policy_for
+
+__all__ = ["add_policy_argument", "load_model", "model_and_policy"]
+
+
+def load_model(name: str, weights: str | None):
+    """The registered model ``name``, with the weights file ``weights`` when given."""
+    return create_model(name, weights=weights) if weights else create_model(name)
+
+
+def model_and_policy(args: argparse.Namespace) -> tuple | None:
+    """``(net, policy)`` that the ``--model``, ``--weights``, ``--policy`` and ``--threshold`` options name, or
+    ``None`` (the error printed) when they cannot be loaded."""
+    try:
+        net = load_model(args.model or DEFAULT_MODEL, args.weights)
+        policy: Policy = policy_for(net, args.policy, args.threshold)
+    except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    return net, policy
+
+
+def add_policy_argument(parser: argparse.ArgumentParser) -> None:
+    """``--policy gates|plan`` (skipviz predict, audit)."""
+    parser.add_argument("--policy", default="gates", choices=sorted(DECISION_SOURCES),
+                        help="decisions from the per-block gates or the plan head at the stem (default: gates)")
