@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 def varied_images(n: int, seed: int) -> torch.Tensor:
@@ -26,3 +28,32 @@ def tiny_net():
             gate = net.gate(i)
             gate.fc2.bias -= gate(feats[i]).median()
     return net
+
+
+def reference_forward(net, x, skip=frozenset(), fold=True):
+    """Hand-written CIFAR ResNet forward that omits the blocks in ``skip`` (written out, not the engine's code).
+    ``fold``: each conv-BN pair as torch's own fused eval-mode convolution (``fuse_conv_bn_eval``), as the
+    engine runs at inference; else the modules one after the other."""
+
+    def conv_bn(h, conv, bn):
+        return fuse_conv_bn_eval(conv, bn)(h) if fold else bn(conv(h))
+
+    h = F.relu(conv_bn(x, net.stem[0], net.stem[1]))
+    for i, b in enumerate(net.blocks):
+        if i in skip:
+            if b.downsample:  # option-A shortcut: subsample by 2, zero-pad the new channels
+                h = h[:, :, ::2, ::2]
+                extra = b.out_channels - b.in_channels
+                h = torch.cat([h.new_zeros(h.shape[0], extra // 2, *h.shape[2:]), h,
+                               h.new_zeros(h.shape[0], extra - extra // 2, *h.shape[2:])], 1)
+            continue
+        out = F.relu(conv_bn(h, b.conv1, b.bn1))
+        out = conv_bn(out, b.conv2, b.bn2)
+        sc = h
+        if b.downsample:
+            sc = h[:, :, ::2, ::2]
+            extra = b.out_channels - b.in_channels
+            sc = torch.cat([sc.new_zeros(sc.shape[0], extra // 2, *sc.shape[2:]), sc,
+                            sc.new_zeros(sc.shape[0], extra - extra // 2, *sc.shape[2:])], 1)
+        h = F.relu(out + sc)
+    return net.head.fc(h.mean((2, 3)))

@@ -123,7 +123,7 @@ class PlanHead(nn.Module):
     The stem's output (N, C0, H0, W0) is average-pooled to a ``grid`` x ``grid`` map, flattened (C0 * grid^2,
     :meth:`features`) and read by a two-layer MLP: (N, G) logits, one per block of ``gated_blocks`` (in that
     order). Used by :class:`~skipviz.policies.PlanPolicy`; trained by distillation from the per-block gates
-    (:func:`skipviz.train.fit_plan_head`, :func:`skipviz.train.export_plan`).
+    (:func:`skipviz.training.plan.fit_plan_head`, :func:`skipviz.training.plan.export_plan`).
     """
 
     def __init__(self, channels: int, gated_blocks: Sequence[int], grid: int = 4, hidden: int = 128) -> None:

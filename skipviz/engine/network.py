@@ -51,7 +51,7 @@ class SkipNetwork(nn.Module):
         blocks: residual blocks in execution order.
         head: (N, C_L, H_L, W_L) -> (N, K) logits (pooling + classifier).
         block_names: one readable name per block (``"stage1.block0"``).
-        meta: classes, input size, normalisation, weights identity (see :class:`~skipviz.weights.ModelMeta`).
+        meta: classes, input size, normalisation, weights identity (see :class:`~skipviz.models.weights.ModelMeta`).
         gates: block index -> gate head, for the blocks that have one.
         probes: one probe head per block, or ``None``.
     """
@@ -119,7 +119,7 @@ class SkipNetwork(nn.Module):
         Args:
             x: (N, 3, H, W) normalised images.
         Returns:
-            :class:`~skipviz.trace.SkipResult` with ``logits`` (N, K) and the decisions (``executed`` (N, L),
+            :class:`~skipviz.engine.trace.SkipResult` with ``logits`` (N, K) and the decisions (``executed`` (N, L),
             ``scores`` (N, L), ``traces()``).
         """
         policy = policy or FullPolicy()

@@ -42,7 +42,7 @@ class CifarBasicBlock(SkippableBlock):
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """The residual branch: (N, C_in, H, W) -> (N, C_out, H/s, W/s); at inference each conv-BN pair is one
-        convolution (:func:`~skipviz.network.conv_bn`)."""
+        convolution (:func:`~skipviz.engine.folding.conv_bn`)."""
         return conv_bn(conv_bn(x, self.conv1, self.bn1).relu_(), self.conv2, self.bn2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +91,7 @@ def cifar_resnet(depth: int, num_classes: int = 10, classes: list[str] | None = 
 
     ``gates``: a gate head on every identity-shortcut block (and on downsampling blocks too when
     ``gate_downsample``). ``probes``: a linear probe head after every block. ``plan``: a plan head deciding
-    the gated blocks up front (:class:`~skipviz.network.PlanHead` of ``plan_grid`` and ``plan_hidden``, for
+    the gated blocks up front (:class:`~skipviz.engine.heads.PlanHead` of ``plan_grid`` and ``plan_hidden``, for
     ``PlanPolicy``).
     """
     if (depth - 2) % 6 != 0 or depth < 8:

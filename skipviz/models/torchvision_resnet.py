@@ -44,7 +44,7 @@ class TorchvisionBlock(SkippableBlock):
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """The residual branch of torchvision's ``BasicBlock``/``Bottleneck.forward``, without the add; at
-        inference each conv-BN pair is one convolution (:func:`~skipviz.network.conv_bn`)."""
+        inference each conv-BN pair is one convolution (:func:`~skipviz.engine.folding.conv_bn`)."""
         b = self.block
         out = b.relu(conv_bn(x, b.conv1, b.bn1))
         out = conv_bn(out, b.conv2, b.bn2)

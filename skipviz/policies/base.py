@@ -32,7 +32,7 @@ class Decision:
     """What to do with one block for the M samples entering it.
 
     ``execute``: (M,) bool tensor, or a Python bool for "the same for all". ``reason``: (M,) int tensor of
-    :class:`~skipviz.trace.Reason` codes, or one code. ``score``: (M,) float tensor, a float, or ``None``.
+    :class:`~skipviz.engine.trace.Reason` codes, or one code. ``score``: (M,) float tensor, a float, or ``None``.
     ``evaluated``: whether the policy's head (gate) ran, so its FLOPs count.
     """
 

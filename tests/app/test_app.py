@@ -22,7 +22,7 @@ from skipviz.evaluate import calibration
 
 from conftest import app_environment
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 APP = str(ROOT / "app.py")
 ENV = {"SKIPVIZ_CIFAR10": "/nonexistent/cifar10", "SKIPVIZ_CALIB_N": "32", "SKIPVIZ_LATENCY_REPEATS": "2",
        "SKIPVIZ_MODEL": DEFAULT_MODEL}

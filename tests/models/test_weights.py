@@ -12,7 +12,7 @@ from PIL import Image
 
 from skipviz.models.weights import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, ModelMeta
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CIFAR = ModelMeta("cifar", [str(i) for i in range(10)], (3, 32, 32), CIFAR10_MEAN, CIFAR10_STD, resize=32)
 IMAGENET = ModelMeta("imagenet", [str(i) for i in range(10)], (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD, resize=256)
 
