@@ -136,7 +136,7 @@ def main() -> int:
               "new": {"path": str(ROOT)}, "inputs": workers["new"][1]["inputs"],
               "policies": workers["new"][1]["policies"], "machine_note": args.machine_note,
               "load_average_end": os.getloadavg(), "rows": rows,
-              "method": __doc__.split("\n\n")[1].replace("\n", " ")}
+              "method": " ".join(__doc__.split("\n\n")[1].split()).removeprefix("Method: ")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "restructure_ab_cpu.json").write_text(json.dumps(report, indent=1))
