@@ -18,6 +18,7 @@ from .engine.heads import GateHead, PlanHead, ProbeHead
 from .engine.network import SkipNetwork
 from .engine.trace import BlockDecision, Reason, SampleTrace, SkipResult, traces_to_dataframe
 from .models import DEFAULT_MODEL, create_model, data_dir, list_models, list_pretrained
+from .models.cifar_import import import_cifar_resnet
 from .models.weights import ModelMeta
 from .policies import (Decision, EarlyExitPolicy, FullPolicy, GatePolicy, Plan, PlanPolicy, Policy,
                        StaticMaskPolicy, policy_for, policy_from_config)
@@ -26,7 +27,7 @@ __all__ = [
     "AllocatorSetting", "BlockDecision", "CheckpointError", "DEFAULT_MODEL", "Decision", "EarlyExitPolicy",
     "FlopTable", "FullPolicy", "GateHead", "GatePolicy", "ImageInfo", "ImageLoadError", "ModelMeta", "Plan",
     "PlanHead", "PlanPolicy", "Policy", "ProbeHead", "Reason", "SampleTrace", "SkipNetwork", "SkipResult",
-    "SkippableBlock", "StaticMaskPolicy", "allocator_setting", "create_model", "data_dir", "inference_folding",
-    "keep_heap_memory", "list_models", "list_pretrained", "load_image", "load_state_dict", "policy_for", "policy_from_config",
+    "SkippableBlock", "StaticMaskPolicy", "allocator_setting", "create_model", "data_dir", "import_cifar_resnet",
+    "inference_folding", "keep_heap_memory", "list_models", "list_pretrained", "load_image", "load_state_dict", "policy_for", "policy_from_config",
     "traces_to_dataframe",
 ]

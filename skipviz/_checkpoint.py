@@ -7,6 +7,7 @@ model exactly; otherwise :class:`CheckpointError` says what is wrong.
 from __future__ import annotations
 
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
@@ -22,6 +23,15 @@ class CheckpointError(ValueError):
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a weights file (safetensors, or a weights-only torch file) into a name -> tensor dict on CPU."""
+    return load_checkpoint(path)[0]
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Read a weights file into ``(name -> tensor dict on CPU, the entries stored beside it)``.
+
+    A torch file may wrap its state dict in a dict (``{'state_dict': ..., 'best_prec1': 93.6}``); the second
+    item holds that dict's other entries as loaded (``{}`` for a safetensors file or a bare state dict).
+    """
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such weights file")
@@ -32,6 +42,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{p.name}: {size / 2**30:.1f} GiB is over the weights size limit")
     with open(p, "rb") as f:
         head = f.read(16)
+    extras: dict[str, object] = {}
     if p.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -41,26 +52,10 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{p.name}: not a valid safetensors file ({e})") from e
     else:
-        if not (head.startswith(b"PK") or head[:1] == b"\x80"):
-            raise CheckpointError(f"{p.name}: not a PyTorch weights file (expected .safetensors or a torch.save zip)")
-        if head.startswith(b"PK"):  # the size limit holds for what the members unpack to, not just the file
-            try:
-                with zipfile.ZipFile(p) as zf:
-                    unpacked = sum(info.file_size for info in zf.infolist())
-            except (zipfile.BadZipFile, OSError, ValueError) as e:
-                raise CheckpointError(f"{p.name}: damaged or unreadable weights file ({e})") from e
-            if unpacked > MAX_CHECKPOINT_BYTES:
-                raise CheckpointError(f"{p.name}: its contents unpack to {unpacked / 2**30:.1f} GiB, over the weights "
-                                      "size limit")
-        try:
-            state = torch.load(str(p), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{p.name}: refused: the file holds pickled objects other than weights "
-                                  f"(only tensors are loaded, never arbitrary code): {str(e).splitlines()[0]}") from e
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-            raise CheckpointError(f"{p.name}: damaged or unreadable weights file ({e})") from e
+        state = _torch_load(p, head)
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
+                extras = {k: v for k, v in state.items() if k != key}
                 state = state[key]
                 break
     if not isinstance(state, dict) or not state:
@@ -68,7 +63,59 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     bad = [k for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)]
     if bad:
         raise CheckpointError(f"{p.name}: entries that are not tensors: {bad[:5]}")
-    return state
+    return state, extras
+
+
+def _torch_load(p: Path, head: bytes) -> object:
+    """``torch.load(weights_only=True)`` of a zip or legacy torch file, every failure a :class:`CheckpointError`."""
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        raise CheckpointError(f"{p.name}: not a PyTorch weights file (expected .safetensors or a torch.save zip)")
+    if head.startswith(b"PK"):  # the size limit holds for what the members unpack to, not just the file
+        try:
+            with zipfile.ZipFile(p) as zf:
+                unpacked = sum(info.file_size for info in zf.infolist())
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise CheckpointError(f"{p.name}: damaged, truncated or unreadable weights file ({e})") from e
+        if unpacked > MAX_CHECKPOINT_BYTES:
+            raise CheckpointError(f"{p.name}: its contents unpack to {unpacked / 2**30:.1f} GiB, over the weights "
+                                  "size limit")
+    try:
+        return torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if head[:1] == b"\x80" and _legacy_pickles_truncated(p):
+            raise CheckpointError(f"{p.name}: truncated weights file (it ends inside its pickled index)") from e
+        raise CheckpointError(f"{p.name}: refused: the file holds pickled objects other than tensors and numbers "
+                              f"(only weights are loaded, never code): {_refusal_reason(e)}") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, struct.error) as e:
+        reason = str(e).splitlines()[0] if str(e) else f"{type(e).__name__}: the data ends early"
+        raise CheckpointError(f"{p.name}: damaged, truncated or unreadable weights file ({reason})") from e
+
+
+def _refusal_reason(e: pickle.UnpicklingError) -> str:
+    """What the weights-only unpickler refused (e.g. ``Unsupported global: GLOBAL builtins.print ...``), without
+    torch's advice on how to load the file anyway: a file that needs it is not loaded by this project."""
+    for line in str(e).splitlines():
+        line = line.strip()
+        if line.startswith("WeightsUnpickler error:"):
+            return line.removeprefix("WeightsUnpickler error:").split(" Please use", 1)[0].strip()
+    return type(e).__name__
+
+
+def _legacy_pickles_truncated(p: Path, pickles: int = 5) -> bool:
+    """Whether a legacy (non-zip) torch file ends inside one of its leading pickles (magic number, protocol,
+    system info, the object, the storage keys). Parsed with :mod:`pickletools`, which reads opcodes and runs
+    nothing. A file whose pickles are complete was refused for what it holds, not for being cut short."""
+    import pickletools
+
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        for _ in range(pickles):
+            try:
+                for _op in pickletools.genops(f):
+                    pass
+            except ValueError:  # ran out of data ("pickle exhausted before seeing STOP", "not enough data")
+                return f.tell() >= size
+    return False
 
 
 def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "weights") -> None:

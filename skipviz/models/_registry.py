@@ -124,9 +124,11 @@ def create_model(name: str, weights: str | os.PathLike | None = None, **kwargs: 
         if getattr(builder, "loads_own_weights", False):
             # families wrapping another library's models read that library's key layout themselves
             return builder(weights_path=str(p), **kwargs).eval()
-    model = builder(**kwargs)
+    # a weights file's card (beside it) says how the family builds the network it fits, as for a registered tag
+    card = read_card(p.with_suffix(".json")) if weights is not None and p.suffix != ".json" else {}
+    model = builder(**{**card.get("model_kwargs", {}), **kwargs})
     if weights is not None:
-        _load_file(model, p, weights_name=p.stem, card=read_card(p.with_suffix(".json")) if p.suffix != ".json" else {})
+        _load_file(model, p, weights_name=p.stem, card=card)
     return model.eval()
 
 

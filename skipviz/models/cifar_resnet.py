@@ -86,13 +86,17 @@ class PoolClassifier(nn.Module):
 
 def cifar_resnet(depth: int, num_classes: int = 10, classes: list[str] | None = None, gates: bool = True,
                  gate_downsample: bool = False, probes: bool = True, gate_hidden: int = 16,
-                 plan: bool = False, plan_grid: int = 4, plan_hidden: int = 128) -> SkipNetwork:
+                 plan: bool = False, plan_grid: int = 4, plan_hidden: int = 128,
+                 mean: tuple[float, float, float] | list[float] = CIFAR10_MEAN,
+                 std: tuple[float, float, float] | list[float] = CIFAR10_STD) -> SkipNetwork:
     """Build a CIFAR ResNet of ``depth`` (6n+2) as a :class:`SkipNetwork`.
 
     ``gates``: a gate head on every identity-shortcut block (and on downsampling blocks too when
     ``gate_downsample``). ``probes``: a linear probe head after every block. ``plan``: a plan head deciding
     the gated blocks up front (:class:`~skipviz.engine.heads.PlanHead` of ``plan_grid`` and ``plan_hidden``, for
-    ``PlanPolicy``).
+    ``PlanPolicy``). ``mean``/``std``: the input normalisation the weights were trained with (the CIFAR-10
+    statistics by default; the imported public checkpoints use ImageNet's, :mod:`skipviz.models.cifar_import`),
+    recorded in :class:`~skipviz.models.weights.ModelMeta`.
     """
     if (depth - 2) % 6 != 0 or depth < 8:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
@@ -111,8 +115,10 @@ def cifar_resnet(depth: int, num_classes: int = 10, classes: list[str] | None = 
     gate_heads = {i: GateHead(b.in_channels, gate_hidden) for i, b in enumerate(blocks)
                   if gates and (gate_downsample or not b.downsample)}
     probe_heads = [ProbeHead(b.out_channels, num_classes) for b in blocks] if probes else None
-    meta = ModelMeta(arch=f"cifar_resnet{depth}", classes=classes, input_size=(3, 32, 32), mean=CIFAR10_MEAN,
-                     std=CIFAR10_STD, resize=32)
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean and std are three per-channel values (std > 0), got {mean} and {std}")
+    meta = ModelMeta(arch=f"cifar_resnet{depth}", classes=classes, input_size=(3, 32, 32),
+                     mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std), resize=32)
     net = SkipNetwork(CifarStem(16), blocks, PoolClassifier(64, num_classes), names, meta, gate_heads, probe_heads)
     if plan:
         if not gate_heads:
