@@ -4,6 +4,6 @@
 family, and ``toy`` (random-init stand-ins for timing and tests).
 """
 from ._registry import DEFAULT_MODEL, create_model, data_dir, list_models, list_pretrained  # noqa: F401
-from . import cifar_resnet, torchvision_resnet  # noqa: F401,E402  (register the families)
+from . import cifar_resnet, efficientnet_lite, torchvision_resnet  # noqa: F401,E402  (register the families)
 
 __all__ = ["DEFAULT_MODEL", "create_model", "data_dir", "list_models", "list_pretrained"]

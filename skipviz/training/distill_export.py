@@ -1,0 +1,214 @@
+"""Export of heads distilled over a frozen published backbone (:mod:`skipviz.training.distill`): the plan head
+fitted from the trained gates, threshold curves, the fast and faithful operating points, and the model card.
+
+Operating points are chosen on the validation split carved from ``train/`` and reported on ``val/``:
+
+* **fast**: the largest FLOPs cut (decision heads counted) whose top-1 accuracy drop against the published
+  full network is at most ``max_drop_points``;
+* **faithful**: the largest FLOPs cut whose top-1 agreement with the published full network is at least
+  ``min_agreement``.
+
+"fast" is the gates' (and the plan head's) default threshold.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from ..models._registry import create_model, data_dir
+from ..data import TensorDataset, train_val_split
+from ..engine.heads import PlanHead
+from ..engine.network import SkipNetwork
+from .distill import DistillConfig, head_state, imagenette_root, load_imagenette
+
+__all__ = ["HeadsExportConfig", "cpu_model", "export_heads", "operating_point"]
+
+
+@dataclass
+class HeadsExportConfig:
+    run_dir: str = "runs/efficientnet_lite0_heads"
+    gate_thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    plan_thresholds: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+    exit_thresholds: tuple[float, ...] = (0.8, 0.95)
+    max_drop_points: float = 1.0
+    min_agreement: float = 0.99
+    plan_teacher_threshold: float = 0.5
+    plan_epochs: int = 60
+    batch_size: int = 100
+
+
+def cpu_model() -> str:
+    """The CPU's model name as ``lscpu`` prints it (``platform.processor()`` where lscpu is missing)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def operating_point(curve: pd.DataFrame, max_drop_points: float | None = None,
+                    min_agreement: float | None = None) -> float | None:
+    """The threshold of ``curve`` (rows: threshold, flops_saved_fraction, accuracy_drop_points,
+    agreement_with_full) with the largest FLOPs cut meeting the bound; ``None`` when no row does."""
+    ok = curve
+    if max_drop_points is not None:
+        ok = ok[ok["accuracy_drop_points"] <= max_drop_points]
+    if min_agreement is not None:
+        ok = ok[ok["agreement_with_full"] >= min_agreement]
+    if not len(ok):
+        return None
+    return float(ok.sort_values(["flops_saved_fraction", "threshold"], ascending=[False, True]).iloc[0]["threshold"])
+
+
+def _fit_plan(net: SkipNetwork, train_set: TensorDataset, val_set: TensorDataset, cfg: HeadsExportConfig) -> dict:
+    from .plan import PlanConfig, fit_plan_head, plan_targets
+
+    torch.manual_seed(0)
+    head = PlanHead(net.stem.conv.out_channels, net.gated_blocks, 4, 128)
+    tr_f, tr_t = plan_targets(net, head, train_set, cfg.plan_teacher_threshold, batch_size=cfg.batch_size)
+    va_f, va_t = plan_targets(net, head, val_set, cfg.plan_teacher_threshold, batch_size=cfg.batch_size)
+    pcfg = PlanConfig(arch=net.meta.arch, teacher_threshold=cfg.plan_teacher_threshold, epochs=cfg.plan_epochs,
+                      batch_size=256, hidden=128, grid=4)
+    losses = fit_plan_head(head, tr_f, tr_t, pcfg)
+    with torch.no_grad():
+        va_logits = head.mlp(va_f)
+        fit = {"val_bce": float(F.binary_cross_entropy_with_logits(va_logits, va_t)),
+               "val_decision_agreement": float(((va_logits >= 0) == (va_t >= 0.5)).float().mean())}
+    net.plan_head = head.eval()
+    return {"head": {"grid": 4, "hidden": 128, "gated_blocks": head.gated_blocks,
+                     "input": "stem output average-pooled to grid x grid"},
+            "training": {"config": asdict(pcfg), "loss_per_epoch": losses,
+                         "teacher": f"GatePolicy({cfg.plan_teacher_threshold}) gate probabilities, training split"},
+            "validation_fit": fit}
+
+
+def _curves(net: SkipNetwork, data: TensorDataset, cfg: HeadsExportConfig) -> dict:
+    from ..evaluate import early_exit_policy, evaluate_policy, threshold_curve
+    from ..policies import FullPolicy, GatePolicy, PlanPolicy
+
+    full = evaluate_policy(net, data, FullPolicy(), batch_size=cfg.batch_size)
+    gates, gate_evals = threshold_curve(net, data, cfg.gate_thresholds, GatePolicy, full, cfg.batch_size)
+    plan, _ = threshold_curve(net, data, cfg.plan_thresholds, PlanPolicy, full, cfg.batch_size)
+    exits, _ = threshold_curve(net, data, cfg.exit_thresholds, early_exit_policy, full, cfg.batch_size)
+    return {"full": full, "gates": gates, "gate_evals": gate_evals, "plan": plan, "exits": exits}
+
+
+def _point(curve: pd.DataFrame, t: float | None) -> dict | None:
+    if t is None:
+        return None
+    row = curve[curve["threshold"] == t].iloc[0].to_dict()
+    return {k: (float(v) if isinstance(v, (float, np.floating)) else int(v) if isinstance(v, (np.integer,)) else v)
+            for k, v in row.items()}
+
+
+def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Path, splits: dict, ev: dict,
+          t_start: float) -> dict:
+    """The model card of exported heads: backbone identity and licence, classes, preprocessing, data split
+    hashes, training log with CPU and hours, operating points, FLOPs, curves (validation and test)."""
+    from ..measure.clock import software_versions
+    from .export import card_flops
+
+    train_set, val_set, test_set = splits["train"], splits["validation"], splits["test"]
+    plan, val, test, points, fast_t = ev["plan"], ev["val"], ev["test"], ev["points"], ev["fast"]
+    outcome, per_class, classes = ev["outcome"], ev["per_class"], ev["classes"]
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    return {
+        "name": f"{dcfg.arch}.imagenet_gated",
+        "architecture": {"arch": dcfg.arch, "blocks": net.num_blocks, "gated_blocks": net.gated_blocks,
+                         "block_names": net.block_names,
+                         "head_params": sum(v.numel() for v in head_state(net).values())},
+        "model_kwargs": {"gates": True, "probes": True, "plan": True, "plan_grid": 4, "plan_hidden": 128},
+        "backbone": net.meta.card["backbone"],
+        "classes": classes,
+        "classes_source": "torchvision ResNet50_Weights.IMAGENET1K_V1.meta['categories'] (ImageNet-1k order)",
+        "preprocessing": {"input_size": list(net.meta.input_size), "resize": net.meta.resize,
+                          "mean": list(net.meta.mean), "std": list(net.meta.std),
+                          "note": "RGB scaled to [0, 1], then (x - 0.5) / 0.5; shorter side resized, centre crop"},
+        "dataset": {"name": "Imagenette (imagenette2, 224x224 JPEG ImageFolder; labels as ImageNet-1k indices)",
+                    "train": {"n": len(train_set), "files_sha256": train_set.files_sha256},
+                    "validation": {"n": len(val_set), "seed": dcfg.seed, "files_sha256": val_set.files_sha256,
+                                   "carved_from": "train/"},
+                    "test": {"split": "val/", "n": len(test_set), "files_sha256": test_set.files_sha256}},
+        "training": {"config": asdict(dcfg), "epochs_run": len(log), "log": log,
+                     "hours": sum(r["seconds"] for r in log) / 3600, "cpu": cpu_model(), "device": "cpu",
+                     "labels_used": False},
+        "default_policy": {"name": "gates", "threshold": fast_t, "operating_point": "fast",
+                           "rule": f"largest FLOPs cut on validation with accuracy drop <= {cfg.max_drop_points} "
+                                   "points vs the published full network"},
+        "operating_points": points,
+        "flops": card_flops(net._count_flops(tuple(net.meta.input_size[-2:]))),
+        "metrics_test": {"full_accuracy": test["full"].accuracy, "gate_curve": test["gates"].to_dict("records"),
+                         "early_exit_curve": test["exits"].to_dict("records"),
+                         "blocks_mean_correct": outcome["correct"], "blocks_mean_wrong": outcome["wrong"],
+                         "per_class": per_class.to_dict("records")},
+        "metrics_validation": {"full_accuracy": val["full"].accuracy, "gate_curve": val["gates"].to_dict("records")},
+        "plan": {**plan, "default_threshold": points["plan"]["fast"]["threshold"] or cfg.plan_thresholds[0],
+                 "validation": {"curve": val["plan"].to_dict("records")},
+                 "curve_test": test["plan"].to_dict("records")},
+        "software": software_versions(),
+        "export_seconds": time.time() - t_start,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "reproduce": f"skipviz train-heads --arch {dcfg.arch} --epochs {dcfg.epochs} --export",
+    }
+
+
+def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: str | None = None) -> tuple[Path, dict]:
+    """Evaluate a finished distillation run and write ``<arch>_imagenet_gated.safetensors`` (heads only) and its
+    card to ``dest`` (default ``data/``)."""
+    from safetensors.torch import save_file
+
+    from ..evaluate import blocks_by_outcome
+    from ..models.efficientnet_lite import imagenet_classes
+    from ..models.weights import sha256_file
+
+    t_start = time.time()
+    run = Path(cfg.run_dir)
+    dcfg = DistillConfig(**json.loads((run / "config.json").read_text()))
+    root = data_root or dcfg.data_root or imagenette_root()
+    net = create_model(dcfg.arch, plan=False)
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    net.load_state_dict(ckpt["heads"], strict=False)
+    net.eval()
+    full_train = load_imagenette(root, "train", progress=False)
+    tr_idx, val_idx = train_val_split(len(full_train), dcfg.val_size, dcfg.seed)
+    train_set, val_set = full_train.subset(tr_idx), full_train.subset(val_idx)
+    test_set = load_imagenette(root, "val", progress=False)
+    plan = _fit_plan(net, train_set, val_set, cfg)
+    val = _curves(net, val_set, cfg)
+    test = _curves(net, test_set, cfg)
+    points = {}
+    for source in ("gates", "plan"):
+        fast = operating_point(val[source], max_drop_points=cfg.max_drop_points)
+        faithful = operating_point(val[source], min_agreement=cfg.min_agreement)
+        points[source] = {"fast": {"threshold": fast, "validation": _point(val[source], fast),
+                                   "test": _point(test[source], fast)},
+                          "faithful": {"threshold": faithful, "validation": _point(val[source], faithful),
+                                       "test": _point(test[source], faithful)}}
+    fast_t = points["gates"]["fast"]["threshold"] or cfg.gate_thresholds[0]  # none qualifies: the most cautious
+    fast_eval = test["gate_evals"][list(cfg.gate_thresholds).index(fast_t)]
+    classes = imagenet_classes()
+    outcome, per_class = blocks_by_outcome(fast_eval, classes)
+    dest = dest or data_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    name = f"{dcfg.arch}_imagenet_gated"
+    weights_path = dest / f"{name}.safetensors"
+    save_file(head_state(net), str(weights_path), metadata={"arch": dcfg.arch, "format": "skipviz.heads"})
+    card = _card(net, dcfg, cfg, run, {"train": train_set, "validation": val_set, "test": test_set},
+                 {"plan": plan, "val": val, "test": test, "points": points, "fast": fast_t,
+                  "outcome": outcome, "per_class": per_class, "classes": classes}, t_start)
+    card["weights_sha256"] = sha256_file(weights_path)
+    weights_path.with_suffix(".json").write_text(json.dumps(card, indent=2))
+    return weights_path, card
