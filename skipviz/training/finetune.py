@@ -433,7 +433,7 @@ def export_finetuned(cfg: FinetuneExportConfig, dest: Path | None = None) -> tup
                                            card["plan"]["default_threshold"], cfg)
     card["operating_points"] = points
     card["default_policy"]["operating_point"] = "fast"
-    card["reproduce"] = ("python -c \"from skipviz.training.finetune import *; "
+    card["reproduce"] = ("python -c \"import json; from skipviz.training.finetune import *; "
                          f"finetune(FinetuneConfig(**json.load(open('{run_dir}/config.json')))); "
                          f"export_finetuned(FinetuneExportConfig(run_dir='{run_dir}'))\"")
     weights_path.with_suffix(".json").write_text(json.dumps(card, indent=2))
