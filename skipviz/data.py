@@ -29,6 +29,39 @@ def cifar10_root() -> Path | None:
     return root if (root / "train").is_dir() and (root / "test").is_dir() else None
 
 
+IMAGENETTE_ENV = "SKIPVIZ_IMAGENETTE"
+
+
+def imagenette_root() -> Path | None:
+    """The Imagenette ImageFolder root (``$SKIPVIZ_IMAGENETTE``, else ``../shared/datasets/imagenette`` beside
+    the repository), or ``None`` when it is not on this machine."""
+    env = os.environ.get(IMAGENETTE_ENV)
+    root = (Path(env) if env else
+            Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "imagenette")
+    return root if (root / "train").is_dir() and (root / "val").is_dir() else None
+
+
+def _imagenet_index_of_wnid() -> dict[str, int]:
+    from timm.data import ImageNetInfo  # the WordNet ids of the 1,000 classes, in index order
+
+    return {w: i for i, w in enumerate(ImageNetInfo().label_names())}
+
+
+def load_imagenette(root: str | Path, split: str, progress: bool = True) -> TensorDataset:
+    """An Imagenette split decoded at 224x224, labels as ImageNet-1k indices (its folders are WordNet ids)."""
+    return imagenet_labels(load_split(root, split, size=(224, 224), progress=progress))
+
+
+def imagenet_labels(data: TensorDataset) -> TensorDataset:
+    """``data`` (an ImageFolder whose folders are ImageNet WordNet ids) with labels as ImageNet-1k indices."""
+    index = _imagenet_index_of_wnid()
+    unknown = [c for c in data.classes if c not in index]
+    if unknown:
+        raise ValueError(f"{data.root}: folders that are not ImageNet WordNet ids: {unknown[:3]}")
+    lut = torch.tensor([index[c] for c in data.classes])
+    return TensorDataset(data.images, lut[data.labels], data.classes, data.files, data.root, data.files_sha256)
+
+
 def cache_dir() -> Path:
     d = Path(os.environ.get("SKIPVIZ_CACHE", Path.home() / ".cache" / "skipviz"))
     d.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,13 @@ def model_and_policy(args: argparse.Namespace) -> tuple | None:
     ``None`` (the error printed) when they cannot be loaded."""
     try:
         net = load_model(args.model or DEFAULT_MODEL, args.weights)
-        policy: Policy = policy_for(net, args.policy, args.threshold)
+        threshold = args.threshold
+        point = getattr(args, "operating_point", None)
+        if point is not None:
+            if threshold is not None:
+                raise ValueError("give either --threshold or --operating-point, not both")
+            threshold = net.meta.operating_point(point, args.policy)
+        policy: Policy = policy_for(net, args.policy, threshold)
     except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None
@@ -30,6 +36,10 @@ def model_and_policy(args: argparse.Namespace) -> tuple | None:
 
 
 def add_policy_argument(parser: argparse.ArgumentParser) -> None:
-    """``--policy gates|plan`` (skipviz predict, audit)."""
+    """``--policy gates|plan`` and ``--operating-point fast|faithful`` (skipviz predict, audit)."""
     parser.add_argument("--policy", default="gates", choices=sorted(DECISION_SOURCES),
                         help="decisions from the per-block gates or the plan head at the stem (default: gates)")
+    parser.add_argument("--operating-point", default=None, choices=["fast", "faithful"],
+                        help="a threshold the model card names: fast (largest FLOPs cut within its accuracy bound) "
+                             "or faithful (largest cut keeping >= 99%% agreement with the full network); "
+                             "default: the card's default threshold (fast)")

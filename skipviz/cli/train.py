@@ -1,15 +1,17 @@
-"""``skipviz train`` (a gated CIFAR ResNet, joint training) and ``skipviz train-plan`` (a plan head distilled
-from the gates)."""
+"""``skipviz train`` (a gated CIFAR ResNet, joint training), ``skipviz train-plan`` (a plan head distilled
+from the gates) and ``skipviz train-heads`` (heads distilled over a frozen published backbone)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from ..training.distill import DistillConfig, distill_heads
+from ..training.distill_export import HeadsExportConfig, export_heads
 from ..training.export import export
 from ..training.joint import TrainConfig, train
 from ..training.plan import PlanConfig, export_plan
 
-__all__ = ["add_cli", "cmd_train", "cmd_train_plan"]
+__all__ = ["add_cli", "cmd_train", "cmd_train_heads", "cmd_train_plan"]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -34,6 +36,26 @@ def cmd_train_plan(args: argparse.Namespace) -> int:
     print(f"wrote {path}: plan policy at threshold {plan['default_threshold']}: test accuracy {row['accuracy']:.2%}, "
           f"{row['flops_saved_fraction']:.1%} FLOPs saved; validation decision agreement with the gates "
           f"{plan['validation']['val_decision_agreement']:.1%}")
+    return 0
+
+
+def cmd_train_heads(args: argparse.Namespace) -> int:
+    cfg = DistillConfig(arch=args.arch, data_root=args.data, out_dir=args.out or f"runs/{args.arch}_heads",
+                        epochs=args.epochs, seed=args.seed, target_rate=args.target_rate, limit_train=args.limit_train,
+                        autocast_bf16=not args.float32)
+    run_dir = distill_heads(cfg)
+    if args.export:
+        path, card = export_heads(HeadsExportConfig(run_dir=str(run_dir)), dest=Path(args.dest) if args.dest else None,
+                                  data_root=args.data)
+        for name, point in card["operating_points"]["gates"].items():
+            t = point["test"]
+            if t is None:
+                print(f"{name}: no threshold met its bound on validation")
+                continue
+            print(f"{name} (gates {point['threshold']}): test accuracy {t['accuracy']:.2%} (drop "
+                  f"{t['accuracy_drop_points']:.2f} points), {t['flops_saved_fraction']:.1%} FLOPs saved, agreement "
+                  f"{t['agreement_with_full']:.2%}")
+        print(f"wrote {path}")
     return 0
 
 
@@ -64,3 +86,19 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     tp.add_argument("--limit-train", type=int, default=None, help="use only this many training images")
     tp.add_argument("--dest", default=None, help="output folder (default data/, the source file's name)")
     tp.set_defaults(func=cmd_train_plan)
+
+    th = sub.add_parser("train-heads", help="train gate, probe and plan heads over a frozen published backbone "
+                                            "(EfficientNet-Lite0) by distillation from its full network (resumable)")
+    th.add_argument("--arch", default="efficientnet_lite0")
+    th.add_argument("--epochs", type=int, default=DistillConfig.epochs)
+    th.add_argument("--seed", type=int, default=0)
+    th.add_argument("--target-rate", type=float, default=DistillConfig.target_rate,
+                    help="fraction of the gated blocks' FLOPs executed on average")
+    th.add_argument("--data", default=None, help="ImageFolder root with train/ and val/ (default: $SKIPVIZ_IMAGENETTE "
+                                                 "or ../shared/datasets/imagenette)")
+    th.add_argument("--out", default=None, help="run folder (default runs/ARCH_heads)")
+    th.add_argument("--limit-train", type=int, default=None, help="use only this many training images")
+    th.add_argument("--float32", action="store_true", help="train in float32 instead of bfloat16 autocast")
+    th.add_argument("--export", action="store_true", help="fit the plan head, evaluate, write heads + card to data/")
+    th.add_argument("--dest", default=None, help="export folder (default data/)")
+    th.set_defaults(func=cmd_train_heads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
@@ -11,7 +12,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data import TensorDataset, cifar10_root, file_list_sha256, load_split, load_validation_subset, normalize
+from ..data import (TensorDataset, cifar10_root, file_list_sha256, imagenet_labels, imagenette_root, load_split,
+                    load_validation_subset, normalize)
 from ..measure.clock import device_label
 from ..policies.base import Override, Policy, normalise_overrides
 from ..policies.simple import FullPolicy
@@ -53,33 +55,51 @@ def generated_images(n: int, hw: tuple[int, int], seed: int = 0) -> torch.Tensor
     return (img.clamp(0, 1) * 255).to(torch.uint8)
 
 
+def _card_data(net: "SkipNetwork") -> tuple[Path | None, str, str, Callable[[TensorDataset], TensorDataset | None]] | None:
+    """Where this model's data lives on this machine: ``(root, test split, name, fit)``, for a CIFAR-10 model
+    (32x32, 10 classes) or an ImageNet-1k model whose card was made on Imagenette; else ``None``. ``fit`` maps a
+    loaded split onto the model's labels, or gives ``None`` when its classes are not the model's."""
+    hw, k = tuple(net.meta.input_size[-2:]), len(net.meta.classes)
+    dataset = str(((net.meta.card or {}).get("dataset") or {}).get("name", ""))
+    if hw == (32, 32) and k == 10:
+        classes = list(net.meta.classes)
+        return cifar10_root(), "test", "CIFAR-10", lambda d: d if d.classes == classes else None
+    if k == 1000 and "imagenette" in dataset.lower():
+        return imagenette_root(), "val", "Imagenette", imagenet_labels
+    return None
+
+
 def load_calibration(net: "SkipNetwork", n: int = 256, seed: int = 0) -> CalibrationSet:
-    """The images thresholds are tuned on, when CIFAR-10 is on this machine and fits the model: ``n`` images
-    (seeded choice) of the validation split the model card records (carved from ``train/``, as the card's
-    default thresholds were chosen), or, when the card records none or its split cannot be rebuilt here, ``n``
-    test images, the description saying why. Else ``n`` generated images labelled by the full network."""
+    """The images thresholds are tuned on, when the model's data set (CIFAR-10, or Imagenette for an ImageNet
+    model) is on this machine: ``n`` images (seeded choice) of the validation split the model card records
+    (carved from ``train/``, as the card's default thresholds were chosen), or, when the card records none or
+    its split cannot be rebuilt here, ``n`` test images, the description saying why. Else ``n`` generated
+    images labelled by the full network."""
     hw = tuple(net.meta.input_size[-2:])
-    root = cifar10_root()
-    if root is not None and hw == (32, 32) and len(net.meta.classes) == 10:
+    found = _card_data(net)
+    if found is not None and found[0] is not None:
+        root, test_split, name, relabel = found
         validation = net.meta.card_validation_split()
         why = "the model card records no validation split"
         if validation is not None:
             try:
                 val = load_validation_subset(root, validation, n, seed, size=hw)
+                val = relabel(val) if val is not None else None
             except (OSError, RuntimeError, ValueError):
                 val = None
-            if val is not None and val.classes == list(net.meta.classes):
-                return CalibrationSet(val.images, val.labels, list(val.classes),
-                                      f"CIFAR-10 validation subset (the model card's split, carved from train/): "
+            if val is not None:
+                return CalibrationSet(val.images, val.labels, list(net.meta.classes),
+                                      f"{name} validation subset (the model card's split, carved from train/): "
                                       f"{len(val)} images (seed {seed})", True)
             why = "the model card's validation split cannot be rebuilt from this machine's train/"
         try:
-            split = load_split(root, "test", size=hw, progress=False)
-            if split.classes == list(net.meta.classes):
-                idx = np.sort(np.random.default_rng(seed).choice(len(split), size=min(n, len(split)), replace=False))
-                sub = split.subset(idx)
-                return CalibrationSet(sub.images, sub.labels, list(split.classes),
-                                      f"CIFAR-10 test subset: {len(sub)} images (seed {seed}; {why})", True)
+            split = relabel(load_split(root, test_split, size=hw, progress=False))
+            if split is None:
+                raise ValueError("the test split's classes are not the model's")
+            idx = np.sort(np.random.default_rng(seed).choice(len(split), size=min(n, len(split)), replace=False))
+            sub = split.subset(idx)
+            return CalibrationSet(sub.images, sub.labels, list(net.meta.classes),
+                                  f"{name} {test_split} subset: {len(sub)} images (seed {seed}; {why})", True)
         except (OSError, RuntimeError, ValueError):
             pass
     images = generated_images(n, hw, seed)

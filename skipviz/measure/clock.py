@@ -22,7 +22,7 @@ import torch
 from .._allocator import allocator_setting
 from .._env import __version__, package_version
 
-__all__ = ["DeviceInfo", "LatencyStats", "asdict_with", "device_info", "device_label", "environment", "measure_interleaved",
+__all__ = ["DeviceInfo", "LatencyStats", "asdict_with", "cpu_name", "device_info", "device_label", "environment", "measure_interleaved",
            "measure_latency", "quick_median_ms", "resolve_device", "software_versions", "synchronize"]
 
 
@@ -57,7 +57,8 @@ def device_label(device: torch.device | str | None = None) -> str:
     return f"CPU ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model as the kernel names it (``/proc/cpuinfo``), e.g. ``"AMD EPYC"``; recorded with every figure."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -102,7 +103,7 @@ def device_info(device: str | torch.device | None = None, dtype: torch.dtype = t
     """Record the environment of a measurement on ``device``."""
     dev = resolve_device(device)
     tv = package_version("torchvision")
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
     try:
         load = round(os.getloadavg()[0], 2)
     except (OSError, AttributeError):  # pragma: no cover - not on every platform

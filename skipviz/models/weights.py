@@ -70,6 +70,25 @@ class ModelMeta:
         value = section.get(src.card_field) if isinstance(section, dict) else None
         return float(value if value is not None else 0.5)
 
+    def operating_points(self, source: str = "gates") -> dict[str, float]:
+        """The named operating points the card records for a decision source (``operating_points.<source>``):
+        e.g. ``{"fast": 0.3, "faithful": 0.1}`` (fast: the largest FLOPs cut within the card's accuracy-drop
+        bound; faithful: the largest cut keeping >= 99 % top-1 agreement with the full network); ``{}`` when
+        the card has none."""
+        section = ((self.card or {}).get("operating_points") or {}).get(source)
+        if not isinstance(section, dict):
+            return {}
+        return {name: float(p["threshold"]) for name, p in section.items()
+                if isinstance(p, dict) and p.get("threshold") is not None}
+
+    def operating_point(self, name: str, source: str = "gates") -> float:
+        """The threshold of the named operating point; ``KeyError`` naming the ones the card has."""
+        points = self.operating_points(source)
+        if name not in points:
+            known = ", ".join(sorted(points)) or "none"
+            raise KeyError(f"{self.display_name} has no {name!r} operating point for {source} (the card has: {known})")
+        return points[name]
+
     def card_flop_table(self) -> dict | None:
         """The per-part FLOP table the card recorded (:meth:`FlopTable.to_dict` form), when the card names these
         weights' SHA-256; else ``None``."""

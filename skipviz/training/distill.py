@@ -28,39 +28,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..models._registry import create_model
-from ..data import TensorDataset, batches, load_split, normalize, train_val_split
+from ..data import IMAGENETTE_ENV, TensorDataset, batches, imagenette_root, load_imagenette, normalize, train_val_split
 from ..engine.network import SkipNetwork
 
-__all__ = ["DistillConfig", "distill_heads", "head_state", "imagenette_root", "load_imagenette", "teacher_logits"]
-
-IMAGENETTE_ENV = "SKIPVIZ_IMAGENETTE"
-
-
-def imagenette_root() -> Path | None:
-    """The Imagenette ImageFolder root (``$SKIPVIZ_IMAGENETTE``, else ``../shared/datasets/imagenette`` beside
-    the repository), or ``None`` when it is not on this machine."""
-    env = os.environ.get(IMAGENETTE_ENV)
-    root = (Path(env) if env else
-            Path(__file__).resolve().parents[3] / "shared" / "datasets" / "imagenette")
-    return root if (root / "train").is_dir() and (root / "val").is_dir() else None
-
-
-def _imagenet_index_of_wnid() -> dict[str, int]:
-    from timm.data import ImageNetInfo  # the WordNet ids of the 1,000 classes, in index order
-
-    return {w: i for i, w in enumerate(ImageNetInfo().label_names())}
-
-
-def load_imagenette(root: str | Path, split: str, progress: bool = True) -> TensorDataset:
-    """An Imagenette split decoded at 224x224, labels as ImageNet-1k indices (its folders are WordNet ids)."""
-    data = load_split(root, split, size=(224, 224), progress=progress)
-    index = _imagenet_index_of_wnid()
-    unknown = [c for c in data.classes if c not in index]
-    if unknown:
-        raise ValueError(f"{root}/{split}: folders that are not ImageNet WordNet ids: {unknown[:3]}")
-    lut = torch.tensor([index[c] for c in data.classes])
-    return TensorDataset(data.images, lut[data.labels], data.classes, data.files, data.root, data.files_sha256)
-
+__all__ = ["DistillConfig", "distill_heads", "head_state", "teacher_logits"]
 
 @dataclass
 class DistillConfig:

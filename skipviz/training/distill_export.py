@@ -13,8 +13,6 @@ Operating points are chosen on the validation split carved from ``train/`` and r
 from __future__ import annotations
 
 import json
-import platform
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -26,12 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from ..models._registry import create_model, data_dir
-from ..data import TensorDataset, train_val_split
+from ..data import TensorDataset, imagenette_root, load_imagenette, train_val_split
 from ..engine.heads import PlanHead
 from ..engine.network import SkipNetwork
-from .distill import DistillConfig, head_state, imagenette_root, load_imagenette
+from .distill import DistillConfig, head_state
 
-__all__ = ["HeadsExportConfig", "cpu_model", "export_heads", "operating_point"]
+__all__ = ["HeadsExportConfig", "export_heads", "operating_point"]
 
 
 @dataclass
@@ -45,18 +43,6 @@ class HeadsExportConfig:
     plan_teacher_threshold: float = 0.5
     plan_epochs: int = 60
     batch_size: int = 100
-
-
-def cpu_model() -> str:
-    """The CPU's model name as ``lscpu`` prints it (``platform.processor()`` where lscpu is missing)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def operating_point(curve: pd.DataFrame, max_drop_points: float | None = None,
@@ -118,7 +104,7 @@ def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Pa
           t_start: float) -> dict:
     """The model card of exported heads: backbone identity and licence, classes, preprocessing, data split
     hashes, training log with CPU and hours, operating points, FLOPs, curves (validation and test)."""
-    from ..measure.clock import software_versions
+    from ..measure.clock import cpu_name, software_versions
     from .export import card_flops
 
     train_set, val_set, test_set = splits["train"], splits["validation"], splits["test"]
@@ -143,7 +129,7 @@ def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Pa
                                    "carved_from": "train/"},
                     "test": {"split": "val/", "n": len(test_set), "files_sha256": test_set.files_sha256}},
         "training": {"config": asdict(dcfg), "epochs_run": len(log), "log": log,
-                     "hours": sum(r["seconds"] for r in log) / 3600, "cpu": cpu_model(), "device": "cpu",
+                     "hours": sum(r["seconds"] for r in log) / 3600, "cpu": cpu_name(), "device": "cpu",
                      "labels_used": False},
         "default_policy": {"name": "gates", "threshold": fast_t, "operating_point": "fast",
                            "rule": f"largest FLOPs cut on validation with accuracy drop <= {cfg.max_drop_points} "

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from skipviz import create_model
-from skipviz.training.distill import DistillConfig, distill_heads, load_imagenette
+from skipviz.data import load_imagenette
+from skipviz.training.distill import DistillConfig, distill_heads
 from skipviz.training.distill_export import HeadsExportConfig, export_heads, operating_point
 
 
