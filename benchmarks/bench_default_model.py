@@ -1,8 +1,11 @@
-"""Accuracy against compute of the shipped default model, recomputed from its weights on CIFAR-10 test/.
+"""Accuracy against compute of a shipped model, recomputed from its weights on the held-out split its card
+reports on (CIFAR-10 ``test/`` for the CIFAR model, Imagenette ``val/`` 1000-way for the ImageNet model).
 
     python benchmarks/bench_default_model.py [--model cifar_resnet20.cifar10_gated] [--limit N] [--out DIR]
+    python benchmarks/bench_default_model.py --model efficientnet_lite0.imagenet_gated --thresholds 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 --exits 0.8 0.95
 
-Prints and writes (``benchmarks/results/default_model.{json,md}``): the full network's accuracy, the gated
+Prints and writes (``benchmarks/results/default_model.{json,md}``, for another model
+``benchmarks/results/<model>.{json,md}``): the full network's accuracy, the gated
 network at the model card's default threshold (accuracy, drop, FLOPs cut, blocks run), the whole gate curve
 (threshold -> accuracy, FLOPs cut), the plan head's curve when the model carries one (every gated block
 decided at the stem, ``PlanPolicy``), the early-exit curve, mean blocks executed for correct vs wrong
@@ -21,20 +24,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from skipviz import DEFAULT_MODEL, FullPolicy, PlanPolicy, create_model  # noqa: E402
-from skipviz.data import cifar10_root, load_split  # noqa: E402
+from skipviz import CIFAR_MODEL, FullPolicy, PlanPolicy, create_model  # noqa: E402
+from skipviz.evaluate.calibration import load_card_test_set  # noqa: E402
 from skipviz.evaluate import blocks_by_outcome, early_exit_policy, evaluate_policy, threshold_curve  # noqa: E402
 from skipviz.measure.clock import software_versions  # noqa: E402
 
 
 def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], exits: list[float]) -> dict:
-    root = cifar10_root()
-    if root is None:
-        raise SystemExit("CIFAR-10 not found: set SKIPVIZ_CIFAR10 to an ImageFolder root with test/")
-    test = load_split(root, "test")
+    net = create_model(model)
+    try:
+        test, split_name = load_card_test_set(net)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e))
     if limit:
         test = test.subset(np.random.default_rng(0).permutation(len(test))[:limit])
-    net = create_model(model)
     default_t = net.meta.default_threshold("gates")
     if default_t not in thresholds:
         thresholds = sorted(thresholds + [default_t])
@@ -58,9 +61,9 @@ def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], e
                         f"**{planned.flops_saved_fraction:.1%}** of FLOPs skipped (plan head counted), agreement "
                         f"with full {planned.agreement(full):.2%}.",
                         "", plan_curve.to_markdown(index=False, floatfmt=".4f"), ""]
-    outcome, per_class = blocks_by_outcome(gated, test.classes)
+    outcome, per_class = blocks_by_outcome(gated, net.meta.classes)
     result = {
-        "model": model, "weights_sha256": net.meta.weights_sha256, "test_images": len(test),
+        "model": model, "weights_sha256": net.meta.weights_sha256, "test_split": split_name, "test_images": len(test),
         "test_files_sha256": test.files_sha256, "device": "cpu", "threads": torch.get_num_threads(),
         "software": software_versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "full_accuracy": full.accuracy, "default_threshold": default_t, "gated": gated.summary(full),
@@ -70,8 +73,9 @@ def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], e
         "per_class": per_class.to_dict(orient="records"),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "default_model.json").write_text(json.dumps(result, indent=2))
-    md = [f"# Default model on CIFAR-10 test ({len(test)} JPEG images)", "",
+    stem = "default_model" if model == CIFAR_MODEL else model.replace(".", "_")
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    md = [f"# `{model}` on {split_name} ({len(test)} JPEG images, {len(net.meta.classes)}-way top-1)", "",
           f"Model `{model}` (weights sha256 `{(net.meta.weights_sha256 or '')[:16]}`), measured {result['date']} on CPU "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}.", "",
           f"- Full network: **{full.accuracy:.2%}**",
@@ -83,14 +87,14 @@ def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], e
           "## Gate threshold curve", "", curve.to_markdown(index=False, floatfmt=".4f"), "", *plan_section,
           "## Early-exit curve (probe heads)", "", exit_curve.to_markdown(index=False, floatfmt=".4f"), "",
           "## Per class at the default threshold", "", per_class.to_markdown(index=False, floatfmt=".3f"), ""]
-    (out_dir / "default_model.md").write_text("\n".join(md))
+    (out_dir / f"{stem}.md").write_text("\n".join(md))
     print("\n".join(md))
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--model", default=CIFAR_MODEL)
     p.add_argument("--limit", type=int, default=None, help="evaluate a seeded subset of this many test images")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--thresholds", type=float, nargs="+", default=[round(t, 2) for t in np.linspace(0.1, 0.9, 9)])

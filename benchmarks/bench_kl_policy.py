@@ -42,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from skipviz import DEFAULT_MODEL, FullPolicy, GatePolicy, create_model  # noqa: E402
+from skipviz import CIFAR_MODEL, FullPolicy, GatePolicy, create_model  # noqa: E402
 from skipviz.data import cifar10_root, load_split, train_val_split  # noqa: E402
 from skipviz.evaluate import evaluate_policy  # noqa: E402
 from skipviz.policies.kl import KLRedundancyPolicy  # noqa: E402
@@ -87,7 +87,7 @@ def versions() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name (default {DEFAULT_MODEL})")
+    ap.add_argument("--model", default=CIFAR_MODEL, help=f"registry name (default {CIFAR_MODEL})")
     ap.add_argument("--n-test", type=int, default=2000, help="test images (first N in file order)")
     ap.add_argument("--n-calib", type=int, default=500, help="validation images for the KL calibration")
     ap.add_argument("--q", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 0.7])

@@ -1,6 +1,6 @@
 """Latency benchmark: full vs. really skipped vs. masked (compute-all) runs of a gated network.
 
-For the default model (``skipviz.DEFAULT_MODEL`` when its weights are in data/, else a random-init
+For the default model (``skipviz.CIFAR_MODEL`` when its weights are in data/, else a random-init
 cifar_resnet20 with randomised gates, labelled as such) at several gate thresholds and batch sizes, measures
 full latency, skipped latency, masked latency, time saved, FLOPs saved and efficiency = time saved / FLOPs
 saved, plus the gate heads' share of FLOPs and latency and the error of the per-block latency prediction.

@@ -46,13 +46,13 @@ def main() -> None:
 
     import torch
 
-    from skipviz import DEFAULT_MODEL, load_image, dashboard, figures, policies
+    from skipviz import CIFAR_MODEL, load_image, dashboard, figures, policies
     from skipviz.evaluate import calibration
     from skipviz.measure import clock
     from skipviz.samples import sample_bytes, sample_names
 
     threads = dashboard.configure_threads()
-    lm = dashboard.load_model(DEFAULT_MODEL)
+    lm = dashboard.load_model(CIFAR_MODEL)
     net = lm.net
     image, _ = load_image(sample_bytes(sample_names()[0]))
     x = dashboard.preprocess(net, image)

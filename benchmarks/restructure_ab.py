@@ -31,13 +31,13 @@ WORKER = r"""
 import json, sys, time
 import torch
 import skipviz
-from skipviz import DEFAULT_MODEL, create_model, keep_heap_memory, policy_for
+from skipviz import CIFAR_MODEL, create_model, keep_heap_memory, policy_for
 from skipviz.data import cifar10_root, load_split, normalize
 
 threads, n1, calls = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
 keep_heap_memory()
-net = create_model(DEFAULT_MODEL).eval()
+net = create_model(CIFAR_MODEL).eval()
 root = cifar10_root()
 if root is not None:
     x = normalize(load_split(root, "test", progress=False).images[:256], net.meta.mean, net.meta.std)

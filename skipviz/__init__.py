@@ -17,14 +17,14 @@ from .engine.blocks import SkippableBlock
 from .engine.heads import GateHead, PlanHead, ProbeHead
 from .engine.network import SkipNetwork
 from .engine.trace import BlockDecision, Reason, SampleTrace, SkipResult, traces_to_dataframe
-from .models import DEFAULT_MODEL, create_model, data_dir, list_models, list_pretrained
+from .models import CIFAR_MODEL, DEFAULT_MODEL, create_model, data_dir, list_models, list_pretrained
 from .models.cifar_import import import_cifar_resnet
 from .models.weights import ModelMeta
 from .policies import (Decision, EarlyExitPolicy, FullPolicy, GatePolicy, Plan, PlanPolicy, Policy,
                        StaticMaskPolicy, policy_for, policy_from_config)
 
 __all__ = [
-    "AllocatorSetting", "BlockDecision", "CheckpointError", "DEFAULT_MODEL", "Decision", "EarlyExitPolicy",
+    "AllocatorSetting", "BlockDecision", "CheckpointError", "CIFAR_MODEL", "DEFAULT_MODEL", "Decision", "EarlyExitPolicy",
     "FlopTable", "FullPolicy", "GateHead", "GatePolicy", "ImageInfo", "ImageLoadError", "ModelMeta", "Plan",
     "PlanHead", "PlanPolicy", "Policy", "ProbeHead", "Reason", "SampleTrace", "SkipNetwork", "SkipResult",
     "SkippableBlock", "StaticMaskPolicy", "allocator_setting", "create_model", "data_dir", "import_cifar_resnet",

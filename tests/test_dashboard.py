@@ -220,15 +220,15 @@ def test_generated_images_are_seeded():
 
 
 def test_damaged_default_weights_fall_back_with_a_warning_and_change_the_weights_state(tmp_path, monkeypatch):
-    from skipviz import DEFAULT_MODEL
+    from skipviz import CIFAR_MODEL
 
     monkeypatch.setenv("SKIPVIZ_DATA_DIR", str(tmp_path))
-    assert dashboard.weights_state(DEFAULT_MODEL) == "missing" and dashboard.weights_state("cifar_resnet20") == ""
+    assert dashboard.weights_state(CIFAR_MODEL) == "missing" and dashboard.weights_state("cifar_resnet20") == ""
     name = "cifar_resnet20_cifar10_gated.safetensors"
     (tmp_path / name).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\"")  # a truncated safetensors header
-    lm = dashboard.load_model(DEFAULT_MODEL)
+    lm = dashboard.load_model(CIFAR_MODEL)
     assert lm.warning and "cannot be used" in lm.warning and lm.net.meta.arch == "cifar_resnet20"
-    assert dashboard.weights_state(DEFAULT_MODEL).startswith(str(tmp_path / name))
+    assert dashboard.weights_state(CIFAR_MODEL).startswith(str(tmp_path / name))
 
 
 def test_block_map_names_blocks_without_a_score_for_what_they_are(tiny_net, cat_x):

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from skipviz import DEFAULT_MODEL, create_model, list_models
+from skipviz import CIFAR_MODEL, create_model, list_models
 from skipviz.evaluate import calibration
 from skipviz.data import cifar10_root, load_validation_subset, train_val_split
 
@@ -24,9 +24,9 @@ def cifar_and_card():
     root = cifar10_root()
     if root is None:
         pytest.skip("CIFAR-10 is not on this machine ($SKIPVIZ_CIFAR10 or ../shared/datasets/cifar10)")
-    if DEFAULT_MODEL not in list_models(pretrained=True):
+    if CIFAR_MODEL not in list_models(pretrained=True):
         pytest.skip("the default model's weights and card are not in data/")
-    net = create_model(DEFAULT_MODEL)
+    net = create_model(CIFAR_MODEL)
     return root, net, net.meta.card["dataset"]["validation"]
 
 

@@ -17,7 +17,7 @@ from ..measure.clock import _check_counts, device_info, resolve_device
 from ..measure.predict import check_prediction
 from ..measure.profile import gate_cost, profile_blocks
 from ..measure.runs import time_policy
-from ..models._registry import DEFAULT_MODEL, create_model, list_models
+from ..models._registry import CIFAR_MODEL, create_model, list_models
 from ..models.toy import random_gated_model
 from ..policies.threshold import DECISION_SOURCES, policy_for
 from .bench_common import _fmt, environment_markdown
@@ -55,8 +55,9 @@ def load_bench_model(cfg: BenchConfig) -> tuple[SkipNetwork, str]:
     """The benchmark's gated model and a label saying which (trained weights or RANDOM INIT)."""
     name = cfg.model
     if name is None:
-        if DEFAULT_MODEL in list_models(pretrained=True):
-            return create_model(DEFAULT_MODEL), f"{DEFAULT_MODEL} (trained weights)"
+        # the CIFAR model: the benchmark's inputs and batch sizes are CIFAR-sized (--model picks another)
+        if CIFAR_MODEL in list_models(pretrained=True):
+            return create_model(CIFAR_MODEL), f"{CIFAR_MODEL} (trained weights)"
         return random_gated_model("cifar_resnet20", cfg.seed), \
             "cifar_resnet20 (RANDOM INIT, randomised gates: no trained weights in data/)"
     if name.endswith(":random"):

@@ -23,7 +23,7 @@ from .loop import run_images
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.network import SkipNetwork
 
-__all__ = ["CalibrationPoint", "CalibrationSet", "CalibrationSweep", "calibration_dataset",
+__all__ = ["CalibrationPoint", "CalibrationSet", "CalibrationSweep", "calibration_dataset", "load_card_test_set",
            "calibration_summary", "compare_points", "evaluate_calibration", "generated_images", "load_calibration",
            "pareto_mask", "sweep_calibration", "threshold_grid"]
 
@@ -67,6 +67,22 @@ def _card_data(net: "SkipNetwork") -> tuple[Path | None, str, str, Callable[[Ten
     if k == 1000 and "imagenette" in dataset.lower():
         return imagenette_root(), "val", "Imagenette", imagenet_labels
     return None
+
+
+def load_card_test_set(net: "SkipNetwork", progress: bool = True) -> tuple[TensorDataset, str]:
+    """The held-out split the model card reports on (CIFAR-10 ``test/`` or Imagenette ``val/``, labels in the
+    model's class order) and its name; ``FileNotFoundError`` naming the environment variable when it is not on
+    this machine, ``ValueError`` when the model's card records no data set SkipViz can rebuild."""
+    found = _card_data(net)
+    if found is None:
+        raise ValueError(f"{net.meta.arch}: the model card names no data set SkipViz can rebuild (CIFAR-10, Imagenette)")
+    root, split, name, fit = found
+    if root is None:
+        raise FileNotFoundError(f"{name} is not on this machine: set {'SKIPVIZ_CIFAR10' if name == 'CIFAR-10' else 'SKIPVIZ_IMAGENETTE'}")
+    data = fit(load_split(root, split, size=tuple(net.meta.input_size[-2:]), progress=progress))
+    if data is None:
+        raise ValueError(f"{root}/{split}: its classes are not the model's")
+    return data, f"{name} {split}/"
 
 
 def load_calibration(net: "SkipNetwork", n: int = 256, seed: int = 0) -> CalibrationSet:

@@ -3,7 +3,7 @@
 ``_registry`` (``create_model``, ``DEFAULT_MODEL``), ``weights`` (``ModelMeta``: the model card), one module per
 family, and ``toy`` (random-init stand-ins for timing and tests).
 """
-from ._registry import DEFAULT_MODEL, create_model, data_dir, list_models, list_pretrained  # noqa: F401
+from ._registry import CIFAR_MODEL, DEFAULT_MODEL, create_model, data_dir, list_models, list_pretrained  # noqa: F401
 from . import cifar_resnet, efficientnet_lite, torchvision_resnet  # noqa: F401,E402  (register the families)
 
-__all__ = ["DEFAULT_MODEL", "create_model", "data_dir", "list_models", "list_pretrained"]
+__all__ = ["CIFAR_MODEL", "DEFAULT_MODEL", "create_model", "data_dir", "list_models", "list_pretrained"]

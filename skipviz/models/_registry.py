@@ -18,11 +18,14 @@ from .._checkpoint import CheckpointError, apply_state_dict, load_state_dict
 from ..engine.heads import PlanHead
 from .weights import read_card, sha256_file
 
-__all__ = ["DEFAULT_MODEL", "PretrainedWeights", "create_model", "data_dir", "list_models", "list_pretrained",
+__all__ = ["CIFAR_MODEL", "DEFAULT_MODEL", "PretrainedWeights", "create_model", "data_dir", "list_models", "list_pretrained",
            "register_model", "register_pretrained"]
 
+#: The shipped CIFAR-10 model (32x32 inputs, ten classes): one click away on the dashboard, and the model the
+#: tests and the CIFAR benchmarks use.
+CIFAR_MODEL = "cifar_resnet20.cifar10_gated"
 #: The model the command, the dashboard and the benchmarks use unless told otherwise.
-DEFAULT_MODEL = "cifar_resnet20.cifar10_gated"
+DEFAULT_MODEL = CIFAR_MODEL
 
 _MODELS: dict[str, Callable[..., Any]] = {}
 _PRETRAINED: dict[tuple[str, str], "PretrainedWeights"] = {}

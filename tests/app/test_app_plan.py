@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skipviz import DEFAULT_MODEL, GatePolicy, PlanPolicy, load_image, dashboard, figures, policies
+from skipviz import CIFAR_MODEL, GatePolicy, PlanPolicy, load_image, dashboard, figures, policies
 from skipviz.evaluate import calibration
 from skipviz.samples import sample_bytes, sample_names
 
@@ -13,7 +13,7 @@ from conftest import app_environment
 from test_app import APP, frame, metric
 
 ENV = {"SKIPVIZ_CIFAR10": "/nonexistent/cifar10", "SKIPVIZ_CALIB_N": "16", "SKIPVIZ_LATENCY_REPEATS": "1",
-       "SKIPVIZ_MODEL": DEFAULT_MODEL}
+       "SKIPVIZ_MODEL": CIFAR_MODEL}
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +30,9 @@ def decisions(net, policy) -> list[str]:
 
 
 def test_views_offer_the_plan_when_the_model_has_one():
-    net = dashboard.load_model(DEFAULT_MODEL).net
+    net = dashboard.load_model(CIFAR_MODEL).net
     assert dashboard.decision_sources(net) == ["gates", "plan"]
-    lm = dashboard.load_model(DEFAULT_MODEL)
+    lm = dashboard.load_model(CIFAR_MODEL)
     assert lm.default_threshold_for("plan") == net.meta.card["plan"]["default_threshold"]
     assert lm.default_threshold_for("gates") == lm.default_threshold == net.meta.card["default_policy"]["threshold"]
     assert isinstance(policies.make_policy(net, 0.5, {1: "skip"}, "plan"), PlanPolicy)
@@ -44,7 +44,7 @@ def test_views_offer_the_plan_when_the_model_has_one():
 def test_inspect_switches_to_the_plan(shipped_env):
     from streamlit.testing.v1 import AppTest
 
-    net = dashboard.load_model(DEFAULT_MODEL).net
+    net = dashboard.load_model(CIFAR_MODEL).net
     at = AppTest.from_file(APP, default_timeout=120).run()
     assert not at.exception
     at.slider(key="inspect_threshold").set_value(0.5).run()
@@ -74,9 +74,9 @@ def test_inspect_switches_to_the_plan(shipped_env):
 
 
 def test_plan_scores_are_labelled_as_plan_probabilities():
-    from skipviz import DEFAULT_MODEL, PlanPolicy, create_model
+    from skipviz import CIFAR_MODEL, PlanPolicy, create_model
 
-    net = create_model(DEFAULT_MODEL)
+    net = create_model(CIFAR_MODEL)
     if net.plan_head is None:
         pytest.skip("the default model's weights (with a plan head) are not in data/")
     x = torch.zeros(1, 3, 32, 32)

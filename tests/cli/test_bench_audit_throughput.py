@@ -27,7 +27,7 @@ def test_audit_throughput_benchmark_runs_end_to_end(tmp_path):
 
 
 def test_audit_throughput_benchmark_includes_the_card_default_threshold(tmp_path):
-    from skipviz import DEFAULT_MODEL, create_model
+    from skipviz import CIFAR_MODEL, create_model
 
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--inputs", "random", "--policy", "plan",
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=240)
@@ -35,7 +35,7 @@ def test_audit_throughput_benchmark_includes_the_card_default_threshold(tmp_path
         pytest.skip("the default model's weights (with a plan head) are not in data/")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "audit_throughput_plan_cpu.json").read_text())
-    card = create_model(DEFAULT_MODEL).meta.default_threshold("plan")
+    card = create_model(CIFAR_MODEL).meta.default_threshold("plan")
     assert report["card_default_threshold"] == card
     assert [r["threshold"] for r in report["rows"]] == sorted({0.1, 0.5, 0.7, card})
     assert f"{card:.2f} (card default)" in (tmp_path / "audit_throughput_plan_cpu.md").read_text()

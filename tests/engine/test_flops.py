@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skipviz import DEFAULT_MODEL, GatePolicy, StaticMaskPolicy, create_model
+from skipviz import CIFAR_MODEL, GatePolicy, StaticMaskPolicy, create_model
 from skipviz.engine.heads import GateHead, PlanHead
 from skipviz.engine.flops import card_flop_table, count_flops, count_network_flops
 
@@ -32,7 +32,7 @@ def test_flop_totals_are_consistent(tiny_net, batch):
 def test_shipped_card_flop_table_equals_a_fresh_count():
     import skipviz
 
-    net = create_model(skipviz.DEFAULT_MODEL).eval()
+    net = create_model(skipviz.CIFAR_MODEL).eval()
     hw = tuple(net.meta.input_size[-2:])
     from_card = card_flop_table(net, hw)
     assert from_card is not None, "the shipped card must carry its FLOP table (skipviz.training.export.refresh_card_flops)"
@@ -55,7 +55,7 @@ def test_card_flop_table_is_ignored_unless_it_names_these_weights(tiny_net):
 
 
 def test_the_cards_flop_table_is_not_reused_for_a_plan_head_of_another_shape():
-    net = create_model(DEFAULT_MODEL)
+    net = create_model(CIFAR_MODEL)
     if net.plan_head is None or not (net.meta.card or {}).get("flops"):
         pytest.skip("the default model's weights (with a plan head) are not in data/")
     shipped = net.flop_table().plan

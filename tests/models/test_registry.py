@@ -67,7 +67,7 @@ def test_a_weights_file_with_a_plan_head_loads_into_the_plain_architecture(tmp_p
     import skipviz
     from skipviz import PlanPolicy, dashboard
 
-    shipped = create_model(skipviz.DEFAULT_MODEL)
+    shipped = create_model(skipviz.CIFAR_MODEL)
     path = Path(shipped.meta.weights_path)
     plain = create_model("cifar_resnet20", weights=path)  # no card kwargs: the head is sized from the file
     assert plain.plan_head is not None and plain.plan_head.gated_blocks == shipped.gated_blocks

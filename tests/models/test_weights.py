@@ -41,7 +41,7 @@ def test_the_default_model_predicts_without_importing_torchvision():
     """The dashboard's first prediction must not wait for torchvision's import (about 2 s on 2 cores)."""
     code = ("import sys; from PIL import Image; import skipviz; from skipviz import dashboard, figures; "
             "from skipviz.evaluate import calibration; "
-            "net = skipviz.create_model(skipviz.DEFAULT_MODEL).eval(); "
+            "net = skipviz.create_model(skipviz.CIFAR_MODEL).eval(); "
             "x = net.meta.preprocess(Image.new('RGB', (300, 200))); net.run(x, skipviz.GatePolicy(0.5)).traces(); "
             "print('torchvision' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

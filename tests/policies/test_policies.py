@@ -171,7 +171,7 @@ def test_plan_layout_follows_the_head_and_edits_of_the_policy(planned_net):
 def test_policy_for_reads_each_sources_threshold_from_the_card():
     import skipviz
 
-    net = create_model(skipviz.DEFAULT_MODEL)
+    net = create_model(skipviz.CIFAR_MODEL)
     card = net.meta.card
     assert policy_for(net).config()["threshold"] == card["default_policy"]["threshold"]
     plan = policy_for(net, "plan")
