@@ -92,8 +92,10 @@ def _importance_values(model: "SkipNetwork", x: torch.Tensor, target: int, metho
     grads = _layer_gradients(model, x, target)
     with torch.no_grad():
         feats = model.forward_intermediates(x, intermediates_only=True, include_stem=True)
-        vals = [float((g * (feats[i + 1] - b.bypass(feats[i]))).sum()) for i, (g, b) in
-                enumerate(zip(grads, model.blocks))]
+        # a block with no bypass (it changes the shape without a parameter-free shortcut) cannot be skipped: no
+        # estimate (NaN; its share is 0)
+        vals = [float((g * (feats[i + 1] - b.bypass(feats[i]))).sum()) if b.bypassable else float("nan")
+                for i, (g, b) in enumerate(zip(grads, model.blocks))]
     return np.array(vals, dtype=np.float64)
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from .._checkpoint import CheckpointError, apply_state_dict, load_state_dict
 from ..engine.heads import PlanHead
+from .timm_wrap import TIMM_PREFIX, create_timm_model
 from .weights import read_card, sha256_file
 
 __all__ = ["CIFAR_MODEL", "DEFAULT_MODEL", "PretrainedWeights", "create_model", "data_dir", "list_models", "list_pretrained",
@@ -89,7 +90,8 @@ def create_model(name: str, weights: str | os.PathLike | None = None, **kwargs: 
     """Build a registered model, optionally with weights.
 
     Args:
-        name: an architecture (``list_models()``), or ``arch.tag`` for registered pretrained weights.
+        name: an architecture (``list_models()``), ``arch.tag`` for registered pretrained weights, or
+            ``timm:<name>`` for a timm model (:func:`~skipviz.models.timm_wrap.create_timm_model`).
         weights: ``None`` (random init, or the tag in ``name``), a registered tag, or a path to a
             ``.safetensors`` / weights-only torch file.
         **kwargs: passed to the family's builder (e.g. ``gates=False``).
@@ -97,6 +99,8 @@ def create_model(name: str, weights: str | os.PathLike | None = None, **kwargs: 
         a :class:`~skipviz.engine.network.SkipNetwork` in eval mode.
     """
     arch, _, tag = name.partition(".")
+    if name.startswith(TIMM_PREFIX):  # any timm network with residual blocks (skipviz.models.timm_wrap)
+        return create_timm_model(name[len(TIMM_PREFIX):], weights=weights, **kwargs).eval()
     if tag and weights is not None:
         raise ValueError(f"give weights either in the name ({name!r}) or as weights=, not both")
     if arch not in _MODELS:
