@@ -98,9 +98,9 @@ def create_model(name: str, weights: str | os.PathLike | None = None, **kwargs: 
     Returns:
         a :class:`~skipviz.engine.network.SkipNetwork` in eval mode.
     """
-    arch, _, tag = name.partition(".")
     if name.startswith(TIMM_PREFIX):  # any timm network with residual blocks (skipviz.models.timm_wrap)
         return create_timm_model(name[len(TIMM_PREFIX):], weights=weights, **kwargs).eval()
+    arch, _, tag = name.partition(".")
     if tag and weights is not None:
         raise ValueError(f"give weights either in the name ({name!r}) or as weights=, not both")
     if arch not in _MODELS:
