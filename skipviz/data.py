@@ -118,16 +118,75 @@ def load_split(root: str | Path, split: str, size: tuple[int, int] = (32, 32), p
     if cache.is_file():
         blob = torch.load(cache, weights_only=True)
         return TensorDataset(blob["images"], blob["labels"], folder.classes, rel, str(root), digest)
-    paths = [p for p, _ in folder.samples]
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        arrays = list(tqdm(pool.map(lambda p: _decode(p, size), paths, chunksize=256), total=len(paths),
-                           desc=f"decoding {split}", disable=not progress))
-    images = torch.from_numpy(np.stack(arrays))
+    images = _decode_all([p for p, _ in folder.samples], lambda p: _decode(p, size), f"decoding {split}", progress)
     labels = torch.tensor(folder.targets, dtype=torch.long)
+    _save_cache(cache, images, labels)
+    return TensorDataset(images, labels, folder.classes, rel, str(root), digest)
+
+
+def _decode_all(paths: list[str], decode, desc: str, progress: bool) -> torch.Tensor:
+    """``decode`` (path -> (3, H, W) uint8 array) over ``paths`` on a thread pool: (N, 3, H, W) uint8."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        arrays = list(tqdm(pool.map(decode, paths, chunksize=256), total=len(paths), desc=desc, disable=not progress))
+    return torch.from_numpy(np.stack(arrays))
+
+
+def _save_cache(cache: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
     tmp = cache.with_suffix(".tmp")
     torch.save({"images": images, "labels": labels}, tmp)
     tmp.replace(cache)
-    return TensorDataset(images, labels, folder.classes, rel, str(root), digest)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def _decode_crop(path: str, crop: tuple[int, int], resize: int) -> np.ndarray:
+    """An image file as a model's preprocessing sees it before normalisation: RGB, shorter side resized to
+    ``resize`` (PIL bilinear), centre crop ``crop`` (H, W): (3, H, W) uint8 (as :meth:`ModelMeta.preprocess`)."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = resize / min(w, h)
+        new_w, new_h = max(crop[1], round(w * scale)), max(crop[0], round(h * scale))
+        if (new_w, new_h) != (w, h):
+            im = im.resize((new_w, new_h), Image.BILINEAR)
+        top, left = int(round((new_h - crop[0]) / 2.0)), int(round((new_w - crop[1]) / 2.0))
+        im = im.crop((left, top, left + crop[1], top + crop[0]))
+        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def load_images(root: str | Path, crop: tuple[int, int], resize: int, classes: list[str] | None = None,
+                progress: bool = True) -> TensorDataset:
+    """Every image file under ``root`` (searched recursively, in sorted order), decoded as a model's
+    preprocessing crops it (:func:`_decode_crop`): ``images`` (N, 3, H, W) uint8, cached like :func:`load_split`.
+
+    Labels are optional: when every image sits in a class folder (``root/<class>/...``) and every folder name is
+    one of ``classes`` (or, for a 1,000-class model, an ImageNet WordNet id), the label is that class's index in
+    ``classes``; otherwise every label is -1 (unlabelled: only agreement with the full network can be measured).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such image folder")
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it or below")
+    folders = [Path(f).parts[0] if len(Path(f).parts) > 1 else None for f in files]
+    index = {c: i for i, c in enumerate(classes or [])}
+    if classes is not None and len(classes) == 1000 and not all(f in index for f in folders):
+        index = _imagenet_index_of_wnid()
+    labelled = all(f is not None and f in index for f in folders)
+    labels = torch.tensor([index[f] for f in folders] if labelled else [-1] * len(files), dtype=torch.long)
+    digest = file_list_sha256(files)
+    cache = cache_dir() / f"images_{root.name}_{crop[0]}x{crop[1]}_r{resize}_{digest[:16]}.pt"
+    if cache.is_file():
+        images = torch.load(cache, weights_only=True)["images"]
+    else:
+        images = _decode_all([str(root / f) for f in files], lambda p: _decode_crop(p, crop, resize),
+                             f"decoding {root.name}", progress)
+        _save_cache(cache, images, labels)
+    names = list(classes) if labelled and classes is not None else sorted({f for f in folders if f is not None})
+    return TensorDataset(images, labels, names, files, str(root), digest)
 
 
 def load_validation_subset(root: str | Path, validation: dict, n: int, seed: int = 0,

@@ -1,8 +1,10 @@
-"""``skipviz train`` (a gated CIFAR ResNet, joint training), ``skipviz train-plan`` (a plan head distilled
-from the gates) and ``skipviz train-heads`` (heads distilled over a frozen published backbone)."""
+"""``skipviz train`` (a gated CIFAR ResNet, joint training; or, with ``--model timm:<name>``, decision heads
+distilled from a user's frozen timm network), ``skipviz train-plan`` (a plan head distilled from the gates) and
+``skipviz train-heads`` (heads distilled over a frozen published backbone)."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from ..training.distill import DistillConfig, distill_heads
@@ -13,10 +15,21 @@ from ..training.plan import PlanConfig, export_plan
 
 __all__ = ["add_cli", "cmd_train", "cmd_train_heads", "cmd_train_plan"]
 
+#: ``skipviz train``'s schedule for a CIFAR ResNet (with ``--model``, DistillConfig's defaults apply)
+CIFAR_DEFAULTS = {"epochs": 15, "target_rate": 0.4, "batch_size": 128, "lr": 0.1}
+
+
+def _or(value, default):
+    return default if value is None else value
+
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = TrainConfig(arch=args.arch, epochs=args.epochs, seed=args.seed, target_rate=args.target_rate,
-                      batch_size=args.batch_size, lr=args.lr, data_root=args.data,
+    if args.model:
+        return _train_user_model(args)
+    cfg = TrainConfig(arch=args.arch, epochs=_or(args.epochs, CIFAR_DEFAULTS["epochs"]), seed=args.seed,
+                      target_rate=_or(args.target_rate, CIFAR_DEFAULTS["target_rate"]),
+                      batch_size=_or(args.batch_size, CIFAR_DEFAULTS["batch_size"]),
+                      lr=_or(args.lr, CIFAR_DEFAULTS["lr"]), data_root=args.data,
                       out_dir=args.out or f"runs/{args.arch}", limit_train=args.limit_train)
     run_dir = train(cfg)
     if args.export:
@@ -39,40 +52,95 @@ def cmd_train_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_model_config(args: argparse.Namespace) -> DistillConfig:
+    """``skipviz train --model timm:<name> --weights PATH --data FOLDER``: the distillation run it starts."""
+    if not args.model.startswith("timm:"):
+        raise SystemExit(f"--model {args.model}: only timm models (timm:<name>) are trained this way; CIFAR ResNets "
+                         "take --arch")
+    if not args.weights or not args.data:
+        raise SystemExit("--model needs --weights (your trained network's file) and --data (a folder of images: an "
+                         "ImageFolder with train/ [and val/], or any folder; class folders are optional)")
+    kwargs = json.loads(args.timm_kwargs) if args.timm_kwargs else {}
+    if not isinstance(kwargs, dict):
+        raise SystemExit("--timm-kwargs must be a JSON object")
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    if args.input_size is not None:
+        kwargs["input_size"] = args.input_size
+    if args.classes_from_folders:
+        root = Path(args.data) / "train" if (Path(args.data) / "train").is_dir() else Path(args.data)
+        kwargs["classes"] = sorted(p.name for p in root.iterdir() if p.is_dir())  # ImageFolder's class order
+    d = DistillConfig()
+    safe = args.model.replace(":", "_").replace("/", "_")
+    return DistillConfig(model=args.model, weights=args.weights, model_kwargs=kwargs, data_root=args.data,
+                         out_dir=args.out or f"runs/{safe}_heads", epochs=_or(args.epochs, d.epochs), seed=args.seed,
+                         target_rate=_or(args.target_rate, d.target_rate), batch_size=_or(args.batch_size, d.batch_size),
+                         lr=_or(args.lr, d.lr), limit_train=args.limit_train, val_fraction=args.val_fraction,
+                         monitor_size=min(d.monitor_size, 200), threads=args.threads, autocast_bf16=not args.float32)
+
+
+def _train_user_model(args: argparse.Namespace) -> int:
+    run_dir = distill_heads(_user_model_config(args))
+    if args.export:
+        _export_and_report(run_dir, args)
+    return 0
+
+
+def _export_and_report(run_dir: Path, args: argparse.Namespace) -> None:
+    """Export a distillation run (heads + card) and print its operating points (test, else validation)."""
+    path, card = export_heads(HeadsExportConfig(run_dir=str(run_dir)), dest=Path(args.dest) if args.dest else None,
+                              data_root=args.data)
+    for name, point in card["operating_points"]["gates"].items():
+        where = "test" if point["test"] is not None else "validation"
+        t = point[where]
+        if t is None:
+            print(f"{name}: no threshold met its bound on validation")
+            continue
+        drop = (f"{where} accuracy {t['accuracy']:.2%} (drop {t['accuracy_drop_points']:.2f} points), "
+                if card["metrics_validation"]["full_accuracy"] is not None else "")
+        print(f"{name} (gates {point['threshold']}): {drop}{t['flops_saved_fraction']:.1%} FLOPs saved, agreement "
+              f"{t['agreement_with_full']:.2%}")
+    print(f"wrote {path}")
+
+
 def cmd_train_heads(args: argparse.Namespace) -> int:
     cfg = DistillConfig(arch=args.arch, data_root=args.data, out_dir=args.out or f"runs/{args.arch}_heads",
                         epochs=args.epochs, seed=args.seed, target_rate=args.target_rate, limit_train=args.limit_train,
                         autocast_bf16=not args.float32)
     run_dir = distill_heads(cfg)
     if args.export:
-        path, card = export_heads(HeadsExportConfig(run_dir=str(run_dir)), dest=Path(args.dest) if args.dest else None,
-                                  data_root=args.data)
-        for name, point in card["operating_points"]["gates"].items():
-            t = point["test"]
-            if t is None:
-                print(f"{name}: no threshold met its bound on validation")
-                continue
-            print(f"{name} (gates {point['threshold']}): test accuracy {t['accuracy']:.2%} (drop "
-                  f"{t['accuracy_drop_points']:.2f} points), {t['flops_saved_fraction']:.1%} FLOPs saved, agreement "
-                  f"{t['agreement_with_full']:.2%}")
-        print(f"wrote {path}")
+        _export_and_report(run_dir, args)
     return 0
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     """Add ``skipviz train`` and ``skipviz train-plan`` to the ``skipviz`` command."""
-    t = sub.add_parser("train", help="train a gated CIFAR ResNet (resumable)")
+    t = sub.add_parser("train", help="train a gated CIFAR ResNet, or (--model timm:NAME --weights PATH --data "
+                                     "FOLDER) gate, probe and plan heads for your own frozen timm network (resumable)")
     t.add_argument("--arch", default="cifar_resnet20")
-    t.add_argument("--epochs", type=int, default=15)
+    t.add_argument("--epochs", type=int, default=None, help="default 15 (CIFAR), 6 (--model)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--target-rate", type=float, default=0.4)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=0.1)
-    t.add_argument("--data", default=None, help="ImageFolder root (default: $SKIPVIZ_CIFAR10 or ../shared)")
-    t.add_argument("--out", default=None, help="run folder (default runs/ARCH)")
+    t.add_argument("--target-rate", type=float, default=None,
+                   help="fraction of the gated FLOPs executed on average (default 0.4 CIFAR, 0.65 --model)")
+    t.add_argument("--batch-size", type=int, default=None, help="default 128 (CIFAR), 64 (--model)")
+    t.add_argument("--lr", type=float, default=None, help="default 0.1 (CIFAR), 0.002 (--model, AdamW on the heads)")
+    t.add_argument("--data", default=None, help="ImageFolder root (default: $SKIPVIZ_CIFAR10 or ../shared); with "
+                                                "--model: your images (train/ [val/], or any folder)")
+    t.add_argument("--out", default=None, help="run folder (default runs/ARCH, runs/timm_NAME_heads)")
     t.add_argument("--limit-train", type=int, default=None, help="use only this many training images")
     t.add_argument("--export", action="store_true", help="evaluate and write weights + model card to data/")
     t.add_argument("--dest", default=None, help="export folder (default data/)")
+    u = t.add_argument_group("your own network (distilled heads over its frozen backbone)")
+    u.add_argument("--model", default=None, help="timm:NAME (a timm ResNet, EfficientNet/MobileNet, ConvNeXt or ViT)")
+    u.add_argument("--weights", default=None, help="your network's weights (.safetensors or weights-only torch file)")
+    u.add_argument("--num-classes", type=int, default=None, help="classifier size (default: read from --weights)")
+    u.add_argument("--classes-from-folders", action="store_true",
+                   help="the class names are the data's folder names in sorted order (how ImageFolder trained it)")
+    u.add_argument("--input-size", type=int, default=None, help="input side in pixels (default: timm's)")
+    u.add_argument("--timm-kwargs", default=None, help="timm model arguments as JSON, e.g. '{\"drop_rate\": 0.1}'")
+    u.add_argument("--val-fraction", type=float, default=0.2, help="validation split carved from the training images")
+    u.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    u.add_argument("--float32", action="store_true", help="train in float32 instead of bfloat16 autocast")
     t.set_defaults(func=cmd_train)
 
     tp = sub.add_parser("train-plan", help="train a plan head (every gated block decided up front) for a "

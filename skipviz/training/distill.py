@@ -10,6 +10,10 @@ The backbone (stem, blocks, head) never changes: "full network" keeps meaning th
 * Probe heads on detached block outputs, by the same KL from the full network (early exits, KL heatmaps).
 * The plan head afterwards, from the trained gates' decisions (:func:`skipviz.train.fit_plan_head`).
 
+The backbone is ``arch``'s published one (EfficientNet-Lite0 on Imagenette), or, with ``model``, a user's own
+network (``model="timm:<name>"``, ``weights=PATH``: :mod:`skipviz.models.timm_wrap`) distilled on any folder of
+images (:func:`skipviz.data.load_images`; class folders optional, labels never used for training).
+
 Deterministic at inference: a gate runs its block iff sigmoid(logit) >= threshold. Resumable: ``last.pt``
 (weights-only loadable: head tensors, optimiser state, RNG states) after every epoch.
 """
@@ -19,7 +23,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +32,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..models._registry import create_model
-from ..data import IMAGENETTE_ENV, TensorDataset, batches, imagenette_root, load_imagenette, normalize, train_val_split
+from ..data import (IMAGENETTE_ENV, TensorDataset, batches, imagenette_root, load_images, load_imagenette, normalize,
+                    train_val_split)
 from ..engine.network import SkipNetwork
 
-__all__ = ["DistillConfig", "distill_heads", "head_state", "teacher_logits"]
+__all__ = ["DistillConfig", "build_network", "distill_heads", "head_state", "load_training_images", "split_train_val",
+           "teacher_logits", "test_images"]
 
 @dataclass
 class DistillConfig:
@@ -62,6 +68,58 @@ class DistillConfig:
     # machine
     threads: int | None = None
     autocast_bf16: bool = True  # measured: fwd+bwd of a batch of 32 at 224x224 0.38-0.47 s vs 0.77-0.91 s fp32
+    # a user's network instead of arch's published backbone (``skipviz train --model timm:<name>``); None: arch
+    model: str | None = None  # "timm:<name>"
+    weights: str | None = None  # the user's backbone weights file (required with model)
+    model_kwargs: dict = field(default_factory=dict)  # to create_model: num_classes, classes, input_size, timm's
+    val_fraction: float | None = None  # the validation split as a fraction of the images (instead of val_size)
+
+
+def build_network(cfg: DistillConfig) -> SkipNetwork:
+    """The frozen backbone with untrained gate and probe heads (the plan head is fitted at export)."""
+    if cfg.model is None:
+        return create_model(cfg.arch, plan=False)
+    if not cfg.weights:
+        raise ValueError(f"{cfg.model}: heads are distilled from your trained network: give its weights file")
+    return create_model(cfg.model, weights=cfg.weights, gates=True, probes=True, plan=False, **cfg.model_kwargs)
+
+
+def _image_dir(root: str | Path, split: str) -> Path:
+    """``root/split`` when ``root`` is an ImageFolder with ``train/`` (and ``val/``), else ``root`` itself for
+    the training images (a plain folder of images)."""
+    root = Path(root)
+    return root / split if (root / "train").is_dir() else root
+
+
+def load_training_images(cfg: DistillConfig, net: SkipNetwork, root: str | Path, progress: bool = True) -> TensorDataset:
+    """The images the heads are distilled on: Imagenette's ``train/`` for ``arch``, else every image of
+    ``root/train`` (or ``root``) cropped as ``net``'s preprocessing does, labelled where its folders name classes."""
+    if cfg.model is None:
+        return load_imagenette(root, "train", progress)
+    meta = net.meta
+    return load_images(_image_dir(root, "train"), tuple(meta.input_size[-2:]), meta.resize, meta.classes, progress)
+
+
+def test_images(cfg: DistillConfig, net: SkipNetwork, root: str | Path) -> TensorDataset | None:
+    """The held-out split the card reports on: Imagenette's ``val/`` for ``arch``, else ``root/val`` when
+    ``root`` is an ImageFolder with ``train/`` and ``val/``; ``None`` when there is none."""
+    if cfg.model is None:
+        return load_imagenette(root, "val", progress=False)
+    root = Path(root)
+    if not ((root / "train").is_dir() and (root / "val").is_dir()):
+        return None
+    meta = net.meta
+    return load_images(root / "val", tuple(meta.input_size[-2:]), meta.resize, meta.classes, progress=False)
+
+
+def split_train_val(cfg: DistillConfig, full: TensorDataset) -> tuple[TensorDataset, TensorDataset]:
+    """The seeded validation split carved from the training images (``val_size`` images, or ``val_fraction``
+    of them) and the rest."""
+    n_val = cfg.val_size if cfg.val_fraction is None else max(1, int(round(len(full) * cfg.val_fraction)))
+    if n_val >= len(full):
+        raise ValueError(f"{len(full)} images cannot give a validation split of {n_val}: lower val_size")
+    tr_idx, val_idx = train_val_split(len(full), n_val, cfg.seed)
+    return full.subset(tr_idx), full.subset(val_idx)
 
 
 def head_state(net: SkipNetwork) -> dict[str, torch.Tensor]:
@@ -135,14 +193,20 @@ class _DistillRun:
 
 def _prepare(cfg: DistillConfig, out: Path, progress: bool) -> _DistillRun:
     """Data, frozen network with trainable heads, teacher cache, optimiser; resumed from ``last.pt`` if any."""
-    root = cfg.data_root or imagenette_root()
+    root = cfg.data_root or (imagenette_root() if cfg.model is None else None)
     if root is None:
-        raise FileNotFoundError(f"Imagenette not found: set {IMAGENETTE_ENV} to an ImageFolder root with train/")
+        raise FileNotFoundError(f"Imagenette not found: set {IMAGENETTE_ENV} to an ImageFolder root with train/"
+                                if cfg.model is None else f"{cfg.model}: give the folder of images to distil on")
     torch.manual_seed(cfg.seed)
-    full = load_imagenette(root, "train", progress)
-    tr_idx, val_idx = train_val_split(len(full), cfg.val_size, cfg.seed)
-    train_set, val_set = full.subset(tr_idx[: cfg.limit_train] if cfg.limit_train else tr_idx), full.subset(val_idx)
-    net = create_model(cfg.arch, plan=False)
+    if cfg.model is None:  # the published backbone: data first, then the heads' random init (as always)
+        full = load_imagenette(root, "train", progress)
+        net = build_network(cfg)
+    else:  # the images are cropped as the user's network wants them
+        net = build_network(cfg)
+        full = load_training_images(cfg, net, root, progress)
+    train_set, val_set = split_train_val(cfg, full)
+    if cfg.limit_train:
+        train_set = train_set.subset(np.arange(min(cfg.limit_train, len(train_set))))
     for p in net.parameters():
         p.requires_grad_(False)
     params = list(net.gates.parameters()) + (list(net.probes.parameters()) if net.probes is not None else [])
@@ -217,8 +281,9 @@ def _train_epoch(run: _DistillRun, cfg: DistillConfig, epoch: int, progress: boo
 
 
 def distill_heads(cfg: DistillConfig, progress: bool = True) -> Path:
-    """Train (or resume) the gate and probe heads of ``cfg.arch`` over its frozen published backbone; returns
-    the run folder (``last.pt``, ``log.jsonl``, ``config.json``, ``teacher.pt``)."""
+    """Train (or resume) the gate and probe heads of ``cfg.arch`` over its frozen published backbone (or of
+    ``cfg.model`` over the user's frozen network); returns the run folder (``last.pt``, ``log.jsonl``,
+    ``config.json``, ``teacher.pt``)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)

@@ -9,6 +9,12 @@ Operating points are chosen on the validation split carved from ``train/`` and r
   ``min_agreement``.
 
 "fast" is the gates' (and the plan head's) default threshold.
+
+For a user's network (``DistillConfig.model``, e.g. ``timm:resnet50``) the same evaluation runs on the user's
+images: reported on ``val/`` when the folder has one (else on the validation split alone); when the images
+carry no labels, accuracy cannot be measured and **fast** is the largest cut keeping at least
+``unlabelled_fast_agreement`` top-1 agreement with the full network. The heads file carries its card in its
+safetensors metadata too, so an uploaded copy opens on the dashboard without the ``.json`` beside it.
 """
 from __future__ import annotations
 
@@ -23,11 +29,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..models._registry import create_model, data_dir
-from ..data import TensorDataset, imagenette_root, load_imagenette, train_val_split
+from ..models._registry import data_dir
+from ..data import TensorDataset, imagenette_root
 from ..engine.heads import PlanHead
 from ..engine.network import SkipNetwork
-from .distill import DistillConfig, head_state
+from .distill import DistillConfig, build_network, head_state, load_training_images, split_train_val, test_images
 
 __all__ = ["HeadsExportConfig", "export_heads", "operating_point"]
 
@@ -43,6 +49,7 @@ class HeadsExportConfig:
     plan_teacher_threshold: float = 0.5
     plan_epochs: int = 60
     batch_size: int = 100
+    unlabelled_fast_agreement: float = 0.95  # images without labels: "fast" keeps this top-1 agreement
 
 
 def operating_point(curve: pd.DataFrame, max_drop_points: float | None = None,
@@ -63,7 +70,7 @@ def _fit_plan(net: SkipNetwork, train_set: TensorDataset, val_set: TensorDataset
     from .plan import PlanConfig, fit_plan_head, plan_targets
 
     torch.manual_seed(0)
-    head = PlanHead(net.stem.conv.out_channels, net.gated_blocks, 4, 128)
+    head = PlanHead(net.blocks[0].in_channels, net.gated_blocks, 4, 128)  # the stem's output channels
     tr_f, tr_t = plan_targets(net, head, train_set, cfg.plan_teacher_threshold, batch_size=cfg.batch_size)
     va_f, va_t = plan_targets(net, head, val_set, cfg.plan_teacher_threshold, batch_size=cfg.batch_size)
     pcfg = PlanConfig(arch=net.meta.arch, teacher_threshold=cfg.plan_teacher_threshold, epochs=cfg.plan_epochs,
@@ -100,6 +107,36 @@ def _point(curve: pd.DataFrame, t: float | None) -> dict | None:
             for k, v in row.items()}
 
 
+def _source(dcfg: DistillConfig, net: SkipNetwork, root: str, labelled: bool) -> dict:
+    """What a card says about where the backbone, the classes and the data come from: the published
+    EfficientNet-Lite0 on Imagenette, or a user's network on the user's images."""
+    if dcfg.model is None:
+        return {"name": f"{dcfg.arch}.imagenet_gated", "file": f"{dcfg.arch}_imagenet_gated",
+                "model_kwargs": {"gates": True, "probes": True, "plan": True, "plan_grid": 4, "plan_hidden": 128},
+                "classes_source": "torchvision ResNet50_Weights.IMAGENET1K_V1.meta['categories'] (ImageNet-1k order)",
+                "note": "RGB scaled to [0, 1], then (x - 0.5) / 0.5; shorter side resized, centre crop",
+                "dataset": "Imagenette (imagenette2, 224x224 JPEG ImageFolder; labels as ImageNet-1k indices)",
+                "test_split": "val/",
+                "reproduce": f"skipviz train-heads --arch {dcfg.arch} --epochs {dcfg.epochs} --export"}
+    timm_name = dcfg.model.split(":", 1)[-1]
+    built = {k: v for k, v in dcfg.model_kwargs.items() if k != "classes"}
+    known = ("num_classes", "input_size", "gate_hidden")
+    return {"name": f"{dcfg.model}+heads", "file": f"{dcfg.model.replace(':', '_').replace('/', '_')}_heads",
+            "model": dcfg.model,
+            "model_kwargs": {"gates": True, "probes": True, "plan": True, "plan_grid": 4, "plan_hidden": 128,
+                             "num_classes": net.meta.num_classes, "input_size": list(net.meta.input_size),
+                             **{k: v for k, v in built.items() if k in known},
+                             "timm_kwargs": {k: v for k, v in built.items() if k not in known}},
+            "classes_source": "given (model_kwargs.classes)" if "classes" in dcfg.model_kwargs else
+                              "ImageNet-1k (torchvision order)" if net.meta.num_classes == 1000 else "class indices",
+            "note": f"timm {timm_name} pretrained_cfg: RGB scaled to [0, 1], normalised with mean/std; shorter side "
+                    "resized, centre crop (PIL bilinear)",
+            "dataset": f"image folder {root} ({'labels from its class folders' if labelled else 'unlabelled'})",
+            "test_split": "val/",
+            "reproduce": f"skipviz train --model {dcfg.model} --weights {dcfg.weights} --data {root} "
+                         f"--epochs {dcfg.epochs} --export"}
+
+
 def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Path, splits: dict, ev: dict,
           t_start: float) -> dict:
     """The model card of exported heads: backbone identity and licence, classes, preprocessing, data split
@@ -109,92 +146,107 @@ def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Pa
 
     train_set, val_set, test_set = splits["train"], splits["validation"], splits["test"]
     plan, val, test, points, fast_t = ev["plan"], ev["val"], ev["test"], ev["points"], ev["fast"]
-    outcome, per_class, classes = ev["outcome"], ev["per_class"], ev["classes"]
+    outcome, per_class, classes, src = ev["outcome"], ev["per_class"], ev["classes"], ev["source"]
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-    return {
-        "name": f"{dcfg.arch}.imagenet_gated",
-        "architecture": {"arch": dcfg.arch, "blocks": net.num_blocks, "gated_blocks": net.gated_blocks,
-                         "block_names": net.block_names,
+    labelled = ev["labelled"]
+    card = {
+        "name": src["name"],
+        "architecture": {"arch": net.meta.arch if dcfg.model else dcfg.arch, "blocks": net.num_blocks,
+                         "gated_blocks": net.gated_blocks, "block_names": net.block_names,
                          "head_params": sum(v.numel() for v in head_state(net).values())},
-        "model_kwargs": {"gates": True, "probes": True, "plan": True, "plan_grid": 4, "plan_hidden": 128},
+        "model_kwargs": src["model_kwargs"],
         "backbone": net.meta.card["backbone"],
         "classes": classes,
-        "classes_source": "torchvision ResNet50_Weights.IMAGENET1K_V1.meta['categories'] (ImageNet-1k order)",
+        "classes_source": src["classes_source"],
         "preprocessing": {"input_size": list(net.meta.input_size), "resize": net.meta.resize,
-                          "mean": list(net.meta.mean), "std": list(net.meta.std),
-                          "note": "RGB scaled to [0, 1], then (x - 0.5) / 0.5; shorter side resized, centre crop"},
-        "dataset": {"name": "Imagenette (imagenette2, 224x224 JPEG ImageFolder; labels as ImageNet-1k indices)",
+                          "mean": list(net.meta.mean), "std": list(net.meta.std), "note": src["note"]},
+        "dataset": {"name": src["dataset"],
                     "train": {"n": len(train_set), "files_sha256": train_set.files_sha256},
                     "validation": {"n": len(val_set), "seed": dcfg.seed, "files_sha256": val_set.files_sha256,
                                    "carved_from": "train/"},
-                    "test": {"split": "val/", "n": len(test_set), "files_sha256": test_set.files_sha256}},
+                    "test": ({"split": src["test_split"], "n": len(test_set), "files_sha256": test_set.files_sha256}
+                             if test_set is not None else None)},
         "training": {"config": asdict(dcfg), "epochs_run": len(log), "log": log,
                      "hours": sum(r["seconds"] for r in log) / 3600, "cpu": cpu_name(), "device": "cpu",
                      "labels_used": False},
         "default_policy": {"name": "gates", "threshold": fast_t, "operating_point": "fast",
-                           "rule": f"largest FLOPs cut on validation with accuracy drop <= {cfg.max_drop_points} "
-                                   "points vs the published full network"},
+                           "rule": (f"largest FLOPs cut on validation with accuracy drop <= {cfg.max_drop_points} "
+                                    "points vs the published full network") if labelled else
+                                   (f"largest FLOPs cut on validation with top-1 agreement >= "
+                                    f"{cfg.unlabelled_fast_agreement} with the full network (no labels)")},
         "operating_points": points,
         "flops": card_flops(net._count_flops(tuple(net.meta.input_size[-2:]))),
-        "metrics_test": {"full_accuracy": test["full"].accuracy, "gate_curve": test["gates"].to_dict("records"),
-                         "early_exit_curve": test["exits"].to_dict("records"),
-                         "blocks_mean_correct": outcome["correct"], "blocks_mean_wrong": outcome["wrong"],
-                         "per_class": per_class.to_dict("records")},
-        "metrics_validation": {"full_accuracy": val["full"].accuracy, "gate_curve": val["gates"].to_dict("records")},
+        "metrics_test": ({"full_accuracy": test["full"].accuracy, "gate_curve": test["gates"].to_dict("records"),
+                          "early_exit_curve": test["exits"].to_dict("records"),
+                          "blocks_mean_correct": outcome["correct"], "blocks_mean_wrong": outcome["wrong"],
+                          "per_class": per_class.to_dict("records")} if outcome is not None else {}),
+        "metrics_validation": {"full_accuracy": val["full"].accuracy if labelled else None,
+                               "gate_curve": val["gates"].to_dict("records")},
         "plan": {**plan, "default_threshold": points["plan"]["fast"]["threshold"] or cfg.plan_thresholds[0],
                  "validation": {"curve": val["plan"].to_dict("records")},
-                 "curve_test": test["plan"].to_dict("records")},
+                 "curve_test": test["plan"].to_dict("records") if test is not None else None},
         "software": software_versions(),
         "export_seconds": time.time() - t_start,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "reproduce": f"skipviz train-heads --arch {dcfg.arch} --epochs {dcfg.epochs} --export",
+        "reproduce": src["reproduce"],
     }
+    if dcfg.model is not None:
+        card["model"] = dcfg.model
+        if test is not None and outcome is None:  # a test split without labels: the curves, no accuracy
+            card["metrics_test"] = {"gate_curve": test["gates"].to_dict("records")}
+    return card
 
 
 def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: str | None = None) -> tuple[Path, dict]:
-    """Evaluate a finished distillation run and write ``<arch>_imagenet_gated.safetensors`` (heads only) and its
-    card to ``dest`` (default ``data/``)."""
+    """Evaluate a finished distillation run and write its heads (only) and their card to ``dest`` (default
+    ``data/``): ``<arch>_imagenet_gated.safetensors`` for the published backbone, ``timm_<name>_heads.safetensors``
+    for a user's network (the card in its metadata too)."""
     from safetensors.torch import save_file
 
     from ..evaluate import blocks_by_outcome
     from ..models.efficientnet_lite import imagenet_classes
+    from ..models.timm_wrap import CARD_METADATA_KEY
     from ..models.weights import sha256_file
 
     t_start = time.time()
     run = Path(cfg.run_dir)
     dcfg = DistillConfig(**json.loads((run / "config.json").read_text()))
     root = data_root or dcfg.data_root or imagenette_root()
-    net = create_model(dcfg.arch, plan=False)
+    net = build_network(dcfg)
     ckpt = torch.load(run / "last.pt", weights_only=True)
     net.load_state_dict(ckpt["heads"], strict=False)
     net.eval()
-    full_train = load_imagenette(root, "train", progress=False)
-    tr_idx, val_idx = train_val_split(len(full_train), dcfg.val_size, dcfg.seed)
-    train_set, val_set = full_train.subset(tr_idx), full_train.subset(val_idx)
-    test_set = load_imagenette(root, "val", progress=False)
+    train_set, val_set = split_train_val(dcfg, load_training_images(dcfg, net, root, progress=False))
+    test_set = test_images(dcfg, net, root)
+    labelled = bool((val_set.labels >= 0).all())
     plan = _fit_plan(net, train_set, val_set, cfg)
     val = _curves(net, val_set, cfg)
-    test = _curves(net, test_set, cfg)
+    test = _curves(net, test_set, cfg) if test_set is not None else None
     points = {}
     for source in ("gates", "plan"):
-        fast = operating_point(val[source], max_drop_points=cfg.max_drop_points)
+        fast = (operating_point(val[source], max_drop_points=cfg.max_drop_points) if labelled else
+                operating_point(val[source], min_agreement=cfg.unlabelled_fast_agreement))
         faithful = operating_point(val[source], min_agreement=cfg.min_agreement)
         points[source] = {"fast": {"threshold": fast, "validation": _point(val[source], fast),
-                                   "test": _point(test[source], fast)},
+                                   "test": _point(test[source], fast) if test is not None else None},
                           "faithful": {"threshold": faithful, "validation": _point(val[source], faithful),
-                                       "test": _point(test[source], faithful)}}
+                                       "test": _point(test[source], faithful) if test is not None else None}}
     fast_t = points["gates"]["fast"]["threshold"] or cfg.gate_thresholds[0]  # none qualifies: the most cautious
-    fast_eval = test["gate_evals"][list(cfg.gate_thresholds).index(fast_t)]
-    classes = imagenet_classes()
-    outcome, per_class = blocks_by_outcome(fast_eval, classes)
+    classes = imagenet_classes() if dcfg.model is None else list(net.meta.classes)
+    outcome, per_class = None, None
+    if test is not None and bool((test_set.labels >= 0).all()):
+        outcome, per_class = blocks_by_outcome(test["gate_evals"][list(cfg.gate_thresholds).index(fast_t)], classes)
+    src = _source(dcfg, net, str(root), labelled)
+    card = _card(net, dcfg, cfg, run, {"train": train_set, "validation": val_set, "test": test_set},
+                 {"plan": plan, "val": val, "test": test, "points": points, "fast": fast_t, "labelled": labelled,
+                  "outcome": outcome, "per_class": per_class, "classes": classes, "source": src}, t_start)
     dest = dest or data_dir()
     dest.mkdir(parents=True, exist_ok=True)
-    name = f"{dcfg.arch}_imagenet_gated"
-    weights_path = dest / f"{name}.safetensors"
-    save_file(head_state(net), str(weights_path), metadata={"arch": dcfg.arch, "format": "skipviz.heads"})
-    card = _card(net, dcfg, cfg, run, {"train": train_set, "validation": val_set, "test": test_set},
-                 {"plan": plan, "val": val, "test": test, "points": points, "fast": fast_t,
-                  "outcome": outcome, "per_class": per_class, "classes": classes}, t_start)
+    weights_path = dest / f"{src['file']}.safetensors"
+    metadata = {"arch": dcfg.arch, "format": "skipviz.heads"}
+    if dcfg.model is not None:
+        metadata = {"arch": dcfg.model, "format": "skipviz.heads", CARD_METADATA_KEY: json.dumps(card)}
+    save_file(head_state(net), str(weights_path), metadata=metadata)
     card["weights_sha256"] = sha256_file(weights_path)
     weights_path.with_suffix(".json").write_text(json.dumps(card, indent=2))
     return weights_path, card
