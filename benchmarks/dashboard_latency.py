@@ -3,8 +3,9 @@
 Two measurements for the default model (random-init fallback when its weights are missing, said in the output):
 
 1. the view functions a threshold change runs, 20 changes cycling over the slider's values:
-   Inspect (skipped run + measured latency full vs skipped + block map + tables) and Thresholds (skipped run of
-   the current image + calibration lookup + Pareto and skip-rate figures);
+   Inspect (skipped run + the paired latency saving at batch 1 + block map + tables) and Thresholds (skipped run
+   of the current image + calibration lookup + the current setting's paired saving + Pareto and skip-rate
+   figures over the latency sweep measured once before);
 2. the same 20 changes through ``streamlit.testing.v1.AppTest`` (a whole-script rerun: an upper bound of the
    fragment rerun the browser does).
 
@@ -59,22 +60,28 @@ def main() -> None:
     full = dashboard.run_full(net, x)
     t0 = time.perf_counter()
     sweep = calibration.sweep_calibration(net, calibration.load_calibration(net, args.calib_n))
+    latencies = dashboard.latency_sweep(net, sweep, 1)
     precompute_s = time.perf_counter() - t0
+    profile = dashboard.block_profile(net, x)
     grid = calibration.threshold_grid()
     values = [grid[(3 + 7 * k) % len(grid)] for k in range(args.changes)]
 
     inspect_ms, thresholds_ms = [], []
     for t in values:
         t0 = time.perf_counter()
-        res = dashboard.inspect(net, x, policies.make_policy(net, t), full, repeats=5)
-        figures.block_map_figure(res.trace), dashboard.block_table(res.trace, res.latency)
-        dashboard.top5_side_by_side(res, net.meta.classes), figures.latency_figure(res.latency)
+        policy = policies.make_policy(net, t)
+        res = dashboard.inspect(net, x, policy, full)
+        live = dashboard.live_latency(net, x, policy, profile)
+        figures.block_map_figure(res.trace), dashboard.block_table(res.trace, live.block_ms, live.profile_device)
+        dashboard.top5_side_by_side(res, net.meta.classes), figures.latency_figure(live.saving)
         inspect_ms.append((time.perf_counter() - t0) * 1e3)
         t0 = time.perf_counter()
-        res = dashboard.inspect(net, x, policies.make_policy(net, t), full, measure=False)
+        res = dashboard.inspect(net, x, policies.make_policy(net, t), full)
         figures.block_map_figure(res.trace)
         point = sweep.point_for(net, t)
-        figures.pareto_figure(sweep, point), figures.skip_rate_figure(point, net), calibration.calibration_summary(point, sweep.full)
+        saving = dashboard.point_saving(net, sweep.calib, policies.make_policy(net, t), 1)
+        figures.pareto_figure(sweep, point, latencies, saving), figures.skip_rate_figure(point, net)
+        dashboard.calibration_table(point, sweep.full, saving)
         thresholds_ms.append((time.perf_counter() - t0) * 1e3)
 
     result = {"model": net.meta.display_name, "weights_missing": lm.warning is not None,

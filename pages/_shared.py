@@ -11,7 +11,9 @@ import streamlit as st
 from PIL import Image
 
 from skipviz import DEFAULT_MODEL, ImageInfo, ImageLoadError, keep_heap_memory, load_image, dashboard, policies
+from skipviz.data import normalize
 from skipviz.evaluate import calibration
+from skipviz.measure.saving import PairedSaving, trust_note
 from skipviz.samples import sample_bytes, sample_names
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
@@ -29,8 +31,10 @@ def calibration_size() -> int:
     return int(os.environ.get("SKIPVIZ_CALIB_N", "256"))
 
 
-def latency_repeats() -> int:
-    return int(os.environ.get("SKIPVIZ_LATENCY_REPEATS", "5"))
+def latency_rounds() -> int:
+    """Interleaved paired rounds per latency figure (``$SKIPVIZ_LATENCY_REPEATS``, default 15; at least 3 so the
+    saving has a bootstrap interval)."""
+    return max(3, int(os.environ.get("SKIPVIZ_LATENCY_REPEATS", "15")))
 
 
 @st.cache_resource(show_spinner="Loading the model (once per process)...")
@@ -49,7 +53,8 @@ def uploaded_model(arch: str, sha256: str, filename: str, _data: bytes) -> dashb
 
 #: Session settings that belong to one model: its threshold, decision source and per-block overrides (and the
 #: widgets showing them). They are dropped when the session's model changes.
-PER_MODEL_STATE = ("sv_threshold", "sv_decisions", "sv_overrides", "inspect_threshold", "thresholds_threshold")
+PER_MODEL_STATE = ("sv_threshold", "sv_decisions", "sv_overrides", "inspect_threshold", "thresholds_threshold",
+                   "sv_batch", "inspect_batch", "thresholds_batch")
 
 
 def current_model() -> tuple[str, dashboard.LoadedModel]:
@@ -211,7 +216,101 @@ def calibration_sweep(model_key: str, lm: dashboard.LoadedModel, source: str = "
 
 def model_banner(lm: dashboard.LoadedModel) -> None:
     if lm.warning:
-        st.warning(lm.warning, icon="⚠️")
+        st.warning(lm.warning, icon=":material/warning:")
+
+
+# --------------------------------------------------------------------------------------------- latency
+def batch_picker(key: str) -> int:
+    """A radio of :data:`skipviz.dashboard.BATCH_SIZES`, shared by the pages (``sv_batch``, default 1)."""
+    sizes = list(dashboard.BATCH_SIZES)
+    current = int(st.session_state.get("sv_batch", sizes[0]))
+    b = st.radio("Batch size timed", sizes, index=sizes.index(current) if current in sizes else 0, horizontal=True,
+                 key=key, help="Latency is measured on a batch of this size: the image itself at 1, the image and "
+                               "calibration images above.")
+    st.session_state["sv_batch"] = int(b)
+    return int(b)
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading calibration images to fill larger batches...")
+def batch_fillers(model_key: str, _lm: dashboard.LoadedModel):
+    """Normalised calibration images (max batch - 1 of them) that fill the live view's larger batches."""
+    net = _lm.net
+    calib = calibration.load_calibration(net, max(dashboard.BATCH_SIZES) - 1)
+    dev = next(net.parameters()).device
+    return normalize(calib.images.to(dev), net.meta.mean, net.meta.std)
+
+
+@st.cache_resource
+def _latency_store() -> dict:
+    return {"lock": threading.Lock(), "profiles": {}, "live": {}, "sweeps": {}, "points": {}}
+
+
+def _progress(text: str):
+    bar = st.progress(0.0, text=text)
+
+    def update(frac: float, what: str) -> None:
+        bar.progress(min(1.0, max(0.0, frac)), text=f"{text} {what}")
+    return bar, update
+
+
+def live_latency(model_key: str, sha256: str, lm: dashboard.LoadedModel, x, policy, batch_size: int,
+                 again: bool = False) -> dashboard.LiveLatency:
+    """The live view's latency for an image, policy and batch size: measured once per process (``again``: anew),
+    its block profile once per model and batch size, with a progress bar while it runs."""
+    store, net = _latency_store(), lm.net
+    others = batch_fillers(model_key, lm) if batch_size > 1 else None
+    xb, described = dashboard.live_batch(x, others, batch_size)
+    key = (model_key, sha256, repr(policy.config()), batch_size, latency_rounds())
+    with store["lock"]:
+        if again:
+            store["live"].pop(key, None)
+        if key not in store["live"]:
+            bar, update = _progress(f"Timing batch {batch_size}:")
+            pkey = (model_key, batch_size)
+            if pkey not in store["profiles"]:
+                update(0.05, "profiling every block (once per model and batch size)...")
+                store["profiles"][pkey] = dashboard.block_profile(net, xb)
+            update(0.5, f"full and skipped in {latency_rounds()} interleaved paired rounds...")
+            store["live"][key] = dashboard.live_latency(net, xb, policy, store["profiles"][pkey], described,
+                                                        latency_rounds())
+            bar.empty()
+        return store["live"][key]
+
+
+def latency_sweep(model_key: str, lm: dashboard.LoadedModel, sweep: calibration.CalibrationSweep,
+                  batch_size: int) -> dict[float, PairedSaving]:
+    """The paired saving of every grid threshold at ``batch_size`` (once per process, with a progress bar)."""
+    store = _latency_store()
+    key = (model_key, len(sweep.calib), sweep.source, batch_size, latency_rounds())
+    with store["lock"]:
+        if key not in store["sweeps"]:
+            bar, update = _progress(f"Timing {len(sweep.points)} thresholds against the full network at batch "
+                                    f"{batch_size} ({latency_rounds()} paired rounds each):")
+            store["sweeps"][key] = dashboard.latency_sweep(lm.net, sweep, batch_size, latency_rounds(), update)
+            bar.empty()
+        return store["sweeps"][key]
+
+
+def point_saving(model_key: str, lm: dashboard.LoadedModel, sweep: calibration.CalibrationSweep, policy,
+                 batch_size: int, threshold: float, overrides: dict) -> PairedSaving:
+    """The current setting's paired saving: the grid's when it has no overrides, else measured once."""
+    if not overrides and round(float(threshold), 4) in sweep.points:
+        return latency_sweep(model_key, lm, sweep, batch_size)[round(float(threshold), 4)]
+    store = _latency_store()
+    key = (model_key, len(sweep.calib), repr(policy.config()), batch_size, latency_rounds())
+    with store["lock"]:
+        if key not in store["points"]:
+            with st.spinner("Timing the current setting against the full network..."):
+                store["points"][key] = dashboard.point_saving(lm.net, sweep.calib, policy, batch_size,
+                                                              latency_rounds())
+        return store["points"][key]
+
+
+def latency_warning(savings) -> None:
+    """Say so when latencies cannot be trusted: the machine was busy or a spread is wider than its effect."""
+    note = trust_note(savings)
+    if note:
+        st.warning(note, icon=":material/speed:")
 
 
 def digest(data: bytes) -> str:

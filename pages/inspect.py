@@ -1,4 +1,5 @@
-"""Inspect (landing page): one image, which blocks fired, the prediction skipped vs full, measured latency."""
+"""Inspect (landing page): one image, which blocks fired, the prediction skipped vs full, the measured latency
+saving at a chosen batch size (paired rounds, said only as far as its interval allows)."""
 from __future__ import annotations
 
 import streamlit as st
@@ -6,7 +7,7 @@ import streamlit as st
 from pages import _shared
 from skipviz import dashboard, figures, policies
 
-st.title("🔍 Inspect one input")
+st.title(":material/search: Inspect one input")
 model_key, lm = _shared.current_model()
 _shared.model_banner(lm)
 net = lm.net
@@ -35,17 +36,23 @@ if cur is not None:
             if ov:
                 st.caption("Per-block overrides from the Thresholds page: " +
                            ", ".join(f"{net.block_names[k]}={v}" for k, v in sorted(ov.items())))
+            b_col, again_col = st.columns([3, 1])
+            with b_col:
+                batch = _shared.batch_picker("inspect_batch")
+            again = again_col.button("Measure again", key="inspect_measure_again", icon=":material/refresh:")
             policy = policies.make_policy(net, t, ov, source)
-            res = dashboard.inspect(net, x, policy, full_trace, repeats=_shared.latency_repeats())
-            tr, lat = res.trace, res.latency
+            res = dashboard.inspect(net, x, policy, full_trace)
+            live = _shared.live_latency(model_key, cur.info.sha256, lm, x, policy, batch, again)
+            tr, saving = res.trace, live.saving
             c1, c2, c3, c4 = st.columns(4)
             c1.metric("Prediction (skipped)", f"{tr.predicted_label}", f"{tr.confidence:.1%}", delta_color="off")
             c2.metric("Prediction (full)", f"{res.full_trace.predicted_label}",
                       f"{res.full_trace.confidence:.1%}", delta_color="off")
             c3.metric("Blocks fired", f"{tr.blocks_executed}/{tr.blocks_total}",
                       f"{tr.flops_saved_fraction:.1%} FLOPs saved", delta_color="off")
-            c4.metric(f"Latency saved ({lat.device})", f"{lat.saved_ms:.2f} ms",
-                      f"{lat.saved_fraction:.1%} of {lat.full_ms:.2f} ms", delta_color="off")
+            c4.metric(f"Latency saved ({live.device}, batch {batch})", saving.headline(), saving.detail(),
+                      delta_color="off", delta_arrow="off")
+            _shared.latency_warning(saving)
             if not res.agrees:
                 st.warning(f"Skipping changed the prediction: {tr.predicted_label} (skipped) vs "
                            f"{res.full_trace.predicted_label} (full).")
@@ -59,15 +66,20 @@ if cur is not None:
                                  "full: probability": st.column_config.ProgressColumn(
                                  format="%.3f", min_value=0, max_value=1)}, key="top5")
             with b:
-                st.plotly_chart(figures.latency_figure(lat), key="latency", width="stretch")
+                st.plotly_chart(figures.latency_figure(saving), key="latency", width="stretch")
+            st.caption(f"Latency: {saving.describe()} (full and skipped alternating, each round's difference "
+                       f"paired; the saving is their median with a bootstrap 95 % interval). Batch: {live.batch}.")
             st.subheader("Per-block decisions")
-            st.dataframe(dashboard.block_table(tr, lat), hide_index=True, key="blocks",
+            time_col = dashboard.profile_column(live.profile_device, live.batch_size)
+            st.dataframe(dashboard.block_table(tr, live.block_ms, live.profile_device, live.batch_size),
+                         hide_index=True, key="blocks",
                          column_config={policies.score_label(tr.policy): st.column_config.NumberColumn(format="%.3f"),
                                         "MFLOPs": st.column_config.NumberColumn(format="%.2f"),
-                                        "latency (ms)": st.column_config.NumberColumn(format="%.3f")})
-            st.caption(f"Latency measured on {lat.device}, batch 1, median of {lat.repeats} runs; per-block time "
-                       "replays the skipped run's decisions (block or bypass, plus its gate; a plan decided at the "
-                       "stem counts with the first block).")
+                                        time_col: st.column_config.NumberColumn(format="%.3f")})
+            st.caption(f"Per-block time is a profile estimate, not a measurement of this run: every block, bypass "
+                       f"and gate timed alone at batch {live.batch_size} on {live.profile_device}, scaled to the "
+                       "measured forward and combined for this batch's decisions (a plan decided at the stem counts "
+                       "with the first block). The measured figure is the paired saving above.")
             extra = _shared.inspect_extras()
             for render in extra:
                 render(net, x, tr)

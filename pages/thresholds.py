@@ -1,13 +1,13 @@
-"""Thresholds: a global threshold and per-block overrides, live for the current image and a calibration set."""
+"""Thresholds: a global threshold and per-block overrides, live for the current image and a calibration set; accuracy
+against the paired, measured latency saving at a chosen batch size."""
 from __future__ import annotations
 
 import streamlit as st
 
 from pages import _shared
 from skipviz import dashboard, figures, policies
-from skipviz.evaluate import calibration
 
-st.title("🎚️ Tune thresholds")
+st.title(":material/tune: Tune thresholds")
 model_key, lm = _shared.current_model()
 _shared.model_banner(lm)
 net = lm.net
@@ -45,7 +45,7 @@ def live_view() -> None:
     st.subheader("Current image")
     if cur is not None:
         x, full_trace = _shared.prepared_input(model_key, cur.info.sha256, net, cur.image)
-        res = dashboard.inspect(net, x, policy, full_trace, measure=False)
+        res = dashboard.inspect(net, x, policy, full_trace)
         tr = res.trace
         a, b = st.columns([1, 3])
         a.image(cur.image, caption=cur.label, width=140)
@@ -56,21 +56,30 @@ def live_view() -> None:
         b.plotly_chart(figures.block_map_figure(tr), key="thr_block_map", width="stretch")
 
     st.subheader("Calibration set")
+    batch = _shared.batch_picker("thresholds_batch")
     point = sweep.point_for(net, t, ov)
+    latencies = _shared.latency_sweep(model_key, lm, sweep, batch)
+    saving = _shared.point_saving(model_key, lm, sweep, policy, batch, t, ov)
     m1, m2, m3, m4 = st.columns(4)
     acc_name = "Accuracy" if sweep.calib.labelled else "Accuracy (= agreement, no labels)"
     m1.metric(acc_name, f"{point.accuracy:.1%}", f"{100 * (point.accuracy - sweep.full.accuracy):+.1f} pts vs full")
     m2.metric("Agreement with full", f"{point.agreement:.1%}")
-    m3.metric("Latency / image (measured)", f"{point.latency_ms:.3f} ms",
-              f"{point.latency_ms / sweep.full.latency_ms - 1:+.0%} vs full" if sweep.full.latency_ms else None,
-              delta_color="inverse")
+    per_image = saving.per_input()
+    m3.metric(f"Latency saved per image ({saving.device}, batch {saving.batch_size})", per_image.headline(),
+              per_image.detail(), delta_color="off", delta_arrow="off")
     m4.metric("FLOPs executed", f"{point.flops_fraction:.1%} of full")
+    _shared.latency_warning([*latencies.values(), saving])
+    if saving.batch_size != batch:
+        st.caption(f"Batch {batch} asked; the calibration set has {len(sweep.calib)} images, so batches of "
+                   f"{saving.batch_size} are timed.")
     c1, c2 = st.columns(2)
-    c1.plotly_chart(figures.pareto_figure(sweep, point), key="pareto", width="stretch")
+    c1.plotly_chart(figures.pareto_figure(sweep, point, latencies, saving), key="pareto", width="stretch")
     c2.plotly_chart(figures.skip_rate_figure(point, net), key="skip_rate", width="stretch")
-    st.dataframe(calibration.calibration_summary(point, sweep.full), hide_index=True, key="calib_summary")
+    st.caption(f"Latency: each threshold timed against the full network, {saving.describe()} over the "
+               "calibration set's first images; bars are the bootstrap 95 % interval of the paired saving.")
+    st.dataframe(dashboard.calibration_table(point, sweep.full, saving), hide_index=True, key="calib_summary")
     with st.expander("Every precomputed threshold"):
-        st.dataframe(sweep.frame(), hide_index=True, key="sweep_table")
+        st.dataframe(dashboard.sweep_table(sweep, latencies), hide_index=True, key="sweep_table")
 
 
 live_view()

@@ -2,9 +2,11 @@
 layer over the library (no Streamlit).
 
 Thread set-up, model loading with a fallback, the model tables, the decision sources a network offers,
-one-input inspection (skipped vs full run, measured latency per block) and its tables. Figures are
-:mod:`skipviz.figures`', the calibration sweep :mod:`skipviz.evaluate.calibration`'s, the latency measurement
-:mod:`skipviz.measure.runs`', the policy :func:`skipviz.policies.make_policy`'s.
+one-input inspection (skipped vs full run) and its tables, and the latency the pages show: the paired saving of
+the live view at a chosen batch size (:func:`live_latency`, with a per-block profile estimate) and of every
+calibration threshold (:func:`latency_sweep`). Figures are :mod:`skipviz.figures`', the calibration sweep
+:mod:`skipviz.evaluate.calibration`'s, every latency measurement :func:`skipviz.measure.saving.measure_saving`'s,
+the policy :func:`skipviz.policies.make_policy`'s.
 """
 from __future__ import annotations
 
@@ -21,18 +23,24 @@ import torch
 from PIL import Image
 
 from ._checkpoint import CheckpointError
+from .data import normalize
 from .engine.network import SkipNetwork
 from .engine.trace import SampleTrace
-from .measure.clock import resolve_device
-from .measure.runs import LatencyResult, measure_input_latency
+from .evaluate.calibration import CalibrationPoint, CalibrationSet, CalibrationSweep
+from .measure.clock import device_label, resolve_device
+from .measure.predict import predict_block_ms
+from .measure.profile import BlockProfile, profile_blocks
+from .measure.saving import PairedSaving, measure_saving
 from .models._registry import DEFAULT_MODEL, create_model, list_models, list_pretrained
 from .policies.base import Override, Policy, normalise_overrides
 from .policies.simple import FullPolicy
-from .policies.threshold import score_label
+from .policies.threshold import make_policy, score_label
 
-__all__ = ["InspectResult", "LoadedModel", "block_table", "configure_threads", "decision_sources", "decisions",
-           "finite_or_none", "inference_device", "inspect", "load_model", "load_uploaded_weights",
-           "model_card_table", "models_table", "overrides_from_choices", "preprocess", "run_full", "top5_side_by_side",
+__all__ = ["BATCH_SIZES", "InspectResult", "LiveLatency", "LoadedModel", "block_profile", "block_table",
+           "calibration_table", "configure_threads", "decision_sources", "decisions", "finite_or_none",
+           "inference_device", "inspect", "latency_sweep", "live_batch", "live_latency", "load_model",
+           "load_uploaded_weights", "model_card_table", "models_table", "overrides_from_choices", "point_saving",
+           "preprocess", "profile_column", "run_full", "sweep_batch", "sweep_table", "top5_side_by_side",
            "top_k_frame", "weights_state"]
 
 
@@ -194,7 +202,6 @@ class InspectResult:
     probs_skipped: np.ndarray
     probs_full: np.ndarray
     policy: dict
-    latency: LatencyResult | None = None
 
     @property
     def agrees(self) -> bool:
@@ -208,14 +215,12 @@ def run_full(net: SkipNetwork, x: torch.Tensor) -> SampleTrace:
 
 
 @torch.no_grad()
-def inspect(net: SkipNetwork, x: torch.Tensor, policy: Policy, full_trace: SampleTrace | None = None,
-            measure: bool = True, repeats: int = 5) -> InspectResult:
-    """Run one input x (1, 3, H, W) under ``policy`` and fully; optionally measure both latencies."""
+def inspect(net: SkipNetwork, x: torch.Tensor, policy: Policy, full_trace: SampleTrace | None = None) -> InspectResult:
+    """Run one input x (1, 3, H, W) under ``policy`` and fully (its latency: :func:`live_latency`)."""
     trace = net.run(x, policy).traces()[0]
     full_trace = full_trace or run_full(net, x)
-    latency = measure_input_latency(net, x, policy, trace, repeats) if measure else None
     return InspectResult(trace=trace, full_trace=full_trace, probs_skipped=_softmax(trace.logits),
-                         probs_full=_softmax(full_trace.logits), policy=policy.config(), latency=latency)
+                         probs_full=_softmax(full_trace.logits), policy=policy.config())
 
 
 def _softmax(logits: Sequence[float]) -> np.ndarray:
@@ -238,18 +243,27 @@ def top5_side_by_side(res: InspectResult, classes: Sequence[str], k: int = 5) ->
                          "full: class": f["class"], "full: probability": f["probability"]})
 
 
-def block_table(trace: SampleTrace, latency: LatencyResult | None = None) -> pd.DataFrame:
-    """One row per block: its score (:func:`score_label`), threshold, decision, reason, FLOPs and measured
-    latency."""
+def profile_column(device: str, batch_size: int) -> str:
+    """The per-block table's time column: says it is a profile estimate, with its device and batch size."""
+    return f"profile estimate (ms per batch of {batch_size}, {device})"
+
+
+def block_table(trace: SampleTrace, block_ms: Sequence[float] | None = None, device: str = "",
+                batch_size: int = 1) -> pd.DataFrame:
+    """One row per block: its score (:func:`score_label`), threshold, decision, reason, FLOPs and, with
+    ``block_ms`` (:attr:`LiveLatency.block_ms`), each block's time as a profile estimate (column
+    :func:`profile_column`: the device and batch size in its name)."""
     rows = []
     label = score_label(trace.policy)
+    time_col = profile_column(device, batch_size) if block_ms is not None else None
     for i, b in enumerate(trace.blocks):
-        rows.append({"block": b.index, "name": b.name, "downsampling": b.downsample,
-                     label: np.nan if b.score is None else b.score,
-                     "threshold": np.nan if b.threshold is None else b.threshold,
-                     "decision": "fired" if b.executed else "bypassed", "reason": b.reason,
-                     "MFLOPs": b.flops / 1e6,
-                     "latency (ms)": latency.per_block_ms[i] if latency is not None else np.nan})
+        row = {"block": b.index, "name": b.name, "downsampling": b.downsample,
+               label: np.nan if b.score is None else b.score,
+               "threshold": np.nan if b.threshold is None else b.threshold,
+               "decision": "fired" if b.executed else "bypassed", "reason": b.reason, "MFLOPs": b.flops / 1e6}
+        if time_col is not None:
+            row[time_col] = float(block_ms[i])
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -265,3 +279,140 @@ def overrides_from_choices(choices: Mapping[int, str]) -> dict[int, Override]:
 
 def finite_or_none(v: float | None) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+# --------------------------------------------------------------------------------------------- latency
+#: The batch sizes the live views time at.
+BATCH_SIZES = (1, 16, 64, 256)
+
+
+def live_batch(x: torch.Tensor, others: torch.Tensor | None, batch_size: int) -> tuple[torch.Tensor, str]:
+    """The batch the live view times: ``x`` (1, 3, H, W) followed by ``batch_size - 1`` of ``others``
+    (M, 3, H, W), normalised images of the calibration set, repeated in turn when there are fewer), so the
+    batch's decisions vary as a real batch's do; and how the page describes it."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size == 1:
+        return x, "this image alone"
+    if others is None or len(others) == 0:
+        raise ValueError("a batch above 1 needs other images to fill it")
+    rest = others.to(x.device, x.dtype)
+    reps = -(-(batch_size - 1) // len(rest))
+    fill = rest.repeat(reps, 1, 1, 1)[: batch_size - 1] if reps > 1 else rest[: batch_size - 1]
+    again = " (repeated)" if reps > 1 else ""
+    return torch.cat([x, fill]), f"this image and {batch_size - 1} calibration images{again}"
+
+
+def block_profile(net: SkipNetwork, xb: torch.Tensor, repeats: int = 5) -> BlockProfile:
+    """Every part of ``net`` timed alone on the batch ``xb`` (:func:`~skipviz.measure.profile.profile_blocks`,
+    short settings for an interactive page): the basis of the per-block estimates. It does not depend on the
+    policy: profile once per model and batch size."""
+    return profile_blocks(net, xb.shape[0], x=xb, warmup=1, repeats=repeats, min_repeat_s=0.005)
+
+
+@dataclass(frozen=True)
+class LiveLatency:
+    """The live view's latency at one batch size: the measured, paired ``saving`` (per batch) and each block's
+    time as a profile estimate (``block_ms``, ms per batch, :func:`~skipviz.measure.predict.predict_block_ms`
+    for this batch's decisions), with the batch it was measured on."""
+
+    saving: PairedSaving
+    block_ms: list[float]
+    batch_size: int
+    batch: str  # how the batch was made (:func:`live_batch`)
+    profile_device: str
+
+    @property
+    def device(self) -> str:
+        return self.saving.device
+
+
+@torch.no_grad()
+def live_latency(net: SkipNetwork, xb: torch.Tensor, policy: Policy, profile: BlockProfile, batch: str = "",
+                 rounds: int = 15) -> LiveLatency:
+    """Time the full network against ``policy`` on the batch ``xb`` (B, 3, H, W) in ``rounds`` interleaved
+    paired rounds (:func:`~skipviz.measure.saving.measure_saving`) and estimate each block's share from
+    ``profile`` (made on the same batch size: :func:`block_profile`)."""
+    if profile.batch_size != xb.shape[0]:
+        raise ValueError(f"the profile is of batch {profile.batch_size}, the batch has {xb.shape[0]} inputs")
+    saving = measure_saving(net, xb, policy, rounds=rounds)
+    res = net.run(xb, policy)
+    planned = policy.decides_up_front
+    evaluated = ~torch.isnan(res.scores) if not planned else None
+    block_ms = predict_block_ms(profile, res.executed, evaluated, planned=planned)
+    if planned:  # the plan head's time counts with the first block, which it decides before
+        block_ms[0] += profile.plan_ms
+    return LiveLatency(saving, block_ms, int(xb.shape[0]), batch, device_label(profile.info.device))
+
+
+def sweep_batch(n_images: int, batch_size: int, min_images: int = 16) -> tuple[int, int]:
+    """``(batch, images)`` a calibration point is timed with: batches of ``batch_size`` (at most the set's
+    ``n_images``) over the first ``images`` of the set, at least ``min_images`` so a batch-1 figure averages
+    different inputs' decisions, a multiple of the batch."""
+    if n_images < 1:
+        raise ValueError("an empty calibration set has no latency")
+    b = max(1, min(int(batch_size), n_images))
+    per_call = max(b, min(n_images, min_images))
+    return b, per_call - per_call % b
+
+
+def _calibration_inputs(net: SkipNetwork, calib: CalibrationSet, batch_size: int) -> tuple[torch.Tensor, int]:
+    b, n = sweep_batch(len(calib), batch_size)
+    dev = next(net.parameters()).device
+    return normalize(calib.images[:n].to(dev), net.meta.mean, net.meta.std), b
+
+
+def point_saving(net: SkipNetwork, calib: CalibrationSet, policy: Policy, batch_size: int,
+                 rounds: int = 9) -> PairedSaving:
+    """The paired saving of ``policy`` against the full network on the calibration set's first images
+    (:func:`sweep_batch`), per batch of the effective batch size."""
+    x, b = _calibration_inputs(net, calib, batch_size)
+    return measure_saving(net, x, policy, batch_size=b, rounds=rounds)
+
+
+def latency_sweep(net: SkipNetwork, sweep: CalibrationSweep, batch_size: int, rounds: int = 9,
+                  progress=None) -> dict[float, PairedSaving]:
+    """The paired saving (per batch) of every threshold of ``sweep`` at ``batch_size``, each against the full
+    network in its own interleaved rounds; ``progress(fraction, text)`` after each threshold."""
+    out: dict[float, PairedSaving] = {}
+    ts = sorted(sweep.points)
+    for k, t in enumerate(ts):
+        if progress:
+            progress(k / len(ts), f"threshold {t:.2f}")
+        out[t] = point_saving(net, sweep.calib, make_policy(net, t, source=sweep.source), batch_size, rounds)
+    if progress:
+        progress(1.0, "done")
+    return out
+
+
+def _latency_columns(s: PairedSaving | None) -> dict:
+    """A point's latency columns, per image: the skipped run's median, the saving and its interval, and the
+    words :meth:`PairedSaving.label` allows."""
+    if s is None:
+        return {"latency ms/image (median)": np.nan, "saving ms/image": np.nan, "saving 95 % CI low": np.nan,
+                "saving 95 % CI high": np.nan, "latency saving": "not measured"}
+    p = s.per_input()
+    return {"latency ms/image (median)": 1e3 * p.skipped_median_s, "saving ms/image": 1e3 * p.saving_s,
+            "saving 95 % CI low": 1e3 * p.low_s, "saving 95 % CI high": 1e3 * p.high_s, "latency saving": p.label()}
+
+
+def _point_row(p: CalibrationPoint) -> dict:
+    return {"accuracy (%)": 100 * p.accuracy, "agreement with full (%)": 100 * p.agreement,
+            "FLOPs executed (%)": 100 * p.flops_fraction, "blocks run (mean)": float(p.executed.sum(1).mean())}
+
+
+def sweep_table(sweep: CalibrationSweep, latencies: Mapping[float, PairedSaving]) -> pd.DataFrame:
+    """One row per grid threshold: accuracy, agreement and FLOPs in percent, and the paired latency saving
+    (per image, its 95 % interval, and the words :meth:`PairedSaving.label` allows)."""
+    return pd.DataFrame([{"threshold": t, **_point_row(p), **_latency_columns(latencies.get(t))}
+                         for t, p in sorted(sweep.points.items())])
+
+
+def calibration_table(point: CalibrationPoint, full: CalibrationPoint, saving: PairedSaving | None) -> pd.DataFrame:
+    """The current setting and the full network over the calibration set, one row each (percents), with the
+    current setting's paired saving."""
+    return pd.DataFrame([{"run": "current", **_point_row(point), **_latency_columns(saving)},
+                         {"run": "full", **_point_row(full), "latency ms/image (median)":
+                          1e3 * saving.per_input().full_median_s if saving is not None else np.nan,
+                          "saving ms/image": 0.0, "saving 95 % CI low": np.nan, "saving 95 % CI high": np.nan,
+                          "latency saving": "reference"}])

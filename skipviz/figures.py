@@ -4,9 +4,10 @@ them out).
 One input (Inspect page):
 
 * :func:`block_map_figure` - every block's score, threshold and decision; :func:`top5_figure`,
-  :func:`latency_figure` - skipped vs full.
+  :func:`latency_figure` - skipped vs full (paired rounds, the saving in the words its interval allows).
 
-Thresholds page: :func:`pareto_figure` (accuracy vs latency), :func:`skip_rate_figure` (per block).
+Thresholds page: :func:`pareto_figure` (accuracy vs latency, error bars: the saving's 95 % interval),
+:func:`skip_rate_figure` (per block).
 
 Redundancy and explanations:
 
@@ -21,7 +22,7 @@ Audit report: ``fig_skip_rate_per_block``, ``fig_skip_rate_per_class``, ``fig_fl
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine.trace import SampleTrace
     from .evaluate.calibration import CalibrationPoint, CalibrationSweep
     from .explain import BlockImportance, Explanation
-    from .measure.runs import LatencyResult
+    from .measure.saving import PairedSaving
     from .policies.kl import KLRedundancyPolicy
     from .redundancy import RedundancyStats
 
@@ -266,58 +267,101 @@ def top5_figure(res: "InspectResult", classes: Sequence[str], k: int = 5) -> go.
     return fig
 
 
-def latency_figure(lat: "LatencyResult") -> go.Figure:
-    """Full vs skipped measured latency (bars), labelled with the device."""
-    fig = go.Figure(go.Bar(x=["full", "skipped"], y=[lat.full_ms, lat.skipped_ms], marker_color=["#1c7ed6", RUN_COLOR],
-                           text=[f"{lat.full_ms:.2f} ms", f"{lat.skipped_ms:.2f} ms"], textposition="auto"))
-    fig.update_layout(title=f"Measured latency, batch 1, {lat.device} (median of {lat.repeats})",
-                      yaxis_title="ms", height=300, margin=dict(l=40, r=20, t=50, b=40))
+def _quartile_errors(values_s: Sequence[float], k: float) -> tuple[float, float, float]:
+    """(median, median - q25, q75 - median) of round times in seconds, scaled by ``k``."""
+    q25, med, q75 = (float(v) * k for v in np.percentile(np.asarray(values_s, dtype=np.float64), [25, 50, 75]))
+    return med, med - q25, q75 - med
+
+
+def latency_figure(saving: "PairedSaving") -> go.Figure:
+    """Full vs skipped latency per batch (bars: medians of the interleaved paired rounds; whiskers: their
+    inter-quartile range), titled with the batch size, the device and what may be said about the saving
+    (:meth:`~skipviz.measure.saving.PairedSaving.label`: "no measurable saving (±x ms)" when its interval
+    contains zero)."""
+    full, f_lo, f_hi = _quartile_errors(saving.full_s, 1e3)
+    skip, s_lo, s_hi = _quartile_errors(saving.skipped_s, 1e3)
+    fig = go.Figure(go.Bar(x=["full", "skipped"], y=[full, skip], marker_color=["#1c7ed6", RUN_COLOR],
+                           error_y=dict(type="data", symmetric=False, array=[f_hi, s_hi], arrayminus=[f_lo, s_lo]),
+                           text=[f"{full:.3f} ms", f"{skip:.3f} ms"], textposition="inside",
+                           hovertemplate="%{x}: median %{y:.3f} ms per batch<extra></extra>"))
+    fig.update_layout(title=dict(text=f"Latency, batch {saving.batch_size}, {saving.device or 'device not recorded'}"
+                                      f"<br><sup>{saving.label()}; {saving.rounds} paired rounds, whiskers: "
+                                      "inter-quartile range</sup>"),
+                      xaxis_title="run", yaxis_title=f"latency (ms per batch of {saving.batch_size})", height=320,
+                      margin=dict(l=50, r=20, t=70, b=40))
     return fig
 
 
 # ------------------------------------------------------------------------------------------- thresholds
-def pareto_figure(sweep: "CalibrationSweep", current: "CalibrationPoint", use_predicted: bool = False) -> go.Figure:
-    """Accuracy vs latency per image over the calibration set: every grid threshold, the Pareto front, the
-    full network and the current setting marked."""
-    df = sweep.frame()
-    xcol = "predicted ms/image" if use_predicted and df["predicted ms/image"].notna().all() else "latency ms/image"
-    what = "predicted" if xcol.startswith("predicted") else "measured"
-    cur_x = current.predicted_latency_ms if what == "predicted" and current.predicted_latency_ms else current.latency_ms
-    full_x = sweep.full.predicted_latency_ms if what == "predicted" and sweep.full.predicted_latency_ms \
-        else sweep.full.latency_ms
-    front = pareto_mask(df[xcol], df["accuracy"])
-    fr = df[front].sort_values(xcol)
+def pareto_figure(sweep: "CalibrationSweep", current: "CalibrationPoint", latencies: "Mapping[float, PairedSaving]",
+                  current_saving: "PairedSaving") -> go.Figure:
+    """Accuracy (%) vs latency per image over the calibration set: every grid threshold with the 95 % interval
+    of its paired saving as a horizontal error bar, the Pareto front, the full network and the current setting.
+
+    Each threshold's saving was measured against the full network in its own interleaved rounds; it is drawn
+    at the full network's median time (over all rounds of all points) minus that saving, so the bars are the
+    saving's interval. Points whose interval contains zero are hollow: no measurable saving.
+    """
+    ts = [t for t in sorted(sweep.points) if t in latencies]
+    if not ts:
+        raise ValueError("no threshold of the sweep has a measured latency")
+    per = {t: latencies[t].per_input() for t in ts}
+    cur = current_saving.per_input()
+    full_rounds = [v for s in [*per.values(), cur] for v in s.full_s]
+    full_ms, full_lo, full_hi = _quartile_errors(full_rounds, 1e3)
+    x = np.array([full_ms - 1e3 * per[t].saving_s for t in ts])
+    minus = np.array([1e3 * (per[t].high_s - per[t].saving_s) for t in ts])  # faster end: larger saving
+    plus = np.array([1e3 * (per[t].saving_s - per[t].low_s) for t in ts])
+    acc = np.array([100 * sweep.points[t].accuracy for t in ts])
+    flops = np.array([100 * sweep.points[t].flops_fraction for t in ts])
+    measurable = [per[t].measurable for t in ts]
+    words = np.array([per[t].label() for t in ts], dtype=object)
+    front = pareto_mask(x, acc)
+    order = np.argsort(x[front], kind="stable")
     acc_name = "accuracy" if sweep.calib.labelled else "agreement with full (no labels)"
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=df[xcol], y=df["accuracy"], mode="markers", name="thresholds",
-                             marker=dict(color=df["threshold"], colorscale="Viridis", size=9,
-                                         colorbar=dict(title="threshold")),
-                             customdata=np.stack([df["threshold"], df["FLOPs fraction"]], 1),
-                             hovertemplate="threshold %{customdata[0]:.2f}<br>%{x:.3f} ms/image<br>"
-                                           "%{y:.1%}<br>FLOPs %{customdata[1]:.1%}<extra></extra>"))
-    fig.add_trace(go.Scatter(x=fr[xcol], y=fr["accuracy"], mode="lines", name="Pareto front",
+    fig.add_trace(go.Scatter(
+        x=x, y=acc, mode="markers", name="thresholds (bars: 95 % CI of the saving)",
+        error_x=dict(type="data", symmetric=False, array=plus, arrayminus=minus, color="#868e96", thickness=1),
+        marker=dict(color=ts, colorscale="Viridis", size=9, colorbar=dict(title="threshold"),
+                    symbol=["circle" if m else "circle-open" for m in measurable], line=dict(width=2)),
+        customdata=np.stack([np.array(ts, dtype=object), flops.astype(object), words], 1),
+        hovertemplate="threshold %{customdata[0]:.2f}<br>%{x:.3f} ms/image<br>%{y:.1f} %<br>FLOPs executed "
+                      "%{customdata[1]:.1f} %<br>%{customdata[2]}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=x[front][order], y=acc[front][order], mode="lines", name="Pareto front (medians)",
                              line=dict(color="#495057", shape="hv")))
-    fig.add_trace(go.Scatter(x=[full_x], y=[sweep.full.accuracy], mode="markers", name="full network",
+    fig.add_trace(go.Scatter(x=[full_ms], y=[100 * sweep.full.accuracy], mode="markers", name="full network (IQR)",
+                             error_x=dict(type="data", symmetric=False, array=[full_hi], arrayminus=[full_lo]),
                              marker=dict(symbol="square", size=12, color="#1c7ed6")))
-    fig.add_trace(go.Scatter(x=[cur_x], y=[current.accuracy], mode="markers", name="current setting",
-                             marker=dict(symbol="star", size=18, color="#e03131", line=dict(width=1, color="black"))))
-    fig.update_layout(title=f"{acc_name.capitalize()} vs {what} latency ({sweep.device}, batch "
-                            f"{min(256, len(sweep.calib))}; {len(sweep.calib)} images)",
-                      xaxis_title=f"{what} latency per image (ms)", yaxis_title=acc_name, height=420,
-                      margin=dict(l=50, r=20, t=50, b=40))
+    fig.add_trace(go.Scatter(x=[full_ms - 1e3 * cur.saving_s], y=[100 * current.accuracy], mode="markers",
+                             name="current setting",
+                             error_x=dict(type="data", symmetric=False, array=[1e3 * (cur.saving_s - cur.low_s)],
+                                          arrayminus=[1e3 * (cur.high_s - cur.saving_s)]),
+                             customdata=[[cur.label()]],
+                             hovertemplate="current setting<br>%{x:.3f} ms/image<br>%{y:.1f} %<br>"
+                                           "%{customdata[0]}<extra></extra>",
+                             marker=dict(symbol="star" if cur.measurable else "star-open", size=18, color="#e03131",
+                                         line=dict(width=1, color="black"))))
+    s0 = latencies[ts[0]]
+    fig.update_layout(title=dict(text=f"{acc_name.capitalize()} vs measured latency ({s0.device or 'device not recorded'}"
+                                      f", batch {s0.batch_size}; {len(sweep.calib)} images)<br><sup>hollow: no "
+                                      "measurable saving (95 % interval contains zero)</sup>"),
+                      xaxis_title="latency per image (ms): full median minus the paired saving",
+                      yaxis_title=f"{acc_name} (%)", height=440, margin=dict(l=50, r=20, t=70, b=40))
     return fig
 
 
 def skip_rate_figure(point: "CalibrationPoint", net: "SkipNetwork") -> go.Figure:
     """Fraction of calibration images that bypassed each block (downsampling blocks outlined)."""
-    rate = point.skip_rate
+    rate = 100 * point.skip_rate
     fig = go.Figure(go.Bar(x=net.block_names, y=rate, marker=dict(
-        color=rate, colorscale="Blues", cmin=0, cmax=1,
+        color=rate, colorscale="Blues", cmin=0, cmax=100,
         line=dict(color=["#000" if b.downsample else "rgba(0,0,0,0)" for b in net.blocks],
                   width=[3 if b.downsample else 0 for b in net.blocks])),
-        text=[f"{r:.0%}" for r in rate], textposition="outside"))
-    fig.update_layout(title="Skip rate per block (calibration set)", yaxis=dict(title="fraction bypassed",
-                      range=[0, 1.1]), height=320, margin=dict(l=40, r=20, t=50, b=40))
+        text=[f"{r:.0f} %" for r in rate], textposition="outside"))
+    fig.update_layout(title="Skip rate per block (calibration set)", xaxis_title="block",
+                      yaxis=dict(title="images bypassing the block (%)", range=[0, 110]), height=320,
+                      margin=dict(l=40, r=20, t=50, b=40))
     return fig
 
 

@@ -47,36 +47,66 @@ def _threshold_with_mixed_decisions(net, x) -> float:
 def test_inspect_matches_engine_and_tables(tiny_net, cat_x):
     t = _threshold_with_mixed_decisions(tiny_net, cat_x)
     policy = policies.make_policy(tiny_net, t)
-    res = dashboard.inspect(tiny_net, cat_x, policy, repeats=2)
+    res = dashboard.inspect(tiny_net, cat_x, policy)
     expected = tiny_net.run(cat_x, GatePolicy(t))
     assert dashboard.decisions(res.trace) == ["fired" if e else "bypassed" for e in expected.executed[0].tolist()]
     assert torch.allclose(torch.tensor(res.trace.logits), expected.logits[0].float(), atol=1e-5)
     full_logits = tiny_net(cat_x)[0]
     assert np.allclose(res.probs_full, torch.softmax(full_logits, 0).numpy(), atol=1e-5)
 
-    table = dashboard.block_table(res.trace, res.latency)
+    table = dashboard.block_table(res.trace)
     assert list(table["name"]) == tiny_net.block_names
     assert list(table["decision"]) == dashboard.decisions(res.trace)
     assert list(table["downsampling"]) == [b.downsample for b in tiny_net.blocks]
     scores = expected.scores[0].numpy()
     assert np.allclose(table["gate probability"].to_numpy(), scores, equal_nan=True)
-    assert (table["latency (ms)"] > 0).all()
+    assert not [c for c in table.columns if "ms" in c]  # no time without a profile
     assert table["MFLOPs"].sum() * 1e6 == pytest.approx(sum(b.flops for b in res.trace.blocks))
 
     top = dashboard.top5_side_by_side(res, tiny_net.meta.classes)
     assert len(top) == 5 and top["skipped: probability"].is_monotonic_decreasing
     assert top["full: class"].iloc[0] == tiny_net.meta.classes[int(full_logits.argmax())]
 
-    lat = res.latency
-    assert lat.full_ms > 0 and lat.skipped_ms > 0 and len(lat.per_block_ms) == tiny_net.num_blocks
-    assert lat.device.startswith("GPU" if torch.cuda.is_available() else "CPU")
-    assert lat.saved_ms == pytest.approx(lat.full_ms - lat.skipped_ms)
+
+
+def test_live_latency_pairs_full_and_skipped_and_estimates_each_block(tiny_net, cat_x, monkeypatch):
+    """A fake clock (a clear saving, little noise): the live view's saving, its batch and its per-block estimate."""
+    from toys import FakeClock, varied_images
+
+    FakeClock(full_s=4e-3, saving_s=1e-3, spread_s=1e-5, seed=0).install(monkeypatch)
+    FakeClock.quiet(monkeypatch)
+    policy = policies.make_policy(tiny_net, _threshold_with_mixed_decisions(tiny_net, cat_x))
+    xb, described = dashboard.live_batch(cat_x, varied_images(5, seed=4), 16)
+    assert xb.shape[0] == 16 and torch.equal(xb[0], cat_x[0]) and described.endswith("(repeated)")
+    assert dashboard.live_batch(cat_x, None, 1) == (cat_x, "this image alone")
+    with pytest.raises(ValueError):
+        dashboard.live_batch(cat_x, None, 4)
+    profile = dashboard.block_profile(tiny_net, xb)
+    live = dashboard.live_latency(tiny_net, xb, policy, profile, described, rounds=7)
+    assert live.batch_size == 16 and live.saving.batch_size == 16 and live.saving.rounds == 7
+    assert live.device.startswith("GPU" if torch.cuda.is_available() else "CPU")
+    assert live.saving.measurable and live.saving.saving_s == pytest.approx(1e-3, abs=5e-5)
+    assert live.saving.headline().endswith(" ms saved")
+    from skipviz.measure.predict import predict_latency
+
+    with torch.no_grad():
+        run = tiny_net.run(xb, policy)
+    expected = predict_latency(profile, run.executed, ~torch.isnan(run.scores)) - profile.stem_ms - \
+        profile.head_ms - profile.engine_ms
+    assert sum(live.block_ms) == pytest.approx(expected)  # the prediction's per-block terms
+    res = dashboard.inspect(tiny_net, cat_x, policy)
+    table = dashboard.block_table(res.trace, live.block_ms, live.profile_device, 16)
+    col = dashboard.profile_column(live.profile_device, 16)
+    assert col in table.columns and col.startswith("profile estimate (ms per batch of 16, ")
+    assert live.profile_device in col and list(table[col]) == pytest.approx(live.block_ms)
+    with pytest.raises(ValueError, match="profile"):
+        dashboard.live_latency(tiny_net, cat_x, policy, profile)
 
 
 @torch.no_grad()
 def test_block_map_figure_shows_decisions_threshold_and_downsampling(tiny_net, cat_x):
-    lo = dashboard.inspect(tiny_net, cat_x, policies.make_policy(tiny_net, 0.0), measure=False)
-    hi = dashboard.inspect(tiny_net, cat_x, policies.make_policy(tiny_net, 1.0), measure=False)
+    lo = dashboard.inspect(tiny_net, cat_x, policies.make_policy(tiny_net, 0.0))
+    hi = dashboard.inspect(tiny_net, cat_x, policies.make_policy(tiny_net, 1.0))
     f_lo, f_hi = figures.block_map_figure(lo.trace), figures.block_map_figure(hi.trace)
     d_lo, d_hi = figures.block_map_decisions(f_lo), figures.block_map_decisions(f_hi)
     assert list(d_lo) == tiny_net.block_names or set(d_lo) == set(tiny_net.block_names)
@@ -100,7 +130,7 @@ def test_overrides_and_policy(tiny_net, cat_x):
     assert isinstance(policies.make_policy(tiny_net, 0.3), GatePolicy)
     ov = dashboard.overrides_from_choices({0: "skip", 1: "auto", 3: "skip", 4: "run"})
     assert ov == {0: "skip", 3: "skip", 4: "run"}
-    res = dashboard.inspect(tiny_net, cat_x, policies.make_policy(tiny_net, 1.0, ov), measure=False)
+    res = dashboard.inspect(tiny_net, cat_x, policies.make_policy(tiny_net, 1.0, ov))
     d = dashboard.decisions(res.trace)
     assert d[0] == "bypassed" and d[3] == "bypassed" and d[4] == "fired"
     assert "forced" in res.trace.blocks[3].reason
@@ -192,17 +222,34 @@ def views_normalize(net, images):
     return normalize(images, net.meta.mean, net.meta.std)
 
 
-def test_pareto_and_skip_rate_figures(tiny_net, sweep):
+def test_pareto_and_skip_rate_figures(tiny_net, sweep, monkeypatch):
     assert list(calibration.pareto_mask([1, 2, 3, 2], [0.5, 0.6, 0.6, 0.4])) == [True, True, False, False]
     cur = sweep.point_for(tiny_net, 0.95)
-    fig = figures.pareto_figure(sweep, cur)
+    from toys import FakeClock
+
+    FakeClock(full_s=5e-3, saving_s=1e-3, spread_s=1e-5, seed=0).install(monkeypatch)
+    FakeClock.quiet(monkeypatch)
+    assert dashboard.sweep_batch(24, 256) == (24, 24) and dashboard.sweep_batch(24, 1) == (1, 16)
+    assert dashboard.sweep_batch(256, 64) == (64, 64)
+    seen = []
+    latencies = dashboard.latency_sweep(tiny_net, sweep, 16, rounds=5, progress=lambda f, text: seen.append(f))
+    assert sorted(latencies) == sorted(sweep.points) and seen[0] == 0.0 and seen[-1] == 1.0
+    assert all(s.batch_size == 16 and s.rounds == 5 for s in latencies.values())
+    saving = dashboard.point_saving(tiny_net, sweep.calib, policies.make_policy(tiny_net, 0.95), 16, rounds=5)
+    fig = figures.pareto_figure(sweep, cur, latencies, saving)
     star = [tr for tr in fig.data if tr.name == "current setting"][0]
-    assert star.x[0] == pytest.approx(cur.latency_ms) and star.y[0] == pytest.approx(cur.accuracy)
+    assert star.y[0] == pytest.approx(100 * cur.accuracy)
     assert "agreement" in fig.layout.yaxis.title.text  # unlabelled set says so
     bars = figures.skip_rate_figure(cur, tiny_net)
-    assert np.allclose(bars.data[0].y, cur.skip_rate)
-    summary = calibration.calibration_summary(cur, sweep.full)
+    assert np.allclose(bars.data[0].y, 100 * cur.skip_rate) and "(%)" in bars.layout.yaxis.title.text
+    summary = dashboard.calibration_table(cur, sweep.full, saving)
     assert list(summary["run"]) == ["current", "full"]
+    assert summary["accuracy (%)"].iloc[1] == pytest.approx(100 * sweep.full.accuracy)
+    # 1 ms saved per batch of 16 on the fake clock
+    assert summary["saving ms/image"].iloc[0] == pytest.approx(1.0 / 16, rel=0.05)
+    assert summary["latency saving"].iloc[0].startswith("0.062 ms saved (95 % CI")
+    table = dashboard.sweep_table(sweep, latencies)
+    assert list(table["threshold"]) == sorted(sweep.points) and (table["FLOPs executed (%)"] > 1).all()
 
 
 def test_threshold_grid_and_device_label():
@@ -233,6 +280,6 @@ def test_damaged_default_weights_fall_back_with_a_warning_and_change_the_weights
 
 def test_block_map_names_blocks_without_a_score_for_what_they_are(tiny_net, cat_x):
     forced = dashboard.overrides_from_choices({i: "skip" for i in range(tiny_net.num_blocks)})
-    res = dashboard.inspect(tiny_net, cat_x, policies.make_policy(tiny_net, 0.5, forced), measure=False)
+    res = dashboard.inspect(tiny_net, cat_x, policies.make_policy(tiny_net, 0.5, forced))
     names = [tr.name for tr in figures.block_map_figure(res.trace).data if tr.type == "bar"]
     assert names == ["no score (ungated or forced)"]

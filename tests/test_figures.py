@@ -80,3 +80,80 @@ def test_attribution_overlay_side_by_side(tiny_net):
     assert "Spearman" in fig.layout.title.text
     with pytest.raises(ValueError, match="no 'integrated_gradients' map"):
         attribution_overlay(ex, "integrated_gradients")
+
+
+# --------------------------------------------------------------------------------------------- latency
+def _noisy_saving(seed: int, batch_size: int = 1):
+    """What a noisy machine yields: full and skipped round times whose spread swamps any difference."""
+    from skipviz.measure.saving import paired_saving
+
+    rng = np.random.default_rng(seed)
+    return paired_saving(2e-3 + rng.normal(0, 8e-4, 15), 2e-3 + rng.normal(0, 8e-4, 15), device="CPU (1 thread)",
+                         batch_size=batch_size)
+
+
+def _clear_saving(batch_size: int = 1, saving_s: float = 5e-4):
+    from skipviz.measure.saving import paired_saving
+
+    rng = np.random.default_rng(7)
+    full = 2e-3 + rng.normal(0, 1e-5, 15)
+    return paired_saving(full, full - saving_s + rng.normal(0, 1e-5, 15), device="CPU (1 thread)",
+                         batch_size=batch_size)
+
+
+def test_latency_figure_says_no_measurable_saving_on_a_noisy_machine():
+    from skipviz.figures import latency_figure
+
+    noisy = _noisy_saving(1)
+    assert not noisy.measurable
+    fig = latency_figure(noisy)
+    title = fig.layout.title.text
+    assert "no measurable saving (±" in title and "CPU (1 thread)" in title and "batch 1" in title
+    assert "saved" not in title and "slower" not in title
+    bars = fig.data[0]
+    assert list(bars.x) == ["full", "skipped"]
+    assert bars.y[0] == pytest.approx(1e3 * np.median(noisy.full_s))
+    assert bars.error_y.array[0] > 0 and bars.error_y.arrayminus[1] > 0  # inter-quartile whiskers
+    assert fig.layout.yaxis.title.text == "latency (ms per batch of 1)"
+    clear = latency_figure(_clear_saving(batch_size=16))
+    assert "0.50 ms saved (95 % CI" in clear.layout.title.text and "batch 16" in clear.layout.title.text
+
+
+def _tiny_sweep(thresholds=(0.0, 0.5, 1.0)):
+    from skipviz.evaluate.calibration import CalibrationPoint, CalibrationSet, CalibrationSweep
+
+    calib = CalibrationSet(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), ["a"],
+                           "test images", True)
+
+    def point(acc: float, flops: float) -> CalibrationPoint:
+        return CalibrationPoint({}, acc, acc, 1.0, flops, np.zeros(4), np.ones((4, 3), dtype=bool))
+
+    full = point(0.9, 1.0)
+    points = {t: point(0.9 - 0.2 * t, 1.0 - 0.5 * t) for t in thresholds}
+    return CalibrationSweep(calib, full, points, "CPU (1 thread)")
+
+
+def test_pareto_figure_has_error_bars_and_hollow_points_without_a_measurable_saving():
+    from skipviz.figures import pareto_figure
+
+    sweep = _tiny_sweep()
+    latencies = {0.0: _noisy_saving(1, 16), 0.5: _clear_saving(16, 4e-4), 1.0: _clear_saving(16, 8e-4)}
+    fig = pareto_figure(sweep, sweep.points[0.5], latencies, latencies[0.5])
+    pts = [tr for tr in fig.data if tr.name.startswith("thresholds")][0]
+    assert list(pts.marker.symbol) == ["circle-open", "circle", "circle"]
+    per = {t: s.per_input() for t, s in latencies.items()}
+    # each bar is the 95 % interval of its paired saving, per image
+    assert pts.error_x.array[1] == pytest.approx(1e3 * (per[0.5].saving_s - per[0.5].low_s))
+    assert pts.error_x.arrayminus[1] == pytest.approx(1e3 * (per[0.5].high_s - per[0.5].saving_s))
+    assert pts.x[2] < pts.x[1]  # a larger saving sits further left
+    assert list(pts.y) == pytest.approx([90.0, 80.0, 70.0])  # percents
+    assert "no measurable saving (±" in pts.customdata[0][2] and "saved" in pts.customdata[2][2]
+    assert fig.layout.xaxis.title.text.startswith("latency per image (ms)")
+    assert fig.layout.yaxis.title.text == "accuracy (%)"
+    assert "CPU (1 thread)" in fig.layout.title.text and "batch 16" in fig.layout.title.text
+    star = [tr for tr in fig.data if tr.name == "current setting"][0]
+    assert star.x[0] == pytest.approx(pts.x[1]) and star.marker.symbol == "star"
+    noisy_star = pareto_figure(sweep, sweep.points[0.0], latencies, latencies[0.0])
+    assert [tr for tr in noisy_star.data if tr.name == "current setting"][0].marker.symbol == "star-open"
+    with pytest.raises(ValueError, match="no threshold"):
+        pareto_figure(sweep, sweep.points[0.5], {}, latencies[0.5])

@@ -57,3 +57,45 @@ def reference_forward(net, x, skip=frozenset(), fold=True):
                             sc.new_zeros(sc.shape[0], extra - extra // 2, *sc.shape[2:])], 1)
         h = F.relu(out + sc)
     return net.head.fc(h.mean((2, 3)))
+
+
+class FakeClock:
+    """A deterministic stand-in for the timing source under every measurement
+    (``skipviz.measure.clock._Clock.once``, seconds per call of one timed repeat): the full pass takes
+    ``full_s``, the skipped pass ``full_s - saving_s``, each plus a seeded normal draw of standard deviation
+    ``spread_s``. With a spread far wider than the saving it is a noisy machine on which no saving is
+    measurable; with a small one, a clear saving. Nothing is timed for real, so tests stay fast.
+
+    Use: ``FakeClock(...).install(monkeypatch)``; :meth:`busy` makes the load average exceed the core count,
+    :meth:`quiet` sets it to zero (the tests' own machine may be busy).
+    """
+
+    def __init__(self, full_s: float = 2e-3, saving_s: float = 0.0, spread_s: float = 1e-3, seed: int = 0) -> None:
+        import numpy as np
+
+        self.full_s, self.saving_s, self.spread_s = full_s, saving_s, spread_s
+        self.rng = np.random.default_rng(seed)
+        self.calls = 0
+
+    def once(self, timed, number: int) -> float:
+        self.calls += 1
+        name = getattr(timed.fn, "__name__", "")
+        base = self.full_s - (self.saving_s if name == "skipped" else 0.0)
+        return max(1e-6, base + float(self.rng.normal(0.0, self.spread_s)))
+
+    def install(self, monkeypatch) -> "FakeClock":
+        from skipviz.measure import clock
+
+        fake = self
+        monkeypatch.setattr(clock._Clock, "once", lambda timed, number: fake.once(timed, number))
+        return self
+
+    @staticmethod
+    def busy(monkeypatch, load: float = 64.0) -> None:
+        import os
+
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+
+    @staticmethod
+    def quiet(monkeypatch) -> None:
+        FakeClock.busy(monkeypatch, load=0.0)

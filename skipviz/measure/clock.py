@@ -5,7 +5,7 @@
   what a figure was measured (device, threads, dtype, versions, date).
 * :func:`measure_interleaved` / :func:`measure_latency` - warm-up, repeated timed calls, median and
   inter-quartile range. On CPU through ``torch.utils.benchmark.Timer.timeit``; on CUDA with CUDA events and a
-  synchronisation after each repeat. :func:`quick_median_ms` - a host clock for interactive views.
+  synchronisation after each repeat.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .._allocator import allocator_setting
 from .._env import __version__, package_version
 
 __all__ = ["DeviceInfo", "LatencyStats", "asdict_with", "cpu_name", "device_info", "device_label", "environment", "measure_interleaved",
-           "measure_latency", "quick_median_ms", "resolve_device", "software_versions", "synchronize"]
+           "measure_latency", "resolve_device", "software_versions", "synchronize"]
 
 
 # ------------------------------------------------------------------------------------------------- devices
@@ -289,27 +289,6 @@ def measure_interleaved(fns: Mapping[str, Callable[[], object]], warmup: int = 3
         torch.set_num_threads(old_threads)
     return {name: _stats(name, times[name], dev, clocks[name].method, number, threads, batch_size, batches_per_call)
             for name in fns}
-
-
-def quick_median_ms(fn: Callable[[], object], repeats: int, device: str | torch.device | None = None) -> float:
-    """Median wall-clock milliseconds of ``fn()`` over ``repeats`` single calls (host clock, device synchronised).
-
-    For interactive views that must stay within a few hundred milliseconds: no ``torch.utils.benchmark`` set-up
-    per call and no calibration, so use :func:`measure_interleaved` for figures you report.
-    """
-    import statistics
-    import time
-
-    _check_counts(0, repeats)
-    dev = resolve_device(device)
-    times = []
-    for _ in range(int(repeats)):
-        synchronize(dev)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(dev)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def measure_latency(fn: Callable[[], object], warmup: int = 3, repeats: int = 20,

@@ -18,7 +18,7 @@ from .runs import _as_net_input, _check_input, _net_device
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.network import SkipNetwork
 
-__all__ = ["PredictionCheck", "SWAP_FRACTION_ESTIMATE", "check_prediction", "predict_latency"]
+__all__ = ["PredictionCheck", "SWAP_FRACTION_ESTIMATE", "check_prediction", "predict_block_ms", "predict_latency"]
 
 
 def _fractions(profile: BlockProfile, values, what: str) -> np.ndarray:
@@ -56,11 +56,22 @@ def predict_latency(profile: BlockProfile, executed, gates_evaluated=None, plann
         gates_evaluated: like ``executed`` for gate evaluation (default: every gated block's gate runs).
         planned: the decisions come from the plan head (:class:`~skipviz.policies.PlanPolicy`): its time
             (``plan_ms``) is counted once and no gate is evaluated.
-    Model: stem + head + engine overhead + per block: all run -> block time; none -> bypass time; a fraction p ->
-    the block on that share of the rows (:meth:`BlockProfile.block_rows_ms`) plus the data movement: for an
-    identity block the swap of its m misplaced rows (``m * swap_ms``; m replayed from an (N, L) mask with
-    :func:`~skipviz.engine.rows.misplaced_rows`, else estimated as ``SWAP_FRACTION_ESTIMATE * min(k, N - k)``), for a
-    downsampling block the gather/scatter and the bypass of the other rows; plus the gate decisions.
+    Model: stem + head + engine overhead + the plan head when planned + every block's share
+    (:func:`predict_block_ms`).
+    """
+    total = profile.stem_ms + profile.head_ms + profile.engine_ms + (profile.plan_ms if planned else 0.0)
+    return float(total + sum(predict_block_ms(profile, executed, gates_evaluated, planned)))
+
+
+def predict_block_ms(profile: BlockProfile, executed, gates_evaluated=None, planned: bool = False) -> list[float]:
+    """(L,) predicted time of each block (ms per batch of ``profile.batch_size``) for a decision set, arguments as
+    :func:`predict_latency`'s.
+
+    Per block: all run -> block time; none -> bypass time; a fraction p -> the block on that share of the rows
+    (:meth:`BlockProfile.block_rows_ms`) plus the data movement: for an identity block the swap of its m
+    misplaced rows (``m * swap_ms``; m replayed from an (N, L) mask with :func:`~skipviz.engine.rows.misplaced_rows`,
+    else estimated as ``SWAP_FRACTION_ESTIMATE * min(k, N - k)``), for a downsampling block the gather/scatter and
+    the bypass of the other rows; plus its gate decision when evaluated.
     """
     p = _fractions(profile, executed, "executed")
     if planned:
@@ -75,20 +86,20 @@ def predict_latency(profile: BlockProfile, executed, gates_evaluated=None, plann
         mask = executed.detach().cpu().bool().tolist() if torch.is_tensor(executed) else \
             np.asarray(executed, dtype=bool).tolist()
         moved = [m * bs / len(mask) for m in misplaced_rows(mask, [not d for d in profile.downsample])]
-    total = profile.stem_ms + profile.head_ms + profile.engine_ms + (profile.plan_ms if planned else 0.0)
+    out = []
     for i in range(profile.num_blocks):
         if p[i] >= 1.0:
-            total += profile.block_rows_ms(i, 1.0)
+            t = profile.block_rows_ms(i, 1.0)
         elif p[i] <= 0.0:
-            total += profile.bypass_ms[i]
+            t = profile.bypass_ms[i]
         elif profile.downsample[i] or swaps is None:
-            total += profile.block_rows_ms(i, p[i]) + profile.mix_ms[i] + \
+            t = profile.block_rows_ms(i, p[i]) + profile.mix_ms[i] + \
                 ((1 - p[i]) * profile.bypass_ms[i] if profile.downsample[i] else 0.0)
         else:
             m = moved[i] if moved is not None else SWAP_FRACTION_ESTIMATE * min(p[i], 1 - p[i]) * bs
-            total += profile.block_rows_ms(i, p[i]) + m * swaps[i]
-        total += (1.0 if ge[i] > 0 else 0.0) * profile.gate_ms[i]
-    return float(total)
+            t = profile.block_rows_ms(i, p[i]) + m * swaps[i]
+        out.append(float(t + (1.0 if ge[i] > 0 else 0.0) * profile.gate_ms[i]))
+    return out
 
 
 def _is_mask(values) -> bool:

@@ -1,16 +1,14 @@
-"""Timed runs of a network: the masked baseline, full vs skipped vs masked of one policy, audit throughput and
-the dashboard's one-input latency.
+"""Timed runs of a network: the masked baseline, full vs skipped vs masked of one policy, audit throughput (the
+paired saving with its interval that the dashboard shows builds on :func:`time_policy`: :mod:`skipviz.measure.saving`).
 
 * :func:`run_masked` - the published SkipNet / ConvNet-AIG way: every block computed, output mixed by the gate.
 * :func:`time_policy` - full forward vs. :meth:`SkipNetwork.run` under a policy vs. :func:`run_masked`, measured
   interleaved, with FLOPs saved, time saved and the efficiency ratio (time saved / FLOPs saved).
 * :func:`measure_throughput` - images/s of the skipped run with and without the audit's shadow run.
-* :func:`measure_input_latency` - one input's full and skipped latency and each block's time as it ran.
 """
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable
@@ -20,20 +18,12 @@ import torch
 
 from ..policies.base import Policy
 from ..policies.simple import FullPolicy
-from .clock import DeviceInfo, LatencyStats, device_info, device_label, measure_interleaved, quick_median_ms, \
-    resolve_device, synchronize
+from .clock import DeviceInfo, LatencyStats, device_info, measure_interleaved, resolve_device, synchronize
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.network import SkipNetwork
-    from ..engine.trace import SampleTrace
 
-__all__ = ["LatencyResult", "PolicyTiming", "default_audit_batch_size", "measure_input_latency",
-           "measure_throughput", "run_masked", "time_policy"]
-
-# Measurements of wall-clock time must not overlap each other inside one process (several dashboard sessions
-# share one model and the CPU): one lock serialises them.
-_MEASURE_LOCK = threading.Lock()
-
+__all__ = ["PolicyTiming", "default_audit_batch_size", "measure_throughput", "run_masked", "time_policy"]
 
 def run_masked(net: "SkipNetwork", x: torch.Tensor, policy: Policy | None = None) -> torch.Tensor:
     """The published way (SkipNet, ConvNet-AIG inference code): compute EVERY block, mix by the decision.
@@ -319,63 +309,3 @@ def measure_throughput(net: "SkipNetwork", policy: Policy, x: torch.Tensor, batc
             "efficiency_quartiles": [quartiles[0] * fraction, quartiles[2] * fraction],
             "target_images_per_s": 0.9 * full / fraction,
             "meets_target": speedup >= 0.9 / fraction}
-
-
-@dataclass
-class LatencyResult:
-    """Measured batch-1 latency (median of ``repeats`` runs, milliseconds) of the full and the skipped run.
-
-    ``per_block_ms``: (L,) median time of each block as it ran in the skipped run (block or bypass, plus
-    its gate when evaluated; a plan decided at the stem is counted with block 0).
-    """
-
-    full_ms: float
-    skipped_ms: float
-    per_block_ms: list[float]
-    device: str
-    repeats: int
-    source: str = "skipviz.measure.runs.measure_input_latency (time.perf_counter, median)"
-
-    @property
-    def saved_ms(self) -> float:
-        return self.full_ms - self.skipped_ms
-
-    @property
-    def saved_fraction(self) -> float:
-        return self.saved_ms / self.full_ms if self.full_ms > 0 else 0.0
-
-
-@torch.no_grad()
-def measure_input_latency(net: "SkipNetwork", x: torch.Tensor, policy: Policy, trace: SampleTrace,
-                    repeats: int = 5) -> LatencyResult:
-    """Measure the full run (``net(x)``) and the skipped run (``net.run(x, policy)``) of one input, and the
-    time of every block as the skipped run executed it (replaying ``trace``'s decisions).
-
-    x: (1, 3, H, W). Measurements are serialised by a process-wide lock.
-    """
-    device = x.device
-    with _MEASURE_LOCK:
-        net(x)  # warm-up
-        net.run(x, policy)
-        full_ms = quick_median_ms(lambda: net(x), repeats, device)
-        skipped_ms = quick_median_ms(lambda: net.run(x, policy), repeats, device)
-        per_block: list[list[float]] = [[] for _ in net.blocks]
-        planned = policy.decides_up_front  # decided at the stem: the plan counts with block 0
-        for _ in range(repeats):
-            h = net.stem(x)
-            for i, block in enumerate(net.blocks):
-                d = trace.blocks[i]
-                exited = trace.exit_block is not None and i > trace.exit_block  # run() asks nothing after an exit
-                synchronize(device)
-                t0 = time.perf_counter()
-                if planned:
-                    if i == 0:
-                        policy.plan(net, h)
-                elif not exited:
-                    policy.decide(net, i, h)  # the policy's own decision path, as run() calls it
-                h = block(h) if d.executed else block.bypass(h)
-                synchronize(device)
-                per_block[i].append((time.perf_counter() - t0) * 1e3)
-    return LatencyResult(full_ms=full_ms, skipped_ms=skipped_ms,
-                         per_block_ms=[statistics.median(v) for v in per_block],
-                         device=device_label(device), repeats=repeats)

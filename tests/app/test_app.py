@@ -21,16 +21,22 @@ from skipviz import CIFAR_MODEL, FullPolicy, GatePolicy, load_image, dashboard, 
 from skipviz.evaluate import calibration
 
 from conftest import app_environment
+from toys import FakeClock
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = str(ROOT / "app.py")
-ENV = {"SKIPVIZ_CIFAR10": "/nonexistent/cifar10", "SKIPVIZ_CALIB_N": "32", "SKIPVIZ_LATENCY_REPEATS": "2",
+ENV = {"SKIPVIZ_CIFAR10": "/nonexistent/cifar10", "SKIPVIZ_CALIB_N": "32", "SKIPVIZ_LATENCY_REPEATS": "5",
        "SKIPVIZ_MODEL": CIFAR_MODEL}
 
 
 @pytest.fixture(scope="module")
 def app_env(tmp_path_factory):
-    with app_environment({**ENV, "SKIPVIZ_DATA_DIR": str(tmp_path_factory.mktemp("no_weights"))}) as env:
+    """The app's environment, on a quiet machine whose clock (a fake: tests/toys.FakeClock) shows a clear
+    saving of 0.5 ms per call: deterministic wording, and no test waits for real timings."""
+    with app_environment({**ENV, "SKIPVIZ_DATA_DIR": str(tmp_path_factory.mktemp("no_weights"))}) as env, \
+            pytest.MonkeyPatch.context() as mp:
+        FakeClock(full_s=2e-3, saving_s=5e-4, spread_s=1e-6, seed=0).install(mp)
+        FakeClock.quiet(mp)
         yield env
 
 
@@ -84,7 +90,7 @@ def expected_decisions(net, data: bytes, threshold: float, overrides=None) -> li
 def test_inspect_upload_and_threshold(app_env, engine):
     at = new_app().run()
     assert not at.exception
-    assert at.title[0].value.startswith("🔍")
+    assert at.title[0].value.endswith("Inspect one input")
     assert any("weights" in w.value and "missing" in w.value for w in at.warning)  # documented fallback
     at.radio(key="sv_source").set_value("Upload").run()
     data = png_bytes(1)
@@ -108,8 +114,12 @@ def test_inspect_upload_and_threshold(app_env, engine):
     top = frame(at, "top5")
     assert top["full: class"].iloc[0] == engine.meta.classes[int(full.argmax())]
     assert top["full: probability"].iloc[0] == pytest.approx(float(full.max()), abs=1e-5)
-    assert (table["latency (ms)"] > 0).all()
-    assert any(m.label.startswith("Latency saved (CPU") or m.label.startswith("Latency saved (GPU") for m in at.metric)
+    time_col = [c for c in table.columns if c.startswith("profile estimate (ms per batch of 1, ")][0]
+    assert (table[time_col] > 0).all() and ("CPU" in time_col or "GPU" in time_col)
+    saved = [m for m in at.metric if m.label.startswith("Latency saved (")][0]
+    assert saved.label.startswith(("Latency saved (CPU", "Latency saved (GPU")) and saved.label.endswith("batch 1)")
+    assert saved.value == "0.50 ms saved" and "95 % CI" in saved.delta
+    assert not [w for w in at.warning if "Timings are noisy" in w.value]  # a quiet machine, a clear saving
 
 
 @pytest.mark.parametrize("name,data,needle", [
@@ -126,7 +136,7 @@ def test_bad_uploads_show_error_and_app_stays_up(app_env, name, data, needle):
     assert not at.exception
     errors = " ".join(e.value for e in at.error)
     assert name in errors and needle in errors.lower()
-    assert at.title[0].value.startswith("🔍")
+    assert at.title[0].value.endswith("Inspect one input")
     # the app is still usable: a good upload replaces the bad one
     at.file_uploader(key="sv_upload").set_value(("ok.png", png_bytes(3), "image/png")).run()
     assert not at.error and not at.exception and len(frame(at, "blocks")) == 9
@@ -147,7 +157,7 @@ def test_thresholds_page_live_and_calibration(app_env, engine):
 
     at = new_app().run()
     at.switch_page("pages/thresholds.py").run()
-    assert not at.exception and at.title[0].value.startswith("🎚️")
+    assert not at.exception and at.title[0].value.endswith("Tune thresholds")
     calib = calibration.load_calibration(engine, 32)
     full = calibration.evaluate_calibration(engine, calib, FullPolicy())
     image = sample_bytes(sample_names()[0])
@@ -162,7 +172,10 @@ def test_thresholds_page_live_and_calibration(app_env, engine):
         point = calibration.evaluate_calibration(engine, calib, policies.make_policy(engine, t, ov), full.predictions)
         assert metric(at, "Agreement with full") == f"{point.agreement:.1%}"
         summary = frame(at, "calib_summary")
-        assert summary["agreement with full"].iloc[0] == pytest.approx(point.agreement)
+        assert summary["agreement with full (%)"].iloc[0] == pytest.approx(100 * point.agreement)
+        # the fake clock saves 0.5 of 2 ms per call: 25 %, whatever the policy (its times are the clock's)
+        assert "ms saved (95 % CI" in summary["latency saving"].iloc[0] and "25 % of" in summary["latency saving"].iloc[0]
+        assert metric(at, "Latency saved per image (").endswith("ms saved")
         assert summary["blocks run (mean)"].iloc[0] == pytest.approx(float(point.executed.sum(1).mean()))
     # the threshold is shared with the Inspect page
     at.switch_page("pages/inspect.py").run()

@@ -11,14 +11,18 @@ from skipviz.samples import sample_bytes, sample_names
 
 from conftest import app_environment
 from test_app import APP, frame, metric
+from toys import FakeClock
 
-ENV = {"SKIPVIZ_CIFAR10": "/nonexistent/cifar10", "SKIPVIZ_CALIB_N": "16", "SKIPVIZ_LATENCY_REPEATS": "1",
+ENV = {"SKIPVIZ_CIFAR10": "/nonexistent/cifar10", "SKIPVIZ_CALIB_N": "16", "SKIPVIZ_LATENCY_REPEATS": "3",
        "SKIPVIZ_MODEL": CIFAR_MODEL}
 
 
 @pytest.fixture(scope="module")
 def shipped_env():
-    with app_environment(ENV, unset=("SKIPVIZ_DATA_DIR",)):  # the weights shipped in data/
+    """The weights shipped in data/, timed on a fake clock (tests/toys.FakeClock): no real timing in the pages."""
+    with app_environment(ENV, unset=("SKIPVIZ_DATA_DIR",)), pytest.MonkeyPatch.context() as mp:
+        FakeClock(full_s=2e-3, saving_s=5e-4, spread_s=1e-6, seed=0).install(mp)
+        FakeClock.quiet(mp)
         yield
 
 
@@ -80,10 +84,10 @@ def test_plan_scores_are_labelled_as_plan_probabilities():
     if net.plan_head is None:
         pytest.skip("the default model's weights (with a plan head) are not in data/")
     x = torch.zeros(1, 3, 32, 32)
-    res = dashboard.inspect(net, x, PlanPolicy(0.5), measure=False)
+    res = dashboard.inspect(net, x, PlanPolicy(0.5))
     assert "plan probability" in dashboard.block_table(res.trace).columns
     fig = figures.block_map_figure(res.trace)
     assert fig.layout.yaxis.title.text.startswith("plan probability")
     assert "blocks the plan decides" in [tr.name for tr in fig.data]
-    gates = dashboard.inspect(net, x, policies.make_policy(net, 0.5), measure=False)
+    gates = dashboard.inspect(net, x, policies.make_policy(net, 0.5))
     assert "gate probability" in dashboard.block_table(gates.trace).columns
