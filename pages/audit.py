@@ -1,53 +1,99 @@
-"""Audit: a batch of images (files or a zip) audited with a shadow full run; reports to download."""
+"""Audit: a batch of images (files or a zip) audited with a shadow full run, into this session's own database;
+reports and the database to download."""
 from __future__ import annotations
-
-import os
-import tempfile
-from pathlib import Path
 
 import streamlit as st
 
 from pages import _shared
 from skipviz import audit
-from skipviz.audit import report
+from skipviz.audit import report, session
 
-st.title("📋 Audit a batch")
+st.title(":material/fact_check: Audit a batch")
 model_key, lm = _shared.current_model()
 _shared.model_banner(lm)
 net = lm.net
 policy = _shared.session_policy(lm)
+
+# the session's database: a path the server builds from a random token it keeps in this session, never one
+# the browser names; other sessions' databases cannot be reached from here
+try:
+    if "sv_audit_token" not in st.session_state:
+        st.session_state["sv_audit_token"] = session.new_session_token()
+        session.prune_sessions(keep=st.session_state["sv_audit_token"])
+    db_path = session.session_db_path(st.session_state["sv_audit_token"])
+    runs = session.runs_table(db_path)
+except (OSError, audit.StoreError) as e:  # e.g. the server's audit folder cannot be created or read
+    st.error(f"The audit database cannot be opened: {e}. The server's audit folder is set by "
+             f"${session.AUDIT_DIR_ENV}.", icon=":material/error:")
+    st.stop()
+
 st.caption(f"Every image runs under the current policy {policy.config()} and, as a shadow, the full network; "
-           "each decision is stored in SQLite and the report can be downloaded (HTML, JSON, CSV).")
-db_default = os.environ.get("SKIPVIZ_AUDIT_DB", str(Path(tempfile.gettempdir()) / "skipviz_dashboard_audit.sqlite"))
-db_path = st.text_input("Audit database (SQLite file)", db_default, key="audit_db")
+           "each decision is stored in this session's own audit database on the server (download it below; "
+           f"kept {session.SESSION_MAX_AGE_S // 86400} days) and the report can be downloaded.")
 files = st.file_uploader("Images or a .zip archive", type=_shared.IMAGE_TYPES + ["zip"], accept_multiple_files=True,
                          key="audit_files")
 labels = st.checkbox("Labels from folder names (zip archives)", value=False, key="audit_labels")
 n_repro = st.number_input("Records to reproduce in the report", 0, 32, 4, key="audit_repro")
-if files and st.button("Run the audit", key="audit_run"):
+interrupted = runs[runs["status"] == "interrupted"]
+resume = False
+if not interrupted.empty:
+    last = interrupted.iloc[0]
+    st.info(f"Run {last['run']} of this session was interrupted after {last['records']} inputs. Upload the same "
+            "files and run with 'Resume' ticked to continue it: the files it already recorded are skipped, so "
+            "each appears once.", icon=":material/history:")
+    resume = st.checkbox("Resume the interrupted run", value=True, key="audit_resume")
+
+if files and st.button("Run the audit", key="audit_run", icon=":material/play_arrow:"):
     bar = st.progress(0.0, text="Auditing...")
     try:
         run = audit.audit_uploaded_files([(f.name, f.getvalue()) for f in files], net, policy, db_path,
-                                         labels_from_folders=labels,
+                                         labels_from_folders=labels, resume=resume,
                                          progress=lambda frac, text: bar.progress(min(1.0, float(frac)), text=text))
         repro = audit.reproduce_sample(run, net, k=int(n_repro))  # the network runs here; the report renders
-        html, js, csv = report.render_report(run, repro)
-    except (OSError, ValueError, audit.StoreError) as e:  # bad uploads, archives or database paths
+        rendered = report.render_report(run, repro)
+        bundle = report.report_bundle(run, repro, rendered=rendered)
+        with audit.AuditStore(db_path) as store:
+            database = store.snapshot()
+    except (OSError, ValueError, audit.StoreError) as e:  # e.g. the server's audit folder is not writable
         bar.empty()
         st.session_state.pop("audit_result", None)  # the previous run's result is not this attempt's
         st.error(f"The audit failed: {e}")
     else:
         bar.empty()
-        st.session_state["audit_result"] = {"run_id": run.run_id, "html": html, "json": js, "csv": csv,
-                                            "frame": run.dataframe(), "failed": len(run.failed_records),
-                                            "db_path": str(run.db_path)}
+        html, js, csv = rendered
+        st.session_state["audit_result"] = {
+            "run_id": run.run_id, "html": html, "json": js, "csv": csv, "zip": bundle, "db": database,
+            "frame": run.dataframe(), "ok": len(run.ok_records), "failed": len(run.failed_records),
+            "skipped": len(run.skipped_records), "resumed": run.resumed,
+            "latency": (run.latency or {}).get("label"), "busy": (run.latency or {}).get("busy")}
+        st.rerun()  # the runs table and the resume offer follow the finished run
+
 res = st.session_state.get("audit_result")
 if res:
-    st.success(f"Run {res['run_id']}: {len(res['frame'])} inputs ({res['failed']} failed) stored in "
-               f"{res['db_path']}.")
-    st.dataframe(res["frame"], hide_index=True)
-    c1, c2, c3 = st.columns(3)
-    c1.download_button("Report (HTML)", res["html"], f"audit_{res['run_id']}.html", "text/html", key="dl_html")
-    c2.download_button("Records (JSON)", res["json"], f"audit_{res['run_id']}.json", "application/json",
-                       key="dl_json")
-    c3.download_button("Records (CSV)", res["csv"], f"audit_{res['run_id']}.csv", "text/csv", key="dl_csv")
+    resumed = f" Resumed: {res['resumed']} inputs were already recorded." if res["resumed"] else ""
+    st.success(f"Run {res['run_id']}: {len(res['frame'])} inputs, {res['ok']} audited, {res['failed']} failed, "
+               f"{res['skipped']} skipped (not images); stored in this session's database.{resumed}",
+               icon=":material/check_circle:")
+    if res["latency"]:
+        st.caption(f"Latency (model time only, interleaved paired rounds on a sample of these inputs, apart from "
+                   f"decoding and I/O): {res['latency']}.")
+    if res["busy"]:
+        st.warning(f"Timings are noisy: {res['busy']}.", icon=":material/speed:")
+    st.dataframe(res["frame"], hide_index=True, key="audit_frame")
+    c1, c2, c3, c4, c5 = st.columns(5)
+    stem = f"audit_{res['run_id']}"
+    c1.download_button("Report (zip)", res["zip"], f"{stem}.zip", "application/zip", key="dl_zip",
+                       icon=":material/folder_zip:", help="HTML, JSON and CSV with the charts' script: unpack and "
+                                                          "open the HTML, also offline")
+    c2.download_button("Report (HTML)", res["html"], f"{stem}.html", "text/html", key="dl_html",
+                       icon=":material/description:", help="the charts need the script from the zip beside it")
+    c3.download_button("Records (JSON)", res["json"], f"{stem}.json", "application/json", key="dl_json",
+                       icon=":material/data_object:")
+    c4.download_button("Records (CSV)", res["csv"], f"{stem}.csv", "text/csv", key="dl_csv",
+                       icon=":material/table:")
+    c5.download_button("Database (SQLite)", res["db"], "audit.sqlite", "application/vnd.sqlite3", key="dl_db",
+                       icon=":material/database:")
+
+if not runs.empty:
+    st.subheader("Runs in this session's database")
+    st.dataframe(runs, hide_index=True, key="audit_runs")

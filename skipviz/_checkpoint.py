@@ -7,6 +7,7 @@ model exactly; otherwise :class:`CheckpointError` says what is wrong.
 from __future__ import annotations
 
 import pickle
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -18,7 +19,34 @@ MAX_CHECKPOINT_BYTES = 2 * 1024**3
 
 
 class CheckpointError(ValueError):
-    """A weights file that cannot be used; the message says why."""
+    """A weights file that cannot be used; the message says why.
+
+    The message never passes on advice to load the file unsafely: any sentence that suggests
+    ``weights_only=False`` (or turning the weights-only check off another way), as torch's own errors do, is
+    removed, whichever path raised it (:func:`safe_message`)."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(safe_message(str(message)))
+
+
+# a sentence that advises loading unsafely, or belongs to that advice (torch's "Weights only load failed" text)
+_UNSAFE_ADVICE = re.compile(
+    r"weights_only|safe_globals|allowlist|TORCH_FORCE_(NO_)?WEIGHTS_ONLY_LOAD|trust|arbitrary code|"
+    r"documentation of torch\.load|file an issue|can still be loaded|two options|Please use|Weights only load failed",
+    re.IGNORECASE)
+
+
+def safe_message(text: str) -> str:
+    """``text`` without any sentence that suggests loading a weights file unsafely (``weights_only=False``,
+    allow-listing globals, the environment switches that turn the check off) or belongs to that advice."""
+    kept = []
+    for line in str(text).splitlines():
+        sentences = re.split(r"(?<=[.!?])\s+", line.strip())
+        line = " ".join(s for s in sentences if s and not _UNSAFE_ADVICE.search(s))
+        line = re.sub(r"^WeightsUnpickler error:\s*", "", line).strip()
+        if line:
+            kept.append(line)
+    return " ".join(kept)
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -94,11 +122,8 @@ def _torch_load(p: Path, head: bytes) -> object:
 def _refusal_reason(e: pickle.UnpicklingError) -> str:
     """What the weights-only unpickler refused (e.g. ``Unsupported global: GLOBAL builtins.print ...``), without
     torch's advice on how to load the file anyway: a file that needs it is not loaded by this project."""
-    for line in str(e).splitlines():
-        line = line.strip()
-        if line.startswith("WeightsUnpickler error:"):
-            return line.removeprefix("WeightsUnpickler error:").split(" Please use", 1)[0].strip()
-    return type(e).__name__
+    reason = safe_message(str(e))
+    return reason or type(e).__name__
 
 
 def _legacy_pickles_truncated(p: Path, pickles: int = 5) -> bool:
@@ -110,6 +135,9 @@ def _legacy_pickles_truncated(p: Path, pickles: int = 5) -> bool:
     size = p.stat().st_size
     with open(p, "rb") as f:
         for _ in range(pickles):
+            start = f.tell()
+            if start >= size:  # the file ended cleanly between pickles: fewer than a torch file has, not cut short
+                return False
             try:
                 for _op in pickletools.genops(f):
                     pass

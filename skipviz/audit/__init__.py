@@ -6,19 +6,22 @@
   label; or the error text for an input that could not be read), :class:`AuditRun`, :class:`ReproResult`.
 * :mod:`~skipviz.audit.store` - the SQLite store (:class:`AuditStore`); :mod:`~skipviz.audit.archive` - inputs
   from folders, files and zip archives, safely.
-* :mod:`~skipviz.audit.run` - :func:`run_audit`, :func:`audit_uploaded_files`, :func:`load_run`.
+* :mod:`~skipviz.audit.run` - :func:`run_audit`, :func:`audit_uploaded_files`, :func:`load_run`, resuming an
+  interrupted run (``resume=True``, :func:`find_resumable_run`), :func:`measure_run_latency` (the paired
+  latency of a run on a sample of its own inputs).
 * :mod:`~skipviz.audit.reproduce` - :func:`reproduce`, :func:`reproduce_many`, :func:`reproduce_sample`.
 * :mod:`~skipviz.audit.report` - the HTML/JSON/CSV report of a stored run (it never runs the network).
 
 The ``skipviz audit`` command is :mod:`skipviz.cli.audit`; throughput is :func:`skipviz.measure.runs.measure_throughput`.
 """
-from .archive import ArchiveError, InputItem, ZipLimits, collect_inputs, items_from_uploads, read_source
+from .archive import ArchiveError, InputItem, ZipLimits, collect_inputs, input_keys, items_from_uploads, read_source
 from .records import GPU_ATOL, AuditRecord, AuditRun, ReproResult, records_to_dataframe
 from .reproduce import rebuild_model, reproduce, reproduce_many, reproduce_sample
-from .run import audit_items, audit_uploaded_files, load_run, model_name_of, params_sha256, run_audit
+from .run import (audit_items, audit_uploaded_files, find_resumable_run, load_run, measure_run_latency, model_name_of,
+                  params_sha256, run_audit)
 from .store import AuditStore, SchemaVersionError, StoreError
 
 __all__ = ["ArchiveError", "AuditRecord", "AuditRun", "AuditStore", "GPU_ATOL", "InputItem", "ReproResult",
            "SchemaVersionError", "StoreError", "ZipLimits", "audit_items", "audit_uploaded_files", "collect_inputs",
-           "items_from_uploads", "load_run", "model_name_of", "params_sha256", "rebuild_model", "records_to_dataframe",
+           "find_resumable_run", "input_keys", "items_from_uploads", "load_run", "measure_run_latency", "model_name_of", "params_sha256", "rebuild_model", "records_to_dataframe",
            "read_source", "reproduce", "reproduce_many", "reproduce_sample", "run_audit"]

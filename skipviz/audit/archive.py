@@ -1,18 +1,28 @@
-"""Collecting audit inputs safely: folders, lists of files and zip archives.
+"""Collecting audit inputs safely: folders, lists of files and zip archives. Every input is accounted for.
 
 Every input becomes an :class:`InputItem` (a display name, a ``source`` that can be read again later to
 reproduce the run, an optional label). Nothing here decodes images; that is :func:`skipviz.load_image`'s job,
-so an unreadable file still becomes an item (and later a failed audit row with the reason).
+so an unreadable file still becomes an item (and later a failed audit row with the reason). Nothing is ever
+refused silently and nothing stops the collection:
 
-Zip archives are untrusted: a member whose name is absolute or climbs out with ``..`` makes the whole archive
-refused (:class:`ArchiveError`), and so do more than ``max_members`` members, a member over
-``max_member_bytes``, more than ``max_total_bytes`` uncompressed in all, or a member whose compression ratio
-is over ``max_ratio`` (zip bombs). Sizes are enforced while decompressing, not trusted from the header.
+* an item with ``error`` set becomes a failed row: a refused or damaged archive (one row for the archive), a zip
+  member whose name points outside the archive (path traversal), a member over a size or ratio limit (zip
+  bomb), a member that does not decompress, a second member of the same name, a path that does not exist;
+* an item with ``skipped`` set becomes a "skipped: not an image" row: a file in a folder (or a zip member) that
+  is not an image by its name and, for files, by its first bytes (``.svg``, ``.pt``, ``.safetensors``, text), a
+  zip inside a zip, a folder entry that is not a regular file (pipe, socket, device).
+
+Zip archives are untrusted and are never extracted to disk: members are decompressed into memory with their
+sizes enforced while decompressing (not trusted from the header): ``max_member_bytes`` per member,
+``max_total_bytes`` in all, compression ratio ``max_ratio``; more than ``max_members`` members refuses the
+archive. Zips found inside a folder are expanded like zips given directly. Folders are walked without
+following links to folders (no loops); a link to a file is read as that file.
 """
 from __future__ import annotations
 
 import io
 import lzma
+import os
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -29,7 +39,7 @@ ZIP_SEP = "::"  # "archive.zip::folder/image.png" names a zip member as a reprod
 
 
 class ArchiveError(ValueError):
-    """An input collection (path, list, archive) was refused; the message says why."""
+    """An input (path, archive, member) cannot be read; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -49,8 +59,9 @@ class InputItem:
     ``source`` is a filesystem path, ``"archive.zip::member"`` for a zip member on disk, or ``None`` for data
     that exists only in memory (an upload); ``data`` holds the bytes when they were already read (zip members,
     uploads). ``label`` is the class name from the parent folder when labels come from folders. ``error``: why
-    the input cannot be read (a damaged or duplicated zip member); :meth:`read` raises it, so the audit records
-    a failed row with the reason.
+    the input cannot be read (a refused archive or member, a damaged or duplicated member, a missing path);
+    :meth:`read` raises it, so the audit records a failed row with the reason. ``skipped``: why the input is not
+    audited at all (not an image); the audit records a "skipped" row with that reason.
     """
 
     name: str
@@ -58,11 +69,14 @@ class InputItem:
     data: bytes | None = None
     label: str | None = None
     error: str | None = None
+    skipped: str | None = None
 
     def read(self) -> bytes | str:
         """What to hand to :func:`skipviz.load_image`: the bytes if held, else the path."""
         if self.error is not None:
             raise ArchiveError(self.error)
+        if self.skipped is not None:
+            raise ArchiveError(self.skipped)
         if self.data is not None:
             return self.data
         if self.source is None:
@@ -70,21 +84,56 @@ class InputItem:
         return self.source
 
 
+def input_keys(pairs: Iterable[tuple[str, str | None]]) -> list[str]:
+    """One identity per input, from its ``(name, source)`` in collection order: the pair and how many identical
+    pairs came before it (two uploads may share a name). What a resumed audit compares to skip the inputs an
+    interrupted run already recorded."""
+    seen: dict[tuple[str, str | None], int] = {}
+    keys = []
+    for name, source in pairs:
+        n = seen.get((name, source), 0)
+        seen[(name, source)] = n + 1
+        keys.append(f"{name}\x00{source or ''}\x00{n}")
+    return keys
+
+
+# the first bytes of the image formats Pillow reads that the audit accepts without an image suffix
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*",
+                b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"\x00\x00\x01\x00")
+
+
 def _is_image_name(name: str) -> bool:
     return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
 
 
-def _check_member_name(name: str, archive: str) -> PurePosixPath:
+def _looks_like_image(path: Path) -> bool:
+    """Whether a regular file starts like an image (PNG, JPEG, GIF, BMP, TIFF, PNM, ICO, WebP)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError:
+        return False
+    return head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def _not_an_image(name: str, what: str) -> str:
+    suffix = PurePosixPath(name).suffix.lower()
+    kind = f"a {suffix} file" if suffix else "a file without a suffix"
+    return f"{name}: skipped: not an image ({kind}{what})"
+
+
+def _member_name_problem(name: str, archive: str) -> str | None:
+    """Why a member name is refused (absolute, a drive, or climbing out with ``..``), or ``None``."""
     normalised = name.replace("\\", "/")
     p = PurePosixPath(normalised)
     if normalised.startswith("/") or (len(normalised) > 1 and normalised[1] == ":") or ".." in p.parts:
-        raise ArchiveError(f"{archive}: refused, member {name!r} points outside the archive (path traversal)")
-    return p
+        return f"{archive}: member {name!r} refused: it points outside the archive (path traversal); not extracted"
+    return None
 
 
 def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: ZipLimits, archive: str,
                  budget: int) -> bytes:
-    """Decompress one member, stopping as soon as it passes a size or ratio limit."""
+    """Decompress one member, stopping as soon as it passes a size or ratio limit (:class:`ArchiveError`)."""
     cap = min(limits.max_member_bytes, budget)
     chunks, total = [], 0
     with zf.open(info) as f:
@@ -94,71 +143,96 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: ZipLimits, 
                 break
             total += len(chunk)
             if total > limits.max_member_bytes:
-                raise ArchiveError(f"{archive}: refused, member {info.filename!r} is over the "
+                raise ArchiveError(f"{archive}: member {info.filename!r} refused: over the "
                                    f"{limits.max_member_bytes / 2**20:.0f} MiB limit (possible zip bomb)")
             if total > cap:
-                raise ArchiveError(f"{archive}: refused, more than {limits.max_total_bytes / 2**20:.0f} MiB "
-                                   "uncompressed in all (possible zip bomb)")
+                raise ArchiveError(f"{archive}: member {info.filename!r} refused: more than "
+                                   f"{limits.max_total_bytes / 2**20:.0f} MiB uncompressed in all (possible zip bomb)")
             if total > 1 << 20 and total / max(info.compress_size, 1) > limits.max_ratio:
-                raise ArchiveError(f"{archive}: refused, member {info.filename!r} expands more than "
+                raise ArchiveError(f"{archive}: member {info.filename!r} refused: expands more than "
                                    f"{limits.max_ratio:.0f}x (possible zip bomb)")
             chunks.append(chunk)
     return b"".join(chunks)
 
 
-def read_zip(source: str | Path | bytes | BinaryIO, labels_from_folders: bool = False,
-             limits: ZipLimits | None = None, name: str | None = None) -> list[InputItem]:
-    """Image members of a zip archive as :class:`InputItem` (sorted by member name).
+def _declared_problem(info: zipfile.ZipInfo, limits: ZipLimits, archive: str) -> str | None:
+    """Why a member is refused from its declared sizes alone, before decompressing anything, or ``None``."""
+    if info.file_size > limits.max_member_bytes:
+        return (f"{archive}: member {info.filename!r} refused: declares {info.file_size / 2**20:.0f} MiB (over the "
+                f"{limits.max_member_bytes / 2**20:.0f} MiB limit; possible zip bomb)")
+    ratio = info.file_size / max(info.compress_size, 1)
+    if info.file_size > 1 << 20 and ratio > limits.max_ratio:
+        return f"{archive}: member {info.filename!r} refused: would expand {ratio:.0f}x (possible zip bomb)"
+    return None
 
-    Raises :class:`ArchiveError` for a damaged archive, a path-traversal member or a zip bomb. Members that
-    do not look like images by their suffix are skipped; members that do are returned even if they are
-    damaged (the audit turns them into failed rows): a member that fails to decompress, and a second member of
-    the same name (which a recorded source could not tell apart from the first), come back with ``error`` set.
+
+def read_zip(source: str | Path | bytes | BinaryIO, labels_from_folders: bool = False,
+             limits: ZipLimits | None = None, name: str | None = None, prefix: str | None = None) -> list[InputItem]:
+    """Every member of a zip archive as an :class:`InputItem` (sorted by member name; folders left out).
+
+    Never raises for what the archive holds: a damaged or refused archive (not a zip, too many members) is ONE
+    item with ``error`` set; a member whose name points outside the archive, one over a size or ratio limit,
+    one that fails to decompress and a second member of the same name (which a recorded source could not tell
+    apart from the first) are items with ``error`` set; members that are not images by their name (and zips
+    inside the archive) are items with ``skipped`` set. ``prefix``: the display name's start (default: the
+    archive's name).
     """
     limits = limits or ZipLimits()
     on_disk = isinstance(source, (str, Path))
     archive = name or (Path(source).name if on_disk else getattr(source, "name", "<upload.zip>"))
+    prefix = archive if prefix is None else prefix
+
+    def refused(why: str) -> list[InputItem]:
+        return [InputItem(name=prefix, source=str(source) if on_disk else None, error=why)]
+
     try:
         zf = zipfile.ZipFile(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise ArchiveError(f"{archive}: not a readable zip archive ({e})") from e
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return refused(f"{archive}: not a readable zip archive ({e})")
     items: list[InputItem] = []
     with zf:
         infos = zf.infolist()
         if len(infos) > limits.max_members:
-            raise ArchiveError(f"{archive}: refused, {len(infos)} members is over the {limits.max_members} limit")
-        for info in infos:  # check every name and declared size before decompressing anything
-            _check_member_name(info.filename, archive)
-            if info.file_size > limits.max_member_bytes:
-                raise ArchiveError(f"{archive}: refused, member {info.filename!r} declares "
-                                   f"{info.file_size / 2**20:.0f} MiB (over the "
-                                   f"{limits.max_member_bytes / 2**20:.0f} MiB limit)")
-            if info.file_size > 1 << 20 and info.file_size / max(info.compress_size, 1) > limits.max_ratio:
-                raise ArchiveError(f"{archive}: refused, member {info.filename!r} would expand "
-                                   f"{info.file_size / max(info.compress_size, 1):.0f}x (possible zip bomb)")
-        if sum(i.file_size for i in infos) > limits.max_total_bytes:
-            raise ArchiveError(f"{archive}: refused, {sum(i.file_size for i in infos) / 2**20:.0f} MiB "
-                               f"uncompressed is over the {limits.max_total_bytes / 2**20:.0f} MiB limit")
+            return refused(f"{archive}: refused: {len(infos)} members is over the {limits.max_members} limit")
         used = 0
         seen: set[str] = set()
         for info in sorted(infos, key=lambda i: i.filename):  # stable: duplicates keep the archive's order
-            if info.is_dir() or not _is_image_name(info.filename):
+            if info.is_dir():
                 continue
-            member = _check_member_name(info.filename, archive)
+            display = f"{prefix}/{info.filename}"
+            problem = _member_name_problem(info.filename, archive)
+            if problem is not None:
+                items.append(InputItem(name=display, source=None, error=problem))
+                continue
+            member = PurePosixPath(info.filename.replace("\\", "/"))
+            if not _is_image_name(info.filename):
+                nested = " inside a zip archive: nested archives are not expanded" if member.suffix.lower() == ".zip" \
+                    else ""
+                items.append(InputItem(name=display, source=None, skipped=_not_an_image(display, nested)))
+                continue
             label = (member.parent.name or None) if labels_from_folders else None
-            item = InputItem(name=f"{archive}/{info.filename}",
-                             source=f"{source}{ZIP_SEP}{info.filename}" if on_disk else None, label=label)
+            item = InputItem(name=display, source=f"{source}{ZIP_SEP}{info.filename}" if on_disk else None,
+                             label=label)
             if info.filename in seen:
                 item.source, item.error = None, (f"{archive}: a second member named {info.filename!r}; it cannot "
                                                  "be told apart from the first, so it is not audited")
             else:
                 seen.add(info.filename)
-                try:
-                    item.data = _read_member(zf, info, limits, archive, limits.max_total_bytes - used)
-                    used += len(item.data)
-                except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError, zlib.error,
-                        lzma.LZMAError) as e:  # a damaged stream: deflate and LZMA raise their own errors
-                    item.error = f"{archive}: member {info.filename!r} could not be decompressed ({e})"
+                item.error = _declared_problem(info, limits, archive)
+                if item.error is None and used + info.file_size > limits.max_total_bytes:
+                    item.error = (f"{archive}: member {info.filename!r} refused: the archive's members pass "
+                                  f"{limits.max_total_bytes / 2**20:.0f} MiB uncompressed in all (possible zip bomb)")
+                if item.error is None:
+                    try:
+                        item.data = _read_member(zf, info, limits, archive, limits.max_total_bytes - used)
+                        used += len(item.data)
+                    except ArchiveError as e:
+                        item.error = str(e)
+                    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError, ValueError,
+                            zlib.error, lzma.LZMAError) as e:  # a damaged stream: deflate and LZMA raise their own
+                        item.error = f"{archive}: member {info.filename!r} could not be decompressed ({e})"
+                if item.error is not None:
+                    item.source = None
             items.append(item)
     return items
 
@@ -195,26 +269,66 @@ def read_source(source: str, limits: ZipLimits | None = None,
     return item.read()
 
 
+def _is_zip_file(p: Path) -> bool:
+    if p.suffix.lower() == ".zip":
+        return True
+    try:
+        return not _is_image_name(p.name) and zipfile.is_zipfile(p)
+    except OSError:
+        return False
+
+
+def _walk(root: Path) -> list[Path]:
+    """Every entry under ``root`` that is not a folder, sorted; links to folders are not followed."""
+    out: list[Path] = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        base = Path(folder)
+        out.extend(base / d for d in dirs if (base / d).is_symlink())  # reported, not followed
+        out.extend(base / f for f in files)
+    return sorted(out)
+
+
+def _folder_items(root: Path, labels_from_folders: bool, limits: ZipLimits | None) -> list[InputItem]:
+    items: list[InputItem] = []
+    for f in _walk(root):
+        display = str(f.relative_to(root.parent))
+        label = f.parent.name if labels_from_folders and f.parent != root else None
+        if f.is_symlink() and f.is_dir():
+            items.append(InputItem(name=display, source=None, skipped=f"{display}: skipped: a link to a folder "
+                                                                      "(links to folders are not followed)"))
+        elif f.is_symlink() and not f.exists():
+            items.append(InputItem(name=display, source=None, error=f"{display}: a link to nothing (broken link)"))
+        elif not f.is_file():
+            items.append(InputItem(name=display, source=None,
+                                   skipped=f"{display}: skipped: not a regular file (a pipe, socket or device)"))
+        elif _is_zip_file(f):
+            items.extend(read_zip(f.resolve(), labels_from_folders=labels_from_folders, limits=limits, name=f.name,
+                                  prefix=display))
+        elif _is_image_name(f.name) or _looks_like_image(f):
+            items.append(InputItem(name=display, source=str(f.resolve()), label=label))
+        else:
+            items.append(InputItem(name=display, source=str(f.resolve()), skipped=_not_an_image(display, "")))
+    return items
+
+
 def collect_inputs(paths: Sequence[str | Path], labels_from_folders: bool = False,
                    limits: ZipLimits | None = None) -> list[InputItem]:
-    """Expand folders (recursively, image suffixes only), zip archives and single files into inputs.
+    """Expand folders (recursively), zip archives and single files into inputs; never raises for an input.
 
     With ``labels_from_folders`` the label is the name of the file's parent folder (ImageFolder layout:
-    ``root/cat/1.png`` is a cat). A single file given directly is always included, whatever its suffix, so
-    that a wrongly named or damaged file is reported rather than silently ignored. Raises
-    :class:`ArchiveError` for a path that does not exist or a refused archive.
+    ``root/cat/1.png`` is a cat). In a folder, files that are images by their suffix or their first bytes are
+    inputs, zips are expanded, and everything else is a skipped item with the reason. A single file given
+    directly is always an input, whatever its suffix, so that a wrongly named or damaged file is reported; a
+    path that does not exist is a failed item.
     """
     items: list[InputItem] = []
     for raw in paths:
         p = Path(raw)
-        if not p.exists():
-            raise ArchiveError(f"{p}: no such file or folder")
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and _is_image_name(f.name))
-            for f in files:
-                label = f.parent.name if labels_from_folders and f.parent != p else None
-                items.append(InputItem(name=str(f.relative_to(p.parent)), source=str(f.resolve()), label=label))
-        elif p.suffix.lower() == ".zip" or (zipfile.is_zipfile(p) and not _is_image_name(p.name)):
+        if not p.exists() and not p.is_symlink():
+            items.append(InputItem(name=str(raw), source=None, error=f"{raw}: no such file or folder"))
+        elif p.is_dir():
+            items.extend(_folder_items(p, labels_from_folders, limits))
+        elif p.is_file() and _is_zip_file(p):
             items.extend(read_zip(p.resolve(), labels_from_folders=labels_from_folders, limits=limits,
                                   name=p.name))
         else:
@@ -225,7 +339,7 @@ def collect_inputs(paths: Sequence[str | Path], labels_from_folders: bool = Fals
 
 def items_from_uploads(files: Iterable[tuple[str, bytes]], labels_from_folders: bool = False,
                        limits: ZipLimits | None = None) -> list[InputItem]:
-    """Uploaded ``(name, bytes)`` pairs as inputs; ``.zip`` uploads are expanded safely.
+    """Uploaded ``(name, bytes)`` pairs as inputs; ``.zip`` uploads are expanded safely (never raises).
 
     A name like ``"cat/1.png"`` gives the label ``cat`` when ``labels_from_folders``.
     """

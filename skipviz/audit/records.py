@@ -18,8 +18,9 @@ GPU_ATOL = 1e-4  # absolute tolerance on logits and gate scores when a run or it
 
 @dataclass
 class AuditRecord:
-    """One input in one audit run. ``status`` is ``"ok"`` or ``"failed"`` (then only ``error`` and the input
-    identity are set).
+    """One input in one audit run. ``status`` is ``"ok"``, ``"failed"`` (the input could not be read or was
+    refused: ``error`` says why, and ``input_sha256`` is set when its bytes could be read) or ``"skipped"`` (not
+    an image: ``error`` holds the reason; nothing was run).
 
     ``trace`` is :meth:`SampleTrace.to_dict` of the skipped run (every block's decision, score, threshold,
     reason, FLOPs, and the logits (K,)); ``full_logits`` (K,) are the shadow full run's. ``latency_ms`` and
@@ -61,12 +62,16 @@ class AuditRecord:
     batch_index: int | None = None
     batch_pos: int | None = None
     batch_size: int | None = None
-    thumbnail_png_b64: str | None = None
+    thumbnail_png_b64: str | None = None  # a small JPEG (despite the name, kept for old databases), base64
     record_id: int | None = None
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def skipped(self) -> bool:
+        return self.status == "skipped"
 
     @property
     def executed_mask(self) -> list[bool]:
@@ -106,7 +111,8 @@ class AuditRecord:
 
     def flat(self) -> dict:
         """One flat row (CSV/DataFrame): identity, outcome, agreement, cost, and the executed mask as text, one
-        character per block: ``R`` ran, ``-`` bypassed (letters, so spreadsheets do not read it as a number)."""
+        character per block: ``R`` ran, ``S`` skipped (bypassed). Letters only, so a spreadsheet reads it neither
+        as a number nor as a formula, and the CSV keeps it exactly."""
         return {
             "record_id": self.record_id, "run_id": self.run_id, "input_name": self.input_name,
             "input_path": self.input_path, "input_sha256": self.input_sha256, "status": self.status,
@@ -115,7 +121,7 @@ class AuditRecord:
             "full_confidence": self.full_confidence, "agree": self.agree, "correct": self.correct,
             "full_correct": self.full_correct, "kl_full_skipped": self.kl_full_skipped,
             "blocks_executed": self.blocks_executed, "blocks_total": self.blocks_total,
-            "executed_mask": "".join("R" if e else "-" for e in self.executed_mask) or None,
+            "executed_mask": "".join("R" if e else "S" for e in self.executed_mask) or None,
             "flops_executed": self.flops_executed, "flops_full": self.flops_full,
             "flops_saved_fraction": self.flops_saved_fraction, "latency_ms": self.latency_ms,
             "full_latency_ms": self.full_latency_ms, "model_name": self.model_name,
@@ -127,7 +133,8 @@ class AuditRecord:
 
 
 def records_to_dataframe(records: Sequence[AuditRecord]) -> pd.DataFrame:
-    """One row per record (:meth:`AuditRecord.flat`), disagreements first, then failed rows, then the rest."""
+    """One row per record (:meth:`AuditRecord.flat`): disagreements first, then failed rows, then skipped ones,
+    then the rest."""
     rows = [r.flat() for r in records]
     df = pd.DataFrame(rows, columns=list(AuditRecord(run_id="", input_name="", input_path=None, status="",
                                                      model_name="", weights_sha256=None, params_sha256=None,
@@ -135,18 +142,23 @@ def records_to_dataframe(records: Sequence[AuditRecord]) -> pd.DataFrame:
                                                      timestamp="").flat().keys()))
     if df.empty:
         return df
-    order = np.where(df["agree"].eq(False), 0, np.where(df["status"].eq("failed"), 1, 2))
+    order = np.where(df["agree"].eq(False), 0, np.where(df["status"].eq("failed"), 1,
+                                                        np.where(df["status"].eq("skipped"), 2, 3)))
     return df.assign(_o=order).sort_values(["_o", "record_id"], kind="stable").drop(columns="_o").reset_index(
         drop=True)
 
 
 @dataclass
 class AuditRun:
-    """One finished audit: its records (stored), configuration, timings and environment.
+    """One audit run: its records (stored), configuration, timings and environment.
 
-    ``timings``: ``skip_s`` / ``full_s`` seconds spent in the skipped runs and the shadow full runs, over
-    ``images`` images. ``sources`` maps ``record_id`` to bytes for inputs that exist only in memory (uploads),
-    so they can be reproduced while the run object lives.
+    ``timings``: ``wall_s`` seconds end to end (collecting, decoding, both runs, storing) over ``images``
+    audited images in this process; ``skip_s`` / ``full_s`` seconds spent in the skipped runs and the shadow
+    full runs. ``latency``: the paired latency measurement on a sample of the run's own inputs
+    (:func:`skipviz.audit.run.measure_run_latency`), or ``None``. ``status``: ``finished`` or ``interrupted``;
+    ``resumed``: how many inputs an earlier, interrupted attempt of this run had already recorded.
+    ``sources`` maps ``record_id`` to bytes for inputs that exist only in memory (uploads), so they can be
+    reproduced while the run object lives.
     """
 
     run_id: str
@@ -160,6 +172,9 @@ class AuditRun:
     records: list[AuditRecord]
     timings: dict
     sources: dict[int, bytes] = field(default_factory=dict)
+    latency: dict | None = None
+    status: str = "finished"
+    resumed: int = 0
 
     @property
     def ok_records(self) -> list[AuditRecord]:
@@ -167,12 +182,21 @@ class AuditRun:
 
     @property
     def failed_records(self) -> list[AuditRecord]:
-        return [r for r in self.records if not r.ok]
+        return [r for r in self.records if r.status == "failed"]
+
+    @property
+    def skipped_records(self) -> list[AuditRecord]:
+        return [r for r in self.records if r.skipped]
 
     def throughput(self) -> dict:
-        """Images/s measured during the audit: skipped run alone, skipped + shadow full run, full alone."""
+        """Images/s of this process's part of the audit: end to end (wall clock: reading, decoding, both runs,
+        storing; ``None`` for runs stored before it was recorded), and the model time alone as it ran inside the
+        audit (skipped run, skipped + shadow full run, full run; the two may overlap in time, so these are not
+        latencies: see ``latency``)."""
         n, s, f = self.timings.get("images", 0), self.timings.get("skip_s", 0.0), self.timings.get("full_s", 0.0)
-        return {"images": n, "skip_images_per_s": n / s if s else None,
+        wall = self.timings.get("wall_s")
+        return {"images": n, "end_to_end_images_per_s": n / wall if wall else None,
+                "skip_images_per_s": n / s if s else None,
                 "skip_with_shadow_images_per_s": n / (s + f) if s + f else None,
                 "full_images_per_s": n / f if f else None}
 

@@ -3,7 +3,21 @@
 
 * :func:`run_audit` - over folders, file lists and zip archives; :func:`audit_uploaded_files` - the dashboard's
   uploads; :func:`audit_items` - already collected inputs.
-* :func:`load_run` - an earlier run back from the database.
+* :func:`load_run` - an earlier run back from the database; :func:`find_resumable_run` - the run that
+  ``resume=True`` continues.
+* :func:`measure_run_latency` - the latency of the skipped run against the full one on a sample of the run's
+  own inputs: interleaved paired rounds (:func:`skipviz.measure.clock.measure_interleaved`), the saving with
+  a bootstrap 95 % interval (:func:`skipviz.measure.saving.paired_saving`), apart from decoding and I/O.
+
+Every input is accounted for: an unreadable or refused one is a failed record with the reason (and the SHA-256
+of its bytes when they could be read), a non-image a skipped record; the audit goes on. Durability: a batch is
+stored in one transaction before the next one runs, so a kill -9 loses at most the batch in flight; the run is
+then marked ``interrupted`` (by the next process that opens the database) and ``resume=True`` continues it,
+skipping the inputs it already recorded, so every input appears exactly once.
+
+Throughput: while a batch runs on the model, the next one is read, hashed, decoded and preprocessed in a
+background thread (Pillow and torch release the GIL), and thumbnails (small JPEGs) are made only for the
+inputs a report shows: disagreements and a sample.
 """
 from __future__ import annotations
 
@@ -13,30 +27,36 @@ import hashlib
 import io
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 from PIL import Image
 
-from .._imageio import ImageLoadError, load_image
-from ..measure.clock import environment, synchronize
+from .._imageio import ImageLoadError, load_image, read_bytes
+from ..measure.clock import environment, measure_interleaved, synchronize
 from ..measure.runs import default_audit_batch_size
+from ..measure.saving import machine_busy, paired_saving
 from ..models._registry import create_model
 from ..policies.base import Policy
 from ..policies.threshold import policy_for
 from ..redundancy import kl_from_logits
-from .archive import ArchiveError, InputItem, collect_inputs, items_from_uploads
+from .archive import ArchiveError, InputItem, collect_inputs, input_keys, items_from_uploads, read_source
 from .records import AuditRecord, AuditRun
-from .store import AuditStore, utc_now
+from .store import AuditStore, StoreError, utc_now
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.network import SkipNetwork
 
-__all__ = ["ProgressFn", "audit_items", "audit_uploaded_files", "load_run", "model_name_of", "params_sha256",
-           "run_audit"]
+__all__ = ["ProgressFn", "audit_items", "audit_uploaded_files", "find_resumable_run", "load_run",
+           "measure_run_latency", "model_name_of", "params_sha256", "run_audit"]
 
 THUMBNAIL_PX = 48
+THUMBNAIL_SAMPLE = 32  # agreeing inputs that get a thumbnail (every disagreement gets one)
+LATENCY_ROUNDS = 15  # paired rounds of the latency measurement after the audit (0: not measured)
+LATENCY_SAMPLE = 256  # at most this many of the run's inputs, one batch, are timed
 
 
 ProgressFn = Callable[[float, str], Any]  # (fraction done in [0, 1], text); Streamlit's st.progress(...).progress fits
@@ -58,11 +78,10 @@ def model_name_of(net: "SkipNetwork") -> str:
     return f"{net.meta.arch}.{net.meta.weights_name}" if net.meta.weights_name else net.meta.arch
 
 
-def _thumbnail(image: Image.Image, px: int = THUMBNAIL_PX) -> str:
-    im = image.copy()
-    im.thumbnail((px, px))
+def _thumbnail(small: Image.Image) -> str:
+    """A small JPEG of an already reduced image, base64 (about 1-2 KB)."""
     buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=True)
+    small.save(buf, format="JPEG", quality=70)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -76,178 +95,388 @@ def _resolve_model(model: "SkipNetwork | str", weights: str | None = None) -> "S
     return model
 
 
+# ------------------------------------------------------------------------------------------------ resume
+def _same_audit(run: dict, model_name: str, weights_sha256: str | None, psha: str, policy: dict,
+                inputs: dict) -> bool:
+    config = run.get("config") or {}
+    return (run["model_name"] == model_name and run["weights_sha256"] == weights_sha256
+            and config.get("params_sha256") == psha and run["policy"] == policy
+            and all(config.get(k) == v for k, v in inputs.items()))
+
+
+def find_resumable_run(store: AuditStore, net: "SkipNetwork", policy: Policy, inputs: dict | None = None
+                       ) -> str | None:
+    """The latest run in ``store`` of the same model, weights (file hash and parameter hash) and policy over
+    the same inputs (``inputs``: the configuration entries that name them, e.g. ``paths`` and
+    ``labels_from_folders``) that is not running in a live process: the run ``resume=True`` continues, or
+    ``None``. An interrupted run is preferred to a finished one."""
+    runs = store.runs()
+    if runs.empty:
+        return None
+    model_name, psha, pconf = model_name_of(net), params_sha256(net), policy.config()
+    rows = [r for r in runs.to_dict(orient="records")
+            if r["status"] != "running" and _same_audit(r, model_name, net.meta.weights_sha256, psha, pconf,
+                                                        inputs or {})]
+    if not rows:
+        return None
+    rows.sort(key=lambda r: (r["status"] != "finished", r["created_at"]))
+    return str(rows[-1]["run_id"])
+
+
+# ----------------------------------------------------------------------------------------------- batches
+@dataclass
+class _Loaded:
+    """One decoded input of a batch: its record, a small copy for a thumbnail, its (1, 3, H, W) tensor."""
+
+    record: AuditRecord
+    small: Image.Image
+    tensor: torch.Tensor
+
+
+@dataclass
+class _Batch:
+    """A batch read and preprocessed: every input's record and in-memory bytes, and the inputs that loaded."""
+
+    records: list[AuditRecord]
+    data: list[bytes | None]
+    loaded: list[_Loaded]
+
+
+def _hash_file(path: str) -> str | None:
+    """SHA-256 of a regular file too large to load, read in chunks (``None`` when it cannot be read)."""
+    try:
+        p = Path(path)
+        if not p.is_file():
+            return None
+        with p.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def _load_one(item: InputItem, net: "SkipNetwork") -> tuple[Image.Image, dict, torch.Tensor, str]:
+    """Read, hash, decode and preprocess one input: ``(small copy, image info, (1, 3, H, W), sha256)``."""
+    source = item.read()
+    data, _ = read_bytes(source, name=item.name) if isinstance(source, str) else (source, item.name)
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        image, info = load_image(data, name=item.name)
+        tensor = net.meta.preprocess(image)
+    except ImageLoadError as e:
+        raise _Failed(str(e), sha) from e
+    except (OSError, ValueError, RuntimeError) as e:
+        raise _Failed(f"{item.name}: could not be preprocessed for the model ({e})", sha) from e
+    small = image.copy()
+    small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    return small, {**info.to_dict(), "name": item.name}, tensor, sha
+
+
+class _Failed(Exception):
+    """An input whose bytes were read (``sha256``) but that could not be used."""
+
+    def __init__(self, message: str, sha256: str | None) -> None:
+        super().__init__(message)
+        self.sha256 = sha256
+
+
+def _load_batch(chunk: Sequence[InputItem], base: dict, net: "SkipNetwork", b: int) -> _Batch:
+    """One batch's inputs read and preprocessed: every input's record (failed or skipped for an input that
+    cannot or need not be run), its in-memory bytes, and the inputs that loaded."""
+    out = _Batch([], [], [])
+    for item in chunk:
+        item_base = dict(input_name=item.name, input_path=item.source, label=item.label, batch_index=b, **base)
+        if item.skipped is not None:
+            rec = AuditRecord(status="skipped", error=item.skipped, timestamp=utc_now(), **item_base)
+        else:
+            try:
+                small, info, tensor, sha = _load_one(item, net)
+            except (_Failed, ImageLoadError, ArchiveError, OSError, ValueError, RuntimeError, MemoryError) as e:
+                # one input that cannot be read (or fits in no memory) is a failed row; the audit goes on
+                error = str(e) if not isinstance(e, MemoryError) else f"{item.name}: out of memory reading it ({e})"
+                sha = getattr(e, "sha256", None)
+                if sha is None and item.data is not None and item.error is None:
+                    sha = hashlib.sha256(item.data).hexdigest()
+                elif sha is None and item.error is None and item.source and "::" not in item.source:
+                    sha = _hash_file(item.source)  # e.g. a file over the size limit: still identified
+                rec = AuditRecord(status="failed", error=error, timestamp=utc_now(), input_sha256=sha, **item_base)
+            else:
+                rec = AuditRecord(status="ok", timestamp="", input_sha256=sha, image=info, **item_base)
+                out.loaded.append(_Loaded(rec, small, tensor))
+        out.records.append(rec)
+        out.data.append(item.data)
+    return out
+
+
+class _Runner:
+    """Runs batches under the policy and through the full network, fills their records, keeps the timings and
+    the first batch's inputs (the latency sample)."""
+
+    def __init__(self, net: "SkipNetwork", policy: Policy, device: torch.device, thumbnails: int,
+                 sample_size: int) -> None:
+        self.net, self.policy, self.device = net, policy, device
+        self.thumbnails_left = thumbnails
+        self.sample_size = sample_size
+        self.sample: torch.Tensor | None = None
+        self.timings = {"skip_s": 0.0, "full_s": 0.0, "images": 0, "batches": 0, "wall_s": 0.0}
+
+    def run(self, batch: _Batch, b: int) -> None:
+        loaded = batch.loaded
+        if not loaded:
+            return
+        x = torch.cat([ld.tensor for ld in loaded]).to(self.device)
+        if self.sample is None and self.sample_size > 0:
+            self.sample = x[: self.sample_size]
+        net, policy, device = self.net, self.policy, self.device
+        with torch.no_grad():
+            if self.timings["batches"] == 0:  # first-call overheads (allocator, kernel selection) stay out
+                net.run(x[:2], policy)
+                net(x[:2])
+            synchronize(device)
+            t0 = time.perf_counter()
+            res = net.run(x, policy)
+            synchronize(device)
+            t1 = time.perf_counter()
+            full_logits = net(x)
+            synchronize(device)
+            t2 = time.perf_counter()
+        n = x.shape[0]
+        self.timings["skip_s"] += t1 - t0
+        self.timings["full_s"] += t2 - t1
+        self.timings["images"] += n
+        self.timings["batches"] += 1
+        kl = kl_from_logits(full_logits, res.logits).cpu()
+        full_cpu = full_logits.detach().float().cpu()
+        fconf, fpred = torch.softmax(full_cpu, dim=1).max(1)
+        classes = net.meta.classes
+        stamp = utc_now()
+        for pos, (ld, tr) in enumerate(zip(loaded, res.traces())):
+            rec, k = ld.record, int(fpred[pos])
+            rec.timestamp = stamp
+            rec.trace = tr.to_dict()
+            rec.predicted_index, rec.predicted_label, rec.confidence = (tr.predicted_index, tr.predicted_label,
+                                                                        tr.confidence)
+            rec.full_logits = full_cpu[pos].tolist()
+            rec.full_predicted_index = k
+            rec.full_predicted_label = classes[k] if k < len(classes) else str(k)
+            rec.full_confidence = float(fconf[pos])
+            rec.agree = rec.full_predicted_index == rec.predicted_index
+            rec.kl_full_skipped = float(kl[pos])
+            rec.flops_executed, rec.flops_full = tr.flops_executed, tr.flops_full
+            rec.blocks_executed, rec.blocks_total = tr.blocks_executed, tr.blocks_total
+            rec.latency_ms = 1000.0 * (t1 - t0) / n
+            rec.full_latency_ms = 1000.0 * (t2 - t1) / n
+            rec.batch_index, rec.batch_pos, rec.batch_size = b, pos, n
+            if not rec.agree or self.thumbnails_left > 0:  # thumbnails only where a report shows them
+                rec.thumbnail_png_b64 = _thumbnail(ld.small)
+                self.thumbnails_left -= bool(rec.agree)
+
+
+# ------------------------------------------------------------------------------------------------ latency
+def measure_run_latency(net: "SkipNetwork", policy: Policy, x: torch.Tensor, rounds: int = LATENCY_ROUNDS,
+                        warmup: int = 2) -> dict:
+    """The latency of the skipped run against the full network on ``x`` (N, 3, H, W), a sample of an audit's
+    own (already decoded) inputs, as one batch: both timed in ``rounds`` interleaved paired rounds
+    (:func:`measure_interleaved`, the order alternating), the saving per image the median of the per-round
+    differences with a bootstrap 95 % interval (:func:`paired_saving`). Decoding and I/O are not in it.
+
+    Returns a JSON-ready dict: ``full_ms`` / ``skipped_ms`` (median per image), ``saving_ms`` with
+    ``ci_low_ms`` / ``ci_high_ms``, ``measurable`` (the interval excludes zero), ``label`` (the only words a
+    report may use: "no measurable saving (±x ms)" when the interval contains zero), the sample and batch
+    size, rounds, device, threads, the 1-minute load average and ``busy`` (why timings are noisy, or ``None``).
+    """
+    net.eval()
+    n = int(x.shape[0])
+    with torch.no_grad():
+        stats = measure_interleaved({"full": lambda: net(x), "skipped": lambda: net.run(x, policy)},
+                                    warmup=warmup, repeats=max(1, int(rounds)), device=x.device, batch_size=n)
+    full = [t / 1e3 / n for t in stats["full"].times_ms]
+    skipped = [t / 1e3 / n for t in stats["skipped"].times_ms]
+    saving = paired_saving(full, skipped)
+    try:
+        import os
+
+        load = round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover - not on every platform
+        load = None
+    busy = machine_busy()
+    if busy is None and saving.noisy():
+        busy = "the spread of the paired differences is wider than the saving itself: timings are noisy"
+    return {"method": "interleaved paired rounds (skipviz.measure.clock.measure_interleaved), saving = median of "
+                      "the per-round differences full - skipped with a bootstrap 95% interval "
+                      "(skipviz.measure.saving.paired_saving); model time only, measured after the audit on a "
+                      "sample of its own decoded inputs, apart from decoding and I/O",
+            "sample_size": n, "batch_size": n, "rounds": saving.rounds, "calls_per_round": stats["full"].number,
+            "device": str(x.device), "timer": stats["full"].method, "threads": stats["full"].threads,
+            "full_ms": saving.full_median_s * 1e3, "skipped_ms": saving.skipped_median_s * 1e3,
+            "saving_ms": saving.saving_s * 1e3, "ci_low_ms": saving.low_s * 1e3, "ci_high_ms": saving.high_s * 1e3,
+            "saving_fraction": saving.saving_fraction if saving.measurable else None,
+            "measurable": saving.measurable, "label": saving.label("ms") + " per image",
+            "load_average_1min": load, "busy": busy}
+
+
+def _sample_from_store(store: AuditStore, run_id: str, net: "SkipNetwork", n: int) -> torch.Tensor | None:
+    """Up to ``n`` of a run's stored inputs decoded again from their sources (for a resumed run that had
+    nothing left to audit), as (n, 3, H, W); ``None`` when none can be read (uploads keep no bytes)."""
+    tensors = []
+    archives: dict = {}
+    for rec in store.query(run_id=run_id, status="ok"):
+        if len(tensors) >= n:
+            break
+        if not rec.input_path:
+            continue
+        try:
+            image, _ = load_image(read_source(rec.input_path, cache=archives), name=rec.input_name)
+            tensors.append(net.meta.preprocess(image))
+        except (ImageLoadError, ArchiveError, OSError, ValueError, RuntimeError):
+            continue
+    return torch.cat(tensors).to(next(net.parameters()).device) if tensors else None
+
+
+# -------------------------------------------------------------------------------------------------- audit
 def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy | None,
                 db: str | Path | AuditStore, batch_size: int | None = None, progress: ProgressFn | None = None,
-                run_id: str | None = None, thumbnails: bool = True, extra_config: dict | None = None) -> AuditRun:
-    """Audit already collected inputs (see :func:`run_audit`)."""
+                run_id: str | None = None, thumbnails: bool = True, extra_config: dict | None = None,
+                resume: bool = False, latency_rounds: int = LATENCY_ROUNDS,
+                latency_sample: int = LATENCY_SAMPLE) -> AuditRun:
+    """Audit already collected inputs (see :func:`run_audit`).
+
+    ``resume``: continue the latest run of the same model, weights, policy and inputs (``extra_config``'s
+    ``paths`` and ``labels_from_folders``) in ``db`` that did not finish (or a finished one, which then has
+    nothing left to do), skipping the inputs it already recorded; a new run when there is none.
+    ``latency_rounds``: paired rounds of :func:`measure_run_latency` on up to ``latency_sample`` of the run's
+    inputs after the audit (0: not measured). ``thumbnails``: small thumbnails for disagreements and a sample.
+    """
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    started = time.perf_counter()
     policy = policy if policy is not None else policy_for(net)
     net.eval()
     batch_size = default_audit_batch_size(net) if batch_size is None else int(batch_size)
     device = next(net.parameters()).device
     env = environment(device)
     versions = {k: env[k] for k in ("skipviz", "torch", "torchvision", "numpy", "python", "torch_threads")}
-    run_id = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     model_name = model_name_of(net)
     psha = params_sha256(net)
     pconf = policy.config()
+    extra = dict(extra_config or {})
+    inputs = {k: extra[k] for k in ("paths", "labels_from_folders") if k in extra}
+    store, owned = _as_store(db)
+    resumed_id = find_resumable_run(store, net, policy, inputs) if resume and run_id is None else None
+    run_id = resumed_id or run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     config = {"model": model_name, "model_meta": net.meta.to_dict(), "params_sha256": psha, "policy": pconf,
-              "batch_size": batch_size, "n_inputs": len(items), "device": str(device), **(extra_config or {})}
+              "batch_size": batch_size, "n_inputs": len(items), "device": str(device), **extra}
     base = dict(run_id=run_id, model_name=model_name, weights_sha256=net.meta.weights_sha256, params_sha256=psha,
                 policy=pconf, device=str(device), versions=versions)
-    store, owned = _as_store(db)
-    records: list[AuditRecord] = []
     sources: dict[int, bytes] = {}
-    timings = {"skip_s": 0.0, "full_s": 0.0, "images": 0, "batches": 0}
+    records: list[AuditRecord] = []
+    done: set[str] = set()
+    first_batch, thumbs = 0, THUMBNAIL_SAMPLE if thumbnails else 0
     try:
-        store.create_run(run_id, model_name, net.meta.weights_sha256, pconf, config)
-        total = len(items)
+        if resumed_id is not None:
+            store.reopen_run(run_id, config)
+            recorded = store.recorded_inputs(run_id)
+            done = set(input_keys(recorded))
+            last = store.last_batch(run_id)
+            first_batch = 0 if last is None else last + 1
+            thumbs = max(0, thumbs - len(store.query(run_id=run_id, status="ok", limit=thumbs)))
+        else:
+            store.create_run(run_id, model_name, net.meta.weights_sha256, pconf, config)
+        todo = [it for it, key in zip(items, input_keys((i.name, i.source) for i in items)) if key not in done]
+        total = len(todo)
         if progress:
-            progress(0.0, f"0/{total} inputs")
-        tf = net.meta.transforms()
-        for b, start in enumerate(range(0, total, batch_size)):
-            batch_records, batch_data, loaded = _load_batch(items[start: start + batch_size], base, tf, thumbnails)
-            if loaded:
-                _run_batch(net, policy, loaded, b, device, warm=timings["batches"] == 0, timings=timings)
-            store.add_records(batch_records)  # one transaction per batch
-            for rec, data in zip(batch_records, batch_data):
-                if data is not None and rec.input_path is None and rec.record_id is not None:
-                    sources[rec.record_id] = data
-            records.extend(batch_records)
-            if progress:
-                done = min(start + batch_size, total)
-                progress(done / total if total else 1.0, f"{done}/{total} inputs")
+            progress(0.0 if total else 1.0, f"0/{total} inputs" + (f" ({len(done)} already recorded)" if done else ""))
+        runner = _Runner(net, policy, device, thumbs, latency_sample if latency_rounds > 0 else 0)
+        chunks = [todo[s: s + batch_size] for s in range(0, total, batch_size)]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="skipviz-audit-load") as pool:
+            pending: Future | None = pool.submit(_load_batch, chunks[0], base, net, first_batch) if chunks else None
+            for k in range(len(chunks)):
+                b = first_batch + k
+                batch = pending.result()
+                # the next batch is read and decoded while this one runs on the model
+                pending = pool.submit(_load_batch, chunks[k + 1], base, net, b + 1) if k + 1 < len(chunks) else None
+                runner.run(batch, b)
+                store.add_records(batch.records)  # one transaction per batch: a kill -9 loses at most one batch
+                for rec, data in zip(batch.records, batch.data):
+                    if data is not None and rec.input_path is None and rec.record_id is not None:
+                        sources[rec.record_id] = data
+                records.extend(batch.records)
+                if progress:
+                    done_n = min((k + 1) * batch_size, total)
+                    progress(done_n / total, f"{done_n}/{total} inputs")
+        timings = runner.timings
+        timings["wall_s"] = time.perf_counter() - started
+        if resumed_id is not None:
+            records = store.query(run_id=run_id)  # the whole run: the earlier attempt's records and these
+        sample = runner.sample
+        if sample is None and latency_rounds > 0 and resumed_id is not None:
+            sample = _sample_from_store(store, run_id, net, latency_sample)
+        latency = measure_run_latency(net, policy, sample, latency_rounds) if sample is not None else None
         run = AuditRun(run_id=run_id, db_path=str(store.path), model_name=model_name,
                        weights_sha256=net.meta.weights_sha256, params_sha256=psha, policy=pconf, config=config,
-                       environment=env, records=records, timings=timings, sources=sources)
+                       environment=env, records=records, timings=timings, sources=sources, latency=latency,
+                       resumed=len(done))
         store.finish_run(run_id, {"n_ok": len(run.ok_records), "n_failed": len(run.failed_records),
-                                  "timings": timings, "throughput": run.throughput(), "environment": env})
+                                  "n_skipped": len(run.skipped_records), "timings": timings,
+                                  "throughput": run.throughput(), "environment": env, "latency": latency,
+                                  "resumed": len(done)})
         return run
-    except BaseException:
+    except BaseException as e:  # Ctrl-C, SIGTERM (the CLI raises SystemExit), a Streamlit rerun, an error
         with contextlib.suppress(Exception):
-            store.finish_run(run_id, status="aborted")
+            store.finish_run(run_id, status="interrupted", summary={
+                "interrupted": f"{type(e).__name__}: {e}".rstrip(": "), "last_batch": store.last_batch(run_id)})
         raise
     finally:
         if owned:
             store.close()
 
 
-def _load_batch(chunk: Sequence[InputItem], base: dict, tf: Callable, thumbnails: bool
-                ) -> tuple[list[AuditRecord], list[bytes | None], list[tuple[AuditRecord, Image.Image, torch.Tensor]]]:
-    """One batch's inputs read and preprocessed: every input's record (a failed one for an input that cannot be
-    read), its in-memory bytes, and ``(record, image, tensor)`` of the inputs that loaded."""
-    batch_records: list[AuditRecord] = []
-    batch_data: list[bytes | None] = []
-    loaded: list[tuple[AuditRecord, Image.Image, torch.Tensor]] = []
-    for item in chunk:
-        item_base = dict(input_name=item.name, input_path=item.source, label=item.label, **base)
-        try:
-            image, info = load_image(item.read())
-            tensor = tf(image)
-        except (ImageLoadError, ArchiveError, OSError, ValueError, RuntimeError, MemoryError) as e:
-            # one input that cannot be read (or fits in no memory) is a failed row; the audit goes on
-            error = str(e) if not isinstance(e, MemoryError) else f"out of memory reading this input ({e})"
-            rec = AuditRecord(status="failed", error=error, timestamp=utc_now(), **item_base)
-            batch_records.append(rec)
-            batch_data.append(item.data)
-            continue
-        rec = AuditRecord(status="ok", timestamp="", input_sha256=info.sha256,
-                          image={**info.to_dict(), "name": item.name},
-                          thumbnail_png_b64=_thumbnail(image) if thumbnails else None, **item_base)
-        loaded.append((rec, image, tensor))
-        batch_records.append(rec)
-        batch_data.append(item.data)
-    return batch_records, batch_data, loaded
-
-
-def _run_batch(net: "SkipNetwork", policy: Policy, loaded: list[tuple[AuditRecord, Image.Image, torch.Tensor]],
-               b: int, device: torch.device, warm: bool, timings: dict) -> None:
-    """Run one batch under the policy and through the full network, timed apart (``timings`` updated), and fill
-    its records. ``warm``: run both on two inputs first, so that first-call overheads (allocator, kernel
-    selection) stay out of the timings."""
-    x = torch.stack([t for _, _, t in loaded]).to(device)
-    with torch.no_grad():
-        if warm:
-            net.run(x[:2], policy)
-            net(x[:2])
-        synchronize(device)
-        t0 = time.perf_counter()
-        res = net.run(x, policy)
-        synchronize(device)
-        t1 = time.perf_counter()
-        full_logits = net(x)
-        synchronize(device)
-        t2 = time.perf_counter()
-    n = x.shape[0]
-    timings["skip_s"] += t1 - t0
-    timings["full_s"] += t2 - t1
-    timings["images"] += n
-    timings["batches"] += 1
-    kl = kl_from_logits(full_logits, res.logits).cpu()
-    fprob = torch.softmax(full_logits.detach().float().cpu(), dim=1)
-    fconf, fpred = fprob.max(1)
-    classes = net.meta.classes
-    stamp = utc_now()
-    for pos, ((rec, _, _), tr) in enumerate(zip(loaded, res.traces())):
-        k = int(fpred[pos])
-        rec.timestamp = stamp
-        rec.trace = tr.to_dict()
-        rec.predicted_index, rec.predicted_label, rec.confidence = (tr.predicted_index, tr.predicted_label,
-                                                                    tr.confidence)
-        rec.full_logits = [float(v) for v in full_logits[pos].detach().float().cpu()]
-        rec.full_predicted_index = k
-        rec.full_predicted_label = classes[k] if k < len(classes) else str(k)
-        rec.full_confidence = float(fconf[pos])
-        rec.agree = rec.full_predicted_index == rec.predicted_index
-        rec.kl_full_skipped = float(kl[pos])
-        rec.flops_executed, rec.flops_full = tr.flops_executed, tr.flops_full
-        rec.blocks_executed, rec.blocks_total = tr.blocks_executed, tr.blocks_total
-        rec.latency_ms = 1000.0 * (t1 - t0) / n
-        rec.full_latency_ms = 1000.0 * (t2 - t1) / n
-        rec.batch_index, rec.batch_pos, rec.batch_size = b, pos, n
-
-
 def run_audit(paths: Sequence[str | Path], model: "SkipNetwork | str", policy: Policy | None,
               db: str | Path | AuditStore, labels_from_folders: bool = False, batch_size: int | None = None,
-              progress: ProgressFn | None = None, run_id: str | None = None, thumbnails: bool = True) -> AuditRun:
-    """Audit every image under ``paths`` (folders, files, zip archives) with ``model`` under ``policy``.
+              progress: ProgressFn | None = None, run_id: str | None = None, thumbnails: bool = True,
+              resume: bool = False, latency_rounds: int = LATENCY_ROUNDS) -> AuditRun:
+    """Audit every input under ``paths`` (folders, files, zip archives) with ``model`` under ``policy``.
 
     Each batch runs twice: under the policy (the skipped run, really skipping) and through the plain full
-    network (the shadow run), timed separately. An unreadable input becomes a failed record with the reason
-    and the audit goes on. Records are written to ``db`` in one transaction per batch.
+    network (the shadow run). Every input is accounted for (failed and skipped records with their reason) and
+    the audit goes on. Records are written to ``db`` in one transaction per batch.
 
     Args:
-        paths: folders (searched recursively for image files), image files, ``.zip`` archives.
+        paths: folders (searched recursively; zips in them are expanded), image files, ``.zip`` archives.
         model: a :class:`SkipNetwork` or a registered model name.
         policy: the skipping policy; ``None`` for the model card's default.
         db: SQLite file path or an open :class:`AuditStore`.
         labels_from_folders: the parent folder name is the input's label (ImageFolder layout).
         batch_size: images per engine batch (and per transaction); ``None``: :func:`default_audit_batch_size`.
         progress: called as ``progress(fraction, text)`` after every batch (e.g. a Streamlit progress bar).
-    Raises:
-        ArchiveError: a path does not exist or an archive is refused (traversal, zip bomb).
+        resume: continue an interrupted run of the same model, weights, policy and paths (see
+            :func:`audit_items`).
+        latency_rounds: paired rounds of the latency measurement on the run's own inputs (0: none).
     """
     net = _resolve_model(model)
     items = collect_inputs(paths, labels_from_folders=labels_from_folders)
     return audit_items(items, net, policy, db, batch_size=batch_size, progress=progress, run_id=run_id,
-                       thumbnails=thumbnails, extra_config={"paths": [str(p) for p in paths],
-                                                            "labels_from_folders": labels_from_folders})
+                       thumbnails=thumbnails, resume=resume, latency_rounds=latency_rounds,
+                       extra_config={"paths": [str(Path(p).resolve()) for p in paths],
+                                     "labels_from_folders": labels_from_folders})
 
 
 def audit_uploaded_files(files: Iterable[tuple[str, bytes]], net: "SkipNetwork", policy: Policy | None,
                          db_path: str | Path | AuditStore, labels_from_folders: bool = False,
-                         batch_size: int | None = None, progress: ProgressFn | None = None) -> AuditRun:
+                         batch_size: int | None = None, progress: ProgressFn | None = None, resume: bool = False,
+                         latency_rounds: int = LATENCY_ROUNDS) -> AuditRun:
     """The dashboard's entry point: audit uploaded ``(name, bytes)`` pairs (``.zip`` uploads are expanded
-    safely). The bytes of each input are kept in ``AuditRun.sources`` so the run can be reproduced."""
+    safely; a refused archive or member is a failed record). The bytes of each input are kept in
+    ``AuditRun.sources`` so the run can be reproduced. ``resume``: continue the interrupted run of the same
+    model and policy over uploads in this database, skipping the files it already recorded (by name)."""
     items = items_from_uploads(files, labels_from_folders=labels_from_folders)
-    return audit_items(items, net, policy, db_path, batch_size=batch_size, progress=progress,
+    return audit_items(items, net, policy, db_path, batch_size=batch_size, progress=progress, resume=resume,
+                       latency_rounds=latency_rounds,
                        extra_config={"paths": ["<upload>"], "labels_from_folders": labels_from_folders})
 
 
 def load_run(store: AuditStore | str | Path, run_id: str) -> AuditRun:
-    """An earlier run back from the database (records, configuration, timings), e.g. to re-render its report.
-    Uploaded inputs' bytes are not stored, so those records can no longer be reproduced."""
+    """An earlier run back from the database (records, configuration, timings, latency), e.g. to re-render its
+    report. Uploaded inputs' bytes are not stored, so those records can no longer be reproduced."""
     st, owned = _as_store(store)
     try:
         info = st.run_info(run_id)
@@ -257,7 +486,10 @@ def load_run(store: AuditStore | str | Path, run_id: str) -> AuditRun:
         return AuditRun(run_id=run_id, db_path=str(st.path), model_name=info["model_name"],
                         weights_sha256=info["weights_sha256"], params_sha256=config.get("params_sha256", ""),
                         policy=info["policy"], config=config, environment=summary.get("environment", {}),
-                        records=records, timings=summary.get("timings", {}))
+                        records=records, timings=summary.get("timings", {}), latency=summary.get("latency"),
+                        status=str(info["status"]), resumed=int(summary.get("resumed", 0) or 0))
+    except StoreError:
+        raise
     finally:
         if owned:
             st.close()

@@ -6,6 +6,10 @@ Durability and concurrency:
   database; only the transaction in flight is lost.
 * Each batch of records is written in ONE ``BEGIN IMMEDIATE`` transaction, so a batch is all-or-nothing.
 * ``busy_timeout``: a second process writing at the same time waits for the lock instead of failing.
+* A run records its owner (host, process id and the process's start time). A run still ``running`` whose
+  process on this host has ended (kill -9, power loss of a worker) is marked ``interrupted`` the next time
+  the database is opened, with the last batch it stored (:meth:`AuditStore.reap_dead_runs`); it is never
+  left ``running``. Such a run can be continued (:meth:`AuditStore.reopen_run`, ``skipviz audit --resume``).
 
 The module imports only the standard library at load time (pandas and the record class,
 :mod:`skipviz.audit.records`, the layer below this one, are imported when used), so a writer process can load
@@ -13,12 +17,16 @@ this file on its own and starts quickly.
 
 Schema versioning: the version lives in ``PRAGMA user_version`` (and in the ``meta`` table for people reading
 the file). Opening a file written by a NEWER SkipViz raises :class:`SchemaVersionError`; an older one is
-migrated in place by the steps in ``MIGRATIONS``.
+migrated in place by the steps in ``MIGRATIONS`` (version 1 -> 2 adds the run's last batch, owner and
+heartbeat; a version-1 file stays readable and its runs keep their records).
 """
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
+import tempfile
 import threading
 import time
 from datetime import datetime, timezone
@@ -30,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .records import AuditRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
 
 _SCHEMA_V1 = """
@@ -70,8 +78,17 @@ CREATE INDEX IF NOT EXISTS records_sha ON records(input_sha256);
 CREATE INDEX IF NOT EXISTS records_time ON records(timestamp);
 """
 
+_V1_TO_V2 = """
+ALTER TABLE runs ADD COLUMN last_batch INTEGER;
+ALTER TABLE runs ADD COLUMN owner_json TEXT;
+ALTER TABLE runs ADD COLUMN heartbeat_at TEXT;
+CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
+"""
+
 # MIGRATIONS[v] upgrades a database at version v to v + 1 (run inside one transaction).
-MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1}
+MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1, 1: _V1_TO_V2}
+
+RUN_STATUSES = ("running", "finished", "interrupted")
 
 
 class StoreError(RuntimeError):
@@ -102,6 +119,38 @@ def _iso(value: str | datetime | None) -> str | None:
     return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, ``/proc/<pid>/stat`` field 22), or ``None``: with
+    the pid it tells a live owner from a later process that reused its pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def current_owner() -> dict:
+    """This process as a run's owner: host, pid and start time."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+
+
+def owner_alive(owner: dict | None) -> bool | None:
+    """Whether a run's owning process still runs: ``True``/``False`` on this host, ``None`` when it cannot be
+    told (another host, or no owner recorded by an older SkipViz)."""
+    if not owner or owner.get("host") != socket.gethostname() or not owner.get("pid"):
+        return None
+    pid = int(owner["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    start = _process_start(pid)
+    return start is None or owner.get("start") is None or start == owner.get("start")
+
+
 class AuditStore:
     """Runs and records in one SQLite file. Safe to share between threads of a process and between processes.
 
@@ -123,6 +172,7 @@ class AuditStore:
             self._conn.execute("PRAGMA synchronous = FULL")
             self._conn.execute("PRAGMA foreign_keys = ON")
             self._migrate()
+            self.reap_dead_runs()
         except (sqlite3.DatabaseError, StoreError) as e:
             if getattr(self, "_conn", None) is not None:
                 self._conn.close()
@@ -214,14 +264,35 @@ class AuditStore:
     # ------------------------------------------------------------------------------------------ writes
     def create_run(self, run_id: str, model_name: str, weights_sha256: str | None, policy: dict,
                    config: dict) -> None:
-        """Register a run (status ``running``) with its configuration."""
+        """Register a run (status ``running``, owned by this process) with its configuration."""
         with self._transaction() as conn:
+            now = utc_now()
             conn.execute("INSERT INTO runs(run_id, created_at, status, model_name, weights_sha256, policy_json, "
-                         "config_json) VALUES (?, ?, 'running', ?, ?, ?, ?)",
-                         (run_id, utc_now(), model_name, weights_sha256, json.dumps(policy, sort_keys=True),
-                          json.dumps(config, sort_keys=True, default=str)))
+                         "config_json, owner_json, heartbeat_at) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+                         (run_id, now, model_name, weights_sha256, json.dumps(policy, sort_keys=True),
+                          json.dumps(config, sort_keys=True, default=str), json.dumps(current_owner()), now))
+
+    def reopen_run(self, run_id: str, config: dict | None = None) -> None:
+        """Continue an interrupted (or finished) run in this process: status ``running`` again, owned by this
+        process; ``config`` replaces the stored configuration (e.g. the new input count). Refused while the run's
+        own process still runs."""
+        with self._transaction() as conn:
+            row = conn.execute("SELECT status, owner_json FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"{self.path}: no run {run_id!r}")
+            owner = json.loads(row[1]) if row[1] else None
+            if row[0] == "running" and owner != current_owner() and owner_alive(owner) is not False:
+                raise StoreError(f"{self.path}: run {run_id} is still running (process {(owner or {}).get('pid')} "
+                                 f"on {(owner or {}).get('host')}); it cannot be resumed twice at once")
+            conn.execute("UPDATE runs SET status = 'running', finished_at = NULL, owner_json = ?, heartbeat_at = ?"
+                         + (", config_json = ?" if config is not None else "") + " WHERE run_id = ?",
+                         (json.dumps(current_owner()), utc_now(),
+                          *([json.dumps(config, sort_keys=True, default=str)] if config is not None else []), run_id))
 
     def finish_run(self, run_id: str, summary: dict | None = None, status: str = "finished") -> None:
+        """Close a run as ``finished`` or ``interrupted`` (with its record count and summary)."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"unknown run status {status!r}; one of {RUN_STATUSES}")
         with self._transaction() as conn:
             n = conn.execute("SELECT COUNT(*) FROM records WHERE run_id = ?", (run_id,)).fetchone()[0]
             conn.execute("UPDATE runs SET finished_at = ?, status = ?, n_records = ?, summary_json = ? "
@@ -229,9 +300,33 @@ class AuditStore:
                                               None if summary is None else json.dumps(summary, default=str),
                                               run_id))
 
+    def reap_dead_runs(self) -> list[str]:
+        """Mark ``interrupted`` every run still ``running`` whose process on this host has ended (killed, crashed),
+        with its record count, its last stored batch and the reason in its summary; returns their ids. Runs of a
+        live process, or of another host, are left alone."""
+        with self._lock:
+            rows = self._conn.execute("SELECT run_id, owner_json FROM runs WHERE status = 'running'").fetchall()
+        dead = [rid for rid, owner in rows if owner_alive(json.loads(owner) if owner else None) is False]
+        for rid in dead:
+            with self._transaction() as conn:
+                row = conn.execute("SELECT status, owner_json, last_batch, summary_json FROM runs WHERE run_id = ?",
+                                   (rid,)).fetchone()
+                if row is None or row[0] != "running" or owner_alive(json.loads(row[1]) if row[1] else None) \
+                        is not False:
+                    continue  # finished or taken over meanwhile
+                n = conn.execute("SELECT COUNT(*) FROM records WHERE run_id = ?", (rid,)).fetchone()[0]
+                owner = json.loads(row[1])
+                summary = json.loads(row[3]) if row[3] else {}
+                summary["interrupted"] = (f"process {owner.get('pid')} on {owner.get('host')} ended without "
+                                          f"finishing the run (killed?); {n} records stored, last batch "
+                                          f"{row[2] if row[2] is not None else 'none'}")
+                conn.execute("UPDATE runs SET status = 'interrupted', finished_at = ?, n_records = ?, "
+                             "summary_json = ? WHERE run_id = ?", (utc_now(), n, json.dumps(summary), rid))
+        return dead
+
     def add_records(self, records: Sequence["AuditRecord"]) -> list[int]:
         """Insert a batch of records in one transaction (all or nothing); returns their ``record_id``s and sets
-        them on the records."""
+        them on the records. The run's last batch and heartbeat are updated in the same transaction."""
         ids: list[int] = []
         with self._transaction() as conn:
             for r in records:
@@ -243,6 +338,11 @@ class AuditStore:
                      r.model_name, r.weights_sha256, r.label, r.predicted_label, r.full_predicted_label,
                      None if r.agree is None else int(r.agree), r.to_json()))
                 ids.append(int(cur.lastrowid))
+            for run_id in {r.run_id for r in records}:
+                batches = [r.batch_index for r in records if r.run_id == run_id and r.batch_index is not None]
+                conn.execute("UPDATE runs SET heartbeat_at = ?, n_records = (SELECT COUNT(*) FROM records WHERE "
+                             "run_id = ?), last_batch = MAX(COALESCE(last_batch, -1), ?) WHERE run_id = ?",
+                             (utc_now(), run_id, max(batches) if batches else -1, run_id))
         for r, i in zip(records, ids):
             r.record_id = i
         return ids
@@ -307,15 +407,31 @@ class AuditStore:
             raise StoreError(f"{self.path}: no run {run_id!r}")
         return match.iloc[0].to_dict()
 
+    def recorded_inputs(self, run_id: str) -> list[tuple[str, str | None]]:
+        """``(input_name, input_path)`` of every record of a run, in the order they were stored (what a resumed
+        audit skips; see :func:`skipviz.audit.archive.input_keys`)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT input_name, json_extract(record_json, '$.input_path') FROM records "
+                                      "WHERE run_id = ? ORDER BY record_id", (run_id,)).fetchall()
+        return [(str(n), p) for n, p in rows]
+
+    def last_batch(self, run_id: str) -> int | None:
+        """The highest batch index stored for a run (``None`` before its first batch)."""
+        with self._lock:
+            row = self._conn.execute("SELECT MAX(batch_index) FROM records WHERE run_id = ?", (run_id,)).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
     def runs(self) -> "pd.DataFrame":
-        """One row per run: id, times, status, model, weights hash, policy and configuration (parsed)."""
+        """One row per run: id, times, status (``running``, ``finished`` or ``interrupted``; older files may say
+        ``aborted``), model, weights hash, policy, configuration and summary (parsed), last batch, owner."""
         import pandas as pd
 
+        self.reap_dead_runs()
         with self._lock:
             df = pd.read_sql_query("SELECT run_id, created_at, finished_at, status, model_name, weights_sha256, "
-                                   "policy_json, config_json, n_records, summary_json FROM runs "
-                                   "ORDER BY created_at", self._conn)
-        for col in ("policy_json", "config_json", "summary_json"):
+                                   "policy_json, config_json, n_records, summary_json, last_batch, owner_json, "
+                                   "heartbeat_at FROM runs ORDER BY created_at", self._conn)
+        for col in ("policy_json", "config_json", "summary_json", "owner_json"):
             df[col.removesuffix("_json")] = df.pop(col).map(lambda s: json.loads(s) if isinstance(s, str) else None)
         return df
 
@@ -324,6 +440,23 @@ class AuditStore:
         from .records import records_to_dataframe  # on use, as AuditRecord in query()
 
         return records_to_dataframe(self.query(**filters))
+
+    def snapshot(self, dest: str | Path | None = None) -> bytes:
+        """A consistent copy of the whole database (SQLite's online backup, safe while other writers work), as
+        bytes (what the dashboard offers for download); also written to ``dest`` when given."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "copy.sqlite"
+            target = sqlite3.connect(str(path))
+            try:
+                with self._lock:
+                    self._conn.backup(target)
+                target.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                target.close()
+            data = path.read_bytes()
+        if dest is not None:
+            Path(dest).write_bytes(data)
+        return data
 
     def integrity_check(self) -> str:
         """SQLite's ``PRAGMA integrity_check`` result (``"ok"`` for a healthy file)."""

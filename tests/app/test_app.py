@@ -274,31 +274,39 @@ def test_explain_page(app_env):
     assert any("spearman" in d.value.columns for d in at.dataframe)
 
 
-def test_audit_page(app_env, tmp_path):
-    pytest.importorskip("skipviz.audit")
-    pytest.importorskip("skipviz.audit.report")
+def test_audit_page(app_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIPVIZ_AUDIT_DIR", str(tmp_path / "audits"))
     at = new_app().run()
     at.switch_page("pages/audit.py").run()
-    assert not at.exception and at.title[0].value.startswith("📋")
-    at.text_input(key="audit_db").set_value(str(tmp_path / "audit.sqlite"))
+    assert not at.exception and not at.text_input  # no server path is taken from the browser
     at.file_uploader(key="audit_files").set_value([("a.png", png_bytes(7), "image/png"),
                                                    ("broken.png", b"not an image", "image/png")]).run()
     at.button(key="audit_run").click().run()
-    assert not at.exception and at.success
-    assert len(at.get("download_button")) == 3
+    assert not at.exception and at.success and "1 audited, 1 failed" in at.success[0].value
+    assert len(at.get("download_button")) == 5  # zip, HTML, JSON, CSV and the session's database
+    frame = at.dataframe[0].value  # the run's records
+    assert "broken.png" in set(frame["input_name"])  # messages and rows name the uploaded file
+    dbs = list((tmp_path / "audits").glob("session-*.sqlite"))
+    assert len(dbs) == 1 and at.session_state["sv_audit_token"] in dbs[0].name
 
 
-def test_audit_page_reports_a_bad_database_path(app_env, tmp_path):
+def test_audit_page_sessions_have_their_own_databases(app_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIPVIZ_AUDIT_DIR", str(tmp_path / "audits"))
+    first, second = new_app().run(), new_app().run()
+    for at in (first, second):
+        at.switch_page("pages/audit.py").run()
+        at.file_uploader(key="audit_files").set_value([("a.png", png_bytes(7), "image/png")]).run()
+        at.button(key="audit_run").click().run()
+        assert not at.exception and at.success
+    assert first.session_state["sv_audit_token"] != second.session_state["sv_audit_token"]
+    assert len(list((tmp_path / "audits").glob("session-*.sqlite"))) == 2
+    # each session lists only its own run
+    assert len(first.dataframe[-1].value) == 1 and len(second.dataframe[-1].value) == 1  # the runs table
+
+
+def test_audit_page_says_when_the_server_folder_is_unusable(app_env, tmp_path, monkeypatch):
+    (tmp_path / "not_a_folder").write_text("x")
+    monkeypatch.setenv("SKIPVIZ_AUDIT_DIR", str(tmp_path / "not_a_folder"))
     at = new_app().run()
     at.switch_page("pages/audit.py").run()
-    at.text_input(key="audit_db").set_value(str(tmp_path))  # a folder, not a database file
-    at.file_uploader(key="audit_files").set_value([("a.png", png_bytes(7), "image/png")]).run()
-    at.button(key="audit_run").click().run()
-    assert not at.exception
-    assert any("The audit failed" in e.value and "is a folder" in e.value for e in at.error)
-    at.text_input(key="audit_db").set_value(str(tmp_path / "good.sqlite"))
-    at.button(key="audit_run").click().run()
-    assert at.success and str(tmp_path / "good.sqlite") in at.success[0].value
-    at.text_input(key="audit_db").set_value(str(tmp_path))
-    at.button(key="audit_run").click().run()  # a failed attempt does not leave the last run's result on show
-    assert at.error and not at.success
+    assert not at.exception and any("audit database cannot be opened" in e.value for e in at.error)

@@ -32,11 +32,44 @@ def test_folder_labels_and_suffix_filter(tmp_path):
         for i in range(2):
             (tmp_path / "imgs" / cls / f"{i}.png").write_bytes(_png(i))
     (tmp_path / "imgs" / "notes.txt").write_text("not an input")
-    items = collect_inputs([tmp_path / "imgs"], labels_from_folders=True)
+    everything = collect_inputs([tmp_path / "imgs"], labels_from_folders=True)
+    items = [it for it in everything if it.skipped is None]
     assert [it.name for it in items] == ["imgs/cat/0.png", "imgs/cat/1.png", "imgs/dog/0.png", "imgs/dog/1.png"]
     assert [it.label for it in items] == ["cat", "cat", "dog", "dog"]
     assert all(Path(it.source).is_file() and it.data is None for it in items)
+    assert [(it.name, it.skipped) for it in everything if it.skipped] == [
+        ("imgs/notes.txt", "imgs/notes.txt: skipped: not an image (a .txt file)")]
     assert collect_inputs([tmp_path / "imgs"])[0].label is None
+
+
+def test_a_folder_accounts_for_every_entry(tmp_path):
+    """Unrecognised files, zips inside the folder, pipes and links are all items: none is dropped silently."""
+    import os
+
+    root = tmp_path / "mixed"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.png").write_bytes(_png(1))
+    (root / "IMG_0001").write_bytes(_png(2))  # an image without a suffix: recognised by its first bytes
+    (root / "logo.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
+    (root / "model.pt").write_bytes(b"PK\x03\x04 not really")
+    (root / "weights.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    _zip(root / "sub" / "inner.zip", {"x/1.png": _png(3), "../up.png": _png(4), "deeper.zip": b"PK", "r.md": b"#"})
+    os.mkfifo(root / "pipe.png")
+    os.symlink(root / "sub", root / "loop")  # a link to a folder: reported, not followed
+    os.symlink(root / "gone.png", root / "dangling.png")
+    items = {it.name: it for it in collect_inputs([root], labels_from_folders=True)}
+    inputs = {n for n, it in items.items() if it.error is None and it.skipped is None}
+    assert inputs == {"mixed/a.png", "mixed/IMG_0001", "mixed/sub/inner.zip/x/1.png"}
+    assert items["mixed/sub/inner.zip/x/1.png"].label == "x" and items["mixed/sub/inner.zip/x/1.png"].data == _png(3)
+    assert "path traversal" in items["mixed/sub/inner.zip/../up.png"].error
+    assert "nested archives are not expanded" in items["mixed/sub/inner.zip/deeper.zip"].skipped
+    for name, kind in (("logo.svg", ".svg"), ("model.pt", ".pt"), ("weights.safetensors", ".safetensors"),
+                       ("sub/inner.zip/r.md", ".md")):
+        assert f"not an image (a {kind} file)" in items[f"mixed/{name}"].skipped
+    assert "not a regular file" in items["mixed/pipe.png"].skipped
+    assert "links to folders are not followed" in items["mixed/loop"].skipped
+    assert "broken link" in items["mixed/dangling.png"].error
+    assert len(items) == 12
 
 
 def test_file_list_keeps_oddly_named_files(tmp_path):
@@ -47,15 +80,19 @@ def test_file_list_keeps_oddly_named_files(tmp_path):
     items = collect_inputs([good, odd])
     assert [it.name for it in items] == ["a.png", "b.dat"]
     assert items[1].read() == str(odd.resolve())
+    missing, = collect_inputs([tmp_path / "missing.png"])  # accounted for, as a failed input
+    assert "no such file or folder" in missing.error
     with pytest.raises(ArchiveError, match="no such file"):
-        collect_inputs([tmp_path / "missing.png"])
+        missing.read()
 
 
 def test_zip_members_labels_and_reread(tmp_path):
     z = _zip(tmp_path / "set.zip", {"cat/1.png": _png(1), "dog/2.png": _png(2), "readme.txt": b"x",
                                      "dir/": b""})
     items = collect_inputs([z], labels_from_folders=True)
-    assert [it.label for it in items] == ["cat", "dog"]
+    assert [it.label for it in items if not it.skipped] == ["cat", "dog"]
+    assert [it.name for it in items if it.skipped] == ["set.zip/readme.txt"]
+    items = [it for it in items if not it.skipped]
     assert items[0].data == _png(1)
     assert items[0].source.endswith("set.zip::cat/1.png")
     assert read_source(items[1].source) == _png(2)
@@ -63,36 +100,43 @@ def test_zip_members_labels_and_reread(tmp_path):
 
 @pytest.mark.parametrize("name", ["../evil.png", "a/../../evil.png", "/etc/evil.png", "..\\evil.png",
                                   "C:/evil.png"])
-def test_zip_path_traversal_refused(tmp_path, name):
+def test_zip_path_traversal_member_is_refused_and_the_rest_kept(tmp_path, name):
     z = _zip(tmp_path / "bad.zip", {"ok.png": _png(), name: _png(1)})
-    with pytest.raises(ArchiveError, match="outside the archive"):
-        collect_inputs([z])
+    items = collect_inputs([z])
+    good = [it for it in items if it.error is None]
+    bad = [it for it in items if it.error is not None]
+    assert [it.name for it in good] == ["bad.zip/ok.png"] and good[0].read() == _png()
+    assert len(bad) == 1 and "outside the archive (path traversal)" in bad[0].error and bad[0].data is None
+    assert bad[0].source is None  # never extracted, never re-read
+    assert not (tmp_path.parent / "evil.png").exists() and not Path("/etc/evil.png").exists()
 
 
-def test_zip_bomb_refused_by_ratio(tmp_path):
-    z = _zip(tmp_path / "bomb.zip", {"big.png": b"\0" * (20 * 1024 * 1024)})
+def test_zip_bomb_member_refused_by_ratio(tmp_path):
+    z = _zip(tmp_path / "bomb.zip", {"big.png": b"\0" * (20 * 1024 * 1024), "ok.png": _png(2)})
     assert z.stat().st_size < 100_000  # 20 MiB of zeros compress ~1000x
-    with pytest.raises(ArchiveError, match="zip bomb"):
-        collect_inputs([z])
+    items = {it.name: it for it in collect_inputs([z])}
+    assert "zip bomb" in items["bomb.zip/big.png"].error and items["bomb.zip/big.png"].data is None
+    assert items["bomb.zip/ok.png"].read() == _png(2)
 
 
 def test_zip_size_and_count_limits(tmp_path):
     z = _zip(tmp_path / "many.zip", {f"{i}.png": _png(i) for i in range(5)}, compression=zipfile.ZIP_STORED)
-    with pytest.raises(ArchiveError, match="members is over"):
-        read_zip(z, limits=ZipLimits(max_members=4))
+    refused, = read_zip(z, limits=ZipLimits(max_members=4))  # the whole archive: one failed item
+    assert refused.name == "many.zip" and "members is over the 4 limit" in refused.error
     member = len(_png(0))
-    with pytest.raises(ArchiveError, match="over the"):
-        read_zip(z, limits=ZipLimits(max_member_bytes=member - 1))
-    with pytest.raises(ArchiveError, match="uncompressed"):
-        read_zip(z, limits=ZipLimits(max_total_bytes=3 * member))
-    assert len(read_zip(z, limits=ZipLimits(max_members=5))) == 5
+    items = read_zip(z, limits=ZipLimits(max_member_bytes=member - 1))
+    assert len(items) == 5 and all("over the" in it.error for it in items)
+    items = read_zip(z, limits=ZipLimits(max_total_bytes=3 * member))
+    assert [it.error is None for it in items] == [True, True, True, False, False]
+    assert all("uncompressed in all" in it.error for it in items[3:])
+    assert all(it.error is None for it in read_zip(z, limits=ZipLimits(max_members=5)))
 
 
-def test_damaged_zip_is_a_clear_error(tmp_path):
+def test_damaged_zip_is_one_failed_item(tmp_path):
     bad = tmp_path / "broken.zip"
     bad.write_bytes(b"PK\x03\x04 definitely not a zip")
-    with pytest.raises(ArchiveError, match="not a readable zip"):
-        collect_inputs([bad])
+    item, = collect_inputs([bad])
+    assert item.name == "broken.zip" and "not a readable zip" in item.error
 
 
 def test_uploads_with_zip_and_labels():
@@ -107,8 +151,8 @@ def test_uploads_with_zip_and_labels():
     evil = io.BytesIO()
     with zipfile.ZipFile(evil, "w") as zf:
         zf.writestr("../x.png", _png())
-    with pytest.raises(ArchiveError, match="path traversal"):
-        items_from_uploads([("evil.zip", evil.getvalue())])
+    refused, = items_from_uploads([("evil.zip", evil.getvalue())])
+    assert refused.name == "evil.zip/../x.png" and "path traversal" in refused.error
 
 
 def test_damaged_and_duplicated_members_become_failed_items(tmp_path):

@@ -16,7 +16,7 @@ from skipviz import GatePolicy
 from skipviz.audit import AuditRecord, AuditRun, ReproResult, reproduce_sample, run_audit
 from skipviz.figures import (fig_agreement, fig_flops_saved, fig_skip_rate_per_block, fig_skip_rate_per_class,
                              fig_throughput)
-from skipviz.audit.report import (proportion, render_report, skip_rate_per_block, skip_rate_per_class, summarize,
+from skipviz.audit.report import (plotly_script_name, proportion, render_report, skip_rate_per_block, skip_rate_per_class, summarize,
                                   write_report)
 
 
@@ -79,7 +79,8 @@ def test_summary_numbers(run):
     executed = [3, 2, 1, 2, 3, 1]
     assert s["flops_executed_mean"] == pytest.approx(np.mean([50 + 100 * e for e in executed]))
     assert s["flops_saved_fraction"] == pytest.approx(1 - s["flops_executed_mean"] / 350)
-    assert s["latency_saved_fraction"] == pytest.approx(0.5)
+    # no latency is derived from per-record batch timings: only a paired measurement reports one
+    assert "latency_saved_fraction" not in s and s["latency"] is None
     assert s["throughput"]["skip_images_per_s"] == 6.0 and s["throughput"]["skip_with_shadow_images_per_s"] == 1.5
     assert s["kl_full_skipped_max"] == 0.5
 
@@ -115,8 +116,10 @@ def test_figures_are_plain_plotly(run):
 def test_render_report_self_contained_and_ordered(run):
     repro = [ReproResult(2, "1.png", True, True, True, True, True, 0.0, 0.0, 0.0, "cpu", "reproduced bit-for-bit")]
     page, text, csv = render_report(run, reproducibility=repro)
-    assert page.count("<script") >= 5 and not re.search(r'<script[^>]+src=', page)  # plotly.js is inlined
-    assert "plotly.js" in page.lower() and page.count("Plotly.newPlot") == 5
+    # Plotly's script once, from the file beside the page (never a network address), not inlined per report
+    sources = re.findall(r'<script[^>]+src="([^"]+)"', page)
+    assert sources == [plotly_script_name()] and "://" not in sources[0]
+    assert page.count("Plotly.newPlot") == 4 and len(page) < 200_000  # agreement, per block, per class, FLOPs
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;.png" in page
     assert page.index("Disagreements with the full network (2)") < page.index("Failed inputs (1)")
     assert "not a recognised image format" in page and "1/1 sampled records reproduced" in page
@@ -124,7 +127,8 @@ def test_render_report_self_contained_and_ordered(run):
     data = json.loads(text)
     assert data["summary"]["agreement"]["k"] == 4 and data["reproducibility"]["reproduced"] == 1
     assert [r["agree"] for r in data["records"][:2]] == [False, False]
-    assert data["failed"] == [{"record_id": 7, "input_name": "broken.png", "error": "not a recognised image format"}]
+    assert data["failed"] == [{"record_id": 7, "input_name": "broken.png", "input_sha256": f"{6:064x}",
+                              "error": "not a recognised image format"}]  # failed rows keep the file's SHA-256
     assert "thumbnail_png_b64" not in data["records"][0]
     table = pd.read_csv(io.StringIO(csv))
     assert list(table["agree"][:2]) == [False, False] and table["status"].iloc[2] == "failed"

@@ -1,6 +1,7 @@
 """The SQLite audit store: round trip, queries, schema versioning, crash safety, concurrent writers."""
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import subprocess
@@ -61,7 +62,7 @@ def test_record_round_trip_and_queries(tmp_path):
         assert runs.loc["r1", "config"] == {"batch_size": 4} and runs.loc["r1", "summary"] == {"n_ok": 3}
         assert runs.loc["r2", "status"] == "running"
         df = st.records_dataframe(run_id="r1")
-        assert list(df["executed_mask"]) == ["R", "-", "R"] and df["agree"].eq(False).all()
+        assert list(df["executed_mask"]) == ["R", "S", "R"] and df["agree"].eq(False).all()
         with pytest.raises(StoreError, match="no record"):
             st.get(12345)
 
@@ -169,7 +170,55 @@ def test_killed_writer_leaves_readable_db(tmp_path):
         assert n >= (committed + 1) * per_batch  # nothing acknowledged as committed was lost
         records = st.query(run_id="crash")
         assert {r.batch_index for r in records} == set(range(n // per_batch))
-        assert st.runs().set_index("run_id").loc["crash", "status"] == "running"
+        run = st.runs().set_index("run_id").loc["crash"]  # its process is gone: never left "running"
+        assert run["status"] == "interrupted" and run["finished_at"] and run["n_records"] == n
+        assert run["last_batch"] == n // per_batch - 1 and "ended without finishing" in run["summary"]["interrupted"]
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_runs(tmp_path):
+    path = tmp_path / "v1.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript(store_module._SCHEMA_V1)
+    con.execute("PRAGMA user_version = 1")
+    con.execute("INSERT INTO runs(run_id, created_at, status, model_name, policy_json, config_json, n_records) "
+                "VALUES ('old', '2026-01-01T00:00:00+00:00', 'finished', 'm', '{}', '{}', 1)")
+    rec = make_record("old", 0)
+    con.execute("INSERT INTO records(run_id, batch_index, batch_pos, timestamp, status, input_name, model_name, "
+                "record_json) VALUES ('old', 0, 0, ?, 'ok', ?, 'm', ?)", (rec.timestamp, rec.input_name, rec.to_json()))
+    con.commit()
+    con.close()
+    with AuditStore(path) as st:
+        assert st.schema_version == SCHEMA_VERSION == 2
+        runs = st.runs().set_index("run_id")
+        assert runs.loc["old", "status"] == "finished" and runs.loc["old", "last_batch"] is None
+        assert st.query(run_id="old")[0].input_name == rec.input_name
+        assert st.recorded_inputs("old") == [(rec.input_name, rec.input_path)]
+
+
+def test_runs_of_a_dead_process_are_marked_interrupted_and_can_be_reopened(tmp_path):
+    path = tmp_path / "o.sqlite"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with AuditStore(path) as st:
+        st.create_run("live", "m", None, {}, {})
+        st.create_run("dead", "m", None, {}, {})
+        st.add_records([make_record("dead", 0)])
+        owner = {"host": store_module.socket.gethostname(), "pid": gone.pid, "start": "1"}
+        with st._transaction() as conn:
+            conn.execute("UPDATE runs SET owner_json = ? WHERE run_id = 'dead'", (json.dumps(owner),))
+    with AuditStore(path) as st:  # opening reaps: the dead owner's run is interrupted, ours still runs
+        runs = st.runs().set_index("run_id")
+        assert runs.loc["dead", "status"] == "interrupted" and runs.loc["live", "status"] == "running"
+        assert "last batch 0" in runs.loc["dead", "summary"]["interrupted"]
+        st.reopen_run("dead")
+        assert st.runs().set_index("run_id").loc["dead", "status"] == "running"
+        st.finish_run("dead")
+        with pytest.raises(ValueError, match="unknown run status"):
+            st.finish_run("dead", status="aborted!")
+        copy = st.snapshot()
+    (tmp_path / "copy.sqlite").write_bytes(copy)
+    with AuditStore(tmp_path / "copy.sqlite") as st:
+        assert st.count("dead") == 1 and st.integrity_check() == "ok"
 
 
 def test_two_processes_write_at_once(tmp_path):
