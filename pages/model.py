@@ -4,11 +4,23 @@ from __future__ import annotations
 import streamlit as st
 
 from pages import _shared
-from skipviz import CheckpointError, list_models, dashboard
+from skipviz import CIFAR_MODEL, DEFAULT_MODEL, CheckpointError, list_models, list_pretrained, dashboard
+from skipviz.models.timm_wrap import supported_text
 
 st.title("🧠 Model")
 model_key, lm = _shared.current_model()
 _shared.model_banner(lm)
+
+shipped = [w for name in dict.fromkeys([DEFAULT_MODEL, CIFAR_MODEL])  # the two shipped defaults, one click each
+           for w in list_pretrained() if w.name == name]
+quick = st.columns(max(1, len(shipped)))
+for col, weights in zip(quick, shipped):
+    shipped_name = weights.name
+    if col.button(f"Use the {weights.title or shipped_name} model", key=f"use_{shipped_name}",
+                  disabled=model_key == f"registry:{shipped_name}"):
+        st.session_state["sv_model_key"] = f"registry:{shipped_name}"
+        st.session_state.pop("sv_model_upload", None)
+        st.rerun()
 
 st.subheader("Registered models")
 st.dataframe(dashboard.models_table(), hide_index=True, key="models_table")
@@ -31,6 +43,12 @@ st.caption("Safetensors or a weights-only PyTorch file: nothing is unpickled, an
            "architecture exactly.")
 arch = st.selectbox("Architecture", list_models(), index=list_models().index(lm.net.meta.arch)
                     if lm.net.meta.arch in list_models() else 0, key="weights_arch")
+timm_name = st.text_input("Or a timm model (timm:NAME): your own network's weights, or the heads file "
+                          "`skipviz train --model timm:NAME` exported", key="weights_timm", placeholder="timm:resnet50",
+                          value=lm.net.meta.arch if lm.net.meta.arch.startswith("timm:") else "").strip()
+if timm_name:
+    arch = timm_name if timm_name.startswith("timm:") else f"timm:{timm_name}"
+    st.caption(f"Loading into {arch} (built by timm, never downloaded). Supported families: {supported_text()}.")
 up = st.file_uploader("Weights file", type=["safetensors", "pt", "pth"], key="weights_upload")
 if up is not None:
     data = up.getvalue()

@@ -118,10 +118,11 @@ def load_model(name: str = DEFAULT_MODEL, device: torch.device | None = None) ->
         torch.manual_seed(0)
         net = create_model(arch)
         what = "are missing" if isinstance(e, FileNotFoundError) else "cannot be used"
+        made = next((w for w in list_pretrained() if (w.arch, w.tag) == (arch, tag)), None)
+        how = (f"Create them with `{made.make_command}` (writes data/{made.filename} and its .json model card), "
+               "then reload the page.") if made is not None and made.make_command else ""
         warning = (f"Trained weights for {name} {what} ({e}). Showing a randomly initialised {arch}: "
-                   f"its predictions and gate decisions are meaningless. Create the weights with "
-                   f"`skipviz train --arch {arch} --export` (writes data/{arch}_cifar10_gated.safetensors and "
-                   f"its .json model card), then reload the page.")
+                   f"its predictions and gate decisions are meaningless. {how}").rstrip()
     return LoadedModel(net.to(device).eval(), name, warning)
 
 

@@ -73,10 +73,26 @@ def _user_model_config(args: argparse.Namespace) -> DistillConfig:
     d = DistillConfig()
     safe = args.model.replace(":", "_").replace("/", "_")
     return DistillConfig(model=args.model, weights=args.weights, model_kwargs=kwargs, data_root=args.data,
-                         out_dir=args.out or f"runs/{safe}_heads", epochs=_or(args.epochs, d.epochs), seed=args.seed,
+                         out_dir=args.out or f"runs/{safe}_heads",
+                         epochs=_or(args.epochs, _default_epochs(Path(args.data), args.val_fraction)), seed=args.seed,
                          target_rate=_or(args.target_rate, d.target_rate), batch_size=_or(args.batch_size, d.batch_size),
                          lr=_or(args.lr, d.lr), limit_train=args.limit_train, val_fraction=args.val_fraction,
                          monitor_size=min(d.monitor_size, 200), threads=args.threads, autocast_bf16=not args.float32)
+
+
+#: with --model, the heads see about this many training images (epochs x images), 6 to 20 epochs
+USER_MODEL_IMAGES_SEEN = 16_000
+
+
+def _default_epochs(data: Path, val_fraction: float) -> int:
+    """Epochs for a user's folder: 6 (as for Imagenette's 8,469 images), more for a small folder so that the
+    heads see about :data:`USER_MODEL_IMAGES_SEEN` images, at most 20 (1,000 images: 20 epochs)."""
+    from ..data import IMAGE_SUFFIXES
+
+    root = data / "train" if (data / "train").is_dir() else data
+    n = sum(1 for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    n_train = max(1, int(n * (1 - val_fraction)))
+    return int(min(20, max(DistillConfig.epochs, -(-USER_MODEL_IMAGES_SEEN // n_train))))
 
 
 def _train_user_model(args: argparse.Namespace) -> int:
@@ -118,7 +134,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a gated CIFAR ResNet, or (--model timm:NAME --weights PATH --data "
                                      "FOLDER) gate, probe and plan heads for your own frozen timm network (resumable)")
     t.add_argument("--arch", default="cifar_resnet20")
-    t.add_argument("--epochs", type=int, default=None, help="default 15 (CIFAR), 6 (--model)")
+    t.add_argument("--epochs", type=int, default=None, help="default 15 (CIFAR); with --model 6, or up to 20 for "
+                                                            "a small folder (about 16,000 images seen)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--target-rate", type=float, default=None,
                    help="fraction of the gated FLOPs executed on average (default 0.4 CIFAR, 0.65 --model)")

@@ -46,6 +46,13 @@ class PretrainedWeights:
     tag: str
     filename: str
     description: str
+    make_command: str = ""  # the command that creates the file (said when it is missing)
+    title: str = ""  # a few words a user picks it by ("ImageNet, real photos (EfficientNet-Lite0)")
+
+    @property
+    def name(self) -> str:
+        """The registry name ``arch.tag`` that :func:`create_model` takes."""
+        return f"{self.arch}.{self.tag}"
 
     @property
     def path(self) -> Path:

@@ -140,7 +140,9 @@ def _register(depth: int) -> None:
     register_pretrained(PretrainedWeights(arch=f"cifar_resnet{depth}", tag="cifar10_gated",
                                           filename=f"cifar_resnet{depth}_cifar10_gated.safetensors",
                                           description=f"ResNet-{depth} with learned gates, trained on CIFAR-10 "
-                                                      "by `skipviz train`"))
+                                                      "by `skipviz train`",
+                                          make_command=f"skipviz train --arch cifar_resnet{depth} --export",
+                                          title=f"CIFAR-10, 32x32 thumbnails of ten classes (ResNet-{depth})"))
 
 
 for _d in DEPTHS:

@@ -256,7 +256,9 @@ def _register(arch: str) -> None:
     tag = "imagenet_gated"
     weights = PretrainedWeights(arch=arch, tag=tag, filename=f"{arch}_{tag}.safetensors",
                                 description=f"{arch}: published ImageNet backbone (frozen) with gate, probe and "
-                                            "plan heads distilled from it by `skipviz train-heads`")
+                                            "plan heads distilled from it by `skipviz train-heads`",
+                                make_command=f"skipviz train-heads --arch {arch} --export",
+                                title="ImageNet, real photos (EfficientNet-" + arch.split("_")[-1].title() + ")")
     register_pretrained(weights)
 
     @register_model(arch)

@@ -47,8 +47,8 @@ from ._state_check import check_state_dict, strip_common_prefix
 from .weights import ModelMeta, read_card, sha256_file
 
 __all__ = ["CARD_METADATA_KEY", "FAMILIES", "HEAD_PREFIXES", "TIMM_PREFIX", "TimmBlock", "TimmHead", "TimmSkipNetwork",
-           "TimmStem", "UnsupportedModelError", "create_timm_model", "read_heads_card", "token_grid", "tokens",
-           "wrap_timm"]
+           "TimmStem", "UnsupportedModelError", "create_timm_model", "read_heads_card", "supported_text", "token_grid",
+           "tokens", "wrap_timm"]
 
 TIMM_PREFIX = "timm:"
 HEAD_PREFIXES = ("gates.", "probes.", "plan_head.")
@@ -76,6 +76,7 @@ class UnsupportedModelError(ValueError):
 
 
 def supported_text() -> str:
+    """The timm families SkipViz wraps, in words (for messages and the Model page)."""
     return "; ".join(desc for _, desc in FAMILIES.values())
 
 
@@ -117,27 +118,27 @@ def _act_(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.copy_(act(x))
 
 
-def _resnet_basic_(b: nn.Module, x: torch.Tensor) -> None:
-    """timm ``BasicBlock.forward`` with an identity shortcut, the add done into ``x`` (N, C, H, W)."""
-    r = b.aa(b.act1(b.drop_block(b.bn1(b.conv1(x)))))
-    r = b.bn2(b.conv2(r))
+def _resnet_add_(b: nn.Module, x: torch.Tensor, r: torch.Tensor, act: nn.Module) -> None:
+    """The end of timm's ResNet blocks: squeeze-excite and drop-path on the branch ``r``, then
+    ``x <- act(x + r)`` in place (timm: ``r += shortcut``; the same bits)."""
     if b.se is not None:
         r = b.se(r)
     if b.drop_path is not None:
         r = b.drop_path(r)
-    _act_(b.act2, x.add_(r))
+    _act_(act, x.add_(r))
+
+
+def _resnet_basic_(b: nn.Module, x: torch.Tensor) -> None:
+    """timm ``BasicBlock.forward`` with an identity shortcut, the add done into ``x`` (N, C, H, W)."""
+    r = b.aa(b.act1(b.drop_block(b.bn1(b.conv1(x)))))
+    _resnet_add_(b, x, b.bn2(b.conv2(r)), b.act2)
 
 
 def _resnet_bottleneck_(b: nn.Module, x: torch.Tensor) -> None:
     """timm ``Bottleneck.forward`` with an identity shortcut, the add done into ``x`` (N, C, H, W)."""
     r = b.act1(b.bn1(b.conv1(x)))
     r = b.aa(b.act2(b.drop_block(b.bn2(b.conv2(r)))))
-    r = b.bn3(b.conv3(r))
-    if b.se is not None:
-        r = b.se(r)
-    if b.drop_path is not None:
-        r = b.drop_path(r)
-    _act_(b.act3, x.add_(r))
+    _resnet_add_(b, x, b.bn3(b.conv3(r)), b.act3)
 
 
 def _depthwise_separable_(b: nn.Module, x: torch.Tensor) -> None:
