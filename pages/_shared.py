@@ -23,7 +23,7 @@ IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif"]
 
 
 def default_model_name() -> str:
-    """``$SKIPVIZ_MODEL`` or the project's default (the trained gated ResNet-20)."""
+    """``$SKIPVIZ_MODEL`` or the project's default (``skipviz.DEFAULT_MODEL``: EfficientNet-Lite0 on ImageNet)."""
     return os.environ.get("SKIPVIZ_MODEL", DEFAULT_MODEL)
 
 

@@ -10,6 +10,7 @@ from skipviz.models.timm_wrap import supported_text
 st.title("🧠 Model")
 model_key, lm = _shared.current_model()
 _shared.model_banner(lm)
+current_name = _shared.registry_name(model_key) if model_key.startswith("registry:") else None
 
 shipped = [w for name in dict.fromkeys([DEFAULT_MODEL, CIFAR_MODEL])  # the two shipped defaults, one click each
            for w in list_pretrained() if w.name == name]
@@ -17,7 +18,7 @@ quick = st.columns(max(1, len(shipped)))
 for col, weights in zip(quick, shipped):
     shipped_name = weights.name
     if col.button(f"Use the {weights.title or shipped_name} model", key=f"use_{shipped_name}",
-                  disabled=model_key == f"registry:{shipped_name}"):
+                  disabled=current_name == shipped_name):
         st.session_state["sv_model_key"] = f"registry:{shipped_name}"
         st.session_state.pop("sv_model_upload", None)
         st.rerun()
@@ -27,7 +28,6 @@ st.dataframe(dashboard.models_table(), hide_index=True, key="models_table")
 choices = list_models(pretrained=True) + list_models()
 if _shared.default_model_name() not in choices:
     choices.insert(0, _shared.default_model_name())
-current_name = _shared.registry_name(model_key) if model_key.startswith("registry:") else None
 name = st.selectbox("Model", choices, index=choices.index(current_name) if current_name in choices else 0,
                     key="model_choice")
 if st.button("Use this model", key="use_model"):

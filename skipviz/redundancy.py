@@ -154,7 +154,8 @@ def block_log_distributions(net: "SkipNetwork", x: torch.Tensor, method: Method 
         with_inputs: also return each block's *input* distribution (for the redundancy score of the block):
             spatial: the map of the block's input (the previous block's output, or the stem's);
             prediction: the probe of block i applied to the block's bypass ``net.blocks[i].bypass(input)``
-            (the same shape as its output), i.e. what that probe would say were the block skipped.
+            (the same shape as its output), i.e. what that probe would say were the block skipped; NaN for a
+            block that has no bypass (``block.bypassable`` False).
     Returns:
         ``out`` (N, L, D) log-probabilities (D = gh * gw or K), or ``(inp, out)`` both (N, L, D).
     """
@@ -178,7 +179,9 @@ def block_log_distributions(net: "SkipNetwork", x: torch.Tensor, method: Method 
     out = torch.stack([prediction_log_distribution(net, i, f) for i, f in enumerate(feats[1:])], 1)
     if not with_inputs:
         return out
-    inp = torch.stack([prediction_log_distribution(net, i, b.bypass(feats[i])) for i, b in enumerate(net.blocks)], 1)
+    # a block without a bypass (it changes the shape and always runs) has no "were it skipped": NaN there
+    inp = torch.stack([prediction_log_distribution(net, i, b.bypass(feats[i])) if b.bypassable
+                       else torch.full_like(out[:, i], float("nan")) for i, b in enumerate(net.blocks)], 1)
     return inp, out
 
 

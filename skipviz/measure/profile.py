@@ -195,9 +195,10 @@ def _time_blocks(net: "SkipNetwork", h: torch.Tensor, timed: Callable[[Callable[
         gate_ms.append(timed(lambda: policy.decide(net, i, hi), f"gate{i}") if gated[-1] else 0.0)
         block_ms.append(_block_ms(timed, block, hi, f"block{i}"))
         half_ms.append(_block_ms(timed, block, hi[: bs // 2], f"block{i}_half") if bs >= 2 else 0.0)
-        bypass_ms.append(timed(lambda: block.bypass(hi), f"bypass{i}"))
+        # a block without a bypass (an MBConv block that changes the shape) always runs: nothing to time
+        bypass_ms.append(timed(lambda: block.bypass(hi), f"bypass{i}") if block.bypassable else 0.0)
         out = block(hi)
-        if bs > 1 and block.downsample:  # identity blocks swap rows instead (swap_ms)
+        if bs > 1 and block.downsample and block.bypassable:  # identity blocks swap rows instead (swap_ms)
             mix_ms.append(timed(lambda: _gather_scatter(hi, out, run_idx, skip_idx), f"mix{i}"))
         else:
             mix_ms.append(0.0)

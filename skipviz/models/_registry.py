@@ -26,7 +26,7 @@ __all__ = ["CIFAR_MODEL", "DEFAULT_MODEL", "PretrainedWeights", "create_model", 
 #: tests and the CIFAR benchmarks use.
 CIFAR_MODEL = "cifar_resnet20.cifar10_gated"
 #: The model the command, the dashboard and the benchmarks use unless told otherwise.
-DEFAULT_MODEL = CIFAR_MODEL
+DEFAULT_MODEL = "efficientnet_lite0.imagenet_gated"
 
 _MODELS: dict[str, Callable[..., Any]] = {}
 _PRETRAINED: dict[tuple[str, str], "PretrainedWeights"] = {}

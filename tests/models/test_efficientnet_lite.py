@@ -91,3 +91,50 @@ def test_heads_file_for_another_backbone_is_refused(lite, tmp_path):
     loaded = create_model("efficientnet_lite0", weights=path)
     assert torch.equal(loaded.gate(2).fc1.weight, lite.gate(2).fc1.weight)
     assert loaded.meta.weights_name == "heads"
+
+
+def test_shipped_imagenet_default_classifies_a_real_photo_and_skips():
+    """The shipped default (published backbone + distilled heads from data/): a cat photo from scikit-image is a
+    cat in the top-5 of the full and of the skipped networks (the card's fast threshold and a skip-heavy 0.5), and at
+    0.5 blocks are really bypassed."""
+    from skipviz import DEFAULT_MODEL, GatePolicy, PlanPolicy, load_image
+    from skipviz.samples import sample_bytes
+
+    net = create_model(DEFAULT_MODEL).eval()
+    assert net.meta.arch == "efficientnet_lite0" and len(net.meta.classes) == 1000
+    image, _ = load_image(sample_bytes("cat (scikit-image 'chelsea')"))
+    x = net.meta.preprocess(image)
+    assert tuple(x.shape) == (1, 3, 224, 224)
+    fast = net.meta.operating_point("fast", "gates")
+    assert fast is not None and net.meta.default_threshold("gates") == fast
+    with torch.no_grad():
+        full = net.run(x, FullPolicy())
+        gated = net.run(x, GatePolicy(threshold=fast))
+        heavy = net.run(x, GatePolicy(threshold=0.5))
+        planned = net.run(x, PlanPolicy(threshold=net.meta.default_threshold("plan")))
+    for res in (full, gated, heavy, planned):
+        top5 = [net.meta.classes[i] for i in res.logits[0].topk(5).indices]
+        assert any("cat" in name.lower() for name in top5), top5
+    card = net.meta.card
+    assert card["backbone"]["sha256"] == card["backbone"]["sha256"].lower() and len(card["backbone"]["sha256"]) == 64
+    assert "Apache" in json.dumps(card["backbone"])
+    assert bool(heavy.executed[0, net.gated_blocks].all()) is False  # a real skip on a real photo
+    assert card["operating_points"]["gates"]["fast"]["test"]["flops_saved_fraction"] > 0
+
+
+def test_blocks_without_a_bypass_are_profiled_and_scored_as_always_run():
+    """The 7 shape-changing MBConv blocks have no bypass: the block profile gives them no bypass time and the
+    prediction-KL redundancy of a block against its bypass is NaN there (not applicable), finite elsewhere."""
+    from skipviz import DEFAULT_MODEL
+    from skipviz.measure.profile import profile_blocks
+    from skipviz.redundancy import block_io_divergence
+
+    net = create_model(DEFAULT_MODEL).eval()
+    x = _images(2)
+    prof = profile_blocks(net, batch_size=2, x=x, warmup=1, repeats=2)
+    fixed = [i for i, b in enumerate(net.blocks) if not b.bypassable]
+    assert len(fixed) == 7 and all(prof.bypass_ms[i] == 0.0 for i in fixed)
+    assert all(prof.bypass_ms[i] > 0 for i in net.gated_blocks)
+    io = block_io_divergence(net, x, method="prediction")
+    assert io.shape == (2, 16)
+    assert bool(io[:, fixed].isnan().all()) and bool(io[:, net.gated_blocks].isfinite().all())
