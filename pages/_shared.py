@@ -11,6 +11,7 @@ import streamlit as st
 from PIL import Image
 
 from skipviz import DEFAULT_MODEL, ImageInfo, ImageLoadError, keep_heap_memory, load_image, dashboard, policies
+from skipviz._imageio import IMAGE_SUFFIXES
 from skipviz.data import normalize
 from skipviz.evaluate import calibration
 from skipviz.measure.saving import PairedSaving, trust_note
@@ -18,8 +19,10 @@ from skipviz.samples import sample_bytes, sample_names
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
-# Pages backed by another module: listed only when the page file exists and the module provides these names.
-IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif"]
+#: Every image format the library reads (:data:`skipviz._imageio.IMAGE_SUFFIXES`), for the audit's uploader filter.
+IMAGE_TYPES = [s.lstrip(".") for s in IMAGE_SUFFIXES]
+#: How the uploaders name the formats.
+IMAGE_FORMATS_TEXT = "PNG, JPEG, WebP, BMP, GIF (first frame), TIFF, ICO, PNM, TGA, PCX"
 
 
 def default_model_name() -> str:
@@ -51,16 +54,18 @@ def uploaded_model(arch: str, sha256: str, filename: str, _data: bytes) -> dashb
     return dashboard.load_uploaded_weights(arch, _data, filename)
 
 
-#: Session settings that belong to one model: its threshold, decision source and per-block overrides (and the
-#: widgets showing them). They are dropped when the session's model changes.
-PER_MODEL_STATE = ("sv_threshold", "sv_decisions", "sv_overrides", "inspect_threshold", "thresholds_threshold",
-                   "sv_batch", "inspect_batch", "thresholds_batch")
+#: Session settings that belong to one model: its thresholds (one per decision source), decision source and
+#: per-block overrides (and the widgets showing them, :data:`PER_MODEL_WIDGETS`). They are dropped when the
+#: session's model changes.
+PER_MODEL_STATE = ("sv_thresholds", "sv_decisions", "sv_overrides", "sv_batch", "inspect_batch", "thresholds_batch")
+#: Prefixes of the per-model widgets' keys (the threshold sliders of every source, the override selectors).
+PER_MODEL_WIDGETS = ("inspect_threshold", "thresholds_threshold", "override_")
 
 
 def current_model() -> tuple[str, dashboard.LoadedModel]:
     """The session's model: ``(key, LoadedModel)``; the key identifies it in every cache. When it differs from
-    the model of the session's previous run, the per-model settings (:data:`PER_MODEL_STATE`, the override
-    widgets) are reset: another model's block indices and thresholds do not apply."""
+    the model of the session's previous run, the per-model settings (:data:`PER_MODEL_STATE`, the sliders and
+    override widgets) are reset: another model's block indices and thresholds do not apply."""
     key = st.session_state.get("sv_model_key") or f"registry:{default_model_name()}"
     if key.startswith("upload:"):
         up = st.session_state.get("sv_model_upload")
@@ -77,7 +82,7 @@ def current_model() -> tuple[str, dashboard.LoadedModel]:
         key = f"registry:{name}@{digest(state.encode())[:12]}" if state else f"registry:{name}"
     if st.session_state.get("sv_model_seen", key) != key:
         for k in list(st.session_state):
-            if k in PER_MODEL_STATE or str(k).startswith("override_"):
+            if k in PER_MODEL_STATE or str(k).startswith(PER_MODEL_WIDGETS):
                 del st.session_state[k]
     st.session_state["sv_model_seen"] = key
     return key, lm
@@ -100,7 +105,8 @@ def _set_image(data: bytes, name: str) -> None:
 
 
 def current_image() -> CurrentImage | None:
-    """The session's image (default: the first built-in sample); shows ``st.error`` and returns None if bad."""
+    """The session's image (default: the first built-in sample); shows ``st.error`` with the reason and returns
+    None if it cannot be read: a refused upload replaces the previous image, so no page shows its result."""
     img = st.session_state.get("sv_image")
     if img is None:
         name = sample_names()[0]
@@ -108,7 +114,8 @@ def current_image() -> CurrentImage | None:
     try:
         image, info = load_image(img["data"])
     except ImageLoadError as e:
-        st.error(f"Cannot use {img['name']!r}: {e}")
+        st.error(f"Cannot use {img['name']!r}: {e}. Nothing is shown for it: upload another image or pick a "
+                 "built-in sample.", icon=":material/broken_image:")
         return None
     return CurrentImage(image, info, img["name"])
 
@@ -122,8 +129,10 @@ def image_picker() -> None:
     source = st.radio("Image source", ["Built-in sample", "Upload"], index=1 if uploaded else 0, horizontal=True,
                       key="sv_source")
     if source == "Upload":
-        up = st.file_uploader("Upload an image (PNG, JPEG, WebP, BMP, GIF: first frame)", type=IMAGE_TYPES,
-                              key="sv_upload")
+        # no file-type filter: the browser would block a file it does not match with only a red icon, leaving the
+        # previous image's result on screen; every file goes to load_image, which reads it or says why not
+        # (current_image shows the reason and no result)
+        up = st.file_uploader(f"Upload an image ({IMAGE_FORMATS_TEXT})", key="sv_upload")
         if up is not None:
             _set_image(up.getvalue(), up.name)
     else:
@@ -141,12 +150,11 @@ def prepared_input(model_key: str, sha256: str, _net, _image: Image.Image):
     return x, dashboard.run_full(_net, x)
 
 
-def threshold(default: float) -> float:
-    return float(st.session_state.get("sv_threshold", default))
-
-
-def overrides() -> dict[int, str]:
-    return dict(st.session_state.get("sv_overrides", {}))
+def overrides(net=None) -> dict:
+    """The session's per-block overrides (``sv_overrides``); with ``net``, without force-skips of blocks that cannot
+    be skipped (:func:`skipviz.dashboard.refuse_unskippable`): no policy the pages build asks for one."""
+    ov = dict(st.session_state.get("sv_overrides", {}))
+    return dashboard.refuse_unskippable(net, ov)[0] if net is not None else ov
 
 
 def decision_source(net) -> str:
@@ -157,23 +165,55 @@ def decision_source(net) -> str:
 
 
 def session_threshold(lm: dashboard.LoadedModel, source: str) -> float:
-    """The session's global threshold: the source's card default until a slider moves it."""
-    return threshold(lm.default_threshold_for(source))
+    """The one threshold in use for a decision source (``sv_thresholds[source]``, dropped with the model): the
+    source's card default until a slider moves it. Every page's slider shows it and every policy uses it."""
+    return float(st.session_state.get("sv_thresholds", {}).get(source, lm.default_threshold_for(source)))
+
+
+def set_session_threshold(source: str, value: float) -> None:
+    """Store the threshold in use for ``source`` (see :func:`session_threshold`)."""
+    st.session_state["sv_thresholds"] = {**st.session_state.get("sv_thresholds", {}), source: float(value)}
 
 
 def session_policy(lm: dashboard.LoadedModel):
     """The policy the session set on the Inspect / Thresholds pages: its decision source at its threshold (the
     source's card default until moved) with its per-block overrides."""
     source = decision_source(lm.net)
-    return policies.make_policy(lm.net, session_threshold(lm, source), overrides(), source)
+    return policies.make_policy(lm.net, session_threshold(lm, source), overrides(lm.net), source)
 
 
+#: The pages with a threshold slider: the prefix of its widget keys (:func:`threshold_key`).
 THRESHOLD_SLIDERS = ("inspect_threshold", "thresholds_threshold")
 
 
+def threshold_key(page: str, source: str) -> str:
+    """The widget key of a page's threshold slider for a decision source: one slider per source
+    (``inspect_threshold`` for the gates, ``inspect_threshold_plan`` for the plan), so a switch of source shows
+    another widget, created at that source's threshold. One shared key would let the browser keep showing the
+    other source's value (Streamlit keeps a widget's client-side value when only its default changes)."""
+    base = f"{page}_threshold"
+    return base if source == "gates" else f"{base}_{source}"
+
+
+def threshold_label(source: str) -> str:
+    """``"Gate threshold"`` or ``"Plan threshold"``: what the slider sets under a decision source."""
+    return {"gates": "Gate threshold", "plan": "Plan threshold"}.get(source, f"{source.capitalize()} threshold")
+
+
+def threshold_slider(lm: dashboard.LoadedModel, source: str, page: str) -> float:
+    """The page's threshold slider for ``source``: shows and sets the one threshold in use
+    (:func:`session_threshold`), under a key of its own per source (:func:`threshold_key`)."""
+    t = st.slider(threshold_label(source), 0.0, 1.0, value=session_threshold(lm, source), step=0.05,
+                  key=threshold_key(page, source),
+                  help=f"A block runs when its {policies.score_label(source)} >= this threshold "
+                       f"({policies.DECISION_SOURCES[source].label}); the same value on every page.")
+    set_session_threshold(source, t)
+    return float(t)
+
+
 def source_picker(lm: dashboard.LoadedModel, key: str) -> str:
-    """A radio choosing where decisions come from, shown only when the model offers more than one. Switching
-    source moves the threshold to that source's card default (the sliders take it up on this run)."""
+    """A radio choosing where decisions come from, shown only when the model offers more than one. Each source
+    keeps its own threshold (:func:`session_threshold`): the slider drawn after it shows that source's."""
     net = lm.net
     offered = dashboard.decision_sources(net)
     if len(offered) < 2:
@@ -181,12 +221,50 @@ def source_picker(lm: dashboard.LoadedModel, key: str) -> str:
     previous = decision_source(net)
     source = st.radio("Decisions from", offered, index=offered.index(previous), horizontal=True,
                       key=key, format_func=lambda s: policies.DECISION_SOURCES[s].label)
-    if source != previous:
-        st.session_state["sv_threshold"] = lm.default_threshold_for(source)
-        for slider in THRESHOLD_SLIDERS:  # not rendered yet on this run: recreated from sv_threshold
-            st.session_state.pop(slider, None)
     st.session_state["sv_decisions"] = source
     return source
+
+
+def _override_label(net, i: int) -> str:
+    block = net.blocks[i]
+    if not block.bypassable:
+        return f"{i}: {net.block_names[i]} (no bypass: always runs)"
+    return (f"{i}: {net.block_names[i]}" + (" ▼ shortcut changes shape" if block.downsample else "")
+            + ("" if i in net.gated_blocks else " (no gate)"))
+
+
+def override_selectors(net) -> dict:
+    """The per-block override selectors (auto / run / skip) and the overrides they set, stored in the session
+    (``sv_overrides``). A block without a bypass offers no ``skip``, and the page says why; a stored force-skip
+    of such a block is refused with the reason."""
+    kept, refused = dashboard.refuse_unskippable(net, overrides())
+    for reason in refused.values():
+        st.error(f"Override refused: {reason}.", icon=":material/block:")
+    fixed = [i for i in range(net.num_blocks) if not net.blocks[i].bypassable]
+    if fixed:
+        st.caption(f"Blocks {', '.join(str(i) for i in fixed)} change the feature map's shape and have no shortcut "
+                   "to stand in for them: they always run, so they cannot be forced to skip.")
+    cols = st.columns(3)
+    choices = {}
+    for i in range(net.num_blocks):
+        options = dashboard.override_options(net, i)
+        current = kept.get(i, "auto")
+        help_text = dashboard.skip_refusal(net, i) or (
+            "A downsampling block: skipping it takes its shortcut, which changes the feature map's shape."
+            if net.blocks[i].downsample else None)
+        choices[i] = cols[i % 3].selectbox(_override_label(net, i), options,
+                                           index=options.index(current) if current in options else 0,
+                                           key=f"override_{i}", help=help_text)
+    ov, _ = dashboard.refuse_unskippable(net, dashboard.overrides_from_choices(choices))
+    st.session_state["sv_overrides"] = ov
+    return ov
+
+
+def shape_warning(net, ov: dict) -> None:
+    """Warn when the overrides force a downsampling block to skip: its shortcut changes the shape."""
+    blocks = dashboard.shape_changing_skips(net, ov)
+    if blocks:
+        st.warning(dashboard.shape_change_warning(net, blocks), icon=":material/warning:")
 
 
 @st.cache_resource

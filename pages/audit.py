@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from pages import _shared
-from skipviz import audit
+from skipviz import audit, dashboard
 from skipviz.audit import report, session
 
 st.title(":material/fact_check: Audit a batch")
@@ -27,7 +27,8 @@ except (OSError, audit.StoreError) as e:  # e.g. the server's audit folder canno
              f"${session.AUDIT_DIR_ENV}.", icon=":material/error:")
     st.stop()
 
-st.caption(f"Every image runs under the current policy {policy.config()} and, as a shadow, the full network; "
+st.caption(f"Every image runs under the current policy ({dashboard.describe_policy(policy)}) and, as a shadow, the full "
+           "network; "
            "each decision is stored in this session's own audit database on the server (download it below; "
            f"kept {session.SESSION_MAX_AGE_S // 86400} days) and the report can be downloaded.")
 files = st.file_uploader("Images or a .zip archive", type=_shared.IMAGE_TYPES + ["zip"], accept_multiple_files=True,

@@ -4,9 +4,9 @@ from __future__ import annotations
 import streamlit as st
 
 from pages import _shared
-from skipviz import explain, figures
+from skipviz import dashboard, explain, figures
 
-st.title("💡 Explain the current image")
+st.title(":material/lightbulb: Explain the current image")
 model_key, lm = _shared.current_model()
 _shared.model_banner(lm)
 net = lm.net
@@ -14,7 +14,8 @@ cur = _shared.current_image()
 if cur is not None:
     x, full_trace = _shared.prepared_input(model_key, cur.info.sha256, net, cur.image)
     policy = _shared.session_policy(lm)
-    st.caption(f"Image: {cur.label}. Policy: {policy.config()} (set on the Inspect/Thresholds pages).")
+    st.caption(f"Image: {cur.label}. Policy: {dashboard.describe_policy(policy)} (set on the Inspect / Thresholds "
+               "pages).")
     methods = st.multiselect("Attribution maps", list(explain.MAP_METHODS), default=[explain.MAP_METHODS[0]],
                              key="explain_methods")
     if methods:

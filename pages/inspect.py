@@ -28,14 +28,11 @@ if cur is not None:
         @st.fragment
         def live_view() -> None:
             source = _shared.source_picker(lm, "inspect_source")
-            t = st.slider(f"Threshold (a block runs when its {policies.score_label(source)} >= threshold)", 0.0, 1.0,
-                          value=_shared.session_threshold(lm, source), step=0.05,
-                          key="inspect_threshold")
-            st.session_state["sv_threshold"] = t
-            ov = _shared.overrides()
+            t = _shared.threshold_slider(lm, source, "inspect")
+            ov = _shared.overrides(net)
             if ov:
-                st.caption("Per-block overrides from the Thresholds page: " +
-                           ", ".join(f"{net.block_names[k]}={v}" for k, v in sorted(ov.items())))
+                st.caption(f"Per-block overrides from the Thresholds page: {dashboard.describe_overrides(net, ov)}.")
+                _shared.shape_warning(net, ov)
             b_col, again_col = st.columns([3, 1])
             with b_col:
                 batch = _shared.batch_picker("inspect_batch")
@@ -45,11 +42,12 @@ if cur is not None:
             live = _shared.live_latency(model_key, cur.info.sha256, lm, x, policy, batch, again)
             tr, saving = res.trace, live.saving
             c1, c2, c3, c4 = st.columns(4)
-            c1.metric("Prediction (skipped)", f"{tr.predicted_label}", f"{tr.confidence:.1%}", delta_color="off")
+            c1.metric("Prediction (skipped)", f"{tr.predicted_label}", dashboard.percent(tr.confidence),
+                      delta_color="off", delta_arrow="off")
             c2.metric("Prediction (full)", f"{res.full_trace.predicted_label}",
-                      f"{res.full_trace.confidence:.1%}", delta_color="off")
+                      dashboard.percent(res.full_trace.confidence), delta_color="off", delta_arrow="off")
             c3.metric("Blocks fired", f"{tr.blocks_executed}/{tr.blocks_total}",
-                      f"{tr.flops_saved_fraction:.1%} FLOPs saved", delta_color="off")
+                      f"{dashboard.percent(tr.flops_saved_fraction)} FLOPs saved", delta_color="off", delta_arrow="off")
             c4.metric(f"Latency saved ({live.device}, batch {batch})", saving.headline(), saving.detail(),
                       delta_color="off", delta_arrow="off")
             _shared.latency_warning(saving)
@@ -62,9 +60,9 @@ if cur is not None:
                 st.subheader("Top-5: skipped vs full")
                 st.dataframe(dashboard.top5_side_by_side(res, net.meta.classes), hide_index=True,
                              column_config={"skipped: probability": st.column_config.ProgressColumn(
-                                 format="%.3f", min_value=0, max_value=1),
+                                 format="percent", min_value=0, max_value=1),
                                  "full: probability": st.column_config.ProgressColumn(
-                                 format="%.3f", min_value=0, max_value=1)}, key="top5")
+                                 format="percent", min_value=0, max_value=1)}, key="top5")
             with b:
                 st.plotly_chart(figures.latency_figure(saving), key="latency", width="stretch")
             st.caption(f"Latency: {saving.describe()} (full and skipped alternating, each round's difference "

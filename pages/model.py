@@ -7,7 +7,7 @@ from pages import _shared
 from skipviz import CIFAR_MODEL, DEFAULT_MODEL, CheckpointError, list_models, list_pretrained, dashboard
 from skipviz.models.timm_wrap import supported_text
 
-st.title("🧠 Model")
+st.title(":material/neurology: Model")
 model_key, lm = _shared.current_model()
 _shared.model_banner(lm)
 current_name = _shared.registry_name(model_key) if model_key.startswith("registry:") else None
@@ -56,7 +56,16 @@ if up is not None:
     # an upload is adopted once (per architecture): while it stays in the uploader, "Use this model" above and
     # later reruns must not switch the session back to it; uploading the file again is a new upload
     upload_id = (arch, getattr(up, "file_id", None) or sha)
-    if st.session_state.get("sv_adopted_upload") != upload_id:
+    shipped_name = dashboard.shipped_weights_with_sha256(arch, sha)
+    if shipped_name is not None:  # byte-identical to a shipped file: the registered model, with its card
+        if st.session_state.get("sv_adopted_upload") != upload_id:
+            st.session_state["sv_adopted_upload"] = upload_id
+            st.session_state["sv_model_key"] = f"registry:{shipped_name}"
+            st.session_state.pop("sv_model_upload", None)
+            st.rerun()
+        st.success(f"{up.name} is byte-identical to the shipped weights of {shipped_name} (SHA-256 {sha[:16]}...): "
+                   "using that model with its model card (default thresholds, calibration).")
+    elif st.session_state.get("sv_adopted_upload") != upload_id:
         try:
             _shared.uploaded_model(arch, sha, up.name, data)
         except CheckpointError as e:

@@ -4,10 +4,11 @@ from __future__ import annotations
 import streamlit as st
 
 from pages import _shared
-from skipviz import figures, redundancy, policies
+from skipviz import dashboard, figures, redundancy, policies
 from skipviz.evaluate import calibration
+from skipviz.policies.words import plural
 
-st.title("🧩 Inter-layer redundancy")
+st.title(":material/extension: Inter-layer redundancy")
 model_key, lm = _shared.current_model()
 _shared.model_banner(lm)
 net = lm.net
@@ -51,6 +52,13 @@ def _kl_policy(key: str, method: str, _net, _calib) -> policies.KLRedundancyPoli
 base = _kl_policy(f"{model_key}:{len(calib)}", method, net, calib)
 
 
+def current_policy_label(source: str, t: float, ov: dict) -> str:
+    """The comparison row of the session's policy: its decision source and threshold, and its overrides when
+    any are in force (``"per-block gates (current threshold 0.50, 2 overrides in force)"``)."""
+    extra = f", {plural(len(ov), 'override')} in force" if ov else ""
+    return f"{policies.DECISION_SOURCES[source].label} (current threshold {t:.2f}{extra})"
+
+
 @st.fragment
 def policy_view() -> None:
     q = st.slider("Quantile q (higher skips more blocks)", 0.0, 1.0, 0.3, 0.05, key="kl_q")
@@ -58,11 +66,15 @@ def policy_view() -> None:
     st.plotly_chart(figures.kl_policy_scores(policy), key="kl_scores", width="stretch")
     kl_point = calibration.evaluate_calibration(net, calib, policy, sweep.full.predictions)
     t = _shared.session_threshold(lm, source)
-    current = sweep.point_for(net, t, _shared.overrides())
+    ov = _shared.overrides(net)
+    current = sweep.point_for(net, t, ov)
     st.dataframe(calibration.compare_points({f"KL policy (q={q:.2f})": kl_point,
-                                       f"{policies.DECISION_SOURCES[source].label} (current threshold {t:.2f})": current,
-                                       "full": sweep.full}),
+                                             current_policy_label(source, t, ov): current,
+                                             "full": sweep.full}),
                  hide_index=True)
+    if ov:
+        st.caption(f"The session's per-block overrides (Thresholds page) are in force in the {source} row: "
+                   f"{dashboard.describe_overrides(net, ov)}.")
     st.dataframe(policy.to_dataframe(), hide_index=True)
 
 

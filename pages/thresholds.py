@@ -25,21 +25,10 @@ st.caption(f"Calibration set: {sweep.calib.source}. Precomputed once per process
 
 @st.fragment
 def live_view() -> None:
-    t = st.slider("Global gate threshold", 0.0, 1.0, value=_shared.session_threshold(lm, source),
-                  step=0.05, key="thresholds_threshold")
-    st.session_state["sv_threshold"] = t
+    t = _shared.threshold_slider(lm, source, "thresholds")
     with st.expander("Per-block overrides (run / skip / auto)", expanded=False):
-        saved = _shared.overrides()
-        cols = st.columns(3)
-        choices = {}
-        for i, name in enumerate(net.block_names):
-            label = f"{i}: {name}" + (" ▼" if net.blocks[i].downsample else "") + \
-                ("" if i in net.gated_blocks else " (no gate)")
-            options = ["auto", "run", "skip"]
-            choices[i] = cols[i % 3].selectbox(label, options, index=options.index(saved.get(i, "auto")),
-                                              key=f"override_{i}")
-    ov = dashboard.overrides_from_choices(choices)
-    st.session_state["sv_overrides"] = ov
+        ov = _shared.override_selectors(net)
+    _shared.shape_warning(net, ov)
     policy = policies.make_policy(net, t, ov, source)
 
     st.subheader("Current image")
@@ -50,9 +39,10 @@ def live_view() -> None:
         a, b = st.columns([1, 3])
         a.image(cur.image, caption=cur.label, width=140)
         a.metric("Prediction", tr.predicted_label, f"{'agrees' if res.agrees else 'differs from'} full "
-                 f"({res.full_trace.predicted_label})", delta_color="normal" if res.agrees else "inverse")
-        a.metric("Blocks fired", f"{tr.blocks_executed}/{tr.blocks_total}", f"{tr.flops_saved_fraction:.1%} FLOPs saved",
-                 delta_color="off")
+                 f"({res.full_trace.predicted_label})", delta_color="normal" if res.agrees else "inverse",
+                 delta_arrow="off")
+        a.metric("Blocks fired", f"{tr.blocks_executed}/{tr.blocks_total}",
+                 f"{dashboard.percent(tr.flops_saved_fraction)} FLOPs saved", delta_color="off", delta_arrow="off")
         b.plotly_chart(figures.block_map_figure(tr), key="thr_block_map", width="stretch")
 
     st.subheader("Calibration set")
@@ -62,12 +52,13 @@ def live_view() -> None:
     saving = _shared.point_saving(model_key, lm, sweep, policy, batch, t, ov)
     m1, m2, m3, m4 = st.columns(4)
     acc_name = "Accuracy" if sweep.calib.labelled else "Accuracy (= agreement, no labels)"
-    m1.metric(acc_name, f"{point.accuracy:.1%}", f"{100 * (point.accuracy - sweep.full.accuracy):+.1f} pts vs full")
-    m2.metric("Agreement with full", f"{point.agreement:.1%}")
+    m1.metric(acc_name, dashboard.percent(point.accuracy),
+              f"{dashboard.percent_points(point.accuracy - sweep.full.accuracy)} vs full")
+    m2.metric("Agreement with full", dashboard.percent(point.agreement))
     per_image = saving.per_input()
     m3.metric(f"Latency saved per image ({saving.device}, batch {saving.batch_size})", per_image.headline(),
               per_image.detail(), delta_color="off", delta_arrow="off")
-    m4.metric("FLOPs executed", f"{point.flops_fraction:.1%} of full")
+    m4.metric("FLOPs executed", f"{dashboard.percent(point.flops_fraction)} of full")
     _shared.latency_warning([*latencies.values(), saving])
     if saving.batch_size != batch:
         st.caption(f"Batch {batch} asked; the calibration set has {len(sweep.calib)} images, so batches of "

@@ -30,6 +30,11 @@ MAX_DECODE_BYTES = 1024**3  # estimated peak memory of decoding one image (after
 MAX_ASPECT = 200.0  # long side / short side: panoramas pass, 1-pixel-high strips do not
 DRAFT_MIN_SIDE = 1024  # a JPEG is decoded at 1/2, 1/4 or 1/8 scale while its short side stays at least this
 
+#: The file name suffixes of the image formats this module reads and the dashboard's uploaders accept (Pillow's
+#: decoders for them are built in): every still and animated format users meet, TIFF and ICO included.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                  ".pgm", ".pbm", ".pnm", ".ico", ".tga", ".pcx")
+
 # Bytes per pixel at the peak of decoding and converting to RGB, by decoded mode: the decoded frame, plus the
 # copies _to_rgb and the EXIF rotation make (float32 rescaling for 16/32-bit, an RGBA composite for alpha).
 _PEAK_BYTES_PER_PIXEL = {"1": 7, "L": 7, "P": 17, "RGB": 9, "YCbCr": 9, "LAB": 9, "HSV": 9, "CMYK": 10,

@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -32,14 +33,19 @@ from .measure.predict import predict_block_ms
 from .measure.profile import BlockProfile, profile_blocks
 from .measure.saving import PairedSaving, measure_saving
 from .models._registry import DEFAULT_MODEL, create_model, list_models, list_pretrained
+from .models.weights import sha256_file
 from .policies.base import Override, Policy, normalise_overrides
 from .policies.simple import FullPolicy
 from .policies.threshold import make_policy, score_label
+from .policies.words import describe_policy
 
 __all__ = ["BATCH_SIZES", "InspectResult", "LiveLatency", "LoadedModel", "block_profile", "block_table",
-           "calibration_table", "configure_threads", "decision_sources", "decisions", "finite_or_none",
-           "inference_device", "inspect", "latency_sweep", "live_batch", "live_latency", "load_model",
-           "load_uploaded_weights", "model_card_table", "models_table", "overrides_from_choices", "point_saving",
+           "calibration_table", "configure_threads", "decision_sources", "decisions", "describe_overrides",
+           "describe_policy", "finite_or_none", "inference_device", "inspect", "latency_sweep", "live_batch",
+           "live_latency", "load_model", "load_uploaded_weights", "model_card_table", "models_table",
+           "override_options", "overrides_from_choices", "percent", "percent_points", "point_saving",
+           "refuse_unskippable", "shape_change_warning", "shape_changing_skips", "shipped_weights_with_sha256",
+           "skip_refusal", "untrained_warning",
            "preprocess", "profile_column", "run_full", "sweep_batch", "sweep_table", "top5_side_by_side",
            "top_k_frame", "weights_state"]
 
@@ -123,7 +129,37 @@ def load_model(name: str = DEFAULT_MODEL, device: torch.device | None = None) ->
                "then reload the page.") if made is not None and made.make_command else ""
         warning = (f"Trained weights for {name} {what} ({e}). Showing a randomly initialised {arch}: "
                    f"its predictions and gate decisions are meaningless. {how}").rstrip()
+    if warning is None and not net.meta.weights_path:
+        warning = untrained_warning(name)
     return LoadedModel(net.to(device).eval(), name, warning)
+
+
+def untrained_warning(name: str) -> str:
+    """What the pages say over a model shown with no trained weights (random init)."""
+    return (f"{name} has no trained weights: it is randomly initialised, so its predictions, confidences and gate "
+            "decisions are meaningless. Pick a model with trained weights on the Model page, or load a weights "
+            "file there.")
+
+
+@lru_cache(maxsize=32)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def shipped_weights_with_sha256(arch: str, sha256: str) -> str | None:
+    """The registry name (``arch.tag``) of the shipped weights file for ``arch`` whose SHA-256 is ``sha256``, or
+    None: an upload byte-identical to a shipped file is that registered model, with its model card (default
+    thresholds, calibration data). Each file is hashed once per size and modification time."""
+    for w in list_pretrained():
+        if w.arch != arch:
+            continue
+        try:
+            st = w.path.stat()
+        except OSError:
+            continue
+        if _file_sha256(str(w.path), st.st_size, st.st_mtime_ns) == sha256:
+            return w.name
+    return None
 
 
 def load_uploaded_weights(arch: str, data: bytes, filename: str,
@@ -276,6 +312,72 @@ def decisions(trace: SampleTrace) -> list[str]:
 def overrides_from_choices(choices: Mapping[int, str]) -> dict[int, Override]:
     """Page widget values (``"auto"``/``"run"``/``"skip"`` per block) -> GatePolicy overrides."""
     return normalise_overrides(choices, auto=True)
+
+
+def override_options(net: SkipNetwork, index: int) -> list[str]:
+    """The choices block ``index``'s override offers: ``auto``, ``run`` and, for a block with a bypass, ``skip``."""
+    return ["auto", "run", "skip"] if net.blocks[index].bypassable else ["auto", "run"]
+
+
+def skip_refusal(net: SkipNetwork, index: int) -> str | None:
+    """Why block ``index`` cannot be forced to skip, or None when it can: a block that changes the shape with no
+    parameter-free shortcut (an MBConv block widening the channels) has no bypass and always runs."""
+    if net.blocks[index].bypassable:
+        return None
+    return (f"block {index} ({net.block_names[index]}) cannot be skipped: it changes the feature map's shape and "
+            "has no shortcut to stand in for it (no bypass), so it always runs")
+
+
+def refuse_unskippable(net: SkipNetwork, overrides: Mapping[int, Override]) -> tuple[dict[int, Override], dict[int, str]]:
+    """``(kept, refused)``: ``overrides`` without the force-skips of blocks that cannot be skipped
+    (:func:`skip_refusal`), and the reason for each refused block."""
+    kept: dict[int, Override] = {}
+    refused: dict[int, str] = {}
+    for i, v in sorted(normalise_overrides(overrides, auto=True).items()):
+        reason = skip_refusal(net, i) if v == "skip" and 0 <= i < net.num_blocks else None
+        if reason:
+            refused[i] = reason
+        else:
+            kept[i] = v
+    return kept, refused
+
+
+def shape_changing_skips(net: SkipNetwork, overrides: Mapping[int, Override]) -> list[int]:
+    """The downsampling blocks ``overrides`` force to skip although they can be bypassed: their bypass is the
+    shortcut, not an identity (a CIFAR ResNet's option-A shortcut subsamples by 2 and zero-pads the new
+    channels), so the skipped block's output changes shape and was never trained to stand in for it."""
+    return [i for i, v in sorted(normalise_overrides(overrides, auto=True).items())
+            if v == "skip" and 0 <= i < net.num_blocks and net.blocks[i].downsample and net.blocks[i].bypassable]
+
+
+def shape_change_warning(net: SkipNetwork, blocks: Sequence[int]) -> str:
+    """What the page says when downsampling blocks (:func:`shape_changing_skips`) are forced to skip."""
+    names = ", ".join(f"{i} ({net.block_names[i]})" for i in blocks)
+    return (f"Forced to skip a downsampling block: {names}. Its bypass is the shortcut, not an identity: it "
+            "subsamples the feature map and changes its channel count (the shape), standing in for a block it was "
+            "never trained to replace, so accuracy usually drops sharply.")
+
+
+def describe_overrides(net: SkipNetwork, overrides: Mapping[int, Override]) -> str:
+    """Per-block overrides in words: ``"block 3 (stage1.2) skip, block 5 (stage2.0) run"``; empty without any."""
+    return ", ".join(f"block {i} ({net.block_names[i]}) {v if isinstance(v, str) else f'threshold {v:.2f}'}"
+                     for i, v in sorted(normalise_overrides(overrides, auto=True).items()) if 0 <= i < net.num_blocks)
+
+
+def percent(fraction: float, digits: int = 1) -> str:
+    """A fraction as a percent, as ``f"{fraction:.1%}"`` but never ``"-0.0%"``: a value that rounds to zero is
+    ``"0.0%"``."""
+    text = f"{float(fraction):.{digits}%}"
+    return text[1:] if text.startswith("-") and float(text[1:-1]) == 0 else text
+
+
+def percent_points(delta: float, digits: int = 1) -> str:
+    """A difference of two fractions in percentage points, signed (``"+1.2 pts"``, ``"-3.0 pts"``), never
+    ``"-0.0 pts"``."""
+    text = f"{100 * float(delta):+.{digits}f}"
+    if float(text) == 0:
+        text = f"{0.0:+.{digits}f}"
+    return f"{text} pts"
 
 
 def finite_or_none(v: float | None) -> float | None:

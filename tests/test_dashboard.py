@@ -283,3 +283,47 @@ def test_block_map_names_blocks_without_a_score_for_what_they_are(tiny_net, cat_
     res = dashboard.inspect(tiny_net, cat_x, policies.make_policy(tiny_net, 0.5, forced))
     names = [tr.name for tr in figures.block_map_figure(res.trace).data if tr.type == "bar"]
     assert names == ["no score (ungated or forced)"]
+
+
+def test_percents_never_say_minus_zero():
+    assert dashboard.percent(-0.0004) == "0.0%" and dashboard.percent(-0.0) == "0.0%"
+    assert dashboard.percent(0.1234) == "12.3%" and dashboard.percent(-0.012) == "-1.2%"
+    assert dashboard.percent_points(-0.0004) == "+0.0 pts" and dashboard.percent_points(-0.05) == "-5.0 pts"
+
+
+def test_policies_in_words():
+    from skipviz import FullPolicy, GatePolicy, PlanPolicy, policies
+
+    assert dashboard.describe_policy(GatePolicy(0.3, {2: "skip", 5: "run"})) == "gates, threshold 0.30, 2 overrides"
+    assert dashboard.describe_policy(PlanPolicy(0.2)) == "plan, threshold 0.20"
+    assert dashboard.describe_policy({"name": "gates", "threshold": 0.5, "overrides": {"1": "skip"}}) == \
+        "gates, threshold 0.50, 1 override"
+    assert dashboard.describe_policy(FullPolicy()).startswith("full network")
+    assert policies.describe_policy(policies.StaticMaskPolicy([1, 2])) == "static mask, 2 blocks skipped"
+
+
+def test_overrides_refuse_blocks_without_a_bypass_and_flag_shape_changing_skips(tiny_net):
+    from skipviz import DEFAULT_MODEL, create_model
+
+    lite = create_model(DEFAULT_MODEL.partition(".")[0])
+    fixed = next(i for i, b in enumerate(lite.blocks) if not b.bypassable)
+    free = next(i for i, b in enumerate(lite.blocks) if b.bypassable)
+    kept, refused = dashboard.refuse_unskippable(lite, {fixed: "skip", free: "skip", fixed + 100: "run"})
+    assert kept == {free: "skip", fixed + 100: "run"} and list(refused) == [fixed]
+    assert "no bypass" in refused[fixed] and dashboard.override_options(lite, fixed) == ["auto", "run"]
+    assert dashboard.refuse_unskippable(lite, {fixed: "run"}) == ({fixed: "run"}, {})
+    down = next(i for i, b in enumerate(tiny_net.blocks) if b.downsample)
+    assert dashboard.shape_changing_skips(tiny_net, {down: "skip", 0: "skip", down + 1: "run"}) == [down]
+    assert "shape" in dashboard.shape_change_warning(tiny_net, [down])
+
+
+def test_shipped_weights_are_recognised_by_hash():
+    from skipviz import CIFAR_MODEL, list_pretrained
+    from skipviz.models.weights import sha256_file
+
+    shipped = next(w for w in list_pretrained() if w.name == CIFAR_MODEL)
+    if not shipped.available():
+        pytest.skip("the shipped weights are not in data/")
+    assert dashboard.shipped_weights_with_sha256(shipped.arch, sha256_file(shipped.path)) == CIFAR_MODEL
+    assert dashboard.shipped_weights_with_sha256(shipped.arch, "0" * 64) is None
+    assert dashboard.shipped_weights_with_sha256("cifar_resnet32", sha256_file(shipped.path)) is None

@@ -116,3 +116,20 @@ def test_paths_that_are_not_regular_files_are_refused(tmp_path):
     if os.path.exists("/dev/zero"):
         with pytest.raises(ImageLoadError, match="not a regular file"):
             load_image("/dev/zero")
+
+
+def test_every_listed_suffix_is_a_format_load_image_reads():
+    from PIL import features
+
+    from skipviz._imageio import IMAGE_SUFFIXES
+
+    formats = Image.registered_extensions()
+    src = Image.fromarray((np.arange(32 * 32 * 3) % 251).astype(np.uint8).reshape(32, 32, 3))
+    for suffix in IMAGE_SUFFIXES:
+        fmt = formats[suffix]
+        if fmt == "WEBP" and not features.check("webp"):
+            continue
+        buf = io.BytesIO()
+        src.save(buf, format=fmt)
+        im, info = load_image(buf.getvalue(), name=f"x{suffix}")
+        assert im.size == (32, 32) and im.mode == "RGB", suffix

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterable, Sequence
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
-                            ".pbm", ".ico"})
+from .._imageio import IMAGE_SUFFIXES as READABLE_SUFFIXES
+
+IMAGE_SUFFIXES = frozenset(READABLE_SUFFIXES)  # what load_image reads: one list with the dashboard's uploaders
 MAX_MEMBERS = 10_000
 MAX_MEMBER_BYTES = 50 * 1024 * 1024
 MAX_TOTAL_BYTES = 1024 * 1024 * 1024

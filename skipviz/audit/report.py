@@ -38,6 +38,7 @@ import plotly.io as pio
 from scipy import stats
 
 from ..figures import fig_agreement, fig_flops_saved, fig_skip_rate_per_block, fig_skip_rate_per_class
+from ..policies.words import describe_policy
 from .records import AuditRecord, AuditRun, ReproResult, records_to_dataframe
 
 __all__ = ["atomic_write", "plotly_script_name", "proportion", "render_report", "report_bundle", "report_data",
@@ -414,7 +415,7 @@ def render_report(run: AuditRun, reproducibility: Sequence[ReproResult] | None =
 <style>{_CSS}</style><script src="{script}"></script></head><body>
 <h1>SkipViz audit report</h1>
 <p>Run <code>{_e(run.run_id)}</code> &middot; model <b>{_e(run.model_name)}</b> &middot; policy
-<code>{_e(json.dumps(run.policy, sort_keys=True))}</code></p>
+<b>{_e(describe_policy(run.policy or {}))}</b> <code>{_e(json.dumps(run.policy, sort_keys=True))}</code></p>
 <h2>Summary</h2><table class="kv">{head_rows}</table>
 <h2>Latency</h2><p>{_e(_latency_line(lat))}</p>
 <p>Full and skipped runs were timed in interleaved paired rounds (one of each per round, the order

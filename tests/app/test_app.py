@@ -8,6 +8,7 @@ the training job; the expected values are computed here with the engine from the
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -219,7 +220,7 @@ def test_per_model_settings_are_dropped_when_the_model_changes(app_env):
     at.selectbox(key="model_choice").set_value("cifar_resnet32").run()
     at.button(key="use_model").click().run()
     at.session_state["sv_overrides"] = {12: "skip"}  # block 12 exists in a ResNet-32, not in a ResNet-20
-    at.session_state["sv_threshold"] = 0.9
+    at.session_state["sv_thresholds"] = {"gates": 0.9}
     at.run()
     at.selectbox(key="model_choice").set_value(CIFAR_MODEL).run()
     at.button(key="use_model").click().run()
@@ -254,7 +255,7 @@ def test_redundancy_page(app_env, engine):
 
     at = new_app().run()
     at.switch_page("pages/redundancy.py").run()
-    assert not at.exception and at.title[0].value.startswith("🧩")
+    assert not at.exception and at.title[0].value.startswith(":material/extension:")
     calib = calibration.load_calibration(engine, 32)
     base = policies.KLRedundancyPolicy.calibrate(engine, calibration.calibration_dataset(calib), q=0.3, method="spatial")
     for q in (0.0, 0.9):
@@ -270,7 +271,7 @@ def test_explain_page(app_env):
     pytest.importorskip("skipviz.explain")
     at = new_app().run()
     at.switch_page("pages/explain.py").run()
-    assert not at.exception and at.title[0].value.startswith("💡")
+    assert not at.exception and at.title[0].value.startswith(":material/lightbulb:")
     assert any("spearman" in d.value.columns for d in at.dataframe)
 
 
@@ -310,3 +311,55 @@ def test_audit_page_says_when_the_server_folder_is_unusable(app_env, tmp_path, m
     at = new_app().run()
     at.switch_page("pages/audit.py").run()
     assert not at.exception and any("audit database cannot be opened" in e.value for e in at.error)
+
+
+def test_a_model_without_trained_weights_says_so_on_every_page(app_env):
+    at = new_app().run()
+    at.switch_page("pages/model.py").run()
+    at.selectbox(key="model_choice").set_value("cifar_resnet32").run()
+    at.button(key="use_model").click().run()
+    for path in ("pages/inspect.py", "pages/thresholds.py", "pages/redundancy.py", "pages/explain.py",
+                 "pages/audit.py", "pages/model.py"):
+        at.switch_page(path).run()
+        assert not at.exception, path
+        assert any("no trained weights" in w.value and "meaningless" in w.value for w in at.warning), path
+
+
+def test_uploads_of_every_readable_format_and_a_refused_file_clears_the_result(app_env, engine):
+    at = new_app().run()
+    at.radio(key="sv_source").set_value("Upload").run()
+    image = Image.open(io.BytesIO(png_bytes(4)))
+    for fmt, suffix in (("TIFF", "tif"), ("ICO", "ico")):
+        buf = io.BytesIO()
+        image.save(buf, format=fmt)
+        at.file_uploader(key="sv_upload").set_value((f"mine.{suffix}", buf.getvalue(), "image/x-test")).run()
+        assert not at.exception and not at.error, fmt
+        assert len(frame(at, "blocks")) == engine.num_blocks
+    at.file_uploader(key="sv_upload").set_value(("drawing.svg", b"<svg></svg>" * 20, "image/svg+xml")).run()
+    assert not at.exception
+    errors = " ".join(e.value for e in at.error)
+    assert "drawing.svg" in errors and "not a recognised image" in errors
+    assert not [d for d in at.dataframe if "decision" in d.value.columns]  # the previous image's result is gone
+    assert not at.metric
+
+
+def test_thresholds_page_words_and_percents(app_env):
+    at = new_app().run()
+    at.switch_page("pages/thresholds.py").run()
+    assert at.slider(key="thresholds_threshold").label == "Gate threshold"
+    assert not [m for m in at.metric if re.search(r"(^|\s)-0\.0+(%| pts)", f"{m.value} {m.delta}")]
+    at.switch_page("pages/explain.py").run()
+    caption = " ".join(c.value for c in at.caption)
+    assert "Policy: gates, threshold" in caption and "{" not in caption
+
+
+def test_downsampling_skips_are_warned_about(app_env, engine):
+    at = new_app().run()
+    at.switch_page("pages/thresholds.py").run()
+    down = next(i for i, b in enumerate(engine.blocks) if b.downsample and b.bypassable)
+    at.selectbox(key=f"override_{down}").set_value("skip").run()
+    assert not at.exception
+    assert any("shortcut" in w.value and "shape" in w.value for w in at.warning)
+    at.switch_page("pages/redundancy.py").run()
+    table = [d.value for d in at.dataframe if "agreement with full" in d.value.columns][0]
+    assert any("1 override in force" in p for p in table["policy"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skipviz import CIFAR_MODEL, GatePolicy, PlanPolicy, load_image, dashboard, figures, policies
+from skipviz import CIFAR_MODEL, FullPolicy, GatePolicy, PlanPolicy, load_image, dashboard, figures, policies
 from skipviz.evaluate import calibration
 from skipviz.samples import sample_bytes, sample_names
 
@@ -56,17 +56,17 @@ def test_inspect_switches_to_the_plan(shipped_env):
     at.radio(key="inspect_source").set_value("plan").run()
     assert not at.exception
     plan_default = net.meta.card["plan"]["default_threshold"]
-    assert at.slider(key="inspect_threshold").value == plan_default  # the plan's own operating point
+    assert at.slider(key="inspect_threshold_plan").value == plan_default  # the plan's own operating point
     table = frame(at, "blocks")
     assert list(table["decision"]) == decisions(net, PlanPolicy(plan_default))
-    at.slider(key="inspect_threshold").set_value(0.5).run()
+    at.slider(key="inspect_threshold_plan").set_value(0.5).run()
     table = frame(at, "blocks")
     assert list(table["decision"]) == decisions(net, PlanPolicy(0.5))
     assert any("decided at the stem" in r for r in table["reason"])
     assert metric(at, "Blocks fired").endswith(f"/{net.num_blocks}")
     at.switch_page("pages/thresholds.py").run()  # the choice and the threshold hold on the Thresholds page
     assert not at.exception and at.radio(key="thresholds_source").value == "plan"
-    assert at.slider(key="thresholds_threshold").value == 0.5
+    assert at.slider(key="thresholds_threshold_plan").value == 0.5
     at.switch_page("pages/redundancy.py").run()  # its comparison row is the session's policy, not the gates
     assert not at.exception
     table = [d.value for d in at.dataframe if "agreement with full" in d.value.columns][0]
@@ -91,3 +91,48 @@ def test_plan_scores_are_labelled_as_plan_probabilities():
     assert "blocks the plan decides" in [tr.name for tr in fig.data]
     gates = dashboard.inspect(net, x, policies.make_policy(net, 0.5))
     assert "gate probability" in dashboard.block_table(gates.trace).columns
+
+
+def slider_in_use(at, page: str):
+    """The page's one threshold slider (a widget per decision source: exactly one is drawn)."""
+    sliders = [s for s in at.slider if str(s.key).startswith(f"{page}_threshold")]
+    assert len(sliders) == 1, [s.key for s in sliders]
+    return sliders[0]
+
+
+def test_the_slider_shows_the_threshold_in_use_after_every_switch(shipped_env):
+    """One threshold per decision source: each switch of source (or page) draws that source's slider, under a key
+    of its own, at the value the table and the metrics use."""
+    from streamlit.testing.v1 import AppTest
+
+    net = dashboard.load_model(CIFAR_MODEL).net
+    plan_default = net.meta.card["plan"]["default_threshold"]
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.slider(key="inspect_threshold").set_value(0.3).run()
+    at.radio(key="inspect_source").set_value("plan").run()
+    s = slider_in_use(at, "inspect")
+    assert s.key == "inspect_threshold_plan" and s.label == "Plan threshold" and s.value == plan_default
+    table = frame(at, "blocks")
+    assert set(table["threshold"].dropna()) == {plan_default}
+    assert list(table["decision"]) == decisions(net, PlanPolicy(plan_default))
+    at.slider(key="inspect_threshold_plan").set_value(0.6).run()
+    at.radio(key="inspect_source").set_value("gates").run()  # back: the gates' own value, not the plan's
+    s = slider_in_use(at, "inspect")
+    assert s.key == "inspect_threshold" and s.label == "Gate threshold" and s.value == 0.3
+    table = frame(at, "blocks")
+    assert set(table["threshold"].dropna()) == {0.3}
+    assert list(table["decision"]) == decisions(net, GatePolicy(0.3))
+    at.switch_page("pages/thresholds.py").run()
+    s = slider_in_use(at, "thresholds")
+    assert s.label == "Gate threshold" and s.value == 0.3
+    at.radio(key="thresholds_source").set_value("plan").run()
+    s = slider_in_use(at, "thresholds")
+    assert s.key == "thresholds_threshold_plan" and s.label == "Plan threshold" and s.value == 0.6
+    calib = calibration.load_calibration(net, 16)
+    full = calibration.evaluate_calibration(net, calib, FullPolicy())
+    point = calibration.evaluate_calibration(net, calib, PlanPolicy(0.6), full.predictions)
+    assert metric(at, "Agreement with full") == dashboard.percent(point.agreement)
+    at.switch_page("pages/inspect.py").run()
+    s = slider_in_use(at, "inspect")
+    assert s.key == "inspect_threshold_plan" and s.value == 0.6
+    assert set(frame(at, "blocks")["threshold"].dropna()) == {0.6}

@@ -32,3 +32,38 @@ def test_one_click_between_the_shipped_models(app_env):
     assert CIFAR_MODEL.partition(".")[0] in at.subheader[1].value
     at.button(key=f"use_{DEFAULT_MODEL}").click().run()
     assert not at.exception and at.session_state["sv_model_key"] == f"registry:{DEFAULT_MODEL}"
+
+
+def test_blocks_without_a_bypass_cannot_be_forced_to_skip(app_env):
+    from streamlit.testing.v1 import AppTest
+
+    from skipviz import create_model
+
+    net = create_model(DEFAULT_MODEL)
+    fixed = next(i for i, b in enumerate(net.blocks) if not b.bypassable)
+    at = AppTest.from_file(APP, default_timeout=180).run()
+    at.switch_page("pages/thresholds.py").run()
+    assert not at.exception
+    assert at.selectbox(key=f"override_{fixed}").options == ["auto", "run"]  # no "skip" offered
+    assert any("cannot be forced to skip" in c.value for c in at.caption)
+    at.session_state["sv_overrides"] = {fixed: "skip"}  # asked for anyway (e.g. a stale setting): refused
+    at.run()
+    assert not at.exception
+    assert any("Override refused" in e.value and "no bypass" in e.value for e in at.error)
+    assert at.session_state["sv_overrides"] == {}
+
+
+def test_identical_weights_upload_keeps_the_registered_model_and_its_card(app_env):
+    from streamlit.testing.v1 import AppTest
+
+    from skipviz import list_pretrained
+
+    shipped = next(w for w in list_pretrained() if w.name == CIFAR_MODEL)
+    at = AppTest.from_file(APP, default_timeout=180).run()
+    at.switch_page("pages/model.py").run()
+    at.selectbox(key="weights_arch").set_value(shipped.arch).run()
+    at.file_uploader(key="weights_upload").set_value(("copy.safetensors", shipped.path.read_bytes(),
+                                                       "application/octet-stream")).run()
+    assert not at.exception
+    assert at.session_state["sv_model_key"] == f"registry:{CIFAR_MODEL}"  # the registry model, card included
+    assert any("byte-identical" in s.value for s in at.success)
