@@ -1,6 +1,7 @@
 """``skipviz train`` (a gated CIFAR ResNet, joint training; or, with ``--model timm:<name>``, decision heads
-distilled from a user's frozen timm network), ``skipviz train-plan`` (a plan head distilled from the gates) and
-``skipviz train-heads`` (heads distilled over a frozen published backbone)."""
+distilled from a user's frozen timm network), ``skipviz finetune`` (a published CIFAR ResNet fine-tuned into a
+gated network that agrees with its own full network), ``skipviz train-plan`` (a plan head distilled from the
+gates) and ``skipviz train-heads`` (heads distilled over a frozen published backbone)."""
 from __future__ import annotations
 
 import argparse
@@ -10,10 +11,12 @@ from pathlib import Path
 from ..training.distill import DistillConfig, distill_heads
 from ..training.distill_export import HeadsExportConfig, export_heads
 from ..training.export import export
+from ..training.finetune import FinetuneConfig, finetune
+from ..training.finetune_export import FinetuneExportConfig, export_finetuned
 from ..training.joint import TrainConfig, train
 from ..training.plan import PlanConfig, export_plan
 
-__all__ = ["add_cli", "cmd_train", "cmd_train_heads", "cmd_train_plan"]
+__all__ = ["add_cli", "cmd_finetune", "cmd_train", "cmd_train_heads", "cmd_train_plan"]
 
 #: ``skipviz train``'s schedule for a CIFAR ResNet (with ``--model``, DistillConfig's defaults apply)
 CIFAR_DEFAULTS = {"epochs": 15, "target_rate": 0.4, "batch_size": 128, "lr": 0.1}
@@ -37,6 +40,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         m = card["metrics_test"]
         print(f"wrote {path}: full {m['full_accuracy']:.2%}, gated {m['gated_accuracy']:.2%} at threshold "
               f"{m['gated_threshold']}, {m['gated_flops_saved_fraction']:.1%} FLOPs saved")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune (or resume) a public CIFAR ResNet with gates, then optionally export weights + card."""
+    cfg = FinetuneConfig(arch=args.arch, init=args.init, data_root=args.data, epochs=args.epochs, seed=args.seed,
+                         target_rate=args.target_rate, out_dir=args.out or f"runs/{args.arch}_gated",
+                         threads=args.threads, autocast_bf16=args.bf16, limit_train=args.limit_train,
+                         batch_size=args.batch_size, val_size=args.val_size)
+    run_dir = finetune(cfg)
+    if args.export:
+        path, card = export_finetuned(FinetuneExportConfig(run_dir=str(run_dir)),
+                                      dest=Path(args.dest) if args.dest else None)
+        m = card["metrics_test"]
+        print(f"wrote {path}: full {m['full_accuracy']:.2%} on test/")
+        for name, point in card["operating_points"]["gates"].items():
+            print(f"  {name} (gates {point['threshold']}): {point['accuracy']:.2%}, "
+                  f"{point['flops_saved_fraction']:.1%} FLOPs saved, agreement {point['agreement_with_full']:.2%}")
     return 0
 
 
@@ -130,7 +151,7 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Add ``skipviz train`` and ``skipviz train-plan`` to the ``skipviz`` command."""
+    """Add ``skipviz train``, ``finetune``, ``train-plan`` and ``train-heads`` to the ``skipviz`` command."""
     t = sub.add_parser("train", help="train a gated CIFAR ResNet, or (--model timm:NAME --weights PATH --data "
                                      "FOLDER) gate, probe and plan heads for your own frozen timm network (resumable)")
     t.add_argument("--arch", default="cifar_resnet20")
@@ -159,6 +180,28 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     u.add_argument("--float32", action="store_true", help="train in float32 instead of bfloat16 autocast")
     t.set_defaults(func=cmd_train)
+
+    f = sub.add_parser("finetune", help="fine-tune a public CIFAR ResNet checkpoint (akamaster) into a gated network: "
+                                         "distillation from its own full network, FLOPs-rate loss (resumable)")
+    f.add_argument("--arch", default="cifar_resnet56")
+    f.add_argument("--init", default=None, help="the public .th checkpoint (default: the akamaster file of this "
+                                                "depth under $SKIPVIZ_AKAMASTER or ../shared/weights)")
+    f.add_argument("--epochs", type=int, default=FinetuneConfig.epochs)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--target-rate", type=float, default=FinetuneConfig.target_rate,
+                   help="fraction of the gated blocks' FLOPs executed on average")
+    f.add_argument("--data", default=None, help="ImageFolder root (default: $SKIPVIZ_CIFAR10 or ../shared)")
+    f.add_argument("--out", default=None, help="run folder (default runs/ARCH_gated)")
+    f.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    f.add_argument("--bf16", action="store_true", help="bfloat16 autocast (1.5x faster on an AVX-512 BF16 CPU, "
+                                                       "benchmarks/results/train_speed_cpu.md)")
+    f.add_argument("--batch-size", type=int, default=FinetuneConfig.batch_size)
+    f.add_argument("--val-size", type=int, default=FinetuneConfig.val_size,
+                   help="validation images carved from train/ (the operating points are chosen on them)")
+    f.add_argument("--limit-train", type=int, default=None, help="use only this many training images")
+    f.add_argument("--export", action="store_true", help="evaluate, fit the plan head, write weights + card to data/")
+    f.add_argument("--dest", default=None, help="export folder (default data/)")
+    f.set_defaults(func=cmd_finetune)
 
     tp = sub.add_parser("train-plan", help="train a plan head (every gated block decided up front) for a "
                                            "trained gated model, by distillation from its gates")

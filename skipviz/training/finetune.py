@@ -17,7 +17,8 @@ Probe heads learn on detached features (cross-entropy, as :func:`skipviz.trainin
 deterministic at inference (a block runs iff sigmoid(logit) >= threshold). The validation split is 5,000
 images carved from ``train/`` (seed 0) by :func:`skipviz.training.joint.load_data`. Resumable: ``<out_dir>/last.pt``
 (weights-only loadable: model, optimiser, epoch, RNG states) after every epoch; :func:`finetune` resumes it.
-Export: :func:`export_finetuned` (threshold curves, the "fast" and "faithful" operating points, model card).
+Export: :func:`skipviz.training.finetune_export.export_finetuned` (threshold curves, the "fast" and "faithful"
+operating points, model card).
 """
 from __future__ import annotations
 
@@ -29,26 +30,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
 from ..data import TensorDataset, augment, batches, normalize
 from ..engine.network import SkipNetwork
-from ..evaluate.loop import evaluate_policy, pick_threshold
-from ..measure.clock import device_info
+from ..evaluate.loop import evaluate_policy
 from ..models._registry import create_model
 from ..models.cifar_import import akamaster_file, import_cifar_resnet
 from ..policies.simple import FullPolicy
 from ..policies.threshold import GatePolicy
-from .export import export
-from .joint import TrainConfig, load_data, one_cycle_lr, rate_target
-from .plan import PlanConfig, export_plan
+from .joint import load_data, one_cycle_lr, rate_target
 
-__all__ = ["FinetuneConfig", "FinetuneExportConfig", "compare_precision", "export_finetuned", "finetune",
-           "finetune_step", "init_network", "measure_step_speed", "pick_agreement_threshold"]
+__all__ = ["FinetuneConfig", "compare_precision", "finetune", "finetune_step", "init_network", "measure_step_speed",
+           "monitor"]
 
 
 @dataclass
@@ -339,102 +335,3 @@ def compare_precision(cfg: FinetuneConfig, steps: int = 300, progress: bool = Tr
                      "seconds": seconds, "img_per_s": len(order) * cfg.batch_size / seconds,
                      **monitor(net, val_set)})
     return rows
-
-
-# ------------------------------------------------------------------------------------------------- export
-@dataclass
-class FinetuneExportConfig:
-    """Exporting a :func:`finetune` run: thresholds of the gate curve, the operating-point rules, and the plan
-    head fitted afterwards from the trained gates (:func:`skipviz.training.plan.export_plan`)."""
-
-    run_dir: str = "runs/cifar_resnet56_gated"
-    thresholds: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
-    max_drop_points: float = 0.5  # "fast": largest FLOPs cut with at most this accuracy drop vs full
-    min_agreement: float = 0.99  # "faithful": largest FLOPs cut with at least this top-1 agreement with full
-    plan: bool = True
-    plan_epochs: int = 40
-    progress: bool = True
-
-
-def pick_agreement_threshold(curve: pd.DataFrame, min_agreement: float = 0.99) -> float | None:
-    """The threshold whose run agrees with the full network on at least ``min_agreement`` of the inputs with
-    the largest FLOPs cut (rows: threshold, flops_saved_fraction, agreement_with_full); ``None`` if none does."""
-    faithful = curve.loc[curve["agreement_with_full"] >= min_agreement]
-    if faithful.empty:
-        return None
-    best = faithful["flops_saved_fraction"].max()
-    return float(faithful.loc[faithful["flops_saved_fraction"] == best, "threshold"].min())
-
-
-def _row(rows: list[dict], threshold: float) -> dict:
-    return next(r for r in rows if r["threshold"] == threshold)
-
-
-def _operating_points(val_rows: list[dict], test_rows: list[dict], fast: float, cfg: FinetuneExportConfig) -> dict:
-    """``{"fast": {...}, "faithful": {...}}`` for one decision source: the threshold, its test metrics (flat),
-    its validation metrics, the rule and whether the validation curve met it."""
-    val = pd.DataFrame(val_rows)
-    fast = fast if fast is not None else pick_threshold(val, cfg.max_drop_points)
-    faithful = pick_agreement_threshold(val, cfg.min_agreement)
-    met_faithful = faithful is not None
-    if faithful is None:  # the closest the curve comes: the threshold of highest agreement
-        faithful = float(val.sort_values(["agreement_with_full", "threshold"], ascending=[False, True]).iloc[0]["threshold"])
-    points = {}
-    for name, t, rule, met in (
-            ("fast", fast, f"largest FLOPs cut on validation with accuracy drop <= {cfg.max_drop_points} points vs "
-                           "the same full network (decision heads counted)",
-             _row(val_rows, fast)["accuracy_drop_points"] <= cfg.max_drop_points),
-            ("faithful", faithful, f"largest FLOPs cut on validation with top-1 agreement >= {cfg.min_agreement:.0%} "
-                                   "with the same full network (decision heads counted)", met_faithful)):
-        test = {k: v for k, v in _row(test_rows, t).items() if k != "threshold"}
-        points[name] = {"threshold": t, **test, "validation": _row(val_rows, t), "rule": rule,
-                        "rule_met_on_validation": bool(met)}
-    return points
-
-
-def _training_section(run_dir: Path, fcfg: FinetuneConfig, log: list[dict]) -> dict:
-    speed = run_dir / "speed.json"
-    init_card = json.loads((run_dir / "init" / f"{fcfg.arch}_akamaster.json").read_text())
-    return {"method": "fine-tuned from the imported public checkpoint: backbone, gate and probe heads jointly; "
-                      "full-path CE + KL(full || gated) distillation + FLOPs-rate loss (skipviz.training.finetune)",
-            "start": "the public checkpoint (measured here: 83.1% on the JPEG test/ before, plain fine-tuning "
-                     "89.6% after 2 epochs), not from scratch: a from-scratch ResNet-56 needs far more CPU hours",
-            "config": asdict(fcfg), "epochs_run": sum(1 for r in log if r.get("epoch", 0) > 0), "log": log,
-            "hours": sum(r.get("seconds", 0.0) for r in log) / 3600, "init": init_card["source"],
-            "speed": json.loads(speed.read_text()) if speed.is_file() else None,
-            "device": "cpu", "cpu": device_info("cpu").device_name, "threads": fcfg.threads}
-
-
-def export_finetuned(cfg: FinetuneExportConfig, dest: Path | None = None) -> tuple[Path, dict]:
-    """Evaluate a finished :func:`finetune` run and write ``<arch>_cifar10_gated.safetensors`` + card to ``dest``
-    (default ``data/``) with :func:`skipviz.training.export.export` (threshold curves on validation and ``test/``, blocks
-    used by right vs wrong predictions, per class, early-exit curve), then the plan head
-    (:func:`skipviz.training.plan.export_plan`) and the card's ``operating_points``: ``fast`` (the gates' default
-    threshold) and ``faithful``, chosen on validation, reported on ``test/``."""
-    run_dir = Path(cfg.run_dir)
-    fcfg = FinetuneConfig(**json.loads((run_dir / "config.json").read_text()))
-    tcfg = TrainConfig(arch=fcfg.arch, data_root=fcfg.data_root, epochs=fcfg.epochs, val_size=fcfg.val_size,
-                       seed=fcfg.seed, limit_train=fcfg.limit_train, out_dir=str(run_dir),
-                       model_kwargs=fcfg.model_kwargs)
-    weights_path, card = export(tcfg, run_dir, thresholds=list(cfg.thresholds), progress=cfg.progress, dest=dest)
-    if cfg.plan:
-        weights_path, card = export_plan(PlanConfig(arch=fcfg.arch, weights=str(weights_path), data_root=fcfg.data_root,
-                                                    epochs=cfg.plan_epochs, val_size=fcfg.val_size, seed=fcfg.seed,
-                                                    limit_train=fcfg.limit_train),
-                                         progress=cfg.progress, dest=weights_path.parent)
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    card["training"] = _training_section(run_dir, fcfg, log)
-    card["source"] = card["training"]["init"]
-    card["license"] = json.loads((run_dir / "init" / f"{fcfg.arch}_akamaster.json").read_text())["license"]
-    points = {"gates": _operating_points(card["metrics_validation"]["gate_curve"], card["metrics_test"]["gate_curve"],
-                                         card["default_policy"]["threshold"], cfg)}
-    if cfg.plan:
-        points["plan"] = _operating_points(card["plan"]["validation"]["curve"], card["plan"]["curve_test"],
-                                           card["plan"]["default_threshold"], cfg)
-    card["operating_points"] = points
-    card["default_policy"]["operating_point"] = "fast"
-    card["reproduce"] = ("python -c \"import json; from skipviz.training.finetune import *; "
-                         f"finetune(FinetuneConfig(**json.load(open('{run_dir}/config.json')))); "
-                         f"export_finetuned(FinetuneExportConfig(run_dir='{run_dir}'))\"")
-    weights_path.with_suffix(".json").write_text(json.dumps(card, indent=2))
-    return weights_path, card

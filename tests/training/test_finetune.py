@@ -11,11 +11,10 @@ from PIL import Image
 
 from skipviz import create_model
 from skipviz.policies import GatePolicy
-from skipviz.training.finetune import (FinetuneConfig, FinetuneExportConfig, compare_precision, export_finetuned,
-                                       finetune, measure_step_speed, pick_agreement_threshold)
+from skipviz.training.finetune import FinetuneConfig, compare_precision, finetune, measure_step_speed
+from skipviz.training.finetune_export import FinetuneExportConfig, export_finetuned
 from skipviz.models.weights import CIFAR10_CLASSES, IMAGENET_MEAN
 
-import pandas as pd
 
 
 def _image_folder(root, per_class: dict[str, int]):
@@ -112,8 +111,16 @@ def test_speed_and_precision_checks(tiny):
     assert all(0 <= r["val_full_acc"] <= 1 and r["steps"] == 2 for r in rows)
 
 
-def test_pick_agreement_threshold():
-    curve = pd.DataFrame({"threshold": [0.3, 0.5, 0.7], "flops_saved_fraction": [0.2, 0.4, 0.6],
-                          "agreement_with_full": [0.995, 0.99, 0.9]})
-    assert pick_agreement_threshold(curve, 0.99) == 0.5
-    assert pick_agreement_threshold(curve, 0.999) is None
+
+def test_finetune_command_trains_and_exports(tiny, capsys):
+    from skipviz.cli import main
+
+    cfg, tmp_path = tiny
+    rc = main(["finetune", "--arch", "cifar_resnet20", "--init", cfg.init, "--data", cfg.data_root, "--out",
+               cfg.out_dir, "--epochs", "1", "--batch-size", "10", "--val-size", "10", "--threads", "1",
+               "--target-rate", "0.5", "--export", "--dest", str(tmp_path / "data")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "fast (gates" in out and "faithful (gates" in out
+    card = json.loads((tmp_path / "data" / "cifar_resnet20_cifar10_gated.json").read_text())
+    assert card["training"]["epochs_run"] == 1 and card["operating_points"]["gates"]["fast"]["threshold"] > 0
