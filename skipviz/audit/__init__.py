@@ -12,6 +12,10 @@
 * :mod:`~skipviz.audit.reproduce` - :func:`reproduce`, :func:`reproduce_many`, :func:`reproduce_sample`.
 * :mod:`~skipviz.audit.report` - the HTML/JSON/CSV report of a stored run (it never runs the network).
 
+Private helpers: ``_store_schema`` (the database schema and migrations) and ``_store_queries`` (record queries)
+under the store, ``_batches`` (one batch loaded and run) under the run, ``_report_html`` (the page) under the
+report.
+
 The ``skipviz audit`` command is :mod:`skipviz.cli.audit`; throughput is :func:`skipviz.measure.runs.measure_throughput`.
 """
 from .archive import ArchiveError, InputItem, ZipLimits, collect_inputs, input_keys, items_from_uploads, read_source

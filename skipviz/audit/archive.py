@@ -167,6 +167,28 @@ def _declared_problem(info: zipfile.ZipInfo, limits: ZipLimits, archive: str) ->
     return None
 
 
+def _read_image_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, item: InputItem, limits: ZipLimits,
+                       archive: str, used: int) -> int:
+    """Decompress an image member into ``item.data`` within the limits (``used``: the uncompressed bytes the
+    archive's earlier members took), or set ``item.error`` with the reason and drop its source. Returns the
+    bytes it took (0 when refused)."""
+    item.error = _declared_problem(info, limits, archive)
+    if item.error is None and used + info.file_size > limits.max_total_bytes:
+        item.error = (f"{archive}: member {info.filename!r} refused: the archive's members pass "
+                      f"{limits.max_total_bytes / 2**20:.0f} MiB uncompressed in all (possible zip bomb)")
+    if item.error is None:
+        try:
+            item.data = _read_member(zf, info, limits, archive, limits.max_total_bytes - used)
+        except ArchiveError as e:
+            item.error = str(e)
+        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError, ValueError,
+                zlib.error, lzma.LZMAError) as e:  # a damaged stream: deflate and LZMA raise their own
+            item.error = f"{archive}: member {info.filename!r} could not be decompressed ({e})"
+    if item.error is not None:
+        item.source = None
+    return len(item.data) if item.error is None else 0
+
+
 def read_zip(source: str | Path | bytes | BinaryIO, labels_from_folders: bool = False,
              limits: ZipLimits | None = None, name: str | None = None, prefix: str | None = None) -> list[InputItem]:
     """Every member of a zip archive as an :class:`InputItem` (sorted by member name; folders left out).
@@ -219,21 +241,7 @@ def read_zip(source: str | Path | bytes | BinaryIO, labels_from_folders: bool = 
                                                  "be told apart from the first, so it is not audited")
             else:
                 seen.add(info.filename)
-                item.error = _declared_problem(info, limits, archive)
-                if item.error is None and used + info.file_size > limits.max_total_bytes:
-                    item.error = (f"{archive}: member {info.filename!r} refused: the archive's members pass "
-                                  f"{limits.max_total_bytes / 2**20:.0f} MiB uncompressed in all (possible zip bomb)")
-                if item.error is None:
-                    try:
-                        item.data = _read_member(zf, info, limits, archive, limits.max_total_bytes - used)
-                        used += len(item.data)
-                    except ArchiveError as e:
-                        item.error = str(e)
-                    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError, ValueError,
-                            zlib.error, lzma.LZMAError) as e:  # a damaged stream: deflate and LZMA raise their own
-                        item.error = f"{archive}: member {info.filename!r} could not be decompressed ({e})"
-                if item.error is not None:
-                    item.source = None
+                used += _read_image_member(zf, info, item, limits, archive, used)
             items.append(item)
     return items
 

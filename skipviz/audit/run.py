@@ -17,35 +17,32 @@ skipping the inputs it already recorded, so every input appears exactly once.
 
 Throughput: while a batch runs on the model, the next one is read, hashed, decoded and preprocessed in a
 background thread (Pillow and torch release the GIL), and thumbnails (small JPEGs) are made only for the
-inputs a report shows: disagreements and a sample.
+inputs a report shows: disagreements and a sample. One batch's loading and running is
+:mod:`skipviz.audit._batches`; this module enumerates the inputs, drives the batches and stores them.
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
-import io
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
-from PIL import Image
 
-from .._imageio import ImageLoadError, load_image, read_bytes
-from ..measure.clock import environment, measure_interleaved, synchronize
+from .._imageio import ImageLoadError, load_image
+from ..measure.clock import environment, measure_interleaved
 from ..measure.runs import default_audit_batch_size
 from ..measure.saving import machine_busy, paired_saving
 from ..models._registry import create_model
 from ..policies.base import Policy
 from ..policies.threshold import policy_for
-from ..redundancy import kl_from_logits
+from ._batches import THUMBNAIL_PX, BatchRunner, load_batch  # noqa: F401  (THUMBNAIL_PX: importable from here)
 from .archive import ArchiveError, InputItem, collect_inputs, input_keys, items_from_uploads, read_source
 from .records import AuditRecord, AuditRun
-from .store import AuditStore, StoreError, utc_now
+from .store import AuditStore, StoreError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.network import SkipNetwork
@@ -53,7 +50,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["ProgressFn", "audit_items", "audit_uploaded_files", "find_resumable_run", "load_run",
            "measure_run_latency", "model_name_of", "params_sha256", "run_audit"]
 
-THUMBNAIL_PX = 48
 THUMBNAIL_SAMPLE = 32  # agreeing inputs that get a thumbnail (every disagreement gets one)
 LATENCY_ROUNDS = 15  # paired rounds of the latency measurement after the audit (0: not measured)
 LATENCY_SAMPLE = 256  # at most this many of the run's inputs, one batch, are timed
@@ -77,12 +73,6 @@ def model_name_of(net: "SkipNetwork") -> str:
     """``arch.weights_name`` (or just ``arch`` for random init): what :func:`rebuild_model` resolves."""
     return f"{net.meta.arch}.{net.meta.weights_name}" if net.meta.weights_name else net.meta.arch
 
-
-def _thumbnail(small: Image.Image) -> str:
-    """A small JPEG of an already reduced image, base64 (about 1-2 KB)."""
-    buf = io.BytesIO()
-    small.save(buf, format="JPEG", quality=70)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _as_store(db: str | Path | AuditStore) -> tuple[AuditStore, bool]:
@@ -121,154 +111,6 @@ def find_resumable_run(store: AuditStore, net: "SkipNetwork", policy: Policy, in
         return None
     rows.sort(key=lambda r: (r["status"] != "finished", r["created_at"]))
     return str(rows[-1]["run_id"])
-
-
-# ----------------------------------------------------------------------------------------------- batches
-@dataclass
-class _Loaded:
-    """One decoded input of a batch: its record, a small copy for a thumbnail, its (1, 3, H, W) tensor."""
-
-    record: AuditRecord
-    small: Image.Image
-    tensor: torch.Tensor
-
-
-@dataclass
-class _Batch:
-    """A batch read and preprocessed: every input's record and in-memory bytes, and the inputs that loaded."""
-
-    records: list[AuditRecord]
-    data: list[bytes | None]
-    loaded: list[_Loaded]
-
-
-def _hash_file(path: str) -> str | None:
-    """SHA-256 of a regular file too large to load, read in chunks (``None`` when it cannot be read)."""
-    try:
-        p = Path(path)
-        if not p.is_file():
-            return None
-        with p.open("rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-    except OSError:
-        return None
-
-
-def _load_one(item: InputItem, net: "SkipNetwork") -> tuple[Image.Image, dict, torch.Tensor, str]:
-    """Read, hash, decode and preprocess one input: ``(small copy, image info, (1, 3, H, W), sha256)``."""
-    source = item.read()
-    data, _ = read_bytes(source, name=item.name) if isinstance(source, str) else (source, item.name)
-    sha = hashlib.sha256(data).hexdigest()
-    try:
-        image, info = load_image(data, name=item.name)
-        tensor = net.meta.preprocess(image)
-    except ImageLoadError as e:
-        raise _Failed(str(e), sha) from e
-    except (OSError, ValueError, RuntimeError) as e:
-        raise _Failed(f"{item.name}: could not be preprocessed for the model ({e})", sha) from e
-    small = image.copy()
-    small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-    return small, {**info.to_dict(), "name": item.name}, tensor, sha
-
-
-class _Failed(Exception):
-    """An input whose bytes were read (``sha256``) but that could not be used."""
-
-    def __init__(self, message: str, sha256: str | None) -> None:
-        super().__init__(message)
-        self.sha256 = sha256
-
-
-def _load_batch(chunk: Sequence[InputItem], base: dict, net: "SkipNetwork", b: int) -> _Batch:
-    """One batch's inputs read and preprocessed: every input's record (failed or skipped for an input that
-    cannot or need not be run), its in-memory bytes, and the inputs that loaded."""
-    out = _Batch([], [], [])
-    for item in chunk:
-        item_base = dict(input_name=item.name, input_path=item.source, label=item.label, batch_index=b, **base)
-        if item.skipped is not None:
-            rec = AuditRecord(status="skipped", error=item.skipped, timestamp=utc_now(), **item_base)
-        else:
-            try:
-                small, info, tensor, sha = _load_one(item, net)
-            except (_Failed, ImageLoadError, ArchiveError, OSError, ValueError, RuntimeError, MemoryError) as e:
-                # one input that cannot be read (or fits in no memory) is a failed row; the audit goes on
-                error = str(e) if not isinstance(e, MemoryError) else f"{item.name}: out of memory reading it ({e})"
-                sha = getattr(e, "sha256", None)
-                if sha is None and item.data is not None and item.error is None:
-                    sha = hashlib.sha256(item.data).hexdigest()
-                elif sha is None and item.error is None and item.source and "::" not in item.source:
-                    sha = _hash_file(item.source)  # e.g. a file over the size limit: still identified
-                rec = AuditRecord(status="failed", error=error, timestamp=utc_now(), input_sha256=sha, **item_base)
-            else:
-                rec = AuditRecord(status="ok", timestamp="", input_sha256=sha, image=info, **item_base)
-                out.loaded.append(_Loaded(rec, small, tensor))
-        out.records.append(rec)
-        out.data.append(item.data)
-    return out
-
-
-class _Runner:
-    """Runs batches under the policy and through the full network, fills their records, keeps the timings and
-    the first batch's inputs (the latency sample)."""
-
-    def __init__(self, net: "SkipNetwork", policy: Policy, device: torch.device, thumbnails: int,
-                 sample_size: int) -> None:
-        self.net, self.policy, self.device = net, policy, device
-        self.thumbnails_left = thumbnails
-        self.sample_size = sample_size
-        self.sample: torch.Tensor | None = None
-        self.timings = {"skip_s": 0.0, "full_s": 0.0, "images": 0, "batches": 0, "wall_s": 0.0}
-
-    def run(self, batch: _Batch, b: int) -> None:
-        loaded = batch.loaded
-        if not loaded:
-            return
-        x = torch.cat([ld.tensor for ld in loaded]).to(self.device)
-        if self.sample is None and self.sample_size > 0:
-            self.sample = x[: self.sample_size]
-        net, policy, device = self.net, self.policy, self.device
-        with torch.no_grad():
-            if self.timings["batches"] == 0:  # first-call overheads (allocator, kernel selection) stay out
-                net.run(x[:2], policy)
-                net(x[:2])
-            synchronize(device)
-            t0 = time.perf_counter()
-            res = net.run(x, policy)
-            synchronize(device)
-            t1 = time.perf_counter()
-            full_logits = net(x)
-            synchronize(device)
-            t2 = time.perf_counter()
-        n = x.shape[0]
-        self.timings["skip_s"] += t1 - t0
-        self.timings["full_s"] += t2 - t1
-        self.timings["images"] += n
-        self.timings["batches"] += 1
-        kl = kl_from_logits(full_logits, res.logits).cpu()
-        full_cpu = full_logits.detach().float().cpu()
-        fconf, fpred = torch.softmax(full_cpu, dim=1).max(1)
-        classes = net.meta.classes
-        stamp = utc_now()
-        for pos, (ld, tr) in enumerate(zip(loaded, res.traces())):
-            rec, k = ld.record, int(fpred[pos])
-            rec.timestamp = stamp
-            rec.trace = tr.to_dict()
-            rec.predicted_index, rec.predicted_label, rec.confidence = (tr.predicted_index, tr.predicted_label,
-                                                                        tr.confidence)
-            rec.full_logits = full_cpu[pos].tolist()
-            rec.full_predicted_index = k
-            rec.full_predicted_label = classes[k] if k < len(classes) else str(k)
-            rec.full_confidence = float(fconf[pos])
-            rec.agree = rec.full_predicted_index == rec.predicted_index
-            rec.kl_full_skipped = float(kl[pos])
-            rec.flops_executed, rec.flops_full = tr.flops_executed, tr.flops_full
-            rec.blocks_executed, rec.blocks_total = tr.blocks_executed, tr.blocks_total
-            rec.latency_ms = 1000.0 * (t1 - t0) / n
-            rec.full_latency_ms = 1000.0 * (t2 - t1) / n
-            rec.batch_index, rec.batch_pos, rec.batch_size = b, pos, n
-            if not rec.agree or self.thumbnails_left > 0:  # thumbnails only where a report shows them
-                rec.thumbnail_png_b64 = _thumbnail(ld.small)
-                self.thumbnails_left -= bool(rec.agree)
 
 
 # ------------------------------------------------------------------------------------------------ latency
@@ -333,6 +175,66 @@ def _sample_from_store(store: AuditStore, run_id: str, net: "SkipNetwork", n: in
 
 
 # -------------------------------------------------------------------------------------------------- audit
+def _open_run(store: AuditStore, run_id: str, resumed_id: str | None, base: dict, config: dict,
+              thumbnails: int) -> tuple[set[str], int, int]:
+    """Register a new run (model, weights and policy from the records' shared fields ``base``), or reopen the one
+    being resumed: ``(keys of the inputs it already recorded, index of its next batch, thumbnails still to
+    make)``."""
+    if resumed_id is None:
+        store.create_run(run_id, base["model_name"], base["weights_sha256"], base["policy"], config)
+        return set(), 0, thumbnails
+    store.reopen_run(run_id, config)
+    recorded = store.recorded_inputs(run_id)
+    done = set(input_keys(recorded))
+    last = store.last_batch(run_id)
+    thumbnails = max(0, thumbnails - len(store.query(run_id=run_id, status="ok", limit=thumbnails)))
+    return done, 0 if last is None else last + 1, thumbnails
+
+
+def _versions(env: dict) -> dict:
+    """The software versions every record of a run stores, from :func:`environment`'s ``env``."""
+    return {k: env[k] for k in ("skipviz", "torch", "torchvision", "numpy", "python", "torch_threads")}
+
+
+def _run_summary(run: AuditRun) -> dict:
+    """What the store keeps of a finished run: counts, timings, throughput, environment, latency and how many
+    inputs an earlier attempt had recorded."""
+    return {"n_ok": len(run.ok_records), "n_failed": len(run.failed_records), "n_skipped": len(run.skipped_records),
+            "timings": run.timings, "throughput": run.throughput(), "environment": run.environment,
+            "latency": run.latency, "resumed": run.resumed}
+
+
+def _run_batches(store: AuditStore, todo: Sequence[InputItem], base: dict, runner: BatchRunner, batch_size: int,
+                 first_batch: int, progress: ProgressFn | None, already: int
+                 ) -> tuple[list[AuditRecord], dict[int, bytes]]:
+    """Audit ``todo`` in batches numbered from ``first_batch``, each stored in one transaction before the next one
+    runs, the next one read and decoded in a background thread meanwhile. Returns the records and the bytes of
+    the inputs that have no path (uploads), by record id."""
+    sources: dict[int, bytes] = {}
+    records: list[AuditRecord] = []
+    net, total = runner.net, len(todo)
+    if progress:
+        progress(0.0 if total else 1.0, f"0/{total} inputs" + (f" ({already} already recorded)" if already else ""))
+    chunks = [todo[s: s + batch_size] for s in range(0, total, batch_size)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="skipviz-audit-load") as pool:
+        pending: Future | None = pool.submit(load_batch, chunks[0], base, net, first_batch) if chunks else None
+        for k in range(len(chunks)):
+            b = first_batch + k
+            batch = pending.result()
+            # the next batch is read and decoded while this one runs on the model
+            pending = pool.submit(load_batch, chunks[k + 1], base, net, b + 1) if k + 1 < len(chunks) else None
+            runner.run(batch, b)
+            store.add_records(batch.records)  # one transaction per batch: a kill -9 loses at most one batch
+            for rec, data in zip(batch.records, batch.data):
+                if data is not None and rec.input_path is None and rec.record_id is not None:
+                    sources[rec.record_id] = data
+            records.extend(batch.records)
+            if progress:
+                done_n = min((k + 1) * batch_size, total)
+                progress(done_n / total, f"{done_n}/{total} inputs")
+    return records, sources
+
+
 def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy | None,
                 db: str | Path | AuditStore, batch_size: int | None = None, progress: ProgressFn | None = None,
                 run_id: str | None = None, thumbnails: bool = True, extra_config: dict | None = None,
@@ -354,10 +256,7 @@ def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy |
     batch_size = default_audit_batch_size(net) if batch_size is None else int(batch_size)
     device = next(net.parameters()).device
     env = environment(device)
-    versions = {k: env[k] for k in ("skipviz", "torch", "torchvision", "numpy", "python", "torch_threads")}
-    model_name = model_name_of(net)
-    psha = params_sha256(net)
-    pconf = policy.config()
+    model_name, psha, pconf = model_name_of(net), params_sha256(net), policy.config()
     extra = dict(extra_config or {})
     inputs = {k: extra[k] for k in ("paths", "labels_from_folders") if k in extra}
     store, owned = _as_store(db)
@@ -366,43 +265,13 @@ def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy |
     config = {"model": model_name, "model_meta": net.meta.to_dict(), "params_sha256": psha, "policy": pconf,
               "batch_size": batch_size, "n_inputs": len(items), "device": str(device), **extra}
     base = dict(run_id=run_id, model_name=model_name, weights_sha256=net.meta.weights_sha256, params_sha256=psha,
-                policy=pconf, device=str(device), versions=versions)
-    sources: dict[int, bytes] = {}
-    records: list[AuditRecord] = []
-    done: set[str] = set()
-    first_batch, thumbs = 0, THUMBNAIL_SAMPLE if thumbnails else 0
+                policy=pconf, device=str(device), versions=_versions(env))
     try:
-        if resumed_id is not None:
-            store.reopen_run(run_id, config)
-            recorded = store.recorded_inputs(run_id)
-            done = set(input_keys(recorded))
-            last = store.last_batch(run_id)
-            first_batch = 0 if last is None else last + 1
-            thumbs = max(0, thumbs - len(store.query(run_id=run_id, status="ok", limit=thumbs)))
-        else:
-            store.create_run(run_id, model_name, net.meta.weights_sha256, pconf, config)
+        done, first_batch, thumbs = _open_run(store, run_id, resumed_id, base, config,
+                                              THUMBNAIL_SAMPLE if thumbnails else 0)
         todo = [it for it, key in zip(items, input_keys((i.name, i.source) for i in items)) if key not in done]
-        total = len(todo)
-        if progress:
-            progress(0.0 if total else 1.0, f"0/{total} inputs" + (f" ({len(done)} already recorded)" if done else ""))
-        runner = _Runner(net, policy, device, thumbs, latency_sample if latency_rounds > 0 else 0)
-        chunks = [todo[s: s + batch_size] for s in range(0, total, batch_size)]
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="skipviz-audit-load") as pool:
-            pending: Future | None = pool.submit(_load_batch, chunks[0], base, net, first_batch) if chunks else None
-            for k in range(len(chunks)):
-                b = first_batch + k
-                batch = pending.result()
-                # the next batch is read and decoded while this one runs on the model
-                pending = pool.submit(_load_batch, chunks[k + 1], base, net, b + 1) if k + 1 < len(chunks) else None
-                runner.run(batch, b)
-                store.add_records(batch.records)  # one transaction per batch: a kill -9 loses at most one batch
-                for rec, data in zip(batch.records, batch.data):
-                    if data is not None and rec.input_path is None and rec.record_id is not None:
-                        sources[rec.record_id] = data
-                records.extend(batch.records)
-                if progress:
-                    done_n = min((k + 1) * batch_size, total)
-                    progress(done_n / total, f"{done_n}/{total} inputs")
+        runner = BatchRunner(net, policy, device, thumbs, latency_sample if latency_rounds > 0 else 0)
+        records, sources = _run_batches(store, todo, base, runner, batch_size, first_batch, progress, len(done))
         timings = runner.timings
         timings["wall_s"] = time.perf_counter() - started
         if resumed_id is not None:
@@ -415,10 +284,7 @@ def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy |
                        weights_sha256=net.meta.weights_sha256, params_sha256=psha, policy=pconf, config=config,
                        environment=env, records=records, timings=timings, sources=sources, latency=latency,
                        resumed=len(done))
-        store.finish_run(run_id, {"n_ok": len(run.ok_records), "n_failed": len(run.failed_records),
-                                  "n_skipped": len(run.skipped_records), "timings": timings,
-                                  "throughput": run.throughput(), "environment": env, "latency": latency,
-                                  "resumed": len(done)})
+        store.finish_run(run_id, _run_summary(run))
         return run
     except BaseException as e:  # Ctrl-C, SIGTERM (the CLI raises SystemExit), a Streamlit rerun, an error
         with contextlib.suppress(Exception):

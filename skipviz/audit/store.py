@@ -11,14 +11,15 @@ Durability and concurrency:
   the database is opened, with the last batch it stored (:meth:`AuditStore.reap_dead_runs`); it is never
   left ``running``. Such a run can be continued (:meth:`AuditStore.reopen_run`, ``skipviz audit --resume``).
 
-The module imports only the standard library at load time (pandas and the record class,
-:mod:`skipviz.audit.records`, the layer below this one, are imported when used), so a writer process can load
-this file on its own and starts quickly.
+The module imports only the standard library at load time, and so does its schema
+(:mod:`skipviz.audit._store_schema`); pandas, the record class (:mod:`skipviz.audit.records`, the layer below
+this one) and the record queries built on it (:mod:`skipviz.audit._store_queries`) are imported when used. A
+writer process can therefore load this folder's store files without the package and starts quickly.
 
 Schema versioning: the version lives in ``PRAGMA user_version`` (and in the ``meta`` table for people reading
 the file). Opening a file written by a NEWER SkipViz raises :class:`SchemaVersionError`; an older one is
-migrated in place by the steps in ``MIGRATIONS`` (version 1 -> 2 adds the run's last batch, owner and
-heartbeat; a version-1 file stays readable and its runs keep their records).
+migrated in place by the steps in ``MIGRATIONS`` (:mod:`skipviz.audit._store_schema`; version 1 -> 2 adds the
+run's last batch, owner and heartbeat; a version-1 file stays readable and its runs keep their records).
 """
 from __future__ import annotations
 
@@ -33,60 +34,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+from ._store_schema import MIGRATIONS, SCHEMA_VERSION
+
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
     from .records import AuditRecord
 
-SCHEMA_VERSION = 2
+_SCHEMA_V1 = MIGRATIONS[0]  # the version-1 schema (tests build a version-1 file from it)
 BUSY_TIMEOUT_MS = 30_000
-
-_SCHEMA_V1 = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
-    created_at TEXT NOT NULL,
-    finished_at TEXT,
-    status TEXT NOT NULL,
-    model_name TEXT NOT NULL,
-    weights_sha256 TEXT,
-    policy_json TEXT NOT NULL,
-    config_json TEXT NOT NULL,
-    n_records INTEGER NOT NULL DEFAULT 0,
-    summary_json TEXT
-);
-CREATE TABLE IF NOT EXISTS records (
-    record_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    run_id TEXT NOT NULL REFERENCES runs(run_id),
-    batch_index INTEGER,
-    batch_pos INTEGER,
-    timestamp TEXT NOT NULL,
-    status TEXT NOT NULL,
-    input_name TEXT NOT NULL,
-    input_sha256 TEXT,
-    model_name TEXT NOT NULL,
-    weights_sha256 TEXT,
-    label TEXT,
-    predicted_label TEXT,
-    full_predicted_label TEXT,
-    agree INTEGER,
-    record_json TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS records_run ON records(run_id, batch_index, batch_pos);
-CREATE INDEX IF NOT EXISTS records_model ON records(model_name);
-CREATE INDEX IF NOT EXISTS records_sha ON records(input_sha256);
-CREATE INDEX IF NOT EXISTS records_time ON records(timestamp);
-"""
-
-_V1_TO_V2 = """
-ALTER TABLE runs ADD COLUMN last_batch INTEGER;
-ALTER TABLE runs ADD COLUMN owner_json TEXT;
-ALTER TABLE runs ADD COLUMN heartbeat_at TEXT;
-CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
-"""
-
-# MIGRATIONS[v] upgrades a database at version v to v + 1 (run inside one transaction).
-MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1, 1: _V1_TO_V2}
 
 RUN_STATUSES = ("running", "finished", "interrupted")
 
@@ -102,21 +58,6 @@ class SchemaVersionError(StoreError):
 def utc_now() -> str:
     """The current time as an ISO-8601 UTC string (sortable, what the store compares dates with)."""
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
-
-
-def _iso(value: str | datetime | None) -> str | None:
-    """A date bound as the store's UTC ISO string: a ``datetime`` or an ISO-8601 string, with any UTC offset (a
-    naive one is taken as UTC); ``ValueError`` for a string that is not ISO-8601."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            value = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-        except ValueError as e:
-            raise ValueError(f"not an ISO-8601 date or time: {value!r}") from e
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
 def _process_start(pid: int) -> str | None:
@@ -354,39 +295,14 @@ class AuditStore:
               batch_index: int | None = None, limit: int | None = None) -> list["AuditRecord"]:
         """Records matching every given filter, in insertion order. ``since``/``until``: ISO strings or
         datetimes (naive = UTC), inclusive."""
-        from .records import AuditRecord
+        from ._store_queries import records_from_rows, select_records  # on use: they need the record class
 
-        where, args = [], []
-        for column, value in (("run_id", run_id), ("model_name", model_name), ("input_sha256", input_sha256),
-                              ("status", status), ("batch_index", batch_index)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if since is not None:
-            where.append("timestamp >= ?")
-            args.append(_iso(since))
-        if until is not None:
-            where.append("timestamp <= ?")
-            args.append(_iso(until))
-        if record_ids is not None:
-            ids = [int(i) for i in record_ids]
-            # one JSON array parameter: any number of ids (SQLite limits the number of "?" variables)
-            where.append("record_id IN (SELECT value FROM json_each(?))")
-            args.append(json.dumps(ids))
-        sql = "SELECT record_id, record_json FROM records"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY record_id"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
+        sql, args = select_records(run_id=run_id, model_name=model_name, input_sha256=input_sha256, since=since,
+                                   until=until, status=status, record_ids=record_ids, batch_index=batch_index,
+                                   limit=limit)
         with self._lock:
             rows = self._conn.execute(sql, args).fetchall()
-        out = []
-        for rid, text in rows:
-            rec = AuditRecord.from_json(text)
-            rec.record_id = int(rid)
-            out.append(rec)
-        return out
+        return records_from_rows(rows)
 
     def get(self, record_id: int) -> "AuditRecord":
         found = self.query(record_ids=[record_id])

@@ -101,6 +101,19 @@ def _license_notice(path: Path) -> dict:
     return {"file": None, "notice": None, "note": f"no LICENSE file beside {path.name}; check the source's terms"}
 
 
+def _weights_path(dest: str | Path | None, arch: str) -> Path:
+    """Where :func:`import_cifar_resnet` writes: ``dest`` when it names a ``.safetensors`` file, else
+    ``<arch>_akamaster.safetensors`` in the folder ``dest`` (default: the current folder)."""
+    if dest is None or Path(dest).is_dir() or Path(dest).suffix == "":
+        folder = Path(dest) if dest is not None else Path.cwd()
+        out = folder / f"{arch}_akamaster.safetensors"
+    else:
+        out = Path(dest)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{out}: the imported weights are written as .safetensors")
+    return out
+
+
 def import_cifar_resnet(path: str | Path, dest: str | Path | None = None,
                         repository: str = SOURCE_REPOSITORY) -> tuple[Path, dict]:
     """Import a public CIFAR ResNet checkpoint and write SkipViz weights plus their model card.
@@ -130,13 +143,7 @@ def import_cifar_resnet(path: str | Path, dest: str | Path | None = None,
     model_kwargs = {"gates": False, "probes": False, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     net = cifar_resnet(depth, **model_kwargs)
     apply_state_dict(net, mapped, source=src.name)
-    if dest is None or Path(dest).is_dir() or Path(dest).suffix == "":
-        folder = Path(dest) if dest is not None else Path.cwd()
-        out = folder / f"{arch}_akamaster.safetensors"
-    else:
-        out = Path(dest)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"{out}: the imported weights are written as .safetensors")
+    out = _weights_path(dest, arch)
     out.parent.mkdir(parents=True, exist_ok=True)
     source_sha = sha256_file(src)
     weights = {k: v.detach().contiguous() for k, v in net.state_dict().items()}

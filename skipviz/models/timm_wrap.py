@@ -27,10 +27,14 @@ checked key by key (:func:`~skipviz.models._state_check.check_state_dict` names 
 heads file exported by ``skipviz train --model timm:<name>`` (gate, probe and plan heads only), whose card
 (beside it, or inside the file's metadata) names the backbone file and its SHA-256. Never downloaded:
 ``pretrained=False`` always.
+
+This module is the generic wrapper (the stem, block and head modules, :func:`wrap_timm`, :func:`create_timm_model`);
+what differs between the families (their classes and layout, ViT tokens, the in-place block bodies) is
+:mod:`skipviz.models._timm_families`, and what a weights file holds (head tensors, an exported heads file's card)
+is :mod:`skipviz.models._timm_weights`.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -39,168 +43,23 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .._checkpoint import CheckpointError, apply_state_dict, load_state_dict
+from .._checkpoint import CheckpointError, load_state_dict
 from ..engine.blocks import SkippableBlock
 from ..engine.heads import GateHead, PlanHead, ProbeHead
 from ..engine.network import SkipNetwork
 from ._state_check import check_state_dict, strip_common_prefix
-from .weights import ModelMeta, read_card, sha256_file
+from ._timm_families import (BLOCK_CHILDREN, FAMILIES, STEM_CHILDREN, UnsupportedModelError, block_list,
+                             count_cpu_attention, family_of, has_identity_shortcut, inplace_bodies, is_token_view,
+                             model_input_size, supported_text, token_grid, tokens)
+from ._timm_weights import (CARD_METADATA_KEY, HEAD_PREFIXES, build_timm, classifier_keys, heads_only, load_heads,
+                            read_heads_card)
+from .weights import ModelMeta, sha256_file
 
 __all__ = ["CARD_METADATA_KEY", "FAMILIES", "HEAD_PREFIXES", "TIMM_PREFIX", "TimmBlock", "TimmHead", "TimmSkipNetwork",
            "TimmStem", "UnsupportedModelError", "create_timm_model", "read_heads_card", "supported_text", "token_grid",
            "tokens", "wrap_timm"]
 
 TIMM_PREFIX = "timm:"
-HEAD_PREFIXES = ("gates.", "probes.", "plan_head.")
-#: the safetensors metadata entry holding an exported heads file's model card (JSON)
-CARD_METADATA_KEY = "skipviz_card"
-
-#: family -> (timm class names it covers, readable description); matched on the class and its bases
-FAMILIES: dict[str, tuple[tuple[str, ...], str]] = {
-    "resnet": (("ResNet",), "ResNet / ResNeXt / SE-ResNet (timm ResNet)"),
-    "efficientnet": (("EfficientNet", "MobileNetV3"), "EfficientNet / MobileNet (timm EfficientNet, MobileNetV3)"),
-    "convnext": (("ConvNeXt",), "ConvNeXt"),
-    "vit": (("VisionTransformer",), "Vision Transformer (timm VisionTransformer: ViT, DeiT, ...)"),
-}
-
-#: the top-level children of each family's model that its stem runs; the block containers are below; every
-#: other child belongs to the head
-_STEM_CHILDREN = {"resnet": ("conv1", "bn1", "act1", "maxpool"), "efficientnet": ("conv_stem", "bn1"),
-                  "convnext": ("stem",), "vit": ("patch_embed", "pos_drop", "patch_drop", "norm_pre")}
-_BLOCK_CHILDREN = {"resnet": ("layer1", "layer2", "layer3", "layer4"), "efficientnet": ("blocks",),
-                   "convnext": ("stages",), "vit": ("blocks",)}
-
-
-class UnsupportedModelError(ValueError):
-    """A timm model SkipViz cannot wrap; the message says why and what is supported."""
-
-
-def supported_text() -> str:
-    """The timm families SkipViz wraps, in words (for messages and the Model page)."""
-    return "; ".join(desc for _, desc in FAMILIES.values())
-
-
-def family_of(model: nn.Module) -> str:
-    """The family key of a timm model instance, or :class:`UnsupportedModelError` naming why."""
-    names = {c.__name__ for c in type(model).__mro__}
-    for family, (classes, _) in FAMILIES.items():
-        if names.intersection(classes):
-            return family
-    raise UnsupportedModelError(
-        f"{type(model).__name__} cannot be wrapped: SkipViz skips residual blocks that timm exposes as a block list "
-        f"with identity shortcuts, and knows that layout for: {supported_text()}. {type(model).__name__} is none "
-        "of them (its blocks, if any, are not a list SkipViz knows how to run one by one).")
-
-
-# ------------------------------------------------------------------------------------------------ tokens
-def token_grid(t: torch.Tensor) -> torch.Tensor:
-    """Tokens (N, L, C) as the engine's (N, C, L, 1) feature map: a view of the same memory (no copy)."""
-    return t.unsqueeze(2).permute(0, 3, 1, 2)
-
-
-def tokens(h: torch.Tensor) -> torch.Tensor:
-    """The engine's (N, C, L, 1) map back to timm's tokens (N, L, C): a view when ``h`` came from
-    :func:`token_grid` (or is a row slice of one), else a copy."""
-    return h.permute(0, 2, 3, 1).flatten(1, 2)
-
-
-def _is_token_view(h: torch.Tensor) -> bool:
-    """Whether ``h`` (N, C, L, 1) lies in memory as dense (N, L, C) tokens, so :func:`tokens` is a view of it."""
-    n, c, l, _ = h.shape
-    return h.stride(1) == 1 and (l == 1 or h.stride(2) == c) and (n == 1 or h.stride(0) == l * c)
-
-
-# ------------------------------------------------------------------------------ in-place block bodies
-def _act_(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``act(x)`` written into ``x``: a ReLU in place (the same bits), any other activation copied in."""
-    if type(act) is nn.ReLU:
-        return x.relu_()
-    return x.copy_(act(x))
-
-
-def _resnet_add_(b: nn.Module, x: torch.Tensor, r: torch.Tensor, act: nn.Module) -> None:
-    """The end of timm's ResNet blocks: squeeze-excite and drop-path on the branch ``r``, then
-    ``x <- act(x + r)`` in place (timm: ``r += shortcut``; the same bits)."""
-    if b.se is not None:
-        r = b.se(r)
-    if b.drop_path is not None:
-        r = b.drop_path(r)
-    _act_(act, x.add_(r))
-
-
-def _resnet_basic_(b: nn.Module, x: torch.Tensor) -> None:
-    """timm ``BasicBlock.forward`` with an identity shortcut, the add done into ``x`` (N, C, H, W)."""
-    r = b.aa(b.act1(b.drop_block(b.bn1(b.conv1(x)))))
-    _resnet_add_(b, x, b.bn2(b.conv2(r)), b.act2)
-
-
-def _resnet_bottleneck_(b: nn.Module, x: torch.Tensor) -> None:
-    """timm ``Bottleneck.forward`` with an identity shortcut, the add done into ``x`` (N, C, H, W)."""
-    r = b.act1(b.bn1(b.conv1(x)))
-    r = b.aa(b.act2(b.drop_block(b.bn2(b.conv2(r)))))
-    _resnet_add_(b, x, b.bn3(b.conv3(r)), b.act3)
-
-
-def _depthwise_separable_(b: nn.Module, x: torch.Tensor) -> None:
-    """timm ``DepthwiseSeparableConv.forward`` with ``has_skip``, the add done into ``x``."""
-    r = x
-    if b.conv_s2d is not None:
-        r = b.bn_s2d(b.conv_s2d(r))
-    r = b.se(b.aa(b.bn1(b.conv_dw(r))))
-    r = b.bn2(b.conv_pw(r))
-    x.add_(b.drop_path(r))
-
-
-def _inverted_residual_(b: nn.Module, x: torch.Tensor) -> None:
-    """timm ``InvertedResidual.forward`` with ``has_skip``, the add done into ``x``."""
-    r = x
-    if b.conv_s2d is not None:
-        r = b.bn_s2d(b.conv_s2d(r))
-    r = b.bn1(b.conv_pw(r))
-    r = b.se(b.aa(b.bn2(b.conv_dw(r))))
-    r = b.bn3(b.conv_pwl(r))
-    x.add_(b.drop_path(r))
-
-
-def _convnext_block_(b: nn.Module, x: torch.Tensor) -> None:
-    """timm ``ConvNeXtBlock.forward`` with an identity shortcut, the add done into ``x`` (N, C, H, W)."""
-    r = b.conv_dw(x)
-    if b.use_conv_mlp:
-        r = b.mlp(b.norm(r))
-    else:
-        r = b.mlp(b.norm(r.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
-    if b.gamma is not None:
-        r = r.mul(b.gamma.reshape(1, -1, 1, 1))
-    x.add_(b.drop_path(r))
-
-
-def _vit_block_(b: nn.Module, t: torch.Tensor) -> None:
-    """timm ViT ``Block.forward`` (no mask), both residual adds done into the tokens ``t`` (N, L, C)."""
-    t.add_(b.drop_path1(b.ls1(b.attn(b.norm1(t), attn_mask=None, is_causal=False))))
-    t.add_(b.drop_path2(b.ls2(b.mlp(b.norm2(t)))))
-
-
-def _inplace_bodies() -> dict[type, Callable[[nn.Module, torch.Tensor], None]]:
-    """timm block class -> its forward with the shortcut add done in place. Exact classes only: a subclass may
-    change ``forward`` (``CondConvResidual`` does), and then runs ``forward`` and a copy."""
-    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
-    from timm.models.convnext import ConvNeXtBlock
-    from timm.models.resnet import BasicBlock, Bottleneck
-    from timm.models.vision_transformer import Block
-
-    return {BasicBlock: _resnet_basic_, Bottleneck: _resnet_bottleneck_, DepthwiseSeparableConv: _depthwise_separable_,
-            InvertedResidual: _inverted_residual_, ConvNeXtBlock: _convnext_block_, Block: _vit_block_}
-
-
-def _has_identity_shortcut(family: str, block: nn.Module) -> bool:
-    """Whether timm's ``block`` adds its input unchanged to its output (the engine may then bypass it)."""
-    if family == "resnet":
-        return getattr(block, "downsample", 0) is None
-    if family == "efficientnet":
-        return bool(getattr(block, "has_skip", False))
-    if family == "convnext":
-        return isinstance(getattr(block, "shortcut", None), nn.Identity)
-    return True  # ViT blocks: x + attn(norm(x)), then x + mlp(norm(x)); the shape is kept (checked on a probe run)
 
 
 # ------------------------------------------------------------------------------------------ the modules
@@ -221,7 +80,7 @@ class TimmStem(nn.Module):
     def __init__(self, family: str, model: nn.Module) -> None:
         super().__init__()
         self.family = family
-        for name in _STEM_CHILDREN[family]:
+        for name in STEM_CHILDREN[family]:
             self.add_module(name, getattr(model, name))
         self.root = _RootTensors(model)
         self.__dict__["_model"] = model  # not a submodule: its parts are registered here, in the blocks, the head
@@ -287,7 +146,7 @@ class TimmBlock(SkippableBlock):
         if self.downsample:
             raise ValueError("a block that changes the shape cannot run in place")
         body = self._body
-        if body is None or (self.on_tokens and not _is_token_view(x)):
+        if body is None or (self.on_tokens and not is_token_view(x)):
             return x.copy_(self.forward(x))
         body(self.block, tokens(x) if self.on_tokens else x)
         return x
@@ -310,47 +169,37 @@ class TimmSkipNetwork(SkipNetwork):
         return self.stem._model
 
 
-# ------------------------------------------------------------------------------------------------ FLOPs
-def _count_cpu_attention() -> None:
-    """Give ``FlopCounterMode`` the FLOPs of the CPU kernel of ``scaled_dot_product_attention`` (counted on GPU,
-    not on CPU in torch 2.x): a ViT's attention would otherwise cost nothing in the FLOP table."""
-    from torch.utils import flop_counter
-
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is None or op in flop_counter.flop_registry:
-        return
-
-    @flop_counter.register_flop_formula(op)
-    def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
 # --------------------------------------------------------------------------------------------- wrapping
-def _block_list(family: str, model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(timm module path, module) of every block in execution order (ConvNeXt: each stage's downsample too)."""
-    if family == "resnet":
-        return [(f"{layer}.{j}", b) for layer in _BLOCK_CHILDREN["resnet"] for j, b in enumerate(getattr(model, layer))]
-    if family == "efficientnet":
-        return [(f"blocks.{s}.{j}", b) for s, stage in enumerate(model.blocks) for j, b in enumerate(stage)]
-    if family == "convnext":
-        out = []
-        for s, stage in enumerate(model.stages):
-            if not isinstance(stage.downsample, nn.Identity):
-                out.append((f"stages.{s}.downsample", stage.downsample))
-            out += [(f"stages.{s}.blocks.{j}", b) for j, b in enumerate(stage.blocks)]
-        return out
-    return [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+def _probe_shapes(model: nn.Module, stem: TimmStem, listed: Sequence[tuple[str, nn.Module]],
+                  size: tuple[int, int, int], on_tokens: bool) -> tuple[int, list[tuple[torch.Size, torch.Size]]]:
+    """One forward of a (1, *size) zero image through the stem and every block: the stem's output channels and
+    each block's (input shape, output shape) in the engine's layout."""
+    shapes: list[tuple[torch.Size, torch.Size]] = []
+    p = next(model.parameters())
+    with torch.no_grad():
+        h = stem(torch.zeros(1, *size, dtype=p.dtype, device=p.device))
+        stem_channels = int(h.shape[1])
+        for _, b in listed:
+            out = token_grid(b(tokens(h))) if on_tokens else b(h)
+            shapes.append((h.shape, out.shape))
+            h = out
+    return stem_channels, shapes
 
 
-def _input_size(model: nn.Module, family: str, input_size: int | Sequence[int] | None) -> tuple[int, int, int]:
-    if input_size is not None:
-        size = (input_size,) * 2 if isinstance(input_size, int) else tuple(int(v) for v in input_size)[-2:]
-        return (3, int(size[0]), int(size[1]))
-    if family == "vit":
-        h, w = model.patch_embed.img_size
-        return (3, int(h), int(w))
-    size = (model.pretrained_cfg or {}).get("input_size") or (3, 224, 224)
-    return (3, int(size[-2]), int(size[-1]))
+def _timm_meta(model: nn.Module, name: str, classes: Sequence[str] | None, num_classes: int,
+               size: tuple[int, int, int]) -> ModelMeta:
+    """The wrapped network's metadata: its class names (default: ImageNet's for 1,000 classes, else "0", "1",
+    ...) and timm's preprocessing (``pretrained_cfg``'s mean, std and crop fraction) at ``size`` (3, H, W)."""
+    if classes is None:
+        classes = _default_classes(num_classes)
+    if len(classes) != num_classes:
+        raise ValueError(f"{len(classes)} class names for a classifier of {num_classes} classes")
+    cfg = model.pretrained_cfg or {}
+    crop = float(cfg.get("crop_pct") or 0.875)
+    return ModelMeta(arch=f"{TIMM_PREFIX}{name}", classes=list(classes), input_size=size,
+                     mean=tuple(cfg.get("mean") or (0.485, 0.456, 0.406)),
+                     std=tuple(cfg.get("std") or (0.229, 0.224, 0.225)),
+                     resize=int(math.floor(min(size[1:]) / crop)))
 
 
 def wrap_timm(model: nn.Module, name: str, classes: Sequence[str] | None = None, gates: bool = False,
@@ -370,48 +219,31 @@ def wrap_timm(model: nn.Module, name: str, classes: Sequence[str] | None = None,
         raise UnsupportedModelError(f"timm:{name} was built without a classifier (num_classes=0): SkipViz runs "
                                     "classifiers; build it with its number of classes")
     model.eval()
-    size = _input_size(model, family, input_size)
-    listed = _block_list(family, model)
+    size = model_input_size(model, family, input_size)
+    listed = block_list(family, model)
     if not listed:
         raise UnsupportedModelError(f"timm:{name} has no blocks: nothing could be skipped")
     stem = TimmStem(family, model)
     head_children = [c for c, _ in model.named_children()
-                     if c not in _STEM_CHILDREN[family] and c not in _BLOCK_CHILDREN[family]]
+                     if c not in STEM_CHILDREN[family] and c not in BLOCK_CHILDREN[family]]
     head = TimmHead(family, model, head_children)
-    bodies = _inplace_bodies()
+    bodies = inplace_bodies()
     on_tokens = family == "vit"
-    shapes: list[tuple[torch.Size, torch.Size]] = []
-    p = next(model.parameters())
-    with torch.no_grad():
-        h = stem(torch.zeros(1, *size, dtype=p.dtype, device=p.device))
-        stem_channels = int(h.shape[1])
-        for _, b in listed:
-            out = token_grid(b(tokens(h))) if on_tokens else b(h)
-            shapes.append((h.shape, out.shape))
-            h = out
+    stem_channels, shapes = _probe_shapes(model, stem, listed, size, on_tokens)
     blocks, names = [], []
     for (path, b), (shape_in, shape_out) in zip(listed, shapes):
-        identity = _has_identity_shortcut(family, b) and shape_in == shape_out
+        identity = has_identity_shortcut(family, b) and shape_in == shape_out
         blocks.append(TimmBlock(b, identity, on_tokens, int(shape_in[1]), int(shape_out[1]),
                                 bodies.get(type(b)) if identity else None))
         names.append(path)
     if not any(b.bypassable for b in blocks):
         raise UnsupportedModelError(f"timm:{name} has no block with an identity shortcut (every block changes the "
                                     "shape): nothing could be skipped")
-    if classes is None:
-        classes = _default_classes(num_classes)
-    if len(classes) != num_classes:
-        raise ValueError(f"{len(classes)} class names for a classifier of {num_classes} classes")
-    cfg = model.pretrained_cfg or {}
-    crop = float(cfg.get("crop_pct") or 0.875)
-    meta = ModelMeta(arch=f"{TIMM_PREFIX}{name}", classes=list(classes), input_size=size,
-                     mean=tuple(cfg.get("mean") or (0.485, 0.456, 0.406)),
-                     std=tuple(cfg.get("std") or (0.229, 0.224, 0.225)),
-                     resize=int(math.floor(min(size[1:]) / crop)))
+    meta = _timm_meta(model, name, classes, num_classes, size)
     gate_heads = ({i: GateHead(b.in_channels, gate_hidden) for i, b in enumerate(blocks) if b.bypassable}
                   if gates else None)
     probe_heads = [ProbeHead(b.out_channels, num_classes) for b in blocks] if probes else None
-    _count_cpu_attention()
+    count_cpu_attention()
     net = TimmSkipNetwork(stem, blocks, head, names, meta, gate_heads, probe_heads)
     if plan and gate_heads:
         net.plan_head = PlanHead(stem_channels, sorted(gate_heads), plan_grid, plan_hidden)
@@ -419,6 +251,7 @@ def wrap_timm(model: nn.Module, name: str, classes: Sequence[str] | None = None,
 
 
 def _default_classes(num_classes: int) -> list[str]:
+    """ImageNet's class names for a 1,000-class classifier, else ``"0"``, ``"1"``, ..."""
     if num_classes == 1000:
         from .efficientnet_lite import imagenet_classes
 
@@ -427,67 +260,6 @@ def _default_classes(num_classes: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- weights
-def _build_timm(name: str, num_classes: int | None, timm_kwargs: dict) -> nn.Module:
-    import timm
-
-    if not timm.is_model(name):
-        near = timm.list_models(f"*{name.split('.')[0][:12]}*")[:8]
-        raise KeyError(f"timm has no model {name!r}" + (f"; similar: {', '.join(near)}" if near else ""))
-    kwargs = dict(timm_kwargs)
-    if num_classes is not None:
-        kwargs["num_classes"] = int(num_classes)
-    return timm.create_model(name, pretrained=False, **kwargs)  # never downloads
-
-
-def _classifier_keys(model: nn.Module) -> tuple[str, ...]:
-    try:
-        clf = model.get_classifier()
-    except (AttributeError, TypeError):
-        return ()
-    ids = {id(t) for t in clf.state_dict(keep_vars=True).values()}
-    return tuple(k for k, t in model.state_dict(keep_vars=True).items() if id(t) in ids)
-
-
-def read_heads_card(path: str | os.PathLike) -> dict:
-    """The model card of an exported heads file: the ``.json`` beside it, else the copy in the file's
-    safetensors metadata (an uploaded file travels without its neighbour); ``{}`` when there is neither."""
-    p = Path(path)
-    card = read_card(p.with_suffix(".json"))
-    if card or p.suffix != ".safetensors":
-        return card
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(p), "pt") as f:
-            raw = (f.metadata() or {}).get(CARD_METADATA_KEY)
-    except Exception:  # an unreadable file is reported by load_state_dict with its reason
-        return {}
-    if not raw:
-        return {}
-    try:
-        card = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p.name}: its embedded model card is not JSON ({e})") from e
-    return card if isinstance(card, dict) else {}
-
-
-def _heads_only(state: dict) -> bool:
-    return bool(state) and all(k.startswith(HEAD_PREFIXES) for k in state)
-
-
-def _load_heads(net: SkipNetwork, heads: dict[str, torch.Tensor], source: str) -> None:
-    """Load gate/probe/plan head tensors strictly into the heads ``net`` has (adding a plan head sized from the
-    file when ``net`` has none)."""
-    w1, w2 = heads.get("plan_head.fc1.weight"), heads.get("plan_head.fc2.weight")
-    if w1 is not None and w2 is not None and net.plan_head is None and net.gated_blocks:
-        channels = net.blocks[0].in_channels
-        grid = int(round(math.sqrt(w1.shape[1] / channels)))
-        net.plan_head = PlanHead(channels, net.gated_blocks, max(1, grid), w1.shape[0])
-    parts = {"gates": net.gates, "probes": net.probes, "plan_head": net.plan_head}
-    apply_state_dict(nn.ModuleDict({k: m for k, m in parts.items() if m is not None and len(list(m.parameters()))}),
-                     heads, source=source)
-
-
 def create_timm_model(name: str, weights: str | os.PathLike | None = None, num_classes: int | None = None,
                       classes: Sequence[str] | None = None, gates: bool | None = None, probes: bool | None = None,
                       plan: bool | None = None, gate_hidden: int | None = None, plan_grid: int | None = None,
@@ -511,21 +283,21 @@ def create_timm_model(name: str, weights: str | os.PathLike | None = None, num_c
     if path is not None:
         state = strip_common_prefix(load_state_dict(path))
         card = read_heads_card(path)
-    if _heads_only(state):
+    if heads_only(state):
         return _create_from_heads(name, path, state, card, num_classes=num_classes, classes=classes, gates=gates,
                                   probes=probes, plan=plan, gate_hidden=gate_hidden, plan_grid=plan_grid,
                                   plan_hidden=plan_hidden, input_size=input_size, **timm_kwargs)
     heads = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIXES)}
     backbone = {k: v for k, v in state.items() if k not in heads}
-    model = _build_timm(name, num_classes, timm_kwargs)
+    model = build_timm(name, num_classes, timm_kwargs)
     what = f"timm:{name}" + (f" ({', '.join(f'{k}={v}' for k, v in timm_kwargs.items())})" if timm_kwargs else "")
     if path is not None:
-        clf = _classifier_keys(model)
+        clf = classifier_keys(model)
         if num_classes is None and clf and clf[0] in backbone and backbone[clf[0]].dim() >= 1:
             file_classes = int(backbone[clf[0]].shape[0])
             if file_classes != model.num_classes:  # the user's fine-tuned classifier: build it at the file's size
-                model = _build_timm(name, file_classes, timm_kwargs)
-        check_state_dict(model, backbone, path.name, what, _classifier_keys(model))
+                model = build_timm(name, file_classes, timm_kwargs)
+        check_state_dict(model, backbone, path.name, what, classifier_keys(model))
         model.load_state_dict(backbone, strict=True)
     classes = classes if classes is not None else card.get("classes")
     net = wrap_timm(model, name, classes, gates=bool(gates if gates is not None else any(k.startswith("gates.") for k in heads)),
@@ -533,7 +305,7 @@ def create_timm_model(name: str, weights: str | os.PathLike | None = None, num_c
                     plan=bool(plan), gate_hidden=gate_hidden or 16, plan_grid=plan_grid or 4,
                     plan_hidden=plan_hidden or 128, input_size=input_size)
     if heads:
-        _load_heads(net, heads, path.name)
+        load_heads(net, heads, path.name)
     if path is not None:
         sha = sha256_file(path)
         net.meta.weights_name, net.meta.weights_path, net.meta.weights_sha256 = path.stem, str(path), sha
@@ -564,7 +336,7 @@ def _create_from_heads(name: str, path: Path, heads: dict, card: dict, **kwargs:
     timm_kwargs = built.pop("timm_kwargs", {}) or {}
     explicit = {k: v for k, v in kwargs.items() if v is not None}
     net = create_timm_model(name, weights=bpath, **{**built, **timm_kwargs, **explicit})
-    _load_heads(net, heads, path.name)
+    load_heads(net, heads, path.name)
     net.meta.weights_name, net.meta.weights_path, net.meta.weights_sha256 = path.stem, str(path), sha256_file(path)
     net.meta.card = {**card, "backbone": {**backbone, "sha256": sha}}
     if card.get("classes") and kwargs.get("classes") is None:

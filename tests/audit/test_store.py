@@ -107,15 +107,21 @@ def test_bad_files_are_clear_errors(tmp_path):
         AuditStore(tmp_path)
 
 
-# Writer processes load skipviz/_store.py on its own (standard library only) so they start in well under a
-# second even on a busy machine; the records they write are complete AuditRecord JSON from a template.
+# Writer processes load skipviz/audit/store.py and its schema module on their own, as a package of their own
+# without skipviz's __init__ (standard library only), so they start in well under a second even on a busy
+# machine; the records they write are complete AuditRecord JSON from a template.
 WRITER = r"""
 import importlib.util, json, sys, time
 from pathlib import Path
-from types import SimpleNamespace
-spec = importlib.util.spec_from_file_location("skipviz_store_only", sys.argv[1])
+from types import ModuleType, SimpleNamespace
+package = ModuleType("skipviz_store_only")
+package.__path__ = [str(Path(sys.argv[1]).parent)]
+sys.modules[package.__name__] = package
+spec = importlib.util.spec_from_file_location("skipviz_store_only.store", sys.argv[1])
 mod = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = mod
 spec.loader.exec_module(mod)
+assert not {"skipviz", "torch", "numpy", "pandas"} & {name.split(".")[0] for name in sys.modules}  # stdlib only
 db, run_id, batches, per_batch = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 template = json.loads(Path(sys.argv[6]).read_text())
 go = Path(sys.argv[7]) if len(sys.argv) > 7 else None

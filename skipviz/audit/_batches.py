@@ -1,0 +1,193 @@
+"""One batch of an audit (private; :mod:`skipviz.audit.run` drives the batches and stores them).
+
+* :func:`load_batch` - a batch's inputs read, hashed, decoded and preprocessed (the audit runs it in a background
+  thread while the batch before it is on the model; Pillow and torch release the GIL): every input's record,
+  failed (unreadable or refused: the reason, and the SHA-256 of its bytes when they could be read) or skipped
+  (not an image) for an input that cannot or need not be run, and the inputs that loaded.
+* :class:`BatchRunner` - the loaded inputs as one (N, 3, H, W) batch under the policy and through the full
+  network (the shadow run): their records filled (decisions, predictions, agreement, KL, FLOPs, the batch's time
+  per image, a thumbnail where a report shows one), the timings summed and the run's latency sample kept.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from PIL import Image
+
+from .._imageio import ImageLoadError, load_image, read_bytes
+from ..measure.clock import synchronize
+from ..policies.base import Policy
+from ..redundancy import kl_from_logits
+from .archive import ArchiveError, InputItem
+from .records import AuditRecord
+from .store import utc_now
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.network import SkipNetwork
+
+__all__ = ["THUMBNAIL_PX", "BatchRunner", "InputBatch", "LoadedInput", "load_batch"]
+
+THUMBNAIL_PX = 48
+
+
+def _thumbnail(small: Image.Image) -> str:
+    """A small JPEG of an already reduced image, base64 (about 1-2 KB)."""
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=70)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@dataclass
+class LoadedInput:
+    """One decoded input of a batch: its record, a small copy for a thumbnail, its (1, 3, H, W) tensor."""
+
+    record: AuditRecord
+    small: Image.Image
+    tensor: torch.Tensor
+
+
+@dataclass
+class InputBatch:
+    """A batch read and preprocessed: every input's record and in-memory bytes, and the inputs that loaded."""
+
+    records: list[AuditRecord]
+    data: list[bytes | None]
+    loaded: list[LoadedInput]
+
+
+def _hash_file(path: str) -> str | None:
+    """SHA-256 of a regular file too large to load, read in chunks (``None`` when it cannot be read)."""
+    try:
+        p = Path(path)
+        if not p.is_file():
+            return None
+        with p.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def _load_one(item: InputItem, net: "SkipNetwork") -> tuple[Image.Image, dict, torch.Tensor, str]:
+    """Read, hash, decode and preprocess one input: ``(small copy, image info, (1, 3, H, W), sha256)``."""
+    source = item.read()
+    data, _ = read_bytes(source, name=item.name) if isinstance(source, str) else (source, item.name)
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        image, info = load_image(data, name=item.name)
+        tensor = net.meta.preprocess(image)
+    except ImageLoadError as e:
+        raise _Failed(str(e), sha) from e
+    except (OSError, ValueError, RuntimeError) as e:
+        raise _Failed(f"{item.name}: could not be preprocessed for the model ({e})", sha) from e
+    small = image.copy()
+    small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    return small, {**info.to_dict(), "name": item.name}, tensor, sha
+
+
+class _Failed(Exception):
+    """An input whose bytes were read (``sha256``) but that could not be used."""
+
+    def __init__(self, message: str, sha256: str | None) -> None:
+        super().__init__(message)
+        self.sha256 = sha256
+
+
+def load_batch(chunk: Sequence[InputItem], base: dict, net: "SkipNetwork", b: int) -> InputBatch:
+    """One batch's inputs read and preprocessed: every input's record (failed or skipped for an input that
+    cannot or need not be run), its in-memory bytes, and the inputs that loaded."""
+    out = InputBatch([], [], [])
+    for item in chunk:
+        item_base = dict(input_name=item.name, input_path=item.source, label=item.label, batch_index=b, **base)
+        if item.skipped is not None:
+            rec = AuditRecord(status="skipped", error=item.skipped, timestamp=utc_now(), **item_base)
+        else:
+            try:
+                small, info, tensor, sha = _load_one(item, net)
+            except (_Failed, ImageLoadError, ArchiveError, OSError, ValueError, RuntimeError, MemoryError) as e:
+                # one input that cannot be read (or fits in no memory) is a failed row; the audit goes on
+                error = str(e) if not isinstance(e, MemoryError) else f"{item.name}: out of memory reading it ({e})"
+                sha = getattr(e, "sha256", None)
+                if sha is None and item.data is not None and item.error is None:
+                    sha = hashlib.sha256(item.data).hexdigest()
+                elif sha is None and item.error is None and item.source and "::" not in item.source:
+                    sha = _hash_file(item.source)  # e.g. a file over the size limit: still identified
+                rec = AuditRecord(status="failed", error=error, timestamp=utc_now(), input_sha256=sha, **item_base)
+            else:
+                rec = AuditRecord(status="ok", timestamp="", input_sha256=sha, image=info, **item_base)
+                out.loaded.append(LoadedInput(rec, small, tensor))
+        out.records.append(rec)
+        out.data.append(item.data)
+    return out
+
+
+class BatchRunner:
+    """Runs batches under the policy and through the full network, fills their records, keeps the timings and
+    the first batch's inputs (the latency sample)."""
+
+    def __init__(self, net: "SkipNetwork", policy: Policy, device: torch.device, thumbnails: int,
+                 sample_size: int) -> None:
+        self.net, self.policy, self.device = net, policy, device
+        self.thumbnails_left = thumbnails
+        self.sample_size = sample_size
+        self.sample: torch.Tensor | None = None
+        self.timings = {"skip_s": 0.0, "full_s": 0.0, "images": 0, "batches": 0, "wall_s": 0.0}
+
+    def run(self, batch: InputBatch, b: int) -> None:
+        """Run batch ``b``'s loaded inputs as one (N, 3, H, W) batch, skipped and full, each timed once, and fill
+        their records in place."""
+        loaded = batch.loaded
+        if not loaded:
+            return
+        x = torch.cat([ld.tensor for ld in loaded]).to(self.device)
+        if self.sample is None and self.sample_size > 0:
+            self.sample = x[: self.sample_size]
+        net, policy, device = self.net, self.policy, self.device
+        with torch.no_grad():
+            if self.timings["batches"] == 0:  # first-call overheads (allocator, kernel selection) stay out
+                net.run(x[:2], policy)
+                net(x[:2])
+            synchronize(device)
+            t0 = time.perf_counter()
+            res = net.run(x, policy)
+            synchronize(device)
+            t1 = time.perf_counter()
+            full_logits = net(x)
+            synchronize(device)
+            t2 = time.perf_counter()
+        n = x.shape[0]
+        self.timings["skip_s"] += t1 - t0
+        self.timings["full_s"] += t2 - t1
+        self.timings["images"] += n
+        self.timings["batches"] += 1
+        kl = kl_from_logits(full_logits, res.logits).cpu()
+        full_cpu = full_logits.detach().float().cpu()
+        fconf, fpred = torch.softmax(full_cpu, dim=1).max(1)
+        classes = net.meta.classes
+        stamp = utc_now()
+        for pos, (ld, tr) in enumerate(zip(loaded, res.traces())):
+            rec, k = ld.record, int(fpred[pos])
+            rec.timestamp = stamp
+            rec.trace = tr.to_dict()
+            rec.predicted_index, rec.predicted_label, rec.confidence = (tr.predicted_index, tr.predicted_label,
+                                                                        tr.confidence)
+            rec.full_logits = full_cpu[pos].tolist()
+            rec.full_predicted_index = k
+            rec.full_predicted_label = classes[k] if k < len(classes) else str(k)
+            rec.full_confidence = float(fconf[pos])
+            rec.agree = rec.full_predicted_index == rec.predicted_index
+            rec.kl_full_skipped = float(kl[pos])
+            rec.flops_executed, rec.flops_full = tr.flops_executed, tr.flops_full
+            rec.blocks_executed, rec.blocks_total = tr.blocks_executed, tr.blocks_total
+            rec.latency_ms = 1000.0 * (t1 - t0) / n
+            rec.full_latency_ms = 1000.0 * (t2 - t1) / n
+            rec.batch_index, rec.batch_pos, rec.batch_size = b, pos, n
+            if not rec.agree or self.thumbnails_left > 0:  # thumbnails only where a report shows them
+                rec.thumbnail_png_b64 = _thumbnail(ld.small)
+                self.thumbnails_left -= bool(rec.agree)
