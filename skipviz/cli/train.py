@@ -152,6 +152,13 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     """Add ``skipviz train``, ``finetune``, ``train-plan`` and ``train-heads`` to the ``skipviz`` command."""
+    _add_train(sub)
+    _add_finetune(sub)
+    _add_train_plan(sub)
+    _add_train_heads(sub)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a gated CIFAR ResNet, or (--model timm:NAME --weights PATH --data "
                                      "FOLDER) gate, probe and plan heads for your own frozen timm network (resumable)")
     t.add_argument("--arch", default="cifar_resnet20")
@@ -181,6 +188,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--float32", action="store_true", help="train in float32 instead of bfloat16 autocast")
     t.set_defaults(func=cmd_train)
 
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
     f = sub.add_parser("finetune", help="fine-tune a public CIFAR ResNet checkpoint (akamaster) into a gated network: "
                                          "distillation from its own full network, FLOPs-rate loss (resumable)")
     f.add_argument("--arch", default="cifar_resnet56")
@@ -203,6 +212,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--dest", default=None, help="export folder (default data/)")
     f.set_defaults(func=cmd_finetune)
 
+
+def _add_train_plan(sub: argparse._SubParsersAction) -> None:
     tp = sub.add_parser("train-plan", help="train a plan head (every gated block decided up front) for a "
                                            "trained gated model, by distillation from its gates")
     tp.add_argument("--arch", default="cifar_resnet20")
@@ -215,6 +226,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     tp.add_argument("--dest", default=None, help="output folder (default data/, the source file's name)")
     tp.set_defaults(func=cmd_train_plan)
 
+
+def _add_train_heads(sub: argparse._SubParsersAction) -> None:
     th = sub.add_parser("train-heads", help="train gate, probe and plan heads over a frozen published backbone "
                                             "(EfficientNet-Lite0) by distillation from its full network (resumable)")
     th.add_argument("--arch", default="efficientnet_lite0")

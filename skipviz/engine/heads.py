@@ -18,7 +18,11 @@ from torch import nn
 
 from .folding import _Fold, bn_is_foldable
 
-__all__ = ["GateHead", "PlanHead", "ProbeHead"]
+__all__ = ["HEAD_PREFIXES", "GateHead", "PlanHead", "ProbeHead"]
+
+#: The state-dict key prefixes of a SkipNetwork's decision and read-out heads (``gates.``, ``probes.``,
+#: ``plan_head.``): what a heads-only weights file holds, and what training treats as new parameters.
+HEAD_PREFIXES = ("gates.", "probes.", "plan_head.")
 
 
 def _sigmoid(v: float) -> float:

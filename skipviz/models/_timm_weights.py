@@ -1,7 +1,7 @@
 """What a timm weights file holds, for :func:`skipviz.models.timm_wrap.create_timm_model` (private).
 
-* :data:`HEAD_PREFIXES` - the keys of SkipViz's decision heads (gates, probes, plan head) beside timm's own;
-  :func:`heads_only` - whether a file holds nothing else (an exported heads file); :func:`load_heads` - those
+* :func:`heads_only` - whether a file holds only SkipViz's decision heads
+  (:data:`skipviz.engine.heads.HEAD_PREFIXES`: an exported heads file); :func:`load_heads` - those
   tensors loaded strictly into a wrapped network's heads.
 * :func:`read_heads_card` - an exported heads file's model card: the ``.json`` beside it, else the copy in its
   safetensors metadata (:data:`CARD_METADATA_KEY`).
@@ -19,15 +19,13 @@ import torch
 from torch import nn
 
 from .._checkpoint import CheckpointError, apply_state_dict
-from ..engine.heads import PlanHead
+from ..engine.heads import HEAD_PREFIXES, PlanHead
 from ..engine.network import SkipNetwork
 from .weights import read_card
 
 __all__ = ["CARD_METADATA_KEY", "HEAD_PREFIXES", "build_timm", "classifier_keys", "heads_only", "load_heads",
            "read_heads_card"]
 
-#: the key prefixes of SkipViz's decision heads (a heads file holds only these; a backbone file may add them)
-HEAD_PREFIXES = ("gates.", "probes.", "plan_head.")
 #: the safetensors metadata entry holding an exported heads file's model card (JSON)
 CARD_METADATA_KEY = "skipviz_card"
 

@@ -25,7 +25,7 @@ from .._checkpoint import CheckpointError, apply_state_dict, load_state_dict
 from ._registry import PretrainedWeights, register_model, register_pretrained
 from ..engine.blocks import SkippableBlock
 from ..engine.folding import bn_is_foldable, folded_conv_bn_weights
-from ..engine.heads import GateHead, PlanHead, ProbeHead
+from ..engine.heads import HEAD_PREFIXES, GateHead, PlanHead, ProbeHead
 from ..engine.network import SkipNetwork
 from .weights import ModelMeta, read_card, sha256_file
 
@@ -224,8 +224,6 @@ def efficientnet_lite(arch: str = "efficientnet_lite0", num_classes: int = 1000,
         net.plan_head = PlanHead(model.conv_stem.out_channels, sorted(gate_heads), plan_grid, plan_hidden)
     return net
 
-
-HEAD_PREFIXES = ("gates.", "probes.", "plan_head.")
 
 
 def load_heads(net: SkipNetwork, path: str | Path) -> dict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -124,7 +123,7 @@ def split_train_val(cfg: DistillConfig, full: TensorDataset) -> tuple[TensorData
 
 def head_state(net: SkipNetwork) -> dict[str, torch.Tensor]:
     """The trainable part of ``net``: its gate, probe and plan heads' tensors (state-dict keys)."""
-    from ..models.efficientnet_lite import HEAD_PREFIXES
+    from ..engine.heads import HEAD_PREFIXES
 
     return {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items() if k.startswith(HEAD_PREFIXES)}
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data import TensorDataset, augment, batches, normalize
+from ..engine.heads import HEAD_PREFIXES
 from ..engine.network import SkipNetwork
 from ..evaluate.loop import evaluate_policy
 from ..models._registry import create_model
@@ -93,8 +94,7 @@ def init_network(cfg: FinetuneConfig, out: Path) -> tuple[SkipNetwork, dict]:
     net = create_model(cfg.arch, **kwargs)
     backbone = create_model(cfg.arch, weights=weights)
     missing, unexpected = net.load_state_dict(backbone.state_dict(), strict=False)
-    heads = ("gates.", "probes.", "plan_head.")
-    if unexpected or any(not k.startswith(heads) for k in missing):
+    if unexpected or any(not k.startswith(HEAD_PREFIXES) for k in missing):
         raise ValueError(f"backbone does not fit {cfg.arch}: {unexpected[:3]} {missing[:3]}")
     cfg.model_kwargs = kwargs
     return net, card
@@ -149,7 +149,7 @@ def _optimizer(net: SkipNetwork, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     ``head_lr_mult`` times the backbone's rate (each group's ``lr_mult``, applied by :func:`_set_lr`)."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in net.named_parameters():
-        groups.setdefault((name.startswith(("gates.", "probes.", "plan_head.")), p.ndim <= 1), []).append(p)
+        groups.setdefault((name.startswith(HEAD_PREFIXES), p.ndim <= 1), []).append(p)
     return torch.optim.SGD([{"params": ps, "weight_decay": 0.0 if flat else cfg.weight_decay,
                              "lr_mult": cfg.head_lr_mult if head else 1.0} for (head, flat), ps in groups.items()],
                            lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
