@@ -24,7 +24,8 @@ from ..models._registry import create_model, list_models
 from ..policies.config import policy_from_config
 from .archive import ArchiveError, InputItem, read_source
 from .records import GPU_ATOL, AuditRecord, AuditRun, ReproResult
-from .run import _as_store, params_sha256
+from .run import params_sha256
+from .store import open_store
 from .store import AuditStore, StoreError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -97,7 +98,7 @@ def reproduce_many(store: AuditStore | str | Path, record_ids: Iterable[int], ne
     ``torch.use_deterministic_algorithms(True)``. A record that cannot be replayed (file gone or changed,
     weights changed) gives a result with ``reproduced=False`` and the reason in ``message``.
     """
-    st, owned = _as_store(store)
+    st, owned = open_store(store)
     try:
         wanted = st.query(record_ids=list(record_ids))
         results: list[ReproResult] = []

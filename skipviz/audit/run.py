@@ -42,7 +42,7 @@ from ..policies.threshold import policy_for
 from ._batches import THUMBNAIL_PX, BatchRunner, load_batch  # noqa: F401  (THUMBNAIL_PX: importable from here)
 from .archive import ArchiveError, InputItem, collect_inputs, input_keys, items_from_uploads, read_source
 from .records import AuditRecord, AuditRun
-from .store import AuditStore, StoreError
+from .store import AuditStore, StoreError, open_store
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.network import SkipNetwork
@@ -73,10 +73,6 @@ def model_name_of(net: "SkipNetwork") -> str:
     """``arch.weights_name`` (or just ``arch`` for random init): what :func:`rebuild_model` resolves."""
     return f"{net.meta.arch}.{net.meta.weights_name}" if net.meta.weights_name else net.meta.arch
 
-
-
-def _as_store(db: str | Path | AuditStore) -> tuple[AuditStore, bool]:
-    return (db, False) if isinstance(db, AuditStore) else (AuditStore(db), True)
 
 
 def _resolve_model(model: "SkipNetwork | str", weights: str | None = None) -> "SkipNetwork":
@@ -259,7 +255,7 @@ def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy |
     model_name, psha, pconf = model_name_of(net), params_sha256(net), policy.config()
     extra = dict(extra_config or {})
     inputs = {k: extra[k] for k in ("paths", "labels_from_folders") if k in extra}
-    store, owned = _as_store(db)
+    store, owned = open_store(db)
     resumed_id = find_resumable_run(store, net, policy, inputs) if resume and run_id is None else None
     run_id = resumed_id or run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     config = {"model": model_name, "model_meta": net.meta.to_dict(), "params_sha256": psha, "policy": pconf,
@@ -343,7 +339,7 @@ def audit_uploaded_files(files: Iterable[tuple[str, bytes]], net: "SkipNetwork",
 def load_run(store: AuditStore | str | Path, run_id: str) -> AuditRun:
     """An earlier run back from the database (records, configuration, timings, latency), e.g. to re-render its
     report. Uploaded inputs' bytes are not stored, so those records can no longer be reproduced."""
-    st, owned = _as_store(store)
+    st, owned = open_store(store)
     try:
         info = st.run_info(run_id)
         records = st.query(run_id=run_id)

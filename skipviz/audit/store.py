@@ -378,3 +378,9 @@ class AuditStore:
         """SQLite's ``PRAGMA integrity_check`` result (``"ok"`` for a healthy file)."""
         with self._lock:
             return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def open_store(db: "str | Path | AuditStore") -> "tuple[AuditStore, bool]":
+    """``(store, owned)``: ``db`` itself when it is an open :class:`AuditStore` (the caller keeps it), else a new
+    store on that path that the caller owns and closes."""
+    return (db, False) if isinstance(db, AuditStore) else (AuditStore(db), True)
