@@ -15,6 +15,9 @@ from ..engine.network import SkipNetwork
 from .weights import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, ModelMeta
 
 DEPTHS = (20, 32, 44, 56, 110)
+#: Depths whose shipped gated weights are made by fine-tuning the public checkpoint (``skipviz finetune``); the
+#: others are trained from scratch (``skipviz train``).
+FINETUNED_DEPTHS = (32, 44, 56)
 
 
 class CifarBasicBlock(SkippableBlock):
@@ -137,11 +140,16 @@ def _register(depth: int) -> None:
     def build(**kwargs) -> SkipNetwork:
         return cifar_resnet(depth, **kwargs)
 
+    if depth in FINETUNED_DEPTHS:
+        how = (f"fine-tuned with learned gates from the public ResNet-{depth} checkpoint (akamaster, BSD-2) on "
+               "CIFAR-10 by `skipviz finetune`")
+        make = f"skipviz finetune --arch cifar_resnet{depth} --bf16 --export"
+    else:
+        how, make = "trained on CIFAR-10 by `skipviz train`", f"skipviz train --arch cifar_resnet{depth} --export"
     register_pretrained(PretrainedWeights(arch=f"cifar_resnet{depth}", tag="cifar10_gated",
                                           filename=f"cifar_resnet{depth}_cifar10_gated.safetensors",
-                                          description=f"ResNet-{depth} with learned gates, trained on CIFAR-10 "
-                                                      "by `skipviz train`",
-                                          make_command=f"skipviz train --arch cifar_resnet{depth} --export",
+                                          description=f"ResNet-{depth} with learned gates, {how}",
+                                          make_command=make,
                                           title=f"CIFAR-10, 32x32 thumbnails of ten classes (ResNet-{depth})"))
 
 
