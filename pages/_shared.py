@@ -292,6 +292,31 @@ def calibration_sweep(model_key: str, lm: dashboard.LoadedModel, source: str = "
         return store["sweeps"][key]
 
 
+def column_config(columns) -> dict:
+    """``st.column_config`` entries for a table's column displays (``{name: skipviz.dashboard.Column}``): short
+    labels, widths, formats, fractions as percents, the long name in the help."""
+    cc = st.column_config
+    out = {}
+    for name, c in columns.items():
+        common = {"label": c.label, "width": c.width, "help": c.help}
+        if c.kind == "number":
+            out[name] = cc.NumberColumn(format=c.format, **common)
+        elif c.kind == "percent":
+            out[name] = cc.NumberColumn(format="percent", **common)
+        elif c.kind == "progress":
+            out[name] = cc.ProgressColumn(format="percent", min_value=0.0, max_value=1.0, **common)
+        elif c.kind == "checkbox":
+            out[name] = cc.CheckboxColumn(**common)
+        else:
+            out[name] = cc.TextColumn(**common)
+    return out
+
+
+def show_metric(col, m: dashboard.Metric) -> None:
+    """A headline number (``skipviz.dashboard.Metric``) as ``st.metric``: its detail under it, no arrow."""
+    col.metric(m.label, m.value, m.detail, help=m.help, delta_color="off", delta_arrow="off")
+
+
 def model_banner(lm: dashboard.LoadedModel) -> None:
     if lm.warning:
         st.warning(lm.warning, icon=":material/warning:")

@@ -27,10 +27,55 @@ except (OSError, audit.StoreError) as e:  # e.g. the server's audit folder canno
              f"${session.AUDIT_DIR_ENV}.", icon=":material/error:")
     st.stop()
 
-st.caption(f"Every image runs under the current policy ({dashboard.describe_policy(policy)}) and, as a shadow, the full "
-           "network; "
-           "each decision is stored in this session's own audit database on the server (download it below; "
-           f"kept {session.SESSION_MAX_AGE_S // 86400} days) and the report can be downloaded.")
+
+def show_result(res: dict) -> None:
+    """The last run: its summary first (accuracy and agreement with their intervals, FLOPs and time saved,
+    failures), then the disagreements, every input (status and prediction first, identifiers last), downloads."""
+    resumed = f" Resumed: {res['resumed']} inputs were already recorded." if res["resumed"] else ""
+    st.success(f"Run {res['run_id']}: {len(res['frame'])} inputs, {res['ok']} audited, {res['failed']} failed, "
+               f"{res['skipped']} skipped (not images); stored in this session's database.{resumed}",
+               icon=":material/check_circle:")
+    if res.get("summary"):
+        for col, m in zip(st.columns(5), dashboard.audit_summary(res["summary"])):
+            _shared.show_metric(col, m)
+    if res["busy"]:  # the run's own words ("the machine is busy ...", "... timings are noisy")
+        st.warning(f"{res['busy'][:1].upper()}{res['busy'][1:]}.", icon=":material/speed:")
+    columns = _shared.column_config(dashboard.audit_columns())
+    frame = res["frame"]
+    disagreements = dashboard.audit_disagreements(frame)
+    if len(disagreements):
+        st.subheader(f"Disagreements with the full network ({len(disagreements)})")
+        st.dataframe(disagreements, hide_index=True, key="audit_disagreements", column_config=columns)
+    elif res["ok"]:
+        st.caption("No disagreements: every audited input got the full network's prediction.")
+    st.subheader("Every input")
+    st.caption("Disagreements first, then failed inputs, then the rest; the record and run ids, path and SHA-256 "
+               "are in the last columns.")
+    st.dataframe(dashboard.audit_records(frame), hide_index=True, key="audit_frame", column_config=columns)
+    c1, c2, c3, c4, c5 = st.columns(5)
+    stem = f"audit_{res['run_id']}"
+    c1.download_button("Report (zip)", res["zip"], f"{stem}.zip", "application/zip", key="dl_zip",
+                       icon=":material/folder_zip:", help="HTML, JSON and CSV with the charts' script: unpack and "
+                                                          "open the HTML, also offline")
+    c2.download_button("Report (HTML)", res["html"], f"{stem}.html", "text/html", key="dl_html",
+                       icon=":material/description:", help="the charts need the script from the zip beside it")
+    c3.download_button("Records (JSON)", res["json"], f"{stem}.json", "application/json", key="dl_json",
+                       icon=":material/data_object:")
+    c4.download_button("Records (CSV)", res["csv"], f"{stem}.csv", "text/csv", key="dl_csv",
+                       icon=":material/table:")
+    c5.download_button("Database (SQLite)", res["db"], "audit.sqlite", "application/vnd.sqlite3", key="dl_db",
+                       icon=":material/database:")
+
+
+result = st.session_state.get("audit_result")
+if result:
+    show_result(result)
+    st.subheader("Another audit")
+
+st.caption(f"Every image runs under the current policy ({dashboard.describe_policy(policy)}) and, as a shadow, "
+           "the full network; each decision is stored in this session's own audit database on the server "
+           f"(downloadable with each run's results, kept {session.SESSION_MAX_AGE_S // 86400} days), and so is the "
+           "report.")
 files = st.file_uploader("Images or a .zip archive", type=_shared.IMAGE_TYPES + ["zip"], accept_multiple_files=True,
                          key="audit_files")
 labels = st.checkbox("Labels from folder names (zip archives)", value=False, key="audit_labels")
@@ -65,36 +110,13 @@ if files and st.button("Run the audit", key="audit_run", icon=":material/play_ar
         st.session_state["audit_result"] = {
             "run_id": run.run_id, "html": html, "json": js, "csv": csv, "zip": bundle, "db": database,
             "frame": run.dataframe(), "ok": len(run.ok_records), "failed": len(run.failed_records),
+            "summary": report.report_data(run, repro)["summary"],
             "skipped": len(run.skipped_records), "resumed": run.resumed,
             "latency": (run.latency or {}).get("label"), "busy": (run.latency or {}).get("busy")}
         st.rerun()  # the runs table and the resume offer follow the finished run
 
-res = st.session_state.get("audit_result")
-if res:
-    resumed = f" Resumed: {res['resumed']} inputs were already recorded." if res["resumed"] else ""
-    st.success(f"Run {res['run_id']}: {len(res['frame'])} inputs, {res['ok']} audited, {res['failed']} failed, "
-               f"{res['skipped']} skipped (not images); stored in this session's database.{resumed}",
-               icon=":material/check_circle:")
-    if res["latency"]:
-        st.caption(f"Latency (model time only, interleaved paired rounds on a sample of these inputs, apart from "
-                   f"decoding and I/O): {res['latency']}.")
-    if res["busy"]:
-        st.warning(f"Timings are noisy: {res['busy']}.", icon=":material/speed:")
-    st.dataframe(res["frame"], hide_index=True, key="audit_frame")
-    c1, c2, c3, c4, c5 = st.columns(5)
-    stem = f"audit_{res['run_id']}"
-    c1.download_button("Report (zip)", res["zip"], f"{stem}.zip", "application/zip", key="dl_zip",
-                       icon=":material/folder_zip:", help="HTML, JSON and CSV with the charts' script: unpack and "
-                                                          "open the HTML, also offline")
-    c2.download_button("Report (HTML)", res["html"], f"{stem}.html", "text/html", key="dl_html",
-                       icon=":material/description:", help="the charts need the script from the zip beside it")
-    c3.download_button("Records (JSON)", res["json"], f"{stem}.json", "application/json", key="dl_json",
-                       icon=":material/data_object:")
-    c4.download_button("Records (CSV)", res["csv"], f"{stem}.csv", "text/csv", key="dl_csv",
-                       icon=":material/table:")
-    c5.download_button("Database (SQLite)", res["db"], "audit.sqlite", "application/vnd.sqlite3", key="dl_db",
-                       icon=":material/database:")
-
 if not runs.empty:
     st.subheader("Runs in this session's database")
+    if "policy" in runs.columns:  # in words, not a dict
+        runs = runs.assign(policy=runs["policy"].map(dashboard.policy_words))
     st.dataframe(runs, hide_index=True, key="audit_runs")

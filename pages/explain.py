@@ -23,9 +23,16 @@ if cur is not None:
             ex = explain.explain(net, x, policy, methods=methods)
         for m in methods:
             st.plotly_chart(figures.attribution_overlay(ex, m), key=f"overlay_{m}", width="stretch")
+            for run in ("full", "skipped"):
+                blank = figures.blank_map_reason(ex, m, run)
+                if blank:
+                    st.info(blank, icon=":material/visibility_off:")
             st.caption(explain.MAP_DESCRIPTIONS.get(m, ""))
-        st.dataframe(ex.summary(), hide_index=True)
+        st.dataframe(ex.summary(), hide_index=True,
+                     column_config=_shared.column_config(dashboard.fraction_columns(["topk_overlap", "top_k"], {
+                         "topk_overlap": "top-k overlap", "top_k": "top-k (share of pixels)"})))
         if ex.importance is not None:
             st.plotly_chart(figures.importance_bars(ex.importance), key="importance", width="stretch")
-            st.dataframe(ex.importance.to_dataframe(), hide_index=True)
+            st.dataframe(ex.importance.to_dataframe(), hide_index=True,
+                         column_config=_shared.column_config(dashboard.fraction_columns(["share"])))
         st.caption("Seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in ex.seconds.items()))

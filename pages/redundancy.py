@@ -71,11 +71,11 @@ def policy_view() -> None:
     st.dataframe(calibration.compare_points({f"KL policy (q={q:.2f})": kl_point,
                                              current_policy_label(source, t, ov): current,
                                              "full": sweep.full}),
-                 hide_index=True)
+                 hide_index=True, column_config=_shared.column_config(dashboard.compare_columns()))
     if ov:
         st.caption(f"The session's per-block overrides (Thresholds page) are in force in the {source} row: "
                    f"{dashboard.describe_overrides(net, ov)}.")
-    st.dataframe(policy.to_dataframe(), hide_index=True)
+    st.dataframe(policy.to_dataframe(), hide_index=True, column_config=_shared.column_config(dashboard.kl_policy_columns()))
 
 
 policy_view()

@@ -38,7 +38,7 @@ def live_view() -> None:
         tr = res.trace
         a, b = st.columns([1, 3])
         a.image(cur.image, caption=cur.label, width=140)
-        a.metric("Prediction", tr.predicted_label, f"{'agrees' if res.agrees else 'differs from'} full "
+        a.metric("Prediction", tr.predicted_label, f"{'agrees with' if res.agrees else 'differs from'} full "
                  f"({res.full_trace.predicted_label})", delta_color="normal" if res.agrees else "inverse",
                  delta_arrow="off")
         a.metric("Blocks fired", f"{tr.blocks_executed}/{tr.blocks_total}",
@@ -50,15 +50,20 @@ def live_view() -> None:
     point = sweep.point_for(net, t, ov)
     latencies = _shared.latency_sweep(model_key, lm, sweep, batch)
     saving = _shared.point_saving(model_key, lm, sweep, policy, batch, t, ov)
-    m1, m2, m3, m4 = st.columns(4)
-    acc_name = "Accuracy" if sweep.calib.labelled else "Accuracy (= agreement, no labels)"
-    m1.metric(acc_name, dashboard.percent(point.accuracy),
-              f"{dashboard.percent_points(point.accuracy - sweep.full.accuracy)} vs full")
-    m2.metric("Agreement with full", dashboard.percent(point.agreement))
+    m1, m2, m3, m4 = st.columns([1, 1, 1.6, 1])
+    acc_help = ("Top-1 accuracy over the labelled calibration set." if sweep.calib.labelled else
+                "The calibration set has no labels: accuracy is agreement with the full network.")
+    m1.metric("Accuracy", dashboard.percent(point.accuracy),
+              f"{dashboard.percent_points(point.accuracy - sweep.full.accuracy)} vs full", delta_color="off",
+              delta_arrow="off", help=acc_help)
+    m2.metric("Agreement with full", dashboard.percent(point.agreement),
+              help="Calibration images whose prediction equals the full network's.")
     per_image = saving.per_input()
-    m3.metric(f"Latency saved per image ({saving.device}, batch {saving.batch_size})", per_image.headline(),
-              per_image.detail(), delta_color="off", delta_arrow="off")
-    m4.metric("FLOPs executed", f"{dashboard.percent(point.flops_fraction)} of full")
+    _shared.show_metric(m3, dashboard.latency_metric(per_image, "Latency saved per image", f"Measured on "
+                                                     f"{saving.device}, batches of {saving.batch_size}: "
+                                                     f"{saving.describe()}."))
+    m4.metric("FLOPs executed", dashboard.percent(point.flops_fraction), "of the full network", delta_color="off",
+              delta_arrow="off")
     _shared.latency_warning([*latencies.values(), saving])
     if saving.batch_size != batch:
         st.caption(f"Batch {batch} asked; the calibration set has {len(sweep.calib)} images, so batches of "
@@ -66,11 +71,15 @@ def live_view() -> None:
     c1, c2 = st.columns(2)
     c1.plotly_chart(figures.pareto_figure(sweep, point, latencies, saving), key="pareto", width="stretch")
     c2.plotly_chart(figures.skip_rate_figure(point, net), key="skip_rate", width="stretch")
-    st.caption(f"Latency: each threshold timed against the full network, {saving.describe()} over the "
-               "calibration set's first images; bars are the bootstrap 95 % interval of the paired saving.")
-    st.dataframe(dashboard.calibration_table(point, sweep.full, saving), hide_index=True, key="calib_summary")
+    st.caption(f"Latency: each threshold timed against the full network, {saving.describe()} "
+               "over the calibration set's first images, drawn at the full network's median minus the paired "
+               "saving; bars are the bootstrap 95 % interval of that saving.")
+    columns = _shared.column_config(dashboard.calibration_columns())
+    st.dataframe(dashboard.calibration_table(point, sweep.full, saving), hide_index=True, key="calib_summary",
+                 column_config=columns)
     with st.expander("Every precomputed threshold"):
-        st.dataframe(dashboard.sweep_table(sweep, latencies), hide_index=True, key="sweep_table")
+        st.dataframe(dashboard.sweep_table(sweep, latencies), hide_index=True, key="sweep_table",
+                     column_config=columns)
 
 
 live_view()

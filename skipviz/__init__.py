@@ -5,7 +5,9 @@ Entry points: :func:`create_model` (one call over a registry of model families) 
 
 The packages: ``engine`` (the network, its heads, folding, rows, FLOPs, traces), ``policies``, ``models``
 (families, registry, the weights' metadata), ``measure`` (latency), ``evaluate``, ``redundancy``, ``explain``,
-``figures``, ``audit``, ``training``, ``cli`` (the ``skipviz`` command) and ``dashboard`` (what the pages call).
+``figures`` (with ``figures_explain`` and ``figures_audit``), ``audit``, ``training``, ``cli`` (the ``skipviz``
+command) and ``dashboard`` (what the pages call; with ``dashboard_models``, ``dashboard_tables`` and
+``dashboard_latency``, whose names it re-exports).
 """
 from ._allocator import AllocatorSetting, allocator_setting, keep_heap_memory
 from ._checkpoint import CheckpointError, load_state_dict

@@ -1,85 +1,61 @@
-"""Plotly figure builders: they build without Streamlit and carry the right traces and labels."""
+"""skipviz.figures: the dashboard's live figures (block map, latency, Pareto, skip rate) build without Streamlit and
+carry the right traces, labels and units; every figure of the package is importable from here."""
 from __future__ import annotations
 
 import numpy as np
-import plotly.graph_objects as go
 import pytest
 import torch
 
-from skipviz import StaticMaskPolicy
-from skipviz.explain import block_importance, explain
-from skipviz.figures import (adjacent_kl_series, attribution_overlay, importance_bars, kl_heatmap,
-                             kl_policy_scores)
-from skipviz.policies.kl import KLRedundancyPolicy
-from skipviz.redundancy import dataset_redundancy, kl_matrix
+from skipviz import dashboard, figures, load_image, policies
+from skipviz.samples import sample_bytes, sample_names
 
 
-def test_kl_heatmap_names_on_both_axes(tiny_net, batch):
-    m = kl_matrix(tiny_net, batch[:2])
-    fig = kl_heatmap(m[0], tiny_net.block_names)
-    assert isinstance(fig, go.Figure) and len(fig.data) == 1
-    hm = fig.data[0]
-    assert hm.type == "heatmap"
-    assert list(hm.x) == list(hm.y) == tiny_net.block_names
-    assert np.allclose(np.asarray(hm.z), m[0].numpy())
-    assert fig.layout.xaxis.title.text == "block j (compared)"
-    assert fig.layout.yaxis.title.text == "block i (reference)"
-    assert fig.layout.yaxis.autorange == "reversed"
-    js = kl_heatmap(np.zeros((9, 9)), tiny_net.block_names, divergence="js")
-    assert "Jensen-Shannon" in js.layout.title.text
-    with pytest.raises(ValueError, match="one square"):
-        kl_heatmap(m, tiny_net.block_names)
-    with pytest.raises(ValueError, match="block names"):
-        kl_heatmap(m[0], tiny_net.block_names[:3])
+@pytest.fixture(scope="module")
+def cat_x(tiny_net):
+    image, _ = load_image(sample_bytes(sample_names()[0]))
+    return dashboard.preprocess(tiny_net, image)
 
 
-def test_adjacent_series_band(tiny_net, batch):
-    stats = dataset_redundancy(tiny_net, batch)
-    fig = adjacent_kl_series(stats)
-    names = [t.name for t in fig.data]
-    assert names == ["p90", "p10–p90", "mean", "median"]
-    assert fig.data[1].fill == "tonexty"
-    assert list(fig.data[2].x) == list(stats.adjacent["pair"])
-    assert fig.layout.yaxis.title.text == "KL(i ‖ i+1)" and "8 inputs" in fig.layout.title.text
-    with pytest.raises(ValueError, match="pair"):
-        adjacent_kl_series(stats.io)
+def test_every_figure_is_importable_from_skipviz_figures():
+    from skipviz import figures_audit, figures_explain
+
+    for module in (figures_audit, figures_explain):
+        assert all(getattr(figures, n) is getattr(module, n) for n in module.__all__)
+    assert all(hasattr(figures, n) for n in figures.__all__)
 
 
-def test_policy_scores_figure():
-    down = [False, False, False, True, False, False, True, False, False]
-    pol = KLRedundancyPolicy([0.01, 0.002, 0.004, 0.05, 0.006, 0.02, 0.04, 0.012, 0.03], down, q=0.3)
-    fig = kl_policy_scores(pol)
-    bar = fig.data[0]
-    assert bar.type == "bar" and len(bar.x) == 9
-    red = [i for i, c in enumerate(bar.marker.color) if c == "#d62728"]
-    assert red == sorted(pol.skip)
-    assert any(s.type == "line" for s in fig.layout.shapes)  # the threshold line
+@torch.no_grad()
+def test_block_map_figure_shows_decisions_threshold_and_downsampling(tiny_net, cat_x):
+    lo = dashboard.inspect(tiny_net, cat_x, policies.make_policy(tiny_net, 0.0))
+    hi = dashboard.inspect(tiny_net, cat_x, policies.make_policy(tiny_net, 1.0))
+    f_lo, f_hi = figures.block_map_figure(lo.trace), figures.block_map_figure(hi.trace)
+    d_lo, d_hi = figures.block_map_decisions(f_lo), figures.block_map_decisions(f_hi)
+    assert list(d_lo) == tiny_net.block_names or set(d_lo) == set(tiny_net.block_names)
+    assert all(v == "fired" for v in d_lo.values())
+    assert d_hi == dict(zip(tiny_net.block_names, dashboard.decisions(hi.trace)))
+    assert d_lo != d_hi
+    names = [tr.name for tr in f_hi.data]
+    assert "threshold" in names
+    thr = [tr for tr in f_hi.data if tr.name == "threshold"][0]
+    assert {y for y in thr.y if y is not None} == {1.0}
+    # downsampling blocks have a black outline and a marker in their text
+    for tr in f_hi.data:
+        if tr.type == "bar":
+            for name, text, width in zip(tr.x, tr.text, tr.marker.line.width):
+                down = tiny_net.blocks[tiny_net.block_names.index(name)].downsample
+                assert (width > 0) == down and text.startswith("▼") == down
+    assert list(f_hi.layout.xaxis.categoryarray) == tiny_net.block_names
+    # the legend sits right of the plot, under the colour bar: clear of long block names and the axis title
+    assert f_hi.layout.legend.x > 1 and f_hi.layout.legend.yanchor == "bottom"
+    bar = next(tr for tr in f_hi.data if tr.type == "bar" and tr.marker.colorbar.len)
+    assert bar.marker.colorbar.len <= 0.6 and bar.marker.colorbar.yanchor == "top"
 
 
-def test_importance_bars_mark_skips(tiny_net):
-    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
-    imp = block_importance(tiny_net, x, StaticMaskPolicy({2, 5}))
-    fig = importance_bars(imp)
-    assert [t.name for t in fig.data] == ["executed", "bypassed"]
-    assert list(fig.data[1].x) == ["stage1.block2", "stage2.block2"]
-    assert fig.data[1].marker.pattern.shape == "/"
-    assert len(fig.data[0].x) == 7
-    assert fig.layout.yaxis.title.text == "share of |importance|"
-    assert "bypassed blocks carry" in fig.layout.title.text
-
-
-def test_attribution_overlay_side_by_side(tiny_net):
-    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(6))
-    ex = explain(tiny_net, x, StaticMaskPolicy({1, 4}), methods=("gradcam",), importance=None)
-    fig = attribution_overlay(ex, "gradcam")
-    assert [t.type for t in fig.data] == ["image", "heatmap", "image", "heatmap"]
-    assert fig.data[1].xaxis == "x" and fig.data[3].xaxis == "x2"
-    assert np.asarray(fig.data[3].z).shape == (32, 32)
-    assert fig.layout.annotations[0].text.startswith("full:")
-    assert fig.layout.annotations[1].text.startswith("skipped:")
-    assert "Spearman" in fig.layout.title.text
-    with pytest.raises(ValueError, match="no 'integrated_gradients' map"):
-        attribution_overlay(ex, "integrated_gradients")
+def test_block_map_names_blocks_without_a_score_for_what_they_are(tiny_net, cat_x):
+    forced = dashboard.overrides_from_choices({i: "skip" for i in range(tiny_net.num_blocks)})
+    res = dashboard.inspect(tiny_net, cat_x, policies.make_policy(tiny_net, 0.5, forced))
+    names = [tr.name for tr in figures.block_map_figure(res.trace).data if tr.type == "bar"]
+    assert names == ["no score (ungated or forced)"]
 
 
 # --------------------------------------------------------------------------------------------- latency
@@ -108,7 +84,8 @@ def test_latency_figure_says_no_measurable_saving_on_a_noisy_machine():
     assert not noisy.measurable
     fig = latency_figure(noisy)
     title = fig.layout.title.text
-    assert "no measurable saving (±" in title and "CPU (1 thread)" in title and "batch 1" in title
+    assert "no measurable saving (±" in title and "batch 1" in title
+    assert "CPU" not in title  # the device is the page's caption: the title stays short
     assert "saved" not in title and "slower" not in title
     bars = fig.data[0]
     assert list(bars.x) == ["full", "skipped"]
@@ -150,7 +127,10 @@ def test_pareto_figure_has_error_bars_and_hollow_points_without_a_measurable_sav
     assert "no measurable saving (±" in pts.customdata[0][2] and "saved" in pts.customdata[2][2]
     assert fig.layout.xaxis.title.text.startswith("latency per image (ms)")
     assert fig.layout.yaxis.title.text == "accuracy (%)"
-    assert "CPU (1 thread)" in fig.layout.title.text and "batch 16" in fig.layout.title.text
+    assert "batch 16" in fig.layout.title.text and "CPU" not in fig.layout.title.text
+    # the legend goes under the plot and the colour bar to its right: they cannot overlap
+    assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0 and fig.layout.legend.yanchor == "top"
+    assert pts.marker.colorbar.x is None or pts.marker.colorbar.x >= 1
     star = [tr for tr in fig.data if tr.name == "current setting"][0]
     assert star.x[0] == pytest.approx(pts.x[1]) and star.marker.symbol == "star"
     noisy_star = pareto_figure(sweep, sweep.points[0.0], latencies, latencies[0.0])

@@ -186,7 +186,10 @@ def trust_note(savings: PairedSaving | Sequence[PairedSaving], unit: str = "ms")
     many = [savings] if isinstance(savings, PairedSaving) else list(savings)
     if not many:
         return None
-    reasons = list(dict.fromkeys(s.busy for s in many if s.busy))
+    busy = [s.busy for s in many if s.busy]
+    reasons = []
+    if busy:  # one note for the sweep, not one per load reading: the latest, and how many timings it touched
+        reasons.append(busy[-1] if len(busy) == len(many) else f"{busy[-1]} during {len(busy)} of {len(many)} timings")
     noisy = [s for s in many if s.noisy()]
     if noisy:
         if len(many) == 1:

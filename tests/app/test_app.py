@@ -117,8 +117,9 @@ def test_inspect_upload_and_threshold(app_env, engine):
     assert top["full: probability"].iloc[0] == pytest.approx(float(full.max()), abs=1e-5)
     time_col = [c for c in table.columns if c.startswith("profile estimate (ms per batch of 1, ")][0]
     assert (table[time_col] > 0).all() and ("CPU" in time_col or "GPU" in time_col)
-    saved = [m for m in at.metric if m.label.startswith("Latency saved (")][0]
-    assert saved.label.startswith(("Latency saved (CPU", "Latency saved (GPU")) and saved.label.endswith("batch 1)")
+    saved = [m for m in at.metric if m.label == "Latency saved"][0]  # a short label: device and batch in its help
+    assert saved.proto.help.startswith("Per batch of 1, measured on ") and ("CPU" in saved.proto.help or
+                                                                          "GPU" in saved.proto.help)
     assert saved.value == "0.50 ms saved" and "95 % CI" in saved.delta
     assert not [w for w in at.warning if "Timings are noisy" in w.value]  # a quiet machine, a clear saving
 
@@ -176,7 +177,7 @@ def test_thresholds_page_live_and_calibration(app_env, engine):
         assert summary["agreement with full (%)"].iloc[0] == pytest.approx(100 * point.agreement)
         # the fake clock saves 0.5 of 2 ms per call: 25 %, whatever the policy (its times are the clock's)
         assert "ms saved (95 % CI" in summary["latency saving"].iloc[0] and "25 % of" in summary["latency saving"].iloc[0]
-        assert metric(at, "Latency saved per image (").endswith("ms saved")
+        assert metric(at, "Latency saved per image").endswith("ms saved")
         assert summary["blocks run (mean)"].iloc[0] == pytest.approx(float(point.executed.sum(1).mean()))
     # the threshold is shared with the Inspect page
     at.switch_page("pages/inspect.py").run()
@@ -285,8 +286,18 @@ def test_audit_page(app_env, tmp_path, monkeypatch):
     at.button(key="audit_run").click().run()
     assert not at.exception and at.success and "1 audited, 1 failed" in at.success[0].value
     assert len(at.get("download_button")) == 5  # zip, HTML, JSON, CSV and the session's database
-    frame = at.dataframe[0].value  # the run's records
+    # the page opens with the run's summary: accuracy, agreement (with its interval), FLOPs and time saved, failures
+    metrics = {m.label: m for m in at.metric}
+    assert list(metrics) == ["Accuracy", "Agreement with full", "FLOPs saved", "Time saved", "Failures"]
+    assert metrics["Failures"].value == "1" and metrics["Accuracy"].value == "n/a"  # no labels
+    agreement = metrics["Agreement with full"]
+    assert agreement.delta.startswith("CI ") and "Wilson" in agreement.proto.help
+    frame = [d.value for d in at.dataframe if "status" in d.value.columns][0]  # the run's records
+    assert list(frame.columns[:3]) == ["status", "input_name", "predicted"]
+    assert list(frame.columns[-4:]) == ["record_id", "run_id", "input_path", "input_sha256"]
     assert "broken.png" in set(frame["input_name"])  # messages and rows name the uploaded file
+    runs = at.dataframe[-1].value  # the session's runs, their policy in words
+    assert runs["policy"].iloc[0].startswith("gates, threshold ") and "{" not in runs["policy"].iloc[0]
     dbs = list((tmp_path / "audits").glob("session-*.sqlite"))
     assert len(dbs) == 1 and at.session_state["sv_audit_token"] in dbs[0].name
 
@@ -363,3 +374,16 @@ def test_downsampling_skips_are_warned_about(app_env, engine):
     at.switch_page("pages/redundancy.py").run()
     table = [d.value for d in at.dataframe if "agreement with full" in d.value.columns][0]
     assert any("1 override in force" in p for p in table["policy"])
+
+
+EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\uFE0F]")
+
+
+def test_pages_use_material_icons_not_emoji():
+    """Headless Chromium has no emoji font: icons are ``:material/...:`` names, no emoji in any page's text."""
+    for path in [ROOT / "app.py", *sorted((ROOT / "pages").glob("*.py"))]:
+        text = path.read_text(encoding="utf-8")
+        assert not EMOJI.findall(text), (path.name, EMOJI.findall(text))
+        for icon in re.findall(r"icon=\"([^\"]*)\"", text):
+            assert icon.startswith(":material/") and icon.endswith(":"), (path.name, icon)
+

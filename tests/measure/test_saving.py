@@ -70,6 +70,12 @@ def test_trust_note_names_a_busy_machine_and_a_spread_wider_than_the_effect(monk
     noise = _noise()
     assert noise.noisy() and "wider than the effect" in trust_note(noise)
     assert "at 1 of 2 settings" in trust_note([clear, noise])
+    # a sweep measured while busy says so once (the latest load), with how many timings it touched
+    loads = [paired_saving([2e-3] * 3, [1e-3] * 3, busy=f"the machine is busy (load {v} on 2 cores)")
+             for v in ("4.6", "4.7")]
+    note = trust_note([*loads, clear])
+    assert note.count("busy") == 1 and "busy (load 4.7 on 2 cores) during 2 of 3 timings" in note
+    assert "during" not in trust_note(loads)
     assert trust_note([]) is None
     FakeClock.busy(monkeypatch, load=64.0)
     assert machine_busy().startswith("the machine is busy (load 64.0 on ")
