@@ -6,6 +6,12 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
+#: The small shipped CIFAR model (ResNet-20, 9 blocks) that the dashboard tests drive: a whole-script AppTest run
+#: per interaction stays fast. ``skipviz.CIFAR_MODEL`` (the ResNet-56 the dashboard offers) is tested where the
+#: product's choice matters (the Model page's one-click buttons, the browser test).
+SMALL_CIFAR_MODEL = "cifar_resnet20.cifar10_gated"
+
+
 def varied_images(n: int, seed: int) -> torch.Tensor:
     """(n, 3, 32, 32) inputs whose brightness, contrast and colour differ per sample."""
     g = torch.Generator().manual_seed(seed)

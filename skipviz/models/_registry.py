@@ -24,7 +24,7 @@ __all__ = ["CIFAR_MODEL", "DEFAULT_MODEL", "PretrainedWeights", "create_model", 
 
 #: The shipped CIFAR-10 model (32x32 inputs, ten classes): one click away on the dashboard, and the model the
 #: tests and the CIFAR benchmarks use.
-CIFAR_MODEL = "cifar_resnet20.cifar10_gated"
+CIFAR_MODEL = "cifar_resnet56.cifar10_gated"
 #: The model the command, the dashboard and the benchmarks use unless told otherwise.
 DEFAULT_MODEL = "efficientnet_lite0.imagenet_gated"
 

@@ -18,16 +18,16 @@ import pytest
 import torch
 from PIL import Image
 
-from skipviz import CIFAR_MODEL, FullPolicy, GatePolicy, load_image, dashboard, policies
+from skipviz import FullPolicy, GatePolicy, load_image, dashboard, policies
 from skipviz.evaluate import calibration
 
 from conftest import app_environment
-from toys import FakeClock
+from toys import SMALL_CIFAR_MODEL, FakeClock
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = str(ROOT / "app.py")
 ENV = {"SKIPVIZ_CIFAR10": "/nonexistent/cifar10", "SKIPVIZ_CALIB_N": "32", "SKIPVIZ_LATENCY_REPEATS": "5",
-       "SKIPVIZ_MODEL": CIFAR_MODEL}
+       "SKIPVIZ_MODEL": SMALL_CIFAR_MODEL}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def app_env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(app_env):
     """The model the app loads, built here with the engine."""
-    return dashboard.load_model(CIFAR_MODEL).net
+    return dashboard.load_model(SMALL_CIFAR_MODEL).net
 
 
 def new_app():
@@ -223,7 +223,7 @@ def test_per_model_settings_are_dropped_when_the_model_changes(app_env):
     at.session_state["sv_overrides"] = {12: "skip"}  # block 12 exists in a ResNet-32, not in a ResNet-20
     at.session_state["sv_thresholds"] = {"gates": 0.9}
     at.run()
-    at.selectbox(key="model_choice").set_value(CIFAR_MODEL).run()
+    at.selectbox(key="model_choice").set_value(SMALL_CIFAR_MODEL).run()
     at.button(key="use_model").click().run()
     at.switch_page("pages/inspect.py").run()
     assert not at.exception

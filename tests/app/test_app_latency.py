@@ -8,14 +8,13 @@ import re
 
 import pytest
 
-from skipviz import CIFAR_MODEL
 
 from conftest import app_environment
 from test_app import APP
-from toys import FakeClock
+from toys import SMALL_CIFAR_MODEL, FakeClock
 
 ENV = {"SKIPVIZ_CIFAR10": "/nonexistent/cifar10", "SKIPVIZ_CALIB_N": "16", "SKIPVIZ_LATENCY_REPEATS": "9",
-       "SKIPVIZ_MODEL": CIFAR_MODEL}
+       "SKIPVIZ_MODEL": SMALL_CIFAR_MODEL}
 NUMBER_SAVED = re.compile(r"\d ms (saved|slower)")
 
 

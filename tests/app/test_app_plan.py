@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skipviz import CIFAR_MODEL, FullPolicy, GatePolicy, PlanPolicy, load_image, dashboard, figures, policies
+from skipviz import FullPolicy, GatePolicy, PlanPolicy, load_image, dashboard, figures, policies
 from skipviz.evaluate import calibration
 from skipviz.samples import sample_bytes, sample_names
 
 from conftest import app_environment
 from test_app import APP, frame, metric
-from toys import FakeClock
+from toys import SMALL_CIFAR_MODEL, FakeClock
 
 ENV = {"SKIPVIZ_CIFAR10": "/nonexistent/cifar10", "SKIPVIZ_CALIB_N": "16", "SKIPVIZ_LATENCY_REPEATS": "3",
-       "SKIPVIZ_MODEL": CIFAR_MODEL}
+       "SKIPVIZ_MODEL": SMALL_CIFAR_MODEL}
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +34,9 @@ def decisions(net, policy) -> list[str]:
 
 
 def test_views_offer_the_plan_when_the_model_has_one():
-    net = dashboard.load_model(CIFAR_MODEL).net
+    net = dashboard.load_model(SMALL_CIFAR_MODEL).net
     assert dashboard.decision_sources(net) == ["gates", "plan"]
-    lm = dashboard.load_model(CIFAR_MODEL)
+    lm = dashboard.load_model(SMALL_CIFAR_MODEL)
     assert lm.default_threshold_for("plan") == net.meta.card["plan"]["default_threshold"]
     assert lm.default_threshold_for("gates") == lm.default_threshold == net.meta.card["default_policy"]["threshold"]
     assert isinstance(policies.make_policy(net, 0.5, {1: "skip"}, "plan"), PlanPolicy)
@@ -48,7 +48,7 @@ def test_views_offer_the_plan_when_the_model_has_one():
 def test_inspect_switches_to_the_plan(shipped_env):
     from streamlit.testing.v1 import AppTest
 
-    net = dashboard.load_model(CIFAR_MODEL).net
+    net = dashboard.load_model(SMALL_CIFAR_MODEL).net
     at = AppTest.from_file(APP, default_timeout=120).run()
     assert not at.exception
     at.slider(key="inspect_threshold").set_value(0.5).run()
@@ -78,9 +78,9 @@ def test_inspect_switches_to_the_plan(shipped_env):
 
 
 def test_plan_scores_are_labelled_as_plan_probabilities():
-    from skipviz import CIFAR_MODEL, PlanPolicy, create_model
+    from skipviz import PlanPolicy, create_model
 
-    net = create_model(CIFAR_MODEL)
+    net = create_model(SMALL_CIFAR_MODEL)
     if net.plan_head is None:
         pytest.skip("the default model's weights (with a plan head) are not in data/")
     x = torch.zeros(1, 3, 32, 32)
@@ -105,7 +105,7 @@ def test_the_slider_shows_the_threshold_in_use_after_every_switch(shipped_env):
     of its own, at the value the table and the metrics use."""
     from streamlit.testing.v1 import AppTest
 
-    net = dashboard.load_model(CIFAR_MODEL).net
+    net = dashboard.load_model(SMALL_CIFAR_MODEL).net
     plan_default = net.meta.card["plan"]["default_threshold"]
     at = AppTest.from_file(APP, default_timeout=120).run()
     at.slider(key="inspect_threshold").set_value(0.3).run()

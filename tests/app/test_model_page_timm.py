@@ -6,16 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from skipviz import CIFAR_MODEL
-
 from conftest import app_environment
+from toys import SMALL_CIFAR_MODEL
 
 APP = str(Path(__file__).resolve().parents[2] / "app.py")
 
 
 @pytest.fixture(scope="module")
 def app_env():
-    with app_environment({"SKIPVIZ_MODEL": CIFAR_MODEL, "SKIPVIZ_CIFAR10": "/nonexistent/cifar10",
+    with app_environment({"SKIPVIZ_MODEL": SMALL_CIFAR_MODEL, "SKIPVIZ_CIFAR10": "/nonexistent/cifar10",
                           "SKIPVIZ_IMAGENETTE": "/nonexistent/imagenette", "SKIPVIZ_CALIB_N": "8",
                           "SKIPVIZ_LATENCY_REPEATS": "2"}) as env:
         yield env

@@ -221,7 +221,7 @@ def shown_threshold(page, label: str) -> float:
     return float(page.evaluate(f"() => ({SLIDER})()")["value"])
 
 
-def assert_table_uses(page, shown: float, score: str) -> list[str]:
+def assert_table_uses(page, shown: float, score: str, n_blocks: int) -> list[str]:
     """The block table uses the shown threshold: every block with a score has it as its threshold, and fired
     exactly when its score reaches it. Returns the decisions."""
     table = table_with(page, "decision")
@@ -229,7 +229,7 @@ def assert_table_uses(page, shown: float, score: str) -> list[str]:
     assert score in head, head  # "gate p" or "plan p": the source the slider belongs to
     rows = [dict(zip(head, r)) for r in table["rows"]]
     scored = [r for r in rows if r[score]]
-    assert len(rows) == 9 and scored
+    assert len(rows) == n_blocks and scored
     for r in scored:
         assert float(r["threshold"]) == pytest.approx(shown), (shown, r)
         assert (r["decision"] == "fired") == (float(r[score]) >= shown - 1e-9), (shown, r)
@@ -266,24 +266,25 @@ def test_the_slider_and_the_block_table_agree_across_sources_and_pages(shipped_s
             # the app's own navigation (app.py has run: its sidebar names the device), then its Model page
             page.locator("[data-testid=stSidebar]", has_text="Device:").wait_for(timeout=180_000)
             go(page, "Model")
-            page.get_by_role("button", name="ResNet-20").first.click(timeout=180_000)
+            depth = CIFAR_MODEL.partition(".")[0].removeprefix("cifar_resnet")
+            page.get_by_role("button", name=f"ResNet-{depth}").first.click(timeout=180_000)
             page.locator("[data-testid=stSidebar]", has_text=CIFAR_MODEL).wait_for(timeout=120_000)  # in use
             go(page, "Inspect")
             assert shown_threshold(page, "Gate threshold") == pytest.approx(gates)  # the card's operating point
-            assert_table_uses(page, gates, "gate p")
+            assert_table_uses(page, gates, "gate p", lm.net.num_blocks)
             page.get_by_text("plan at the stem").first.click()
             assert shown_threshold(page, "Plan threshold") == pytest.approx(plan)
-            assert_table_uses(page, plan, "plan p")
+            assert_table_uses(page, plan, "plan p", lm.net.num_blocks)
             slider = page.locator("[data-testid=stSlider] input[type=range]").first
             slider.focus()
             slider.press("ArrowRight")  # the next step is taken from the value shown
             page.wait_for_function(f"() => ({SLIDER})().value === {f'{plan + 0.05:.2f}'!r}", timeout=60_000)
             moved = shown_threshold(page, "Plan threshold")
             assert moved == pytest.approx(plan + 0.05)
-            assert_table_uses(page, moved, "plan p")
+            assert_table_uses(page, moved, "plan p", lm.net.num_blocks)
             page.get_by_text("per-block gates").first.click()  # back: the gates keep their own threshold
             assert shown_threshold(page, "Gate threshold") == pytest.approx(gates)
-            assert_table_uses(page, gates, "gate p")
+            assert_table_uses(page, gates, "gate p", lm.net.num_blocks)
             page.get_by_text("plan at the stem").first.click()
             assert shown_threshold(page, "Plan threshold") == pytest.approx(moved)
             go(page, "Thresholds")  # another page: the same source, the same threshold, shown and used
@@ -293,7 +294,7 @@ def test_the_slider_and_the_block_table_agree_across_sources_and_pages(shipped_s
             shoot(page, "thresholds")
             go(page, "Inspect")
             assert shown_threshold(page, "Plan threshold") == pytest.approx(moved)
-            decisions = assert_table_uses(page, moved, "plan p")
+            decisions = assert_table_uses(page, moved, "plan p", lm.net.num_blocks)
             assert "bypassed" in decisions and "fired" in decisions
             top5 = table_with(page, "full network")
             assert len(top5["rows"]) == 5 and all(float(r[4]) > 0 for r in top5["rows"])

@@ -69,10 +69,11 @@ def test_a_weights_file_with_a_plan_head_loads_into_the_plain_architecture(tmp_p
 
     shipped = create_model(skipviz.CIFAR_MODEL)
     path = Path(shipped.meta.weights_path)
-    plain = create_model("cifar_resnet20", weights=path)  # no card kwargs: the head is sized from the file
+    arch = shipped.meta.arch
+    plain = create_model(arch, weights=path)  # no card kwargs: the head is sized from the file
     assert plain.plan_head is not None and plain.plan_head.gated_blocks == shipped.gated_blocks
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(plain.run(x, PlanPolicy(0.5)).executed, shipped.run(x, PlanPolicy(0.5)).executed)
-    uploaded = dashboard.load_uploaded_weights("cifar_resnet20", path.read_bytes(), path.name)  # the Model page
+    uploaded = dashboard.load_uploaded_weights(arch, path.read_bytes(), path.name)  # the Model page
     assert uploaded.net.plan_head is not None and dashboard.decision_sources(uploaded.net) == ["gates", "plan"]
