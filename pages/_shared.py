@@ -202,13 +202,34 @@ def threshold_label(source: str) -> str:
 
 def threshold_slider(lm: dashboard.LoadedModel, source: str, page: str) -> float:
     """The page's threshold slider for ``source``: shows and sets the one threshold in use
-    (:func:`session_threshold`), under a key of its own per source (:func:`threshold_key`)."""
-    t = st.slider(threshold_label(source), 0.0, 1.0, value=session_threshold(lm, source), step=0.05,
-                  key=threshold_key(page, source),
+    (:func:`session_threshold`), under a key of its own per source (:func:`threshold_key`), with the model card's
+    named operating points (:func:`operating_point_buttons`) above it. The widget's value lives in the session
+    state under its key, seeded from the threshold in use when the slider is not on screen yet, so a button can
+    move it before it is drawn."""
+    key = threshold_key(page, source)
+    if key not in st.session_state:
+        st.session_state[key] = session_threshold(lm, source)
+    operating_point_buttons(lm, source, key)
+    t = st.slider(threshold_label(source), 0.0, 1.0, step=0.05, key=key,
                   help=f"A block runs when its {policies.score_label(source)} >= this threshold "
                        f"({policies.DECISION_SOURCES[source].label}); the same value on every page.")
     set_session_threshold(source, t)
     return float(t)
+
+
+def operating_point_buttons(lm: dashboard.LoadedModel, source: str, slider_key: str) -> None:
+    """One button per operating point the model card names for ``source`` ("fast", "faithful"): a click sets the
+    slider (``slider_key``, not drawn yet on this run) to its threshold. Nothing when the card names none."""
+    points = lm.net.meta.operating_point_records(source)
+    if not points:
+        return
+    cols = st.columns(len(points) + 1, vertical_alignment="center")
+    cols[0].caption("Card's operating points:")
+    for col, point in zip(cols[1:], points):
+        met = "" if point.met_on_validation else " The validation split did not meet this rule: it is the closest point."
+        if col.button(f"{point.name} ({point.threshold:.2f})", key=f"{slider_key}_op_{point.name}",
+                      help=f"{point.name}: {point.rule or 'the operating point the model card names'}.{met}"):
+            st.session_state[slider_key] = point.threshold
 
 
 def source_picker(lm: dashboard.LoadedModel, key: str) -> str:

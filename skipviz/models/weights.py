@@ -19,7 +19,7 @@ from PIL import Image
 from .._checkpoint import CheckpointError
 from ..policies.threshold import DECISION_SOURCES
 
-__all__ = ["CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD", "ModelMeta", "read_card",
+__all__ = ["CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD", "ModelMeta", "OperatingPoint", "read_card",
            "sha256_file"]
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -35,6 +35,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A named threshold the model card records for a decision source (``operating_points.<source>.<name>``): the
+    rule it was chosen by on the validation split and whether that split met it."""
+
+    name: str
+    threshold: float
+    rule: str
+    met_on_validation: bool
 
 
 @dataclass
@@ -80,6 +91,16 @@ class ModelMeta:
             return {}
         return {name: float(p["threshold"]) for name, p in section.items()
                 if isinstance(p, dict) and p.get("threshold") is not None}
+
+    def operating_point_records(self, source: str = "gates") -> list[OperatingPoint]:
+        """The card's named operating points for a decision source with their rules (see :meth:`operating_points`),
+        in the card's order; ``[]`` when it has none."""
+        section = ((self.card or {}).get("operating_points") or {}).get(source)
+        if not isinstance(section, dict):
+            return []
+        return [OperatingPoint(name, float(p["threshold"]), str(p.get("rule") or ""),
+                               p.get("rule_met_on_validation") is not False)  # a point without the flag met its rule
+                for name, p in section.items() if isinstance(p, dict) and p.get("threshold") is not None]
 
     def operating_point(self, name: str, source: str = "gates") -> float:
         """The threshold of the named operating point; ``KeyError`` naming the ones the card has."""

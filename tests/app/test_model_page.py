@@ -67,3 +67,26 @@ def test_identical_weights_upload_keeps_the_registered_model_and_its_card(app_en
     assert not at.exception
     assert at.session_state["sv_model_key"] == f"registry:{CIFAR_MODEL}"  # the registry model, card included
     assert any("byte-identical" in s.value for s in at.success)
+
+
+def test_the_cards_operating_points_set_the_slider(app_env):
+    """The shipped CIFAR model's card names fast and faithful points per decision source: a click moves the
+    slider there, and the block table uses it."""
+    from streamlit.testing.v1 import AppTest
+
+    from skipviz import create_model
+
+    meta = create_model(CIFAR_MODEL).meta
+    fast = next(p for p in meta.operating_point_records("gates") if p.name == "fast")
+    at = AppTest.from_file(APP, default_timeout=180).run()
+    at.switch_page("pages/model.py").run()
+    at.button(key=f"use_{CIFAR_MODEL}").click().run()
+    at.switch_page("pages/inspect.py").run()
+    at.slider(key="inspect_threshold").set_value(0.5).run()
+    assert at.slider(key="inspect_threshold").value == 0.5
+    at.button(key="inspect_threshold_op_fast").click().run()
+    assert not at.exception
+    assert at.slider(key="inspect_threshold").value == pytest.approx(fast.threshold)
+    table = next(d.value for d in at.dataframe if "decision" in d.value.columns)
+    assert list(table["threshold"].dropna().unique()) == pytest.approx([fast.threshold])
+    assert at.session_state["sv_thresholds"]["gates"] == pytest.approx(fast.threshold)

@@ -67,3 +67,19 @@ def test_default_threshold_survives_missing_or_null_sections():
     for card in ({}, {"default_policy": None, "plan": None}, {"default_policy": [], "plan": "x"}):
         m = ModelMeta(**{**meta.__dict__, "card": card})
         assert m.default_threshold("gates") == 0.5 == m.default_threshold("plan")
+
+
+def test_operating_point_records_carry_their_rule_and_whether_validation_met_it():
+    from skipviz.models.weights import ModelMeta, OperatingPoint
+
+    card = {"operating_points": {"gates": {
+        "fast": {"threshold": 0.3, "rule": "largest cut within 0.5 points", "rule_met_on_validation": True},
+        "faithful": {"threshold": 0.1, "rule": "largest cut at 99 % agreement", "rule_met_on_validation": False},
+        "none": {"threshold": None}}, "plan": {"fast": {"threshold": 0.2}}}}
+    toy = dict(arch="toy", classes=["a", "b"], input_size=(3, 8, 8), mean=(0.5,) * 3, std=(0.5,) * 3, resize=8)
+    meta = ModelMeta(**toy, card=card)
+    assert meta.operating_point_records("gates") == [
+        OperatingPoint("fast", 0.3, "largest cut within 0.5 points", True),
+        OperatingPoint("faithful", 0.1, "largest cut at 99 % agreement", False)]
+    assert meta.operating_point_records("plan") == [OperatingPoint("fast", 0.2, "", True)]
+    assert ModelMeta(**toy).operating_point_records() == []
