@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 
 from .._imageio import ImageLoadError, load_image
+from ..policies.words import describe_policy
 from ._common import add_policy_argument, model_and_policy
 
 __all__ = ["add_cli", "cmd_predict"]
@@ -29,7 +30,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         with torch.no_grad():
             trace = net.run(net.meta.preprocess(image), policy).traces()[0]
         print(f"\n{path}  ({info.width}x{info.height} {info.format}, sha256 {info.sha256[:12]})")
-        print(f"model {net.meta.display_name}, policy {policy.config()}")
+        print(f"model {net.meta.display_name}, policy: {describe_policy(policy)}")
         print(f"prediction: {trace.predicted_label} ({trace.confidence:.1%})")
         table = pd.DataFrame([{"block": b.name, "executed": "yes" if b.executed else "no",
                                "gate": "" if b.score is None else f"{b.score:.3f}", "reason": b.reason,

@@ -40,7 +40,7 @@ def test_predict_with_the_plan_policy(tmp_path, capsys):
     Image.new("RGB", (40, 40), (30, 90, 200)).save(img)
     assert main(["predict", str(img), "--policy", "plan"]) == 0  # the shipped default model has a plan head
     out = capsys.readouterr().out
-    assert "'name': 'plan'" in out and "decided at the stem" in out
+    assert "policy: plan, threshold" in out and "decided at the stem" in out
     weights = tmp_path / "r20.safetensors"
     save_file({k: v.contiguous() for k, v in create_model("cifar_resnet20").state_dict().items()}, str(weights))
     assert main(["predict", str(img), "--model", "cifar_resnet20", "--weights", str(weights), "--policy", "plan"]) == 2
