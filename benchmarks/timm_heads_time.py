@@ -103,7 +103,7 @@ def main() -> int:
         "epochs": config["epochs"], "batch_size": config["batch_size"], "bf16": config["autocast_bf16"],
         "total_s": total_s, "epoch_s": epochs_s, "target_s": TARGET_S, "met": total_s < TARGET_S,
         "opened_in_dashboard": lm.warning is None or "random" not in (lm.warning or ""),
-        "dashboard_warning": lm.warning, "open_and_run_s": open_s, "blocks_executed": int(res.executed_mask.sum()),
+        "dashboard_warning": lm.warning, "open_and_run_s": open_s, "blocks_executed": int(res.executed.sum()),
         "operating_points": {k: v.get("threshold") for k, v in card["operating_points"]["gates"].items()},
         "load_average_start": load_start, "load_average_end": load_end,
     }

@@ -182,8 +182,6 @@ def session_policy(lm: dashboard.LoadedModel):
     return policies.make_policy(lm.net, session_threshold(lm, source), overrides(lm.net), source)
 
 
-#: The pages with a threshold slider: the prefix of its widget keys (:func:`threshold_key`).
-THRESHOLD_SLIDERS = ("inspect_threshold", "thresholds_threshold")
 
 
 def threshold_key(page: str, source: str) -> str:

@@ -2,6 +2,8 @@
 reports and the database to download."""
 from __future__ import annotations
 
+import json
+
 import streamlit as st
 
 from pages import _shared
@@ -67,6 +69,9 @@ def show_result(res: dict) -> None:
                        icon=":material/database:")
 
 
+failure = st.session_state.pop("audit_error", None)  # the last attempt failed: its reason, no earlier result
+if failure:
+    st.error(f"The audit failed: {failure}", icon=":material/error:")
 result = st.session_state.get("audit_result")
 if result:
     show_result(result)
@@ -102,17 +107,17 @@ if files and st.button("Run the audit", key="audit_run", icon=":material/play_ar
             database = store.snapshot()
     except (OSError, ValueError, audit.StoreError) as e:  # e.g. the server's audit folder is not writable
         bar.empty()
-        st.session_state.pop("audit_result", None)  # the previous run's result is not this attempt's
-        st.error(f"The audit failed: {e}")
+        st.session_state.pop("audit_result", None)  # the previous run's result (drawn above) is not this attempt's
+        st.session_state["audit_error"] = str(e)
+        st.rerun()
     else:
         bar.empty()
         html, js, csv = rendered
         st.session_state["audit_result"] = {
             "run_id": run.run_id, "html": html, "json": js, "csv": csv, "zip": bundle, "db": database,
             "frame": run.dataframe(), "ok": len(run.ok_records), "failed": len(run.failed_records),
-            "summary": report.report_data(run, repro)["summary"],
-            "skipped": len(run.skipped_records), "resumed": run.resumed,
-            "latency": (run.latency or {}).get("label"), "busy": (run.latency or {}).get("busy")}
+            "summary": json.loads(js)["summary"],  # the report's own numbers, computed once by render_report
+            "skipped": len(run.skipped_records), "resumed": run.resumed, "busy": (run.latency or {}).get("busy")}
         st.rerun()  # the runs table and the resume offer follow the finished run
 
 if not runs.empty:

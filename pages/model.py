@@ -63,8 +63,9 @@ if up is not None:
             st.session_state["sv_model_key"] = f"registry:{shipped_name}"
             st.session_state.pop("sv_model_upload", None)
             st.rerun()
-        st.success(f"{up.name} is byte-identical to the shipped weights of {shipped_name} (SHA-256 {sha[:16]}...): "
-                   "using that model with its model card (default thresholds, calibration).")
+        if current_name == shipped_name:  # not after the user picked another model with the file still here
+            st.success(f"{up.name} is byte-identical to the shipped weights of {shipped_name} (SHA-256 "
+                       f"{sha[:16]}...): using that model with its model card (default thresholds, calibration).")
     elif st.session_state.get("sv_adopted_upload") != upload_id:
         try:
             _shared.uploaded_model(arch, sha, up.name, data)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from ._format import percent, percent_points
 from .policies.threshold import score_label
 from .policies.words import describe_policy
 
@@ -54,22 +55,6 @@ class Metric:
 
 
 # --------------------------------------------------------------------------------------------- numbers
-def percent(fraction: float, digits: int = 1) -> str:
-    """A fraction as a percent, as ``f"{fraction:.1%}"`` but never ``"-0.0%"``: a value that rounds to zero is
-    ``"0.0%"``."""
-    text = f"{float(fraction):.{digits}%}"
-    return text[1:] if text.startswith("-") and float(text[1:-1]) == 0 else text
-
-
-def percent_points(delta: float, digits: int = 1) -> str:
-    """A difference of two fractions in percentage points, signed (``"+1.2 pts"``, ``"-3.0 pts"``), never
-    ``"-0.0 pts"``."""
-    text = f"{100 * float(delta):+.{digits}f}"
-    if float(text) == 0:
-        text = f"{0.0:+.{digits}f}"
-    return f"{text} pts"
-
-
 def finite_or_none(v: float | None) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
@@ -246,9 +231,10 @@ def _time_metric(lat: dict | None) -> Metric:
         return Metric("Time saved", "not measured", None, "No input of this run was timed in this process.")
     how = (f"Model time per image, {lat.get('rounds')} interleaved paired rounds on {lat.get('sample_size')} of the "
            f"run's inputs on {lat.get('device')}: {lat.get('label')}.")
+    if not lat.get("measurable"):  # the interval contains zero: its half-width, as PairedSaving says it
+        half = (lat["ci_high_ms"] - lat["ci_low_ms"]) / 2
+        return Metric("Time saved", "none measurable", f"±{half:.2f} ms per image", how)
     lo, hi = sorted((abs(lat["ci_low_ms"]), abs(lat["ci_high_ms"])))
-    if not lat.get("measurable"):
-        return Metric("Time saved", "none measurable", f"±{(hi - lo) / 2:.2f} ms per image", how)
     verb = "saved" if lat["saving_ms"] > 0 else "slower"
     return Metric("Time saved", f"{abs(lat['saving_ms']):.2f} ms", f"{verb}, CI {lo:.2f}-{hi:.2f}", how)
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
+from ._format import percent
 from .evaluate.calibration import pareto_mask
 from .figures_audit import (fig_agreement, fig_flops_saved, fig_skip_rate_per_block, fig_skip_rate_per_class,
                             fig_throughput)
@@ -96,7 +97,7 @@ def block_map_figure(trace: "SampleTrace", title: str | None = None) -> go.Figur
                                  hovertemplate="threshold %{y:.2f}<extra></extra>"))
     # the legend sits under the colour bar, right of the plot: clear of the block names however long they are
     fig.update_layout(title=title or (f"Block map: {trace.blocks_executed}/{trace.blocks_total} blocks fired, "
-                                      f"{_percent(trace.flops_saved_fraction)} FLOPs saved"),
+                                      f"{percent(trace.flops_saved_fraction)} FLOPs saved"),
                       barmode="overlay",
                       yaxis=dict(title=f"{label} (no score: 1)", range=[0, 1.2]),
                       xaxis=dict(title="block (▼ = downsampling, outlined)", categoryorder="array",
@@ -104,12 +105,6 @@ def block_map_figure(trace: "SampleTrace", title: str | None = None) -> go.Figur
                       legend=dict(x=1.02, xanchor="left", y=0, yanchor="bottom", font=dict(size=11)), height=420,
                       margin=dict(l=40, r=20, t=50, b=40))
     return fig
-
-
-def _percent(fraction: float) -> str:
-    """``f"{fraction:.1%}"`` but never ``"-0.0%"`` (the rule of :func:`skipviz.dashboard.percent`, a layer above)."""
-    text = f"{float(fraction):.1%}"
-    return "0.0%" if text == "-0.0%" else text
 
 
 def block_map_decisions(fig: go.Figure) -> dict[str, str]:

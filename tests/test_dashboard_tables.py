@@ -124,6 +124,7 @@ def test_the_audit_summary_uses_the_reports_numbers():
     noisy = dict(latency, measurable=False, ci_low_ms=-0.1, ci_high_ms=0.3)
     time_saved = audit_summary(report_data(audit_run(noisy))["summary"])[3]
     assert time_saved.value == "none measurable" and "ms" not in time_saved.value
+    assert time_saved.detail == "±0.20 ms per image"  # the interval's half-width, -0.1 to 0.3 ms
     unlabelled = audit_summary(report_data(audit_run(None))["summary"])
     assert unlabelled[3].value == "not measured"
 

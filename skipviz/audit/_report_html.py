@@ -17,6 +17,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
+from .._format import percent
 from ..figures import fig_agreement, fig_flops_saved, fig_skip_rate_per_block, fig_skip_rate_per_class
 from ..policies.words import describe_policy
 from .records import AuditRecord, AuditRun
@@ -29,7 +30,7 @@ def _e(value: Any) -> str:
 
 
 def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.1%}"
+    return "n/a" if v is None else percent(v)
 
 
 def _prop(p: dict) -> str:

@@ -86,11 +86,7 @@ class ModelMeta:
         e.g. ``{"fast": 0.3, "faithful": 0.1}`` (fast: the largest FLOPs cut within the card's accuracy-drop
         bound; faithful: the largest cut keeping >= 99 % top-1 agreement with the full network); ``{}`` when
         the card has none."""
-        section = ((self.card or {}).get("operating_points") or {}).get(source)
-        if not isinstance(section, dict):
-            return {}
-        return {name: float(p["threshold"]) for name, p in section.items()
-                if isinstance(p, dict) and p.get("threshold") is not None}
+        return {p.name: p.threshold for p in self.operating_point_records(source)}
 
     def operating_point_records(self, source: str = "gates") -> list[OperatingPoint]:
         """The card's named operating points for a decision source with their rules (see :meth:`operating_points`),

@@ -18,7 +18,7 @@ from .finetune import FinetuneConfig
 from .joint import TrainConfig
 from .plan import PlanConfig, export_plan
 
-__all__ = ["FinetuneExportConfig", "export_finetuned", "pick_agreement_threshold"]
+__all__ = ["FinetuneExportConfig", "export_finetuned", "pick_agreement_threshold", "reproduce_command"]
 
 
 @dataclass
@@ -33,6 +33,30 @@ class FinetuneExportConfig:
     plan: bool = True
     plan_epochs: int = 40
     progress: bool = True
+
+
+#: The FinetuneConfig fields ``skipviz finetune`` sets from its arguments (the others keep their defaults).
+_COMMAND_FIELDS = {"arch", "init", "data_root", "epochs", "seed", "target_rate", "batch_size", "val_size", "out_dir",
+                   "threads", "autocast_bf16", "limit_train", "model_kwargs"}
+
+
+def reproduce_command(cfg: FinetuneConfig) -> str:
+    """The command that trains (or resumes) ``cfg``'s run and exports it: ``skipviz finetune ... --export`` when its
+    arguments can say every setting that differs from the defaults, else the same through Python."""
+    default = FinetuneConfig()
+    if any(getattr(cfg, k) != getattr(default, k) for k in asdict(cfg) if k not in _COMMAND_FIELDS):
+        return ("python -c \"import json; from skipviz.training.finetune import FinetuneConfig, finetune; "
+                "from skipviz.training.finetune_export import FinetuneExportConfig, export_finetuned; "
+                f"finetune(FinetuneConfig(**json.load(open('{cfg.out_dir}/config.json')))); "
+                f"export_finetuned(FinetuneExportConfig(run_dir='{cfg.out_dir}'))\"")
+    args = [f"--arch {cfg.arch}", f"--epochs {cfg.epochs}", f"--seed {cfg.seed}", f"--target-rate {cfg.target_rate}",
+            f"--batch-size {cfg.batch_size}", f"--val-size {cfg.val_size}", f"--out {cfg.out_dir}"]
+    args += [f"--threads {cfg.threads}"] if cfg.threads else []
+    args += [f"--init {cfg.init}"] if cfg.init else []
+    args += [f"--data {cfg.data_root}"] if cfg.data_root else []
+    args += [f"--limit-train {cfg.limit_train}"] if cfg.limit_train else []
+    args += ["--bf16"] if cfg.autocast_bf16 else []
+    return f"skipviz finetune {' '.join(args)} --export"
 
 
 def pick_agreement_threshold(curve: pd.DataFrame, min_agreement: float = 0.99) -> float | None:
@@ -112,8 +136,6 @@ def export_finetuned(cfg: FinetuneExportConfig, dest: Path | None = None) -> tup
                                            card["plan"]["default_threshold"], cfg)
     card["operating_points"] = points
     card["default_policy"]["operating_point"] = "fast"
-    card["reproduce"] = ("python -c \"import json; from skipviz.training.finetune import *; "
-                         f"finetune(FinetuneConfig(**json.load(open('{run_dir}/config.json')))); "
-                         f"export_finetuned(FinetuneExportConfig(run_dir='{run_dir}'))\"")
+    card["reproduce"] = reproduce_command(fcfg)
     weights_path.with_suffix(".json").write_text(json.dumps(card, indent=2))
     return weights_path, card
