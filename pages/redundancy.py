@@ -6,7 +6,6 @@ import streamlit as st
 from pages import _shared
 from skipviz import dashboard, figures, redundancy, policies
 from skipviz.evaluate import calibration
-from skipviz.policies.words import plural
 
 st.title(":material/extension: Inter-layer redundancy")
 model_key, lm = _shared.current_model()
@@ -52,13 +51,6 @@ def _kl_policy(key: str, method: str, _net, _calib) -> policies.KLRedundancyPoli
 base = _kl_policy(f"{model_key}:{len(calib)}", method, net, calib)
 
 
-def current_policy_label(source: str, t: float, ov: dict) -> str:
-    """The comparison row of the session's policy: its decision source and threshold, and its overrides when
-    any are in force (``"per-block gates (current threshold 0.50, 2 overrides in force)"``)."""
-    extra = f", {plural(len(ov), 'override')} in force" if ov else ""
-    return f"{policies.DECISION_SOURCES[source].label} (current threshold {t:.2f}{extra})"
-
-
 @st.fragment
 def policy_view() -> None:
     q = st.slider("Quantile q (higher skips more blocks)", 0.0, 1.0, 0.3, 0.05, key="kl_q")
@@ -69,7 +61,7 @@ def policy_view() -> None:
     ov = _shared.overrides(net)
     current = sweep.point_for(net, t, ov)
     st.dataframe(calibration.compare_points({f"KL policy (q={q:.2f})": kl_point,
-                                             current_policy_label(source, t, ov): current,
+                                             dashboard.compared_policy_label(source, t, ov): current,
                                              "full": sweep.full}),
                  hide_index=True, column_config=_shared.column_config(dashboard.compare_columns()))
     if ov:

@@ -24,7 +24,8 @@ from .engine.network import SkipNetwork
 from .engine.trace import SampleTrace
 from .policies.base import Override, Policy, normalise_overrides
 from .policies.simple import FullPolicy
-from .policies.words import describe_policy
+from .policies.threshold import DECISION_SOURCES
+from .policies.words import describe_policy, plural
 from .dashboard_latency import (BATCH_SIZES, LiveLatency, block_profile, calibration_columns, calibration_table,
                                 latency_sweep, live_batch, live_latency, point_saving, sweep_batch, sweep_table)
 from .dashboard_models import (LoadedModel, configure_threads, inference_device, load_model, load_uploaded_weights,
@@ -38,7 +39,8 @@ from .dashboard_tables import (AUDIT_FIRST, AUDIT_LAST, Column, Metric, audit_co
 
 __all__ = [
     # this module
-    "InspectResult", "decision_sources", "decisions", "describe_overrides", "describe_policy", "image_caption",
+    "InspectResult", "compared_policy_label", "decision_sources", "decisions", "describe_overrides", "describe_policy",
+    "image_caption",
     "inspect", "override_options", "overrides_from_choices", "prediction_verdict", "preprocess",
     "refuse_unskippable", "run_full", "shape_change_warning", "shape_changing_skips", "skip_refusal",
     # dashboard_models
@@ -182,6 +184,13 @@ def shape_change_warning(net: SkipNetwork, blocks: Sequence[int]) -> str:
     return (f"Forced to skip a downsampling block: {names}. Its bypass is the shortcut, not an identity: it "
             "subsamples the feature map and changes its channel count (the shape), standing in for a block it was "
             "never trained to replace, so accuracy usually drops sharply.")
+
+
+def compared_policy_label(source: str, threshold: float, overrides: Mapping[int, Override]) -> str:
+    """The session's policy as a row name in a comparison table: its decision source and threshold, and its
+    overrides when any are in force (``"per-block gates (current threshold 0.50, 2 overrides in force)"``)."""
+    extra = f", {plural(len(overrides), 'override')} in force" if overrides else ""
+    return f"{DECISION_SOURCES[source].label} (current threshold {threshold:.2f}{extra})"
 
 
 def describe_overrides(net: SkipNetwork, overrides: Mapping[int, Override]) -> str:

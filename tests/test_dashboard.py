@@ -155,3 +155,9 @@ def test_the_verdict_names_both_predictions(tiny_net, cat_x):
     assert words == (f"Skipping changed the prediction: **{res.trace.predicted_label}** "
                      f"{dashboard.percent(res.trace.confidence)} (skipped) vs **{tiny_net.meta.classes[other]}** "
                      "25.0% (full)")
+
+
+def test_the_sessions_policy_is_named_with_its_overrides_in_comparisons():
+    assert dashboard.compared_policy_label("gates", 0.5, {}) == "per-block gates (current threshold 0.50)"
+    assert dashboard.compared_policy_label("plan", 0.2, {3: "skip", 4: "run"}).endswith(
+        "(current threshold 0.20, 2 overrides in force)")

@@ -25,8 +25,7 @@ from ..policies.config import policy_from_config
 from .archive import ArchiveError, InputItem, read_source
 from .records import GPU_ATOL, AuditRecord, AuditRun, ReproResult
 from .run import params_sha256
-from .store import open_store
-from .store import AuditStore, StoreError
+from .store import AuditStore, StoreError, open_store
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.network import SkipNetwork
