@@ -49,6 +49,49 @@ def registry_model(name: str, weights_state: str = "") -> dashboard.LoadedModel:
     return dashboard.load_model(name)
 
 
+def warm_default_model() -> None:
+    """Load the default model into :func:`registry_model`'s process-wide cache and run it once on the default
+    sample, before any browser asks (``app.py``'s server start-up hook runs this in a thread). The first page
+    request then finds the imports done, the model built and the kernels primed: measured on the 2-core AMD EPYC,
+    the page request to the first block map took 6.6 s without it (importing timm, torchvision and
+    ``torch._dynamo`` alone 1.4-2.1 s; benchmarks/results/first_prediction.md). A session that asks while it
+    runs waits for the same cache entry instead of building a second copy."""
+    import plotly.graph_objects  # noqa: F401  - the Inspect page's figures
+
+    from skipviz import figures  # noqa: F401
+
+    name = default_model_name()
+    lm = registry_model(name, dashboard.weights_state(name))
+    image, _ = load_image(sample_bytes(sample_names()[0]))
+    dashboard.run_full(lm.net, dashboard.preprocess(lm.net, image))
+
+
+#: What the server prints once the default model is loaded (benchmarks/first_prediction.py waits for it).
+READY_LINE = "skipviz: default model ready"
+
+
+def warm_default_model_logged() -> None:
+    """:func:`warm_default_model` from the server's start-up thread: prints :data:`READY_LINE` with the seconds it
+    took, or why it failed (the first page then loads the model itself and shows the error there)."""
+    import logging
+    import sys
+    import time
+
+    # cached functions called outside a session warn "missing ScriptRunContext" (harmless here: no session)
+    context_log = logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context")
+    level, t0 = context_log.level, time.perf_counter()
+    context_log.setLevel(logging.ERROR)
+    try:
+        warm_default_model()
+    except Exception as e:
+        print(f"skipviz: loading the default model at start-up failed ({type(e).__name__}: {e}); the first page "
+              "loads it", file=sys.stderr, flush=True)
+    else:
+        print(f"{READY_LINE} (built and run once in {time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+    finally:
+        context_log.setLevel(level)
+
+
 @st.cache_resource(max_entries=8, show_spinner="Loading the uploaded weights...")
 def uploaded_model(arch: str, sha256: str, filename: str, _data: bytes) -> dashboard.LoadedModel:
     return dashboard.load_uploaded_weights(arch, _data, filename)
