@@ -92,7 +92,10 @@ class AuditRecord:
         return 1.0 - self.flops_executed / self.flops_full
 
     def to_dict(self, thumbnail: bool = True) -> dict:
-        out = dataclasses.asdict(self)
+        """The record's fields as a new dict, for serialising: nested values (``trace``, ``policy``, ``image``,
+        ``full_logits`` ...) are the record's own, not copies. ``dataclasses.asdict``'s deep copy of them took 0.5
+        ms per record, a quarter of a CIFAR audit's time on the 2-core AMD EPYC (cProfile of 2,000 inputs)."""
+        out = {f.name: getattr(self, f.name) for f in _FIELDS}
         if not thumbnail:
             out.pop("thumbnail_png_b64")
         return out
@@ -130,6 +133,10 @@ class AuditRecord:
             "image_format": (self.image or {}).get("format"), "image_width": (self.image or {}).get("width"),
             "image_height": (self.image or {}).get("height"),
         }
+
+
+#: AuditRecord's fields, once (``to_dict`` runs per record).
+_FIELDS = dataclasses.fields(AuditRecord)
 
 
 def records_to_dataframe(records: Sequence[AuditRecord]) -> pd.DataFrame:
