@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -61,12 +60,15 @@ def image_set(net, src: Path, n: int, seed: int) -> TensorDataset:
                            progress=False)
 
 
-def policies(net, exit_thresholds: list[float]) -> list[tuple[str, object]]:
-    """(label, policy): each decision source at each operating point the card names, then the exits."""
+def policies(net, exit_thresholds: list[float], gate_thresholds: list[float] = (),
+             card_points: bool = True) -> list[tuple[str, object]]:
+    """(label, policy): each decision source at each operating point the card names (``card_points``), the gates
+    at ``gate_thresholds``, then the exits."""
     out = []
-    for source in ("gates", "plan"):
+    for source in ("gates", "plan") if card_points else ():
         for point in net.meta.operating_point_records(source):
             out.append((f"{source} {point.name} ({point.threshold:g})", policy_for(net, source, point.threshold)))
+    out += [(f"gates {t:g}", policy_for(net, "gates", t)) for t in gate_thresholds]
     if net.probes is not None:
         out += [(f"early exit >= {t:g}", EarlyExitPolicy(t)) for t in exit_thresholds]
     return out
@@ -99,8 +101,7 @@ def agreement_on_samples(net, pols) -> tuple[list[dict], list[dict]]:
 def markdown(report: dict) -> str:
     lines = [f"# Agreement with the full network off the distillation data: `{report['model']}`", "",
              f"Measured {report['date']} on {report['cpu']} (CPU; nothing here depends on timing), torch "
-             f"{report['software']['torch']}. `python benchmarks/ood_agreement.py --model {report['model']} "
-             f"--n {report['n']}`", "",
+             f"{report['software']['torch']}. `{report['command']}`", "",
              "| policy | " + " | ".join(f"{s}: agreement | {s}: FLOPs cut" for s in report["sets"]) + " |",
              "|---|" + "---:|---:|" * len(report["sets"])]
     labels = [r["policy"] for r in next(iter(report["sets"].values()))]
@@ -124,13 +125,24 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=1000, help="images per data set (seeded sample)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--exit-thresholds", default="0.8,0.95,0.99")
+    ap.add_argument("--gate-thresholds", default="", help="gate thresholds to check besides the card's points")
+    ap.add_argument("--heads", default=None, help="a distillation run's last.pt: its gate and probe heads replace "
+                                                   "the model's (a run not exported yet)")
+    ap.add_argument("--stem", default="ood_agreement", help="file name of the results (.json, .md)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     net = create_model(args.model).eval()
-    pols = policies(net, [float(t) for t in args.exit_thresholds.split(",")])
+    if args.heads:
+        heads = torch.load(args.heads, map_location="cpu", weights_only=True)["heads"]
+        missing, unexpected = net.load_state_dict(heads, strict=False)
+        if unexpected or any(k.startswith(("gates.", "probes.")) for k in missing):
+            raise SystemExit(f"{args.heads}: heads that do not fit {args.model}")
+    floats = lambda text: [float(t) for t in text.split(",") if t.strip()]  # noqa: E731
+    # the card's operating points belong to its own heads, not to a run's
+    pols = policies(net, floats(args.exit_thresholds), floats(args.gate_thresholds), card_points=not args.heads)
     sets = {}
     for label, root, split in (("in-distribution (Imagenette val)", imagenette_root(), "val"),
                                ("CIFAR-10 test upscaled", cifar10_root(), "test")):
@@ -140,13 +152,14 @@ def main() -> int:
         sets[label] = agreement_on_set(net, image_set(net, Path(root) / split, args.n, args.seed), pols)
         print(label, json.dumps(sets[label]), flush=True)
     samples, per_sample = agreement_on_samples(net, pols)
-    report = {"model": args.model, "n": args.n, "seed": args.seed, "cpu": cpu_name(),
+    report = {"model": args.model + (f" + heads of {args.heads}" if args.heads else ""), "n": args.n, "seed": args.seed, "cpu": cpu_name(),
               "software": software_versions(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "sets": sets, "samples": samples, "samples_per_sample": per_sample}
+              "sets": sets, "samples": samples, "samples_per_sample": per_sample,
+              "command": "python benchmarks/ood_agreement.py " + " ".join(sys.argv[1:])}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ood_agreement.json").write_text(json.dumps(report, indent=2))
-    (out / "ood_agreement.md").write_text(markdown(report))
+    (out / f"{args.stem}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{args.stem}.md").write_text(markdown(report))
     print(markdown(report))
     return 0
 

@@ -89,6 +89,17 @@ class TensorDataset:
                              file_list_sha256(files))
 
 
+def concat_datasets(first: TensorDataset, second: TensorDataset, prefix: str) -> TensorDataset:
+    """``first`` then ``second`` as one data set (``first``'s classes; ``second``'s files named ``prefix/<file>``,
+    so the file list, and its SHA-256, says where every image came from). Images must have the same size."""
+    if first.images.shape[1:] != second.images.shape[1:]:
+        raise ValueError(f"images of {tuple(first.images.shape[1:])} and {tuple(second.images.shape[1:])} do not "
+                         "concatenate")
+    files = list(first.files) + [f"{prefix}/{f}" for f in second.files]
+    return TensorDataset(torch.cat([first.images, second.images]), torch.cat([first.labels, second.labels]),
+                         first.classes, files, first.root, file_list_sha256(files))
+
+
 def file_list_sha256(files: list[str]) -> str:
     """SHA-256 of the sorted relative file list: identifies exactly which images a split holds."""
     return hashlib.sha256("\n".join(sorted(files)).encode()).hexdigest()
@@ -156,9 +167,10 @@ def _decode_crop(path: str, crop: tuple[int, int], resize: int) -> np.ndarray:
 
 
 def load_images(root: str | Path, crop: tuple[int, int], resize: int, classes: list[str] | None = None,
-                progress: bool = True) -> TensorDataset:
+                progress: bool = True, limit: int | None = None, seed: int = 0) -> TensorDataset:
     """Every image file under ``root`` (searched recursively, in sorted order), decoded as a model's
     preprocessing crops it (:func:`_decode_crop`): ``images`` (N, 3, H, W) uint8, cached like :func:`load_split`.
+    ``limit``: only that many files, a seeded choice (``seed``) kept in sorted order, chosen before decoding.
 
     Labels are optional: when every image sits in a class folder (``root/<class>/...``) and every folder name is
     one of ``classes`` (or, for a 1,000-class model, an ImageNet WordNet id), the label is that class's index in
@@ -171,6 +183,9 @@ def load_images(root: str | Path, crop: tuple[int, int], resize: int, classes: l
                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise FileNotFoundError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it or below")
+    if limit is not None and limit < len(files):
+        pick = np.random.default_rng(seed).choice(len(files), size=max(0, int(limit)), replace=False)
+        files = [files[i] for i in sorted(pick)]
     folders = [Path(f).parts[0] if len(Path(f).parts) > 1 else None for f in files]
     index = {c: i for i, c in enumerate(classes or [])}
     if classes is not None and len(classes) == 1000 and not all(f in index for f in folders):

@@ -143,7 +143,8 @@ def _export_and_report(run_dir: Path, args: argparse.Namespace) -> None:
 def cmd_train_heads(args: argparse.Namespace) -> int:
     cfg = DistillConfig(arch=args.arch, data_root=args.data, out_dir=args.out or f"runs/{args.arch}_heads",
                         epochs=args.epochs, seed=args.seed, target_rate=args.target_rate, limit_train=args.limit_train,
-                        autocast_bf16=not args.float32)
+                        autocast_bf16=not args.float32, extra_images=args.extra_images, extra_limit=args.extra_limit,
+                        threads=args.threads)
     run_dir = distill_heads(cfg)
     if args.export:
         _export_and_report(run_dir, args)
@@ -239,6 +240,11 @@ def _add_train_heads(sub: argparse._SubParsersAction) -> None:
                                                  "or ../shared/datasets/imagenette)")
     th.add_argument("--out", default=None, help="run folder (default runs/ARCH_heads)")
     th.add_argument("--limit-train", type=int, default=None, help="use only this many training images")
+    th.add_argument("--extra-images", default=None,
+                    help="a folder of more images to distil on (searched recursively; labels not used), added to "
+                         "the training split only, e.g. photos of classes beyond Imagenette's ten")
+    th.add_argument("--extra-limit", type=int, default=None, help="a seeded choice of this many extra images")
+    th.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     th.add_argument("--float32", action="store_true", help="train in float32 instead of bfloat16 autocast")
     th.add_argument("--export", action="store_true", help="fit the plan head, evaluate, write heads + card to data/")
     th.add_argument("--dest", default=None, help="export folder (default data/)")

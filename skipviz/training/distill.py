@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..models._registry import create_model
-from ..data import (IMAGENETTE_ENV, TensorDataset, batches, imagenette_root, load_images, load_imagenette, normalize,
-                    train_val_split)
+from ..data import (IMAGENETTE_ENV, TensorDataset, batches, concat_datasets, imagenette_root, load_images,
+                    load_imagenette, normalize, train_val_split)
 from ..engine.network import SkipNetwork
 
 __all__ = ["DistillConfig", "build_network", "distill_heads", "head_state", "load_training_images", "split_train_val",
-           "teacher_logits", "test_images"]
+           "teacher_logits", "test_images", "with_extra_images"]
 
 @dataclass
 class DistillConfig:
@@ -72,6 +72,10 @@ class DistillConfig:
     weights: str | None = None  # the user's backbone weights file (required with model)
     model_kwargs: dict = field(default_factory=dict)  # to create_model: num_classes, classes, input_size, timm's
     val_fraction: float | None = None  # the validation split as a fraction of the images (instead of val_size)
+    # more images to distil on, beyond the training split (labels never used; the validation split stays the
+    # main data's): heads distilled on Imagenette alone learned its ten-class prior (benchmarks/ood_agreement.py)
+    extra_images: str | None = None  # a folder of images, searched recursively
+    extra_limit: int | None = None  # a seeded choice of this many of them
 
 
 def build_network(cfg: DistillConfig) -> SkipNetwork:
@@ -119,6 +123,20 @@ def split_train_val(cfg: DistillConfig, full: TensorDataset) -> tuple[TensorData
         raise ValueError(f"{len(full)} images cannot give a validation split of {n_val}: lower val_size")
     tr_idx, val_idx = train_val_split(len(full), n_val, cfg.seed)
     return full.subset(tr_idx), full.subset(val_idx)
+
+
+def with_extra_images(cfg: DistillConfig, net: SkipNetwork, train_set: TensorDataset,
+                      progress: bool = True) -> TensorDataset:
+    """``train_set`` plus ``cfg.extra_images`` (``extra_limit`` of them, seeded by ``cfg.seed``), cropped as
+    ``net``'s preprocessing does, unlabelled (-1); ``train_set`` itself without extra images."""
+    if not cfg.extra_images:
+        return train_set
+    meta = net.meta
+    extra = load_images(cfg.extra_images, tuple(meta.input_size[-2:]), meta.resize, None, progress,
+                        limit=cfg.extra_limit, seed=cfg.seed)
+    extra = TensorDataset(extra.images, torch.full((len(extra),), -1, dtype=torch.long), [], extra.files,
+                          extra.root, extra.files_sha256)
+    return concat_datasets(train_set, extra, f"extra:{Path(cfg.extra_images).name}")
 
 
 def head_state(net: SkipNetwork) -> dict[str, torch.Tensor]:
@@ -206,15 +224,17 @@ def _prepare(cfg: DistillConfig, out: Path, progress: bool) -> _DistillRun:
     train_set, val_set = split_train_val(cfg, full)
     if cfg.limit_train:
         train_set = train_set.subset(np.arange(min(cfg.limit_train, len(train_set))))
+    train_set = with_extra_images(cfg, net, train_set, progress)
     for p in net.parameters():
         p.requires_grad_(False)
     params = list(net.gates.parameters()) + (list(net.probes.parameters()) if net.probes is not None else [])
     for p in params:
         p.requires_grad_(True)
     cache = out / "teacher.pt"
-    if cache.is_file():
-        teacher = torch.load(cache, weights_only=True)["logits"]
-    else:
+    cached = torch.load(cache, weights_only=True) if cache.is_file() else None
+    if cached is not None and cached.get("files_sha256") == train_set.files_sha256:
+        teacher = cached["logits"]
+    else:  # none yet, or cached for other images (e.g. a run given extra images after it started)
         teacher = teacher_logits(net, train_set, progress=progress)
         torch.save({"logits": teacher, "files_sha256": train_set.files_sha256}, cache)
     monitor_set = val_set.subset(np.arange(min(cfg.monitor_size, len(val_set))))

@@ -33,7 +33,8 @@ from ..models._registry import data_dir
 from ..data import TensorDataset, imagenette_root
 from ..engine.heads import PlanHead
 from ..engine.network import SkipNetwork
-from .distill import DistillConfig, build_network, head_state, load_training_images, split_train_val, test_images
+from .distill import (DistillConfig, build_network, head_state, load_training_images, split_train_val, test_images,
+                      with_extra_images)
 
 __all__ = ["HeadsExportConfig", "export_heads", "operating_point"]
 
@@ -117,7 +118,9 @@ def _source(dcfg: DistillConfig, net: SkipNetwork, root: str, labelled: bool) ->
                 "note": "RGB scaled to [0, 1], then (x - 0.5) / 0.5; shorter side resized, centre crop",
                 "dataset": "Imagenette (imagenette2, 224x224 JPEG ImageFolder; labels as ImageNet-1k indices)",
                 "test_split": "val/",
-                "reproduce": f"skipviz train-heads --arch {dcfg.arch} --epochs {dcfg.epochs} --export"}
+                "reproduce": f"skipviz train-heads --arch {dcfg.arch} --epochs {dcfg.epochs}"
+                             + (f" --extra-images {dcfg.extra_images}" if dcfg.extra_images else "")
+                             + (f" --extra-limit {dcfg.extra_limit}" if dcfg.extra_limit else "") + " --export"}
     timm_name = dcfg.model.split(":", 1)[-1]
     built = {k: v for k, v in dcfg.model_kwargs.items() if k != "classes"}
     known = ("num_classes", "input_size", "gate_hidden")
@@ -161,7 +164,10 @@ def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Pa
         "preprocessing": {"input_size": list(net.meta.input_size), "resize": net.meta.resize,
                           "mean": list(net.meta.mean), "std": list(net.meta.std), "note": src["note"]},
         "dataset": {"name": src["dataset"],
-                    "train": {"n": len(train_set), "files_sha256": train_set.files_sha256},
+                    "train": {"n": len(train_set), "files_sha256": train_set.files_sha256,
+                              **({"extra_images": {"folder": Path(dcfg.extra_images).name, "limit": dcfg.extra_limit,
+                                                   "n": sum(f.startswith("extra:") for f in train_set.files),
+                                                   "labels_used": False}} if dcfg.extra_images else {})},
                     "validation": {"n": len(val_set), "seed": dcfg.seed, "files_sha256": val_set.files_sha256,
                                    "carved_from": "train/"},
                     "test": ({"split": src["test_split"], "n": len(test_set), "files_sha256": test_set.files_sha256}
@@ -217,6 +223,7 @@ def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: st
     net.load_state_dict(ckpt["heads"], strict=False)
     net.eval()
     train_set, val_set = split_train_val(dcfg, load_training_images(dcfg, net, root, progress=False))
+    train_set = with_extra_images(dcfg, net, train_set, progress=False)  # the plan head learns from them too
     test_set = test_images(dcfg, net, root)
     labelled = bool((val_set.labels >= 0).all())
     plan = _fit_plan(net, train_set, val_set, cfg)

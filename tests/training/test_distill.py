@@ -8,7 +8,7 @@ from PIL import Image
 
 from skipviz import create_model
 from skipviz.data import load_imagenette
-from skipviz.training.distill import DistillConfig, distill_heads
+from skipviz.training.distill import DistillConfig, distill_heads, with_extra_images
 from skipviz.training.distill_export import HeadsExportConfig, export_heads, operating_point
 
 
@@ -66,3 +66,49 @@ def test_operating_point_picks_the_largest_cut_meeting_the_bound():
     assert operating_point(curve, min_agreement=0.995) == 0.1
     assert operating_point(curve, min_agreement=0.999999) == 0.1
     assert operating_point(curve.iloc[2:], max_drop_points=1.0) is None
+
+
+@pytest.fixture(scope="module")
+def other_photos(tmp_path_factory):
+    """Five unlabelled images of other sizes in nested folders (what --extra-images points at)."""
+    root = tmp_path_factory.mktemp("other")
+    rng = np.random.default_rng(1)
+    for k in range(5):
+        d = root / f"set{k % 2}"
+        d.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40 + k, 60, 3), dtype=np.uint8)).save(d / f"{k}.png")
+    return root
+
+
+def test_extra_images_join_the_training_split_only(tiny_imagenette, other_photos, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIPVIZ_CACHE", str(tmp_path / "cache"))
+    net = create_model("efficientnet_lite0", plan=False)
+    train = load_imagenette(tiny_imagenette, "train", progress=False)
+    cfg = DistillConfig(data_root=str(tiny_imagenette), extra_images=str(other_photos), extra_limit=3)
+    both = with_extra_images(cfg, net, train, progress=False)
+    assert len(both) == len(train) + 3
+    assert torch.equal(both.images[: len(train)], train.images) and both.images.shape[1:] == (3, 224, 224)
+    assert (both.labels[len(train):] == -1).all() and torch.equal(both.labels[: len(train)], train.labels)
+    extra = both.files[len(train):]
+    assert all(f.startswith("extra:other") for f in extra) and len(set(extra)) == 3
+    assert both.files_sha256 != train.files_sha256
+    again = with_extra_images(cfg, net, train, progress=False)  # the same seeded choice
+    assert again.files == both.files
+    assert with_extra_images(DistillConfig(), net, train) is train
+
+
+def test_distill_with_extra_images_records_them_in_the_card(tiny_imagenette, other_photos, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIPVIZ_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    cfg = DistillConfig(data_root=str(tiny_imagenette), out_dir=str(run), epochs=1, batch_size=4, val_size=4,
+                        monitor_size=2, extra_images=str(other_photos), extra_limit=4)
+    distill_heads(cfg, progress=False)
+    teacher = torch.load(run / "teacher.pt", weights_only=True)
+    assert teacher["logits"].shape[1] == 12 - 4 + 4  # the training split (12 - 4 validation) and the extras
+    _, card = export_heads(HeadsExportConfig(run_dir=str(run), gate_thresholds=(0.5,), plan_thresholds=(0.5,),
+                                             exit_thresholds=(0.9,), plan_epochs=1),
+                           dest=tmp_path / "data", data_root=str(tiny_imagenette))
+    assert card["dataset"]["train"]["extra_images"] == {"folder": other_photos.name, "limit": 4, "n": 4,
+                                                        "labels_used": False}
+    assert card["dataset"]["validation"]["n"] == 4
+    assert "--extra-images" in card["reproduce"]
