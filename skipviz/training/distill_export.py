@@ -165,7 +165,7 @@ def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Pa
                           "mean": list(net.meta.mean), "std": list(net.meta.std), "note": src["note"]},
         "dataset": {"name": src["dataset"],
                     "train": {"n": len(train_set), "files_sha256": train_set.files_sha256,
-                              **({"extra_images": {"folder": Path(dcfg.extra_images).name, "limit": dcfg.extra_limit,
+                              **({"extra_images": {"folder": dcfg.extra_images, "limit": dcfg.extra_limit,
                                                    "n": sum(f.startswith("extra:") for f in train_set.files),
                                                    "labels_used": False}} if dcfg.extra_images else {})},
                     "validation": {"n": len(val_set), "seed": dcfg.seed, "files_sha256": val_set.files_sha256,

@@ -108,7 +108,7 @@ def test_distill_with_extra_images_records_them_in_the_card(tiny_imagenette, oth
     _, card = export_heads(HeadsExportConfig(run_dir=str(run), gate_thresholds=(0.5,), plan_thresholds=(0.5,),
                                              exit_thresholds=(0.9,), plan_epochs=1),
                            dest=tmp_path / "data", data_root=str(tiny_imagenette))
-    assert card["dataset"]["train"]["extra_images"] == {"folder": other_photos.name, "limit": 4, "n": 4,
+    assert card["dataset"]["train"]["extra_images"] == {"folder": str(other_photos), "limit": 4, "n": 4,
                                                         "labels_used": False}
     assert card["dataset"]["validation"]["n"] == 4
     assert "--extra-images" in card["reproduce"]
