@@ -53,9 +53,9 @@ def warm_default_model() -> None:
     """Load the default model into :func:`registry_model`'s process-wide cache and run it once on the default
     sample, before any browser asks (``app.py``'s server start-up hook runs this in a thread). The first page
     request then finds the imports done, the model built and the kernels primed: measured on the 2-core AMD EPYC,
-    the page request to the first block map took 6.6 s without it (importing timm, torchvision and
-    ``torch._dynamo`` alone 1.4-2.1 s; benchmarks/results/first_prediction.md). A session that asks while it
-    runs waits for the same cache entry instead of building a second copy."""
+    the page request to the first block map took 6.0-6.6 s without it (importing timm, torchvision and
+    ``torch._dynamo`` alone 1.4-2.1 s) and 3.3 s with it (benchmarks/results/first_prediction.md). A session that
+    asks while it runs waits for the same cache entry instead of building a second copy."""
     import plotly.graph_objects  # noqa: F401  - the Inspect page's figures
 
     from skipviz import figures  # noqa: F401

@@ -133,9 +133,7 @@ def with_extra_images(cfg: DistillConfig, net: SkipNetwork, train_set: TensorDat
         return train_set
     meta = net.meta
     extra = load_images(cfg.extra_images, tuple(meta.input_size[-2:]), meta.resize, None, progress,
-                        limit=cfg.extra_limit, seed=cfg.seed)
-    extra = TensorDataset(extra.images, torch.full((len(extra),), -1, dtype=torch.long), [], extra.files,
-                          extra.root, extra.files_sha256)
+                        limit=cfg.extra_limit, seed=cfg.seed)  # no classes given: every label -1
     return concat_datasets(train_set, extra, f"extra:{Path(cfg.extra_images).name}")
 
 
