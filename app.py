@@ -55,5 +55,5 @@ async def _warm_on_start(_app):
 
 if __name__ == "__main__":  # a session's run of the page script
     main()
-else:  # `streamlit run app.py` imports the file to find its server application
-    app = st.App("app.py", lifespan=_warm_on_start)
+elif hasattr(st, "App"):  # `streamlit run app.py` imports the file to find its server application (Streamlit
+    app = st.App("app.py", lifespan=_warm_on_start)  # without st.App runs the page script only: no warm-up)
