@@ -23,7 +23,6 @@ import argparse
 import datetime as dt
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,24 +39,11 @@ from skipviz.policies import EarlyExitPolicy, FullPolicy, policy_for  # noqa: E4
 from skipviz.samples import sample_bytes, sample_names  # noqa: E402
 
 
-def sampled_folder(src: Path, dest: Path, n: int, seed: int) -> None:
-    """``dest`` with symbolic links to ``n`` seeded image files of ``src`` (class folders kept)."""
-    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png") and p.is_file())
-    pick = np.random.default_rng(seed).choice(len(files), size=min(n, len(files)), replace=False)
-    for i in sorted(pick):
-        f = files[i]
-        link = dest / f.relative_to(src)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(f.resolve())
-
-
 def image_set(net, src: Path, n: int, seed: int) -> TensorDataset:
-    """``n`` images of ``src`` decoded as the model's preprocessing crops them (uint8, (N, 3, H, W))."""
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / src.name
-        sampled_folder(src, folder, n, seed)
-        return load_images(folder, tuple(net.meta.input_size[-2:]), net.meta.resize, net.meta.classes,
-                           progress=False)
+    """``n`` images of ``src`` (a seeded choice) decoded as the model's preprocessing crops them (uint8,
+    (N, 3, H, W))."""
+    return load_images(src, tuple(net.meta.input_size[-2:]), net.meta.resize, net.meta.classes, progress=False,
+                       limit=n, seed=seed)
 
 
 def policies(net, exit_thresholds: list[float], gate_thresholds: list[float] = (),
@@ -86,9 +72,7 @@ def agreement_on_samples(net, pols) -> tuple[list[dict], list[dict]]:
     tops: dict[str, list[str]] = {"full": []}
     with torch.inference_mode():
         for name in names:
-            x = net.meta.preprocess(load_image(sample_bytes(name))[0])
-            if x.ndim == 3:
-                x = x.unsqueeze(0)
+            x = net.meta.preprocess(load_image(sample_bytes(name))[0])  # (1, 3, H, W)
             tops["full"].append(classes[int(net.run(x, FullPolicy()).logits.argmax(1))])
             for label, pol in pols:
                 tops.setdefault(label, []).append(classes[int(net.run(x, pol).logits.argmax(1))])
