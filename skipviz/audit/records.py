@@ -94,7 +94,8 @@ class AuditRecord:
     def to_dict(self, thumbnail: bool = True) -> dict:
         """The record's fields as a new dict, for serialising: nested values (``trace``, ``policy``, ``image``,
         ``full_logits`` ...) are the record's own, not copies. ``dataclasses.asdict``'s deep copy of them took 0.5
-        ms per record, a quarter of a CIFAR audit's time on the 2-core AMD EPYC (cProfile of 2,000 inputs)."""
+        ms per record, a quarter of a CIFAR audit's time on the 2-core AMD EPYC
+        (cProfile of 2,000 inputs, 1 thread, a training run on the other core)."""
         out = {f.name: getattr(self, f.name) for f in _FIELDS}
         if not thumbnail:
             out.pop("thumbnail_png_b64")
