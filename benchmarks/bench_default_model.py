@@ -10,6 +10,13 @@ network at the model card's default threshold (accuracy, drop, FLOPs cut, blocks
 (threshold -> accuracy, FLOPs cut), the plan head's curve when the model carries one (every gated block
 decided at the stem, ``PlanPolicy``), the early-exit curve, mean blocks executed for correct vs wrong
 predictions and per class. Runs in a few minutes on 2 CPU cores.
+
+A copy fine-tuned from a published network (its card's ``backbone.fine_tuned``, e.g.
+``efficientnet_lite0.imagenet_tuned_gated``) is judged as its card judges it: agreement and accuracy drop
+against the published network's full run (``--reference``, default: the family's frozen-backbone model
+``<arch>.imagenet_gated``, whose full run is the published network), its own full run reported beside it.
+
+    python benchmarks/bench_default_model.py --model efficientnet_lite0.imagenet_tuned_gated --thresholds 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 --exits 0.8 0.95
 """
 from __future__ import annotations
 
@@ -30,8 +37,11 @@ from skipviz.evaluate import blocks_by_outcome, early_exit_policy, evaluate_poli
 from skipviz.measure.clock import software_versions  # noqa: E402
 
 
-def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], exits: list[float]) -> dict:
+def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], exits: list[float],
+        reference: str | None = None) -> dict:
     net = create_model(model)
+    if reference is None and (net.meta.card.get("backbone") or {}).get("fine_tuned"):
+        reference = f"{net.meta.arch}.imagenet_gated"  # its full run is the published network's
     try:
         test, split_name = load_card_test_set(net)
     except (FileNotFoundError, ValueError) as e:
@@ -41,7 +51,8 @@ def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], e
     default_t = net.meta.default_threshold("gates")
     if default_t not in thresholds:
         thresholds = sorted(thresholds + [default_t])
-    full = evaluate_policy(net, test, FullPolicy(), progress=True)
+    own_full = evaluate_policy(net, test, FullPolicy(), progress=True)
+    full = own_full if reference is None else evaluate_policy(create_model(reference), test, FullPolicy(), progress=True)
     curve, evals = threshold_curve(net, test, thresholds, reference=full, progress=True)
     gated = evals[thresholds.index(default_t)]
     exit_curve, _ = threshold_curve(net, test, exits, make_policy=early_exit_policy, reference=full, progress=True)
@@ -66,7 +77,10 @@ def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], e
         "model": model, "weights_sha256": net.meta.weights_sha256, "test_split": split_name, "test_images": len(test),
         "test_files_sha256": test.files_sha256, "device": "cpu", "threads": torch.get_num_threads(),
         "software": software_versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "full_accuracy": full.accuracy, "default_threshold": default_t, "gated": gated.summary(full),
+        "full_accuracy": full.accuracy, "reference": reference,
+        "own_full": ({"accuracy": own_full.accuracy, "agreement_with_reference": own_full.agreement(full)}
+                     if reference else None),
+        "default_threshold": default_t, "gated": gated.summary(full),
         "blocks_mean_correct": outcome["correct"], "blocks_mean_wrong": outcome["wrong"],
         "gate_curve": curve.to_dict(orient="records"), "plan": plan_result,
         "early_exit_curve": exit_curve.to_dict(orient="records"),
@@ -78,7 +92,10 @@ def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], e
     md = [f"# `{model}` on {split_name} ({len(test)} JPEG images, {len(net.meta.classes)}-way top-1)", "",
           f"Model `{model}` (weights sha256 `{(net.meta.weights_sha256 or '')[:16]}`), measured {result['date']} on CPU "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}.", "",
-          f"- Full network: **{full.accuracy:.2%}**",
+          (f"- Full network: **{full.accuracy:.2%}**" if reference is None else
+           f"- Reference: the full network of `{reference}` (the published one): **{full.accuracy:.2%}**; this "
+           f"model's own full network **{own_full.accuracy:.2%}**, agreement with the reference "
+           f"{own_full.agreement(full):.2%}. Drops and agreements below are against the reference."),
           f"- Gated at the default threshold {default_t}: **{gated.accuracy:.2%}** "
           f"(drop {100 * (full.accuracy - gated.accuracy):.2f} points), **{gated.flops_saved_fraction:.1%}** of FLOPs "
           f"skipped (gate heads counted), {gated.blocks_mean:.2f} of {net.num_blocks} blocks run, agreement with full "
@@ -99,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--thresholds", type=float, nargs="+", default=[round(t, 2) for t in np.linspace(0.1, 0.9, 9)])
     p.add_argument("--exits", type=float, nargs="+", default=[0.6, 0.8, 0.9, 0.99])
+    p.add_argument("--reference", default=None, help="judge against this model's full network (default: a "
+                                                     "fine-tuned copy against the published one, else the model's own)")
     args = p.parse_args(argv)
-    run(args.model, args.limit, Path(args.out), list(args.thresholds), list(args.exits))
+    run(args.model, args.limit, Path(args.out), list(args.thresholds), list(args.exits), args.reference)
     return 0
 
 

@@ -12,7 +12,9 @@ model's full network and the FLOPs cut on three image sets:
   drawn ones), one by one as the dashboard runs them.
 
 Policies: the gates and the plan at the card's operating points, and early exits (probe confidence) at
-``--exit-thresholds``. Nothing is timed (agreement and FLOPs do not depend on the machine). Writes
+``--exit-thresholds``. A copy fine-tuned from a published network (its card's ``backbone.fine_tuned``) is
+judged against the published network's answers (``--reference``, default ``<arch>.imagenet_gated``, whose full
+run is the published network), its own full run listed as one more policy. Nothing is timed (agreement and FLOPs do not depend on the machine). Writes
 ``benchmarks/results/ood_agreement.{json,md}``.
 
     python benchmarks/ood_agreement.py [--model efficientnet_lite0.imagenet_gated] [--n 1000]
@@ -60,20 +62,22 @@ def policies(net, exit_thresholds: list[float], gate_thresholds: list[float] = (
     return out
 
 
-def agreement_on_set(net, data: TensorDataset, pols) -> list[dict]:
-    full = evaluate_policy(net, data, FullPolicy(), batch_size=100)
+def agreement_on_set(net, data: TensorDataset, pols, reference=None) -> list[dict]:
+    """Per policy: top-1 agreement with the full run of ``reference`` (default ``net`` itself) and FLOPs cut."""
+    full = evaluate_policy(reference or net, data, FullPolicy(), batch_size=100)
     return [{"policy": label, "agreement": ev.agreement(full), "flops_saved": ev.flops_saved_fraction}
             for label, pol in pols for ev in [evaluate_policy(net, data, pol, batch_size=100)]]
 
 
-def agreement_on_samples(net, pols) -> tuple[list[dict], list[dict]]:
-    """Per policy: agreement over the built-in samples; and per sample, the full and each policy's top-1."""
+def agreement_on_samples(net, pols, reference=None) -> tuple[list[dict], list[dict]]:
+    """Per policy: agreement over the built-in samples; and per sample, the full (``reference``'s, default
+    ``net``'s) and each policy's top-1."""
     names, classes = sample_names(), net.meta.classes
     tops: dict[str, list[str]] = {"full": []}
     with torch.inference_mode():
         for name in names:
             x = net.meta.preprocess(load_image(sample_bytes(name))[0])  # (1, 3, H, W)
-            tops["full"].append(classes[int(net.run(x, FullPolicy()).logits.argmax(1))])
+            tops["full"].append(classes[int((reference or net).run(x, FullPolicy()).logits.argmax(1))])
             for label, pol in pols:
                 tops.setdefault(label, []).append(classes[int(net.run(x, pol).logits.argmax(1))])
     rows = [{"policy": label, "agreement": float(np.mean([a == b for a, b in zip(tops[label], tops["full"])])),
@@ -86,6 +90,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Agreement with the full network off the distillation data: `{report['model']}`", "",
              f"Measured {report['date']} on {report['cpu']} (CPU; nothing here depends on timing), torch "
              f"{report['software']['torch']}. `{report['command']}`", "",
+             *([f"Agreement is with the full network of `{report['reference']}` (the published network).", ""]
+               if report.get("reference") else []),
              "| policy | " + " | ".join(f"{s}: agreement | {s}: FLOPs cut" for s in report["sets"]) + " |",
              "|---|" + "---:|---:|" * len(report["sets"])]
     labels = [r["policy"] for r in next(iter(report["sets"].values()))]
@@ -112,6 +118,8 @@ def main() -> int:
     ap.add_argument("--gate-thresholds", default="", help="gate thresholds to check besides the card's points")
     ap.add_argument("--heads", default=None, help="a distillation run's last.pt: its gate and probe heads replace "
                                                    "the model's (a run not exported yet)")
+    ap.add_argument("--reference", default=None, help="judge against this model's full network (default: a "
+                                                      "fine-tuned copy against the published one, else the model's own)")
     ap.add_argument("--stem", default="ood_agreement", help="file name of the results (.json, .md)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -127,16 +135,23 @@ def main() -> int:
     floats = lambda text: [float(t) for t in text.split(",") if t.strip()]  # noqa: E731
     # the card's operating points belong to its own heads, not to a run's
     pols = policies(net, floats(args.exit_thresholds), floats(args.gate_thresholds), card_points=not args.heads)
+    reference = args.reference
+    if reference is None and (net.meta.card.get("backbone") or {}).get("fine_tuned"):
+        reference = f"{net.meta.arch}.imagenet_gated"  # its full run is the published network's
+    ref_net = create_model(reference).eval() if reference else None
+    if ref_net is not None:
+        pols = [("full network (this model)", FullPolicy())] + pols
     sets = {}
     for label, root, split in (("in-distribution (Imagenette val)", imagenette_root(), "val"),
                                ("CIFAR-10 test upscaled", cifar10_root(), "test")):
         if root is None:
             print(f"skipping {label}: data set not found (set SKIPVIZ_IMAGENETTE / SKIPVIZ_CIFAR10)")
             continue
-        sets[label] = agreement_on_set(net, image_set(net, Path(root) / split, args.n, args.seed), pols)
+        sets[label] = agreement_on_set(net, image_set(net, Path(root) / split, args.n, args.seed), pols, ref_net)
         print(label, json.dumps(sets[label]), flush=True)
-    samples, per_sample = agreement_on_samples(net, pols)
-    report = {"model": args.model + (f" + heads of {args.heads}" if args.heads else ""), "n": args.n, "seed": args.seed, "cpu": cpu_name(),
+    samples, per_sample = agreement_on_samples(net, pols, ref_net)
+    report = {"model": args.model + (f" + heads of {args.heads}" if args.heads else ""), "reference": reference,
+              "n": args.n, "seed": args.seed, "cpu": cpu_name(),
               "software": software_versions(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "sets": sets, "samples": samples, "samples_per_sample": per_sample,
               "command": "python benchmarks/ood_agreement.py " + " ".join(sys.argv[1:])}

@@ -160,13 +160,13 @@ def load_uploaded_weights(arch: str, data: bytes, filename: str,
 
 def models_table() -> pd.DataFrame:
     """Registered architectures and their pretrained weights (whether the file is on this machine)."""
-    pre = {w.arch: w for w in list_pretrained()}
+    pre = list_pretrained()
     rows = []
     for arch in list_models():
-        w = pre.get(arch)
-        rows.append({"model": arch, "pretrained": f"{arch}.{w.tag}" if w else "",
-                     "weights present": bool(w and w.available()),
-                     "description": w.description if w else "torchvision ResNet wrapper (weights from a local file)"})
+        for w in [w for w in pre if w.arch == arch] or [None]:  # a row per shipped weights file of the family
+            rows.append({"model": arch, "pretrained": f"{arch}.{w.tag}" if w else "",
+                         "weights present": bool(w and w.available()),
+                         "description": w.description if w else "torchvision ResNet wrapper (weights from a local file)"})
     return pd.DataFrame(rows, columns=["model", "pretrained", "weights present", "description"])
 
 

@@ -144,7 +144,7 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
     cfg = DistillConfig(arch=args.arch, data_root=args.data, out_dir=args.out or f"runs/{args.arch}_heads",
                         epochs=args.epochs, seed=args.seed, target_rate=args.target_rate, limit_train=args.limit_train,
                         autocast_bf16=not args.float32, extra_images=args.extra_images, extra_limit=args.extra_limit,
-                        threads=args.threads)
+                        threads=args.threads, backbone_lr=args.backbone_lr, full_kl_weight=args.full_kl_weight)
     run_dir = distill_heads(cfg)
     if args.export:
         _export_and_report(run_dir, args)
@@ -244,6 +244,12 @@ def _add_train_heads(sub: argparse._SubParsersAction) -> None:
                     help="a folder of more images to distil on (searched recursively; labels not used), added to "
                          "the training split only, e.g. photos of classes beyond Imagenette's ten")
     th.add_argument("--extra-limit", type=int, default=None, help="a seeded choice of this many extra images")
+    th.add_argument("--backbone-lr", type=float, default=0.0,
+                    help="fine-tune a copy of the backbone jointly with the heads at this learning rate (AdamW, "
+                         "BatchNorm statistics frozen); exported as ARCH.imagenet_tuned_gated, measured against the "
+                         "published network. Default 0: the backbone stays the published one")
+    th.add_argument("--full-kl-weight", type=float, default=DistillConfig.full_kl_weight,
+                    help="with --backbone-lr: weight of KL(published || fine-tuned full run)")
     th.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     th.add_argument("--float32", action="store_true", help="train in float32 instead of bfloat16 autocast")
     th.add_argument("--export", action="store_true", help="fit the plan head, evaluate, write heads + card to data/")

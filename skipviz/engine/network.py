@@ -323,6 +323,9 @@ class SkipNetwork(nn.Module):
         (the only way gradients reach the gates); at inference :meth:`run` skips for real.
         ``drop_prob``: stochastic depth for ungated networks (a block is dropped with this probability).
         ``force_full``: every block runs (gates are not evaluated), for training the full network.
+        A gate samples (Gumbel noise, straight-through) when its own head is in training mode, whatever the
+        backbone's mode: distillation trains the heads over a backbone kept in eval mode (frozen BatchNorm
+        statistics), and the KL must reach the gates there too.
 
         Returns ``(logits (N, K), gate_probs (N, G) for the gated blocks, probe_logits list of (N, K))``;
         probe heads see detached features, so they never change the backbone.
@@ -335,7 +338,7 @@ class SkipNetwork(nn.Module):
             if g_head is not None and not force_full:
                 logit = g_head(h)
                 soft = torch.sigmoid(logit)
-                if self.training:
+                if g_head.training:
                     u = torch.rand_like(logit).clamp(1e-6, 1 - 1e-6)
                     noisy = torch.sigmoid((logit + torch.log(u) - torch.log1p(-u)) / gate_temperature)
                     g = ((noisy >= 0.5).to(noisy.dtype) - noisy).detach() + noisy if hard else noisy

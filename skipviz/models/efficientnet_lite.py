@@ -250,28 +250,42 @@ def load_heads(net: SkipNetwork, path: str | Path) -> dict:
     return card
 
 
+#: The weights a family member ships under: the published backbone with distilled heads, and a copy of the
+#: backbone fine-tuned jointly with its heads (judged against the published network in its card).
+TAGS = {
+    "imagenet_gated": ("published ImageNet backbone (frozen) with gate, probe and plan heads distilled from it by "
+                       "`skipviz train-heads`", "skipviz train-heads --arch {arch} --export", "ImageNet, real photos"),
+    "imagenet_tuned_gated": ("a copy of the published ImageNet backbone fine-tuned jointly with its gate, probe and "
+                             "plan heads by `skipviz train-heads --backbone-lr`, measured against the published one",
+                             "skipviz train-heads --arch {arch} --backbone-lr 2e-5 --export",
+                             "ImageNet, fine-tuned to skip"),
+}
+
+
 def _register(arch: str) -> None:
-    tag = "imagenet_gated"
-    weights = PretrainedWeights(arch=arch, tag=tag, filename=f"{arch}_{tag}.safetensors",
-                                description=f"{arch}: published ImageNet backbone (frozen) with gate, probe and "
-                                            "plan heads distilled from it by `skipviz train-heads`",
-                                make_command=f"skipviz train-heads --arch {arch} --export",
-                                title="ImageNet, real photos (EfficientNet-" + arch.split("_")[-1].title() + ")")
-    register_pretrained(weights)
+    family = "EfficientNet-" + arch.split("_")[-1].title()
+    registered = {}
+    for tag, (description, command, title) in TAGS.items():
+        registered[tag] = PretrainedWeights(arch=arch, tag=tag, filename=f"{arch}_{tag}.safetensors",
+                                            description=f"{arch}: {description}",
+                                            make_command=command.format(arch=arch), title=f"{title} ({family})")
+        register_pretrained(registered[tag])
 
     @register_model(arch)
     def build(weights_tag: str | None = None, weights_path: str | None = None, **kwargs) -> SkipNetwork:
-        card = read_card(weights.card_path) if weights_tag == tag and weights.available() else {}
+        if weights_tag is not None and weights_tag not in registered:
+            raise KeyError(f"{arch} has no weights {weights_tag!r}; known: {', '.join(map(repr, registered))}")
+        weights = registered.get(weights_tag)
+        card = read_card(weights.card_path) if weights is not None and weights.available() else {}
         net = efficientnet_lite(arch, **{**card.get("model_kwargs", {}), **kwargs})
-        path = weights.path if weights_tag == tag else (Path(weights_path) if weights_path else None)
-        if weights_tag not in (None, tag):
-            raise KeyError(f"{arch} has no weights {weights_tag!r}; known: {tag!r}")
+        path = weights.path if weights is not None else (Path(weights_path) if weights_path else None)
         if path is not None:
             if not path.is_file():
-                raise FileNotFoundError(f"weights {arch}.{tag} are not in {path.parent}; train them with "
-                                        "`skipviz train-heads` (README), or pass weights=PATH")
+                raise FileNotFoundError(f"weights {arch}.{weights_tag} are not in {path.parent}; train them with "
+                                        f"`{weights.make_command if weights else 'skipviz train-heads'}` (README), "
+                                        "or pass weights=PATH")
             load_heads(net, path)
-            net.meta.weights_name = tag if weights_tag == tag else path.stem
+            net.meta.weights_name = weights_tag if weights is not None else path.stem
         return net
 
     build.loads_own_weights = True

@@ -14,8 +14,14 @@ The backbone is ``arch``'s published one (EfficientNet-Lite0 on Imagenette), or,
 network (``model="timm:<name>"``, ``weights=PATH``: :mod:`skipviz.models.timm_wrap`) distilled on any folder of
 images (:func:`skipviz.data.load_images`; class folders optional, labels never used for training).
 
+With ``backbone_lr > 0`` a copy of the backbone trains with the heads (BatchNorm statistics kept at the
+published ones): the loss adds KL(published || the copy's full run), so the copy's full network keeps the
+published answers while it learns to be skipped. It ships as a second model (``<arch>.imagenet_tuned_gated``),
+its operating points judged against the published network (:mod:`skipviz.training.distill_export`).
+
 Deterministic at inference: a gate runs its block iff sigmoid(logit) >= threshold. Resumable: ``last.pt``
-(weights-only loadable: head tensors, optimiser state, RNG states) after every epoch.
+(weights-only loadable: head tensors, or every tensor for a fine-tuned copy, optimiser state, RNG states) after
+every epoch.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from ..data import (IMAGENETTE_ENV, TensorDataset, batches, concat_datasets, ima
 from ..engine.network import SkipNetwork
 
 __all__ = ["DistillConfig", "build_network", "distill_heads", "head_state", "load_training_images", "split_train_val",
-           "teacher_logits", "test_images", "with_extra_images"]
+           "teacher_logits", "test_images", "trained_state", "with_extra_images"]
 
 @dataclass
 class DistillConfig:
@@ -76,6 +82,11 @@ class DistillConfig:
     # main data's): heads distilled on Imagenette alone learned its ten-class prior (benchmarks/ood_agreement.py)
     extra_images: str | None = None  # a folder of images, searched recursively
     extra_limit: int | None = None  # a seeded choice of this many of them
+    # a jointly fine-tuned copy of the backbone (0: the backbone stays exactly the published one). The copy
+    # trains at this learning rate (AdamW, BatchNorm statistics kept frozen at the published ones) and is kept
+    # close to the published network by full_kl_weight * KL(published || fine-tuned full run)
+    backbone_lr: float = 0.0
+    full_kl_weight: float = 1.0
 
 
 def build_network(cfg: DistillConfig) -> SkipNetwork:
@@ -137,6 +148,13 @@ def with_extra_images(cfg: DistillConfig, net: SkipNetwork, train_set: TensorDat
     return concat_datasets(train_set, extra, f"extra:{Path(cfg.extra_images).name}")
 
 
+def trained_state(net: SkipNetwork, cfg: DistillConfig) -> dict[str, torch.Tensor]:
+    """What a run trains: the heads' tensors, or every tensor when the backbone is fine-tuned too."""
+    if cfg.backbone_lr > 0:
+        return {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    return head_state(net)
+
+
 def head_state(net: SkipNetwork) -> dict[str, torch.Tensor]:
     """The trainable part of ``net``: its gate, probe and plan heads' tensors (state-dict keys)."""
     from ..engine.heads import HEAD_PREFIXES
@@ -171,14 +189,21 @@ def _rate(progress: float, cfg: DistillConfig) -> float:
 
 
 @torch.no_grad()
-def _monitor(net: SkipNetwork, data: TensorDataset, teacher_pred: torch.Tensor) -> dict:
+def _monitor(net: SkipNetwork, data: TensorDataset, teacher_pred: torch.Tensor, full_too: bool = False) -> dict:
+    """Gates at 0.5 on the monitor images: agreement with the published network (``teacher_pred`` (N,)),
+    accuracy, FLOPs cut; with ``full_too`` (a fine-tuned copy) its full run's agreement and accuracy as well."""
     from ..evaluate import evaluate_policy
-    from ..policies import GatePolicy
+    from ..policies import FullPolicy, GatePolicy
 
     net.eval()
     ev = evaluate_policy(net, data, GatePolicy(0.5), batch_size=100)
-    return {"val_agreement_t0.5": float((torch.from_numpy(ev.predictions) == teacher_pred).float().mean()),
-            "val_accuracy_t0.5": ev.accuracy, "val_flops_saved_t0.5": ev.flops_saved_fraction}
+    out = {"val_agreement_t0.5": float((torch.from_numpy(ev.predictions) == teacher_pred).float().mean()),
+           "val_accuracy_t0.5": ev.accuracy, "val_flops_saved_t0.5": ev.flops_saved_fraction}
+    if full_too:
+        full = evaluate_policy(net, data, FullPolicy(), batch_size=100)
+        out.update({"val_full_agreement": float((torch.from_numpy(full.predictions) == teacher_pred).float().mean()),
+                    "val_full_accuracy": full.accuracy})
+    return out
 
 
 def _train_mode(net: SkipNetwork) -> None:
@@ -228,6 +253,13 @@ def _prepare(cfg: DistillConfig, out: Path, progress: bool) -> _DistillRun:
     params = list(net.gates.parameters()) + (list(net.probes.parameters()) if net.probes is not None else [])
     for p in params:
         p.requires_grad_(True)
+    groups = [{"params": params, "lr_mult": 1.0}]
+    if cfg.backbone_lr > 0:
+        head_ids = {id(p) for p in params}
+        backbone = [p for p in net.parameters() if id(p) not in head_ids]
+        for p in backbone:
+            p.requires_grad_(True)
+        groups.append({"params": backbone, "lr_mult": cfg.backbone_lr / cfg.lr})
     cache = out / "teacher.pt"
     cached = torch.load(cache, weights_only=True) if cache.is_file() else None
     if cached is not None and cached.get("files_sha256") == train_set.files_sha256:
@@ -238,13 +270,13 @@ def _prepare(cfg: DistillConfig, out: Path, progress: bool) -> _DistillRun:
     monitor_set = val_set.subset(np.arange(min(cfg.monitor_size, len(val_set))))
     table = net.flop_table(tuple(net.meta.input_size[-2:]))
     gated_flops = torch.tensor([float(table.blocks[i]) for i in net.gated_blocks])
-    run = _DistillRun(net, train_set, teacher, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+    run = _DistillRun(net, train_set, teacher, torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay),
                       torch.Generator().manual_seed(cfg.seed), gated_flops / gated_flops.sum(), monitor_set,
                       teacher_logits(net, monitor_set, progress=False)[0].argmax(1))
     ckpt_path = out / "last.pt"
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, weights_only=True)
-        net.load_state_dict(ckpt["heads"], strict=False)
+        net.load_state_dict(ckpt["heads"], strict=False)  # every tensor for a fine-tuned backbone
         run.opt.load_state_dict(ckpt["optimizer"])
         run.gen.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
@@ -255,7 +287,8 @@ def _prepare(cfg: DistillConfig, out: Path, progress: bool) -> _DistillRun:
 
 def _step(run: _DistillRun, cfg: DistillConfig, idx: torch.Tensor, target: float) -> tuple[float, float, float]:
     """One optimiser step on the training images ``idx`` (B,), each flipped at random with its teacher.
-    Returns (KL, gated FLOPs executed, probe KL) of the batch."""
+    Returns (KL, gated FLOPs executed, probe KL, full KL) of the batch; the full KL (published || fine-tuned
+    full run) is 0 for a frozen backbone."""
     flip = torch.rand(len(idx), generator=run.gen) < 0.5
     imgs = run.train_set.images[idx]
     imgs = torch.where(flip[:, None, None, None], imgs.flip(3), imgs)
@@ -268,10 +301,16 @@ def _step(run: _DistillRun, cfg: DistillConfig, idx: torch.Tensor, target: float
     executed = (gate_probs.float() * run.gated_share).sum(1).mean()
     probe = sum(_kl(t_logits, p) for p in probe_logits) / max(1, len(probe_logits))
     loss = cfg.kl_weight * kl + cfg.top1_weight * top1 + cfg.rate_weight * (executed - target) ** 2 + cfg.probe_weight * probe
+    full_kl = torch.zeros(())
+    if cfg.backbone_lr > 0:  # the fine-tuned copy's full network stays the published one's answer
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
+            full_logits, _, _ = run.net.forward_train(x, force_full=True)
+        full_kl = _kl(t_logits, full_logits)
+        loss = loss + cfg.full_kl_weight * full_kl
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     run.opt.step()
-    return float(kl.detach()), float(executed.detach()), float(probe.detach())
+    return float(kl.detach()), float(executed.detach()), float(probe.detach()), float(full_kl.detach())
 
 
 def _train_epoch(run: _DistillRun, cfg: DistillConfig, epoch: int, progress: bool) -> dict:
@@ -280,20 +319,20 @@ def _train_epoch(run: _DistillRun, cfg: DistillConfig, epoch: int, progress: boo
     t0 = time.time()
     steps_per_epoch = math.ceil(len(run.train_set) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    sums, seen = np.zeros(3), 0
+    sums, seen = np.zeros(4), 0
     bar = tqdm(list(batches(len(run.train_set), cfg.batch_size, True, run.gen)),
                desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
     for b, idx in enumerate(bar):
         step = epoch * steps_per_epoch + b
         lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
         for g in run.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_mult", 1.0)
         target = _rate(step / total, cfg)
         sums += np.asarray(_step(run, cfg, idx, target)) * len(idx)
         seen += len(idx)
         bar.set_postfix(kl=f"{sums[0] / seen:.3f}", rate=f"{sums[1] / seen:.2f}", target=f"{target:.2f}")
     return {"epoch": epoch + 1, "train_kl": sums[0] / seen, "train_probe_kl": sums[2] / seen,
-            "train_gated_flops_executed": sums[1] / seen, "rate_target": target, "lr": lr,
+            "train_gated_flops_executed": sums[1] / seen, "train_full_kl": sums[3] / seen, "rate_target": target, "lr": lr,
             "seconds": time.time() - t0}
 
 
@@ -309,12 +348,12 @@ def distill_heads(cfg: DistillConfig, progress: bool = True) -> Path:
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     for epoch in range(run.start_epoch, cfg.epochs):
         record = _train_epoch(run, cfg, epoch, progress)
-        record.update(_monitor(run.net, run.monitor_set, run.monitor_pred))
+        record.update(_monitor(run.net, run.monitor_set, run.monitor_pred, full_too=cfg.backbone_lr > 0))
         print(json.dumps(record), flush=True)
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         tmp = out / "last.pt.tmp"
-        torch.save({"heads": head_state(run.net), "optimizer": run.opt.state_dict(), "epoch": epoch,
+        torch.save({"heads": trained_state(run.net, cfg), "optimizer": run.opt.state_dict(), "epoch": epoch,
                     "generator": run.gen.get_state(), "torch_rng": torch.get_rng_state()}, tmp)
         tmp.replace(out / "last.pt")
     return out

@@ -36,7 +36,7 @@ from ..engine.network import SkipNetwork
 from .distill import (DistillConfig, build_network, head_state, load_training_images, split_train_val, test_images,
                       with_extra_images)
 
-__all__ = ["HeadsExportConfig", "export_heads", "operating_point"]
+__all__ = ["HeadsExportConfig", "STORAGE_NOTE", "export_heads", "operating_point"]
 
 
 @dataclass
@@ -51,6 +51,25 @@ class HeadsExportConfig:
     plan_epochs: int = 60
     batch_size: int = 100
     unlabelled_fast_agreement: float = 0.95  # images without labels: "fast" keeps this top-1 agreement
+
+
+#: How a fine-tuned copy's tensors are stored (about 13 MB instead of 26 MB in float32).
+STORAGE_NOTE = ("float16 storage of every floating-point tensor, loaded into a float32 network; every number in "
+                "this card was measured on the rounded weights")
+
+
+def _storage_state(net: SkipNetwork) -> dict[str, torch.Tensor]:
+    """Every tensor of ``net``, floating-point ones as float16 (see :data:`STORAGE_NOTE`)."""
+    return {k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu().contiguous()
+            for k, v in net.state_dict().items()}
+
+
+@torch.no_grad()
+def _round_to_storage(net: SkipNetwork) -> None:
+    """Round ``net``'s floating-point tensors in place to what :func:`_storage_state` stores."""
+    for v in net.state_dict().values():
+        if v.is_floating_point():
+            v.copy_(v.half().to(v.dtype))
 
 
 def operating_point(curve: pd.DataFrame, max_drop_points: float | None = None,
@@ -89,15 +108,27 @@ def _fit_plan(net: SkipNetwork, train_set: TensorDataset, val_set: TensorDataset
             "validation_fit": fit}
 
 
-def _curves(net: SkipNetwork, data: TensorDataset, cfg: HeadsExportConfig) -> dict:
+def _curves(net: SkipNetwork, data: TensorDataset, cfg: HeadsExportConfig, published: SkipNetwork | None = None) -> dict:
+    """Full run and threshold curves of ``net`` on ``data``. Agreement and accuracy drop are measured against
+    ``published``'s full run when given (a fine-tuned copy is judged against the network it was tuned from),
+    else against ``net``'s own; ``"published"`` holds that reference run."""
     from ..evaluate import early_exit_policy, evaluate_policy, threshold_curve
     from ..policies import FullPolicy, GatePolicy, PlanPolicy
 
     full = evaluate_policy(net, data, FullPolicy(), batch_size=cfg.batch_size)
-    gates, gate_evals = threshold_curve(net, data, cfg.gate_thresholds, GatePolicy, full, cfg.batch_size)
-    plan, _ = threshold_curve(net, data, cfg.plan_thresholds, PlanPolicy, full, cfg.batch_size)
-    exits, _ = threshold_curve(net, data, cfg.exit_thresholds, early_exit_policy, full, cfg.batch_size)
-    return {"full": full, "gates": gates, "gate_evals": gate_evals, "plan": plan, "exits": exits}
+    ref = full if published is None else evaluate_policy(published, data, FullPolicy(), batch_size=cfg.batch_size)
+    gates, gate_evals = threshold_curve(net, data, cfg.gate_thresholds, GatePolicy, ref, cfg.batch_size)
+    plan, _ = threshold_curve(net, data, cfg.plan_thresholds, PlanPolicy, ref, cfg.batch_size)
+    exits, _ = threshold_curve(net, data, cfg.exit_thresholds, early_exit_policy, ref, cfg.batch_size)
+    return {"full": full, "published": ref, "gates": gates, "gate_evals": gate_evals, "plan": plan, "exits": exits}
+
+
+def _full_vs_published(curves: dict) -> dict:
+    """A fine-tuned copy's full network against the published one on the same images."""
+    full, pub = curves["full"], curves["published"]
+    labelled = bool((full.labels >= 0).all())
+    return {"n": int(len(full.labels)), "agreement": full.agreement(pub),
+            "accuracy": full.accuracy if labelled else None, "published_accuracy": pub.accuracy if labelled else None}
 
 
 def _point(curve: pd.DataFrame, t: float | None) -> dict | None:
@@ -112,7 +143,8 @@ def _source(dcfg: DistillConfig, net: SkipNetwork, root: str, labelled: bool) ->
     """What a card says about where the backbone, the classes and the data come from: the published
     EfficientNet-Lite0 on Imagenette, or a user's network on the user's images."""
     if dcfg.model is None:
-        return {"name": f"{dcfg.arch}.imagenet_gated", "file": f"{dcfg.arch}_imagenet_gated",
+        tag = "imagenet_tuned_gated" if dcfg.backbone_lr > 0 else "imagenet_gated"
+        return {"name": f"{dcfg.arch}.{tag}", "file": f"{dcfg.arch}_{tag}",
                 "model_kwargs": {"gates": True, "probes": True, "plan": True, "plan_grid": 4, "plan_hidden": 128},
                 "classes_source": "torchvision ResNet50_Weights.IMAGENET1K_V1.meta['categories'] (ImageNet-1k order)",
                 "note": "RGB scaled to [0, 1], then (x - 0.5) / 0.5; shorter side resized, centre crop",
@@ -120,7 +152,11 @@ def _source(dcfg: DistillConfig, net: SkipNetwork, root: str, labelled: bool) ->
                 "test_split": "val/",
                 "reproduce": f"skipviz train-heads --arch {dcfg.arch} --epochs {dcfg.epochs}"
                              + (f" --extra-images {dcfg.extra_images}" if dcfg.extra_images else "")
-                             + (f" --extra-limit {dcfg.extra_limit}" if dcfg.extra_limit else "") + " --export"}
+                             + (f" --extra-limit {dcfg.extra_limit}" if dcfg.extra_limit else "")
+                             + (f" --target-rate {dcfg.target_rate:g}" if dcfg.target_rate != DistillConfig.target_rate
+                                else "")
+                             + (f" --backbone-lr {dcfg.backbone_lr:g} --full-kl-weight {dcfg.full_kl_weight:g}"
+                                if dcfg.backbone_lr > 0 else "") + " --export"}
     timm_name = dcfg.model.split(":", 1)[-1]
     built = {k: v for k, v in dcfg.model_kwargs.items() if k != "classes"}
     known = ("num_classes", "input_size", "gate_hidden")
@@ -220,15 +256,19 @@ def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: st
     root = data_root or dcfg.data_root or imagenette_root()
     net = build_network(dcfg)
     ckpt = torch.load(run / "last.pt", weights_only=True)
-    net.load_state_dict(ckpt["heads"], strict=False)
+    net.load_state_dict(ckpt["heads"], strict=False)  # every tensor for a fine-tuned backbone
     net.eval()
+    tuned = dcfg.backbone_lr > 0
+    published = build_network(dcfg).eval() if tuned else None  # what the fine-tuned copy is judged against
+    if tuned:
+        _round_to_storage(net)  # the card's numbers are measured on exactly what ships
     train_set, val_set = split_train_val(dcfg, load_training_images(dcfg, net, root, progress=False))
     train_set = with_extra_images(dcfg, net, train_set, progress=False)  # the plan head learns from them too
     test_set = test_images(dcfg, net, root)
     labelled = bool((val_set.labels >= 0).all())
     plan = _fit_plan(net, train_set, val_set, cfg)
-    val = _curves(net, val_set, cfg)
-    test = _curves(net, test_set, cfg) if test_set is not None else None
+    val = _curves(net, val_set, cfg, published)
+    test = _curves(net, test_set, cfg, published) if test_set is not None else None
     points = {}
     for source in ("gates", "plan"):
         fast = (operating_point(val[source], max_drop_points=cfg.max_drop_points) if labelled else
@@ -253,7 +293,18 @@ def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: st
     metadata = {"arch": dcfg.arch, "format": "skipviz.heads"}
     if dcfg.model is not None:
         metadata = {"arch": dcfg.model, "format": "skipviz.heads", CARD_METADATA_KEY: json.dumps(card)}
-    save_file(head_state(net), str(weights_path), metadata=metadata)
+    if tuned:
+        card["backbone"] = {**card["backbone"], "fine_tuned": {
+            "how": "a copy of the published backbone trained jointly with the heads (skipviz train-heads "
+                   f"--backbone-lr {dcfg.backbone_lr:g}): KL from the published network to the copy's gated run "
+                   f"and, weighted {dcfg.full_kl_weight:g}, to its full run; BatchNorm statistics frozen",
+            "storage": STORAGE_NOTE,
+            "full_vs_published": {"validation": _full_vs_published(val),
+                                  "test": _full_vs_published(test) if test is not None else None}}}
+        metadata = {**metadata, "format": "skipviz.network"}
+        save_file(_storage_state(net), str(weights_path), metadata=metadata)
+    else:
+        save_file(head_state(net), str(weights_path), metadata=metadata)
     card["weights_sha256"] = sha256_file(weights_path)
     weights_path.with_suffix(".json").write_text(json.dumps(card, indent=2))
     return weights_path, card

@@ -211,6 +211,24 @@ def test_forward_train_mixes_blocks_and_reports_gate_probabilities():
     assert net.stem[0].weight.grad is None or net.stem[0].weight.grad.abs().sum() == 0
 
 
+def test_forward_train_gates_learn_from_the_output_over_a_backbone_in_eval_mode(tiny_net):
+    """Distillation keeps the backbone in eval mode (frozen BatchNorm statistics) and only the heads in train
+    mode: the output's loss must still reach the gates (sampled, straight-through), not the rate loss alone."""
+    net = tiny_net
+    net.eval()
+    net.gates.train()
+    logits, probs, _ = net.forward_train(varied_images(16, seed=1), hard=True)
+    logits.logsumexp(1).sum().backward()  # the output alone, no term on the gate probabilities
+    grads = [p.grad for p in net.gates.parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    # heads in eval mode: deterministic hard gates, no noise (two runs agree)
+    net.gates.eval()
+    x = varied_images(8, seed=2)
+    with torch.no_grad():
+        a, b = net.forward_train(x)[0], net.forward_train(x)[0]
+    torch.testing.assert_close(a, b)
+
+
 def test_forward_intermediates_refuses_early_exit_policies(tiny_net):
     with pytest.raises(ValueError, match="early-exit"):
         tiny_net.forward_intermediates(torch.zeros(1, 3, 32, 32), policy=EarlyExitPolicy(0.5))

@@ -1,6 +1,8 @@
 """Heads distilled over the frozen published EfficientNet-Lite0, on a tiny Imagenette-shaped folder."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +114,38 @@ def test_distill_with_extra_images_records_them_in_the_card(tiny_imagenette, oth
                                                         "labels_used": False}
     assert card["dataset"]["validation"]["n"] == 4
     assert "--extra-images" in card["reproduce"]
+
+
+def test_a_fine_tuned_backbone_ships_whole_and_is_judged_against_the_published_one(tiny_imagenette, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setenv("SKIPVIZ_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    cfg = DistillConfig(data_root=str(tiny_imagenette), out_dir=str(run), epochs=1, batch_size=4, val_size=4,
+                        monitor_size=2, backbone_lr=1e-3)
+    published = create_model("efficientnet_lite0", plan=False).state_dict()
+    distill_heads(cfg, progress=False)
+    ckpt = torch.load(run / "last.pt", weights_only=True)["heads"]
+    assert set(published) <= set(ckpt)  # every tensor is saved, and the backbone did move
+    assert not torch.equal(ckpt["blocks.1.block.conv_pw.weight"], published["blocks.1.block.conv_pw.weight"])
+    record = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    assert record["train_full_kl"] > 0 and 0 <= record["val_full_agreement"] <= 1
+    path, card = export_heads(HeadsExportConfig(run_dir=str(run), gate_thresholds=(0.5,), plan_thresholds=(0.5,),
+                                                exit_thresholds=(0.9,), plan_epochs=1),
+                              dest=tmp_path / "data", data_root=str(tiny_imagenette))
+    assert path.name == "efficientnet_lite0_imagenet_tuned_gated.safetensors"
+    assert card["name"] == "efficientnet_lite0.imagenet_tuned_gated" and "--backbone-lr 0.001" in card["reproduce"]
+    tuned = card["backbone"]["fine_tuned"]
+    assert tuned["full_vs_published"]["test"]["n"] == 6 and 0 <= tuned["full_vs_published"]["test"]["agreement"] <= 1
+    assert card["backbone"]["sha256"]  # the published file it started from
+    net = create_model("efficientnet_lite0", weights=path)
+    shipped = net.state_dict()
+    key = "blocks.1.block.conv_pw.weight"
+    torch.testing.assert_close(shipped[key], ckpt[key].half().float())  # float16 storage, float32 network
+    # the curves' agreement is with the published network's answers, not the copy's own
+    from skipviz import FullPolicy
+    from skipviz.evaluate import evaluate_policy
+
+    test_set = load_imagenette(tiny_imagenette, "val", progress=False)
+    ref = evaluate_policy(create_model("efficientnet_lite0", plan=False), test_set, FullPolicy())
+    own = evaluate_policy(net, test_set, FullPolicy())
+    assert tuned["full_vs_published"]["test"]["agreement"] == pytest.approx(own.agreement(ref))
