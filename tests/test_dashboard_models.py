@@ -47,6 +47,9 @@ def test_model_tables(tiny_net):
     assert values["architecture"] == "cifar_resnet20"
     models = dashboard.models_table()
     assert "cifar_resnet20" in set(models["model"]) and "resnet18" in set(models["model"])
+    # a family with two shipped weights files (published backbone + heads, fine-tuned copy) lists both
+    lite = models[models["model"] == "efficientnet_lite0"]
+    assert set(lite["pretrained"]) == {"efficientnet_lite0.imagenet_gated", "efficientnet_lite0.imagenet_tuned_gated"}
 
 
 def test_damaged_default_weights_fall_back_with_a_warning_and_change_the_weights_state(tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ from ..models._registry import data_dir
 from ..data import TensorDataset, imagenette_root
 from ..engine.heads import PlanHead
 from ..engine.network import SkipNetwork
+from ..evaluate import within_drop
 from .distill import (DistillConfig, build_network, head_state, load_training_images, split_train_val, test_images,
                       with_extra_images)
 
@@ -42,8 +43,9 @@ __all__ = ["HeadsExportConfig", "STORAGE_NOTE", "export_heads", "operating_point
 @dataclass
 class HeadsExportConfig:
     run_dir: str = "runs/efficientnet_lite0_heads"
-    gate_thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-    plan_thresholds: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+    # from 0.05: heads trained towards a low target rate already skip 10 % of the FLOPs at 0.1
+    gate_thresholds: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    plan_thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
     exit_thresholds: tuple[float, ...] = (0.8, 0.95)
     max_drop_points: float = 1.0
     min_agreement: float = 0.99
@@ -78,7 +80,7 @@ def operating_point(curve: pd.DataFrame, max_drop_points: float | None = None,
     agreement_with_full) with the largest FLOPs cut meeting the bound; ``None`` when no row does."""
     ok = curve
     if max_drop_points is not None:
-        ok = ok[ok["accuracy_drop_points"] <= max_drop_points]
+        ok = ok[within_drop(ok["accuracy_drop_points"], max_drop_points)]
     if min_agreement is not None:
         ok = ok[ok["agreement_with_full"] >= min_agreement]
     if not len(ok):

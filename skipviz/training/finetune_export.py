@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..evaluate.loop import pick_threshold
+from ..evaluate.loop import pick_threshold, within_drop
 from ..measure.clock import device_info
 from .export import export
 from .finetune import FinetuneConfig
@@ -86,7 +86,7 @@ def _operating_points(val_rows: list[dict], test_rows: list[dict], fast: float, 
     for name, t, rule, met in (
             ("fast", fast, f"largest FLOPs cut on validation with accuracy drop <= {cfg.max_drop_points} points vs "
                            "the same full network (decision heads counted)",
-             _row(val_rows, fast)["accuracy_drop_points"] <= cfg.max_drop_points),
+             within_drop(_row(val_rows, fast)["accuracy_drop_points"], cfg.max_drop_points)),
             ("faithful", faithful, f"largest FLOPs cut on validation with top-1 agreement >= {cfg.min_agreement:.0%} "
                                    "with the same full network (decision heads counted)", met_faithful)):
         test = {k: v for k, v in _row(test_rows, t).items() if k != "threshold"}

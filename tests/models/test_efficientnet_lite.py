@@ -138,3 +138,16 @@ def test_blocks_without_a_bypass_are_profiled_and_scored_as_always_run():
     io = block_io_divergence(net, x, method="prediction")
     assert io.shape == (2, 16)
     assert bool(io[:, fixed].isnan().all()) and bool(io[:, net.gated_blocks].isfinite().all())
+
+
+def test_both_shipped_tags_are_registered_and_a_missing_file_names_its_command(tmp_path, monkeypatch):
+    from skipviz import list_pretrained
+
+    tags = {w.tag: w for w in list_pretrained() if w.arch == "efficientnet_lite0"}
+    assert set(tags) == {"imagenet_gated", "imagenet_tuned_gated"}
+    assert "--backbone-lr" in tags["imagenet_tuned_gated"].make_command
+    monkeypatch.setenv("SKIPVIZ_DATA_DIR", str(tmp_path))  # no shipped files here
+    with pytest.raises(FileNotFoundError, match="--backbone-lr"):
+        create_model("efficientnet_lite0.imagenet_tuned_gated")
+    with pytest.raises(KeyError, match="imagenet_tuned_gated"):
+        create_model("efficientnet_lite0.imagenet_other")

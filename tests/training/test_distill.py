@@ -68,6 +68,9 @@ def test_operating_point_picks_the_largest_cut_meeting_the_bound():
     assert operating_point(curve, min_agreement=0.995) == 0.1
     assert operating_point(curve, min_agreement=0.999999) == 0.1
     assert operating_point(curve.iloc[2:], max_drop_points=1.0) is None
+    # 10 of 1,000 images lost is a drop of exactly one point, whatever the float arithmetic makes of it
+    at_bound = curve.assign(accuracy_drop_points=[0.0, 100 * (0.739 - 0.729), 2.0])
+    assert at_bound["accuracy_drop_points"][1] > 1.0 and operating_point(at_bound, max_drop_points=1.0) == 0.3
 
 
 @pytest.fixture(scope="module")
