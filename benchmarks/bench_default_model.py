@@ -14,7 +14,7 @@ predictions and per class. Runs in a few minutes on 2 CPU cores.
 A copy fine-tuned from a published network (its card's ``backbone.fine_tuned``, e.g.
 ``efficientnet_lite0.imagenet_tuned_gated``) is judged as its card judges it: agreement and accuracy drop
 against the published network's full run (``--reference``, default: the family's frozen-backbone model
-``<arch>.imagenet_gated``, whose full run is the published network), its own full run reported beside it.
+``<arch>`` with its published weights), its own full run reported beside it.
 
     python benchmarks/bench_default_model.py --model efficientnet_lite0.imagenet_tuned_gated --thresholds 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 --exits 0.8 0.95
 """
@@ -40,8 +40,9 @@ from skipviz.measure.clock import software_versions  # noqa: E402
 def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], exits: list[float],
         reference: str | None = None) -> dict:
     net = create_model(model)
-    if reference is None and (net.meta.card.get("backbone") or {}).get("fine_tuned"):
-        reference = f"{net.meta.arch}.imagenet_gated"  # its full run is the published network's
+    published = reference is None and bool((net.meta.card.get("backbone") or {}).get("fine_tuned"))
+    if published:
+        reference = net.meta.arch  # the architecture with its published weights (heads untrained: unused by full)
     try:
         test, split_name = load_card_test_set(net)
     except (FileNotFoundError, ValueError) as e:
@@ -93,7 +94,8 @@ def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], e
           f"Model `{model}` (weights sha256 `{(net.meta.weights_sha256 or '')[:16]}`), measured {result['date']} on CPU "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}.", "",
           (f"- Full network: **{full.accuracy:.2%}**" if reference is None else
-           f"- Reference: the full network of `{reference}` (the published one): **{full.accuracy:.2%}**; this "
+           f"- Reference: the full network of `{reference}`{' (the published one)' if published else ''}: "
+           f"**{full.accuracy:.2%}**; this "
            f"model's own full network **{own_full.accuracy:.2%}**, agreement with the reference "
            f"{own_full.agreement(full):.2%}. Drops and agreements below are against the reference."),
           f"- Gated at the default threshold {default_t}: **{gated.accuracy:.2%}** "

@@ -13,8 +13,8 @@ model's full network and the FLOPs cut on three image sets:
 
 Policies: the gates and the plan at the card's operating points, and early exits (probe confidence) at
 ``--exit-thresholds``. A copy fine-tuned from a published network (its card's ``backbone.fine_tuned``) is
-judged against the published network's answers (``--reference``, default ``<arch>.imagenet_gated``, whose full
-run is the published network), its own full run listed as one more policy. Nothing is timed (agreement and FLOPs do not depend on the machine). Writes
+judged against the published network's answers (``--reference``, default ``<arch>`` with its published weights),
+its own full run listed as one more policy. Nothing is timed (agreement and FLOPs do not depend on the machine). Writes
 ``benchmarks/results/ood_agreement.{json,md}``.
 
     python benchmarks/ood_agreement.py [--model efficientnet_lite0.imagenet_gated] [--n 1000]
@@ -129,6 +129,11 @@ def main() -> int:
     net = create_model(args.model).eval()
     if args.heads:
         heads = torch.load(args.heads, map_location="cpu", weights_only=True)["heads"]
+        from skipviz.engine.heads import HEAD_PREFIXES
+
+        if not all(k.startswith(HEAD_PREFIXES) for k in heads):
+            raise SystemExit(f"{args.heads}: a fine-tuned run (it holds backbone tensors too); export it and pass "
+                             "--model ARCH.imagenet_tuned_gated, which is judged against the published network")
         missing, unexpected = net.load_state_dict(heads, strict=False)
         if unexpected or any(k.startswith(("gates.", "probes.")) for k in missing):
             raise SystemExit(f"{args.heads}: heads that do not fit {args.model}")
@@ -137,7 +142,7 @@ def main() -> int:
     pols = policies(net, floats(args.exit_thresholds), floats(args.gate_thresholds), card_points=not args.heads)
     reference = args.reference
     if reference is None and (net.meta.card.get("backbone") or {}).get("fine_tuned"):
-        reference = f"{net.meta.arch}.imagenet_gated"  # its full run is the published network's
+        reference = net.meta.arch  # the architecture with its published weights (full run: heads unused)
     ref_net = create_model(reference).eval() if reference else None
     if ref_net is not None:
         pols = [("full network (this model)", FullPolicy())] + pols

@@ -141,7 +141,8 @@ def _export_and_report(run_dir: Path, args: argparse.Namespace) -> None:
 
 
 def cmd_train_heads(args: argparse.Namespace) -> int:
-    cfg = DistillConfig(arch=args.arch, data_root=args.data, out_dir=args.out or f"runs/{args.arch}_heads",
+    default_out = f"runs/{args.arch}_{'tuned_heads' if args.backbone_lr > 0 else 'heads'}"
+    cfg = DistillConfig(arch=args.arch, data_root=args.data, out_dir=args.out or default_out,
                         epochs=args.epochs, seed=args.seed, target_rate=args.target_rate, limit_train=args.limit_train,
                         autocast_bf16=not args.float32, extra_images=args.extra_images, extra_limit=args.extra_limit,
                         threads=args.threads, backbone_lr=args.backbone_lr, full_kl_weight=args.full_kl_weight)
@@ -230,7 +231,8 @@ def _add_train_plan(sub: argparse._SubParsersAction) -> None:
 
 def _add_train_heads(sub: argparse._SubParsersAction) -> None:
     th = sub.add_parser("train-heads", help="train gate, probe and plan heads over a frozen published backbone "
-                                            "(EfficientNet-Lite0) by distillation from its full network (resumable)")
+                                            "(EfficientNet-Lite0) by distillation from its full network, or with "
+                                            "--backbone-lr a fine-tuned copy with its heads (resumable)")
     th.add_argument("--arch", default="efficientnet_lite0")
     th.add_argument("--epochs", type=int, default=DistillConfig.epochs)
     th.add_argument("--seed", type=int, default=0)
@@ -238,7 +240,8 @@ def _add_train_heads(sub: argparse._SubParsersAction) -> None:
                     help="fraction of the gated blocks' FLOPs executed on average")
     th.add_argument("--data", default=None, help="ImageFolder root with train/ and val/ (default: $SKIPVIZ_IMAGENETTE "
                                                  "or ../shared/datasets/imagenette)")
-    th.add_argument("--out", default=None, help="run folder (default runs/ARCH_heads)")
+    th.add_argument("--out", default=None, help="run folder (default runs/ARCH_heads, with --backbone-lr "
+                                                "runs/ARCH_tuned_heads)")
     th.add_argument("--limit-train", type=int, default=None, help="use only this many training images")
     th.add_argument("--extra-images", default=None,
                     help="a folder of more images to distil on (searched recursively; labels not used), added to "
@@ -252,6 +255,7 @@ def _add_train_heads(sub: argparse._SubParsersAction) -> None:
                     help="with --backbone-lr: weight of KL(published || fine-tuned full run)")
     th.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     th.add_argument("--float32", action="store_true", help="train in float32 instead of bfloat16 autocast")
-    th.add_argument("--export", action="store_true", help="fit the plan head, evaluate, write heads + card to data/")
+    th.add_argument("--export", action="store_true", help="fit the plan head, evaluate, write the heads (with "
+                                                          "--backbone-lr the whole network) + card to data/")
     th.add_argument("--dest", default=None, help="export folder (default data/)")
     th.set_defaults(func=cmd_train_heads)

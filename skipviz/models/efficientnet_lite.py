@@ -257,7 +257,8 @@ TAGS = {
                        "`skipviz train-heads`", "skipviz train-heads --arch {arch} --export", "ImageNet, real photos"),
     "imagenet_tuned_gated": ("a copy of the published ImageNet backbone fine-tuned jointly with its gate, probe and "
                              "plan heads by `skipviz train-heads --backbone-lr`, measured against the published one",
-                             "skipviz train-heads --arch {arch} --backbone-lr 2e-5 --export",
+                             "skipviz train-heads --arch {arch} --epochs 2 --target-rate 0.4 --backbone-lr 5e-5 "
+                             "--extra-images ../shared/datasets/cifar10/train --extra-limit 6000 --export",
                              "ImageNet, fine-tuned to skip"),
 }
 

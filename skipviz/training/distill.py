@@ -1,6 +1,7 @@
 """Decision heads for a frozen backbone, trained by distillation from that same backbone's full network.
 
-The backbone (stem, blocks, head) never changes: "full network" keeps meaning the published one. Trained:
+By default the backbone (stem, blocks, head) never changes: "full network" keeps meaning the published one
+(a fine-tuned copy, ``backbone_lr > 0``, is described below). Trained:
 
 * Gate heads, Gumbel-sigmoid with a straight-through estimator (:meth:`SkipNetwork.forward_train`), so a
   training step runs each gated block or bypasses it per input, as inference does. Loss: the KL divergence
@@ -41,7 +42,7 @@ from ..data import (IMAGENETTE_ENV, TensorDataset, batches, concat_datasets, ima
                     load_imagenette, normalize, train_val_split)
 from ..engine.network import SkipNetwork
 
-__all__ = ["DistillConfig", "build_network", "distill_heads", "head_state", "load_training_images", "split_train_val",
+__all__ = ["DistillConfig", "RESUME_FIELDS", "build_network", "check_resumable", "distill_heads", "head_state", "load_training_images", "split_train_val",
            "teacher_logits", "test_images", "trained_state", "with_extra_images"]
 
 @dataclass
@@ -52,7 +53,7 @@ class DistillConfig:
     data_root: str | None = None  # an ImageFolder with train/ (default: imagenette_root())
     out_dir: str = "runs/efficientnet_lite0_heads"
     limit_train: int | None = None
-    # schedule (AdamW on the heads only, cosine learning rate)
+    # schedule (AdamW on the heads, and on the backbone copy at backbone_lr when > 0; cosine learning rate)
     epochs: int = 6
     batch_size: int = 64
     lr: float = 2e-3
@@ -90,7 +91,8 @@ class DistillConfig:
 
 
 def build_network(cfg: DistillConfig) -> SkipNetwork:
-    """The frozen backbone with untrained gate and probe heads (the plan head is fitted at export)."""
+    """The published (or the user's) backbone with untrained gate and probe heads (the plan head is fitted at
+    export); training freezes it unless ``cfg.backbone_lr > 0``."""
     if cfg.model is None:
         return create_model(cfg.arch, plan=False)
     if not cfg.weights:
@@ -232,7 +234,9 @@ class _DistillRun:
 
 
 def _prepare(cfg: DistillConfig, out: Path, progress: bool) -> _DistillRun:
-    """Data, frozen network with trainable heads, teacher cache, optimiser; resumed from ``last.pt`` if any."""
+    """Data, network with trainable heads (and backbone copy, with ``backbone_lr``), teacher cache, optimiser;
+    resumed from ``last.pt`` if any. The teacher logits and the monitor's predictions are computed before
+    ``last.pt`` is loaded, so they are always the published network's, never a fine-tuned copy's."""
     root = cfg.data_root or (imagenette_root() if cfg.model is None else None)
     if root is None:
         raise FileNotFoundError(f"Imagenette not found: set {IMAGENETTE_ENV} to an ImageFolder root with train/"
@@ -285,7 +289,8 @@ def _prepare(cfg: DistillConfig, out: Path, progress: bool) -> _DistillRun:
     return run
 
 
-def _step(run: _DistillRun, cfg: DistillConfig, idx: torch.Tensor, target: float) -> tuple[float, float, float]:
+def _step(run: _DistillRun, cfg: DistillConfig, idx: torch.Tensor,
+          target: float) -> tuple[float, float, float, float]:
     """One optimiser step on the training images ``idx`` (B,), each flipped at random with its teacher.
     Returns (KL, gated FLOPs executed, probe KL, full KL) of the batch; the full KL (published || fine-tuned
     full run) is 0 for a frozen backbone."""
@@ -336,14 +341,33 @@ def _train_epoch(run: _DistillRun, cfg: DistillConfig, epoch: int, progress: boo
             "seconds": time.time() - t0}
 
 
+#: What a resumed run must share with the run that wrote its ``last.pt``: another value would train another kind of
+#: model (heads only against a whole network) or silently keep the saved optimiser's rates.
+RESUME_FIELDS = ("arch", "model", "weights", "backbone_lr", "full_kl_weight", "lr")
+
+
+def check_resumable(cfg: DistillConfig, out: Path) -> None:
+    """Refuse to resume ``out/last.pt`` under a configuration that differs in :data:`RESUME_FIELDS` from the
+    one saved beside it (``ValueError`` naming the field and the way out)."""
+    saved_path = out / "config.json"
+    if not ((out / "last.pt").is_file() and saved_path.is_file()):
+        return
+    saved = json.loads(saved_path.read_text())
+    for name in RESUME_FIELDS:
+        if name in saved and saved[name] != getattr(cfg, name):
+            raise ValueError(f"{out} holds a run with {name}={saved[name]!r}, not {getattr(cfg, name)!r}: resuming "
+                             "it would mix the two; give another run folder (--out)")
+
+
 def distill_heads(cfg: DistillConfig, progress: bool = True) -> Path:
-    """Train (or resume) the gate and probe heads of ``cfg.arch`` over its frozen published backbone (or of
-    ``cfg.model`` over the user's frozen network); returns the run folder (``last.pt``, ``log.jsonl``,
-    ``config.json``, ``teacher.pt``)."""
+    """Train (or resume) the gate and probe heads of ``cfg.arch`` over its published backbone, frozen or (with
+    ``backbone_lr``) a fine-tuned copy (or of ``cfg.model`` over the user's frozen network); returns the run
+    folder (``last.pt``, ``log.jsonl``, ``config.json``, ``teacher.pt``)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    check_resumable(cfg, out)
     run = _prepare(cfg, out, progress)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     for epoch in range(run.start_epoch, cfg.epochs):

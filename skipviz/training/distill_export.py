@@ -1,5 +1,7 @@
 """Export of heads distilled over a frozen published backbone (:mod:`skipviz.training.distill`): the plan head
 fitted from the trained gates, threshold curves, the fast and faithful operating points, and the model card.
+A run that fine-tuned a copy of the backbone (``backbone_lr > 0``) ships whole (:data:`STORAGE_NOTE`) as
+``<arch>.imagenet_tuned_gated``, its agreement and accuracy drops measured against the published network.
 
 Operating points are chosen on the validation split carved from ``train/`` and reported on ``val/``:
 
@@ -220,11 +222,15 @@ def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Pa
                                     f"{cfg.unlabelled_fast_agreement} with the full network (no labels)")},
         "operating_points": points,
         "flops": card_flops(net._count_flops(tuple(net.meta.input_size[-2:]))),
-        "metrics_test": ({"full_accuracy": test["full"].accuracy, "gate_curve": test["gates"].to_dict("records"),
+        "metrics_test": ({"full_accuracy": test["full"].accuracy,
+                          **({"published_full_accuracy": test["published"].accuracy} if dcfg.backbone_lr > 0 else {}),
+                          "gate_curve": test["gates"].to_dict("records"),
                           "early_exit_curve": test["exits"].to_dict("records"),
                           "blocks_mean_correct": outcome["correct"], "blocks_mean_wrong": outcome["wrong"],
                           "per_class": per_class.to_dict("records")} if outcome is not None else {}),
         "metrics_validation": {"full_accuracy": val["full"].accuracy if labelled else None,
+                               **({"published_full_accuracy": val["published"].accuracy if labelled else None}
+                                  if dcfg.backbone_lr > 0 else {}),
                                "gate_curve": val["gates"].to_dict("records")},
         "plan": {**plan, "default_threshold": points["plan"]["fast"]["threshold"] or cfg.plan_thresholds[0],
                  "validation": {"curve": val["plan"].to_dict("records")},
@@ -242,9 +248,10 @@ def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Pa
 
 
 def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: str | None = None) -> tuple[Path, dict]:
-    """Evaluate a finished distillation run and write its heads (only) and their card to ``dest`` (default
-    ``data/``): ``<arch>_imagenet_gated.safetensors`` for the published backbone, ``timm_<name>_heads.safetensors``
-    for a user's network (the card in its metadata too)."""
+    """Evaluate a finished distillation run and write its heads and their card to ``dest`` (default
+    ``data/``): ``<arch>_imagenet_gated.safetensors`` (heads only) for the published backbone,
+    ``<arch>_imagenet_tuned_gated.safetensors`` (every tensor) for a fine-tuned copy,
+    ``timm_<name>_heads.safetensors`` for a user's network (the card in its metadata too)."""
     from safetensors.torch import save_file
 
     from ..evaluate import blocks_by_outcome
@@ -258,17 +265,22 @@ def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: st
     root = data_root or dcfg.data_root or imagenette_root()
     net = build_network(dcfg)
     ckpt = torch.load(run / "last.pt", weights_only=True)
+    tuned = dcfg.backbone_lr > 0
+    if tuned and not set(net.state_dict()) <= set(ckpt["heads"]):
+        raise ValueError(f"{run}: the run says its backbone was fine-tuned (backbone_lr {dcfg.backbone_lr:g}) but "
+                         "last.pt holds only heads: it would ship the published backbone as a fine-tuned copy")
     net.load_state_dict(ckpt["heads"], strict=False)  # every tensor for a fine-tuned backbone
     net.eval()
-    tuned = dcfg.backbone_lr > 0
     published = build_network(dcfg).eval() if tuned else None  # what the fine-tuned copy is judged against
     if tuned:
-        _round_to_storage(net)  # the card's numbers are measured on exactly what ships
+        _round_to_storage(net)  # the card's numbers are measured on exactly what ships (the plan head: below)
     train_set, val_set = split_train_val(dcfg, load_training_images(dcfg, net, root, progress=False))
     train_set = with_extra_images(dcfg, net, train_set, progress=False)  # the plan head learns from them too
     test_set = test_images(dcfg, net, root)
     labelled = bool((val_set.labels >= 0).all())
     plan = _fit_plan(net, train_set, val_set, cfg)
+    if tuned:
+        _round_to_storage(net)  # the plan head just fitted, before anything is measured
     val = _curves(net, val_set, cfg, published)
     test = _curves(net, test_set, cfg, published) if test_set is not None else None
     points = {}

@@ -132,10 +132,23 @@ def test_a_fine_tuned_backbone_ships_whole_and_is_judged_against_the_published_o
     assert not torch.equal(ckpt["blocks.1.block.conv_pw.weight"], published["blocks.1.block.conv_pw.weight"])
     record = json.loads((run / "log.jsonl").read_text().splitlines()[0])
     assert record["train_full_kl"] > 0 and 0 <= record["val_full_agreement"] <= 1
+    from skipviz.training import distill_export
+
+    measured = []  # the network's tensors each time the export measures a curve
+    curves = distill_export._curves
+    monkeypatch.setattr(distill_export, "_curves", lambda net, *a, **k: (
+        measured.append({n: v.detach().clone() for n, v in net.state_dict().items()}), curves(net, *a, **k))[1])
     path, card = export_heads(HeadsExportConfig(run_dir=str(run), gate_thresholds=(0.5,), plan_thresholds=(0.5,),
                                                 exit_thresholds=(0.9,), plan_epochs=1),
                               dest=tmp_path / "data", data_root=str(tiny_imagenette))
     assert path.name == "efficientnet_lite0_imagenet_tuned_gated.safetensors"
+    from safetensors.torch import load_file
+
+    shipped_file = load_file(str(path))
+    assert measured and set(shipped_file) == set(measured[0])
+    for state in measured:  # what was measured is exactly what ships (the plan head fitted at export included)
+        for name, value in state.items():
+            assert torch.equal(shipped_file[name].to(value.dtype), value), name
     assert card["name"] == "efficientnet_lite0.imagenet_tuned_gated" and "--backbone-lr 0.001" in card["reproduce"]
     tuned = card["backbone"]["fine_tuned"]
     assert tuned["full_vs_published"]["test"]["n"] == 6 and 0 <= tuned["full_vs_published"]["test"]["agreement"] <= 1
@@ -152,3 +165,30 @@ def test_a_fine_tuned_backbone_ships_whole_and_is_judged_against_the_published_o
     ref = evaluate_policy(create_model("efficientnet_lite0", plan=False), test_set, FullPolicy())
     own = evaluate_policy(net, test_set, FullPolicy())
     assert tuned["full_vs_published"]["test"]["agreement"] == pytest.approx(own.agreement(ref))
+    assert card["metrics_test"]["published_full_accuracy"] == pytest.approx(ref.accuracy)
+    # every curve in the card was measured on the shipped (rounded) tensors, the plan head fitted at export too
+    from skipviz.evaluate import threshold_curve
+    from skipviz.policies import PlanPolicy
+
+    plan, _ = threshold_curve(net, test_set, [0.5], PlanPolicy, ref)
+    assert plan.iloc[0]["agreement_with_full"] == pytest.approx(card["plan"]["curve_test"][0]["agreement_with_full"])
+    assert plan.iloc[0]["flops_saved_fraction"] == pytest.approx(card["plan"]["curve_test"][0]["flops_saved_fraction"])
+
+
+def test_a_run_is_not_resumed_as_another_kind_of_run(tiny_imagenette, tmp_path, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setenv("SKIPVIZ_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    cfg = DistillConfig(data_root=str(tiny_imagenette), out_dir=str(run), epochs=1, batch_size=4, val_size=4,
+                        monitor_size=2)
+    distill_heads(cfg, progress=False)
+    with pytest.raises(ValueError, match="backbone_lr=0.0, not 0.001.*--out"):
+        distill_heads(dataclasses.replace(cfg, backbone_lr=1e-3), progress=False)
+    # a run folder whose config claims a fine-tuned backbone but whose checkpoint holds heads only is not exported
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, "backbone_lr": 1e-3}))
+    with pytest.raises(ValueError, match="holds only heads"):
+        export_heads(HeadsExportConfig(run_dir=str(run), gate_thresholds=(0.5,), plan_thresholds=(0.5,),
+                                       exit_thresholds=(0.9,), plan_epochs=1),
+                     dest=tmp_path / "data", data_root=str(tiny_imagenette))
