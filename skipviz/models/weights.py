@@ -136,12 +136,22 @@ class ModelMeta:
                                           f"validation {ds.get('validation', {}).get('n', '?')}, "
                                           f"test {ds.get('test', {}).get('n', '?')}"))
         m = card.get("metrics_test", {})
-        if m:
-            rows += [("test accuracy (full)", f"{m.get('full_accuracy', float('nan')):.2%}"),
-                     ("test accuracy (gated)", f"{m.get('gated_accuracy', float('nan')):.2%} at threshold "
-                                               f"{m.get('gated_threshold', float('nan')):.2f}"),
-                     ("FLOPs saved (gated, test)", f"{m.get('gated_flops_saved_fraction', float('nan')):.1%}"),
-                     ("agreement with full (test)", f"{m.get('agreement_with_full', float('nan')):.2%}")]
+        tuned = (card.get("backbone") or {}).get("fine_tuned")
+        if tuned:
+            test = (tuned.get("full_vs_published") or {}).get("test") or {}
+            rows.append(("backbone", "a copy of the published network fine-tuned to be skipped"
+                         + (f"; its full network gives the published one's answer on {test['agreement']:.2%} of the "
+                            f"test images" if test.get("agreement") is not None else "")))
+        if m.get("full_accuracy") is not None:
+            rows.append(("test accuracy (full)", f"{m['full_accuracy']:.2%}"))
+            if m.get("published_full_accuracy") is not None:
+                rows.append(("test accuracy (published network)", f"{m['published_full_accuracy']:.2%}"))
+        gated = self._default_point_on_test()
+        if gated is not None:
+            versus = "the published network" if tuned else "full"
+            rows += [("test accuracy (gated)", f"{gated['accuracy']:.2%} at threshold {gated['threshold']:.2f}"),
+                     ("FLOPs saved (gated, test)", f"{gated['flops_saved_fraction']:.1%}"),
+                     (f"agreement with {versus} (test)", f"{gated['agreement_with_full']:.2%}")]
         if card.get("default_policy"):
             rows.append(("default policy", json.dumps({k: v for k, v in card["default_policy"].items()
                                                        if k != "rule"})))
@@ -150,6 +160,25 @@ class ModelMeta:
         if card.get("reproduce"):
             rows.append(("reproduce", str(card["reproduce"])))
         return rows
+
+    def _default_point_on_test(self) -> dict | None:
+        """The gates at the card's default threshold on the test split: ``threshold``, ``accuracy``,
+        ``flops_saved_fraction``, ``agreement_with_full``; from the flat ``metrics_test`` of a trained CIFAR card
+        or the default operating point's ``test`` record of a distilled or fine-tuned card; ``None`` when the card
+        has neither (nothing is shown rather than NaN)."""
+        card = self.card or {}
+        m = card.get("metrics_test") or {}
+        if m.get("gated_accuracy") is not None:
+            return {"threshold": m.get("gated_threshold"), "accuracy": m["gated_accuracy"],
+                    "flops_saved_fraction": m.get("gated_flops_saved_fraction"),
+                    "agreement_with_full": m.get("agreement_with_full")}
+        name = (card.get("default_policy") or {}).get("operating_point") or "fast"
+        point = (((card.get("operating_points") or {}).get("gates") or {}).get(name)) or {}
+        test = point.get("test") if isinstance(point.get("test"), dict) else point
+        keys = ("threshold", "accuracy", "flops_saved_fraction", "agreement_with_full")
+        if not test or any(test.get(k) is None for k in keys):
+            return None
+        return {k: test[k] for k in keys}
 
     @property
     def display_name(self) -> str:

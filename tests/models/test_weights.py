@@ -83,3 +83,27 @@ def test_operating_point_records_carry_their_rule_and_whether_validation_met_it(
         OperatingPoint("faithful", 0.1, "largest cut at 99 % agreement", False)]
     assert meta.operating_point_records("plan") == [OperatingPoint("fast", 0.2, "", True)]
     assert ModelMeta(**toy).operating_point_records() == []
+
+
+def _meta(card: dict) -> ModelMeta:
+    return ModelMeta(arch="efficientnet_lite0", input_size=(3, 224, 224), classes=["a", "b"],
+                     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize=256, card=card)
+
+
+def test_card_rows_read_the_default_point_of_a_distilled_card_and_never_show_nan():
+    point = {"threshold": 0.1, "accuracy": 0.7402, "flops_saved_fraction": 0.043, "agreement_with_full": 0.9514}
+    card = {"metrics_test": {"full_accuracy": 0.7484},
+            "default_policy": {"name": "gates", "threshold": 0.1, "operating_point": "fast"},
+            "operating_points": {"gates": {"fast": {"threshold": 0.1, "validation": {}, "test": point}}}}
+    rows = dict(_meta(card).card_rows())
+    assert rows["test accuracy (gated)"] == "74.02% at threshold 0.10" and rows["FLOPs saved (gated, test)"] == "4.3%"
+    assert rows["agreement with full (test)"] == "95.14%"
+    empty = {**card, "operating_points": {"gates": {"fast": {"threshold": None, "validation": None, "test": None}}}}
+    assert not any("nan" in v for _, v in _meta(empty).card_rows())
+    assert "test accuracy (gated)" not in dict(_meta(empty).card_rows())
+    # a fine-tuned copy says so, and its agreement is with the published network
+    tuned = {**card, "metrics_test": {"full_accuracy": 0.75, "published_full_accuracy": 0.7484},
+             "backbone": {"fine_tuned": {"full_vs_published": {"test": {"agreement": 0.97}}}}}
+    rows = dict(_meta(tuned).card_rows())
+    assert "97.00%" in rows["backbone"] and rows["test accuracy (published network)"] == "74.84%"
+    assert rows["agreement with the published network (test)"] == "95.14%"
