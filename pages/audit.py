@@ -77,14 +77,21 @@ if result:
     show_result(result)
     st.subheader("Another audit")
 
-st.caption(f"Every image runs under the current policy ({dashboard.describe_policy(policy)}) and, as a shadow, "
-           "the full network; each decision is stored in this session's own audit database on the server "
+st.caption(f"Every image runs under the current policy ({dashboard.describe_policy(policy)}) and, as a shadow "
+           "(on every input unless you choose a share below), the full network; each decision is stored in this session's own audit database on the server "
            f"(downloadable with each run's results, kept {session.SESSION_MAX_AGE_S // 86400} days), and so is the "
            "report.")
 files = st.file_uploader("Images or a .zip archive", type=_shared.IMAGE_TYPES + ["zip"], accept_multiple_files=True,
                          key="audit_files")
 labels = st.checkbox("Labels from folder names (zip archives)", value=False, key="audit_labels")
 n_repro = st.number_input("Records to reproduce in the report", 0, 32, 4, key="audit_repro")
+shadow_share = st.select_slider(
+    "Inputs checked against the full network", options=[0.1, 0.25, 0.5, 1.0], value=1.0, key="audit_shadow",
+    format_func=lambda f: "every input" if f >= 1.0 else f"{f:.0%} (chosen by SHA-256)",
+    help="Each checked input also runs through the full network (the shadow run) to tell whether skipping "
+         "changed its answer; a full-network output already kept in this session's database for the same bytes "
+         "is reused. Checking a share makes large audits faster; the others are recorded as 'not checked' and "
+         "the agreement is over the checked ones.")
 interrupted = runs[runs["status"] == "interrupted"]
 resume = False
 if not interrupted.empty:
@@ -99,6 +106,7 @@ if files and st.button("Run the audit", key="audit_run", icon=":material/play_ar
     try:
         run = audit.audit_uploaded_files([(f.name, f.getvalue()) for f in files], net, policy, db_path,
                                          labels_from_folders=labels, resume=resume,
+                                         shadow=audit.ShadowPlan(float(shadow_share)),
                                          progress=lambda frac, text: bar.progress(min(1.0, float(frac)), text=text))
         repro = audit.reproduce_sample(run, net, k=int(n_repro))  # the network runs here; the report renders
         rendered = report.render_report(run, repro)

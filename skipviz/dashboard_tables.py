@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ._format import percent, percent_points
+from .audit.shadow import shadow_words
 from .policies.threshold import score_label
 from .policies.words import describe_policy
 
@@ -166,7 +167,7 @@ def policy_words(policy: object) -> str:
 # --------------------------------------------------------------------------------------------- audit
 #: The Audit page's record columns shown first (outcome, prediction, cost) and last (identifiers).
 AUDIT_FIRST = ("status", "input_name", "predicted", "confidence", "full_predicted", "full_confidence", "agree",
-               "label", "correct", "blocks_executed", "flops_saved_fraction", "kl_full_skipped", "error")
+               "shadow", "label", "correct", "blocks_executed", "flops_saved_fraction", "kl_full_skipped", "error")
 AUDIT_LAST = ("record_id", "run_id", "input_path", "input_sha256")
 
 
@@ -195,7 +196,13 @@ def audit_columns() -> dict[str, Column]:
             "confidence": Column("percent", "p (skipped)", 90),
             "full_predicted": Column("text", "full predicts", 110),
             "full_confidence": Column("percent", "p (full)", 80),
-            "agree": Column("checkbox", "agrees", 70), "label": Column("text", "label", 90),
+            "agree": Column("checkbox", "agrees", 70),
+            "shadow": Column("text", "full run", 80, help="run: the full network ran on this input in the audit; "
+                             "reused: its output kept from an earlier audit of the same bytes; not checked: left "
+                             "out of a sampled shadow run (no agreement)"),
+            "shadow_from": Column("number", "reused from", 80, "%d", "the record whose full-network output was "
+                                                                    "reused"),
+            "label": Column("text", "label", 90),
             "correct": Column("checkbox", "correct", 70), "full_correct": Column("checkbox", "full correct"),
             "blocks_executed": Column("number", "blocks run", 80),
             "flops_saved_fraction": Column("percent", "FLOPs saved", 90),
@@ -252,7 +259,9 @@ def audit_summary(summary: Mapping) -> list[Metric]:
         _proportion_metric("Accuracy", acc, f"The skipped run's top-1 accuracy over the labelled inputs (labels come "
                            f"from folder names in a zip archive). {full_words}", "no labels"),
         _proportion_metric("Agreement with full", summary["agreement"], "Audited inputs whose skipped prediction "
-                           "equals the full network's.", "no inputs audited"),
+                           "equals the full network's." + (f" {shadow_words(summary.get('shadow'))}."
+                                                          if shadow_words(summary.get("shadow")) else ""),
+                           "no inputs checked"),
         Metric("FLOPs saved", "n/a" if flops is None else percent(flops), None if flops is None else "mean per input",
                None if flops is None else f"Mean {summary['flops_executed_mean'] / 1e6:.1f} of "
                                           f"{summary['flops_full'] / 1e6:.1f} MFLOPs run per input."),

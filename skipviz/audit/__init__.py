@@ -9,6 +9,8 @@
 * :mod:`~skipviz.audit.run` - :func:`run_audit`, :func:`audit_uploaded_files`, :func:`load_run`, resuming an
   interrupted run (``resume=True``, :func:`find_resumable_run`), :func:`measure_run_latency` (the paired
   latency of a run on a sample of its own inputs).
+* :mod:`~skipviz.audit.shadow` - :class:`ShadowPlan`: which inputs go through the full network too (every one by
+  default, or a sample chosen by SHA-256), and reusing the full network's output kept for the same input bytes.
 * :mod:`~skipviz.audit.reproduce` - :func:`reproduce`, :func:`reproduce_many`, :func:`reproduce_sample`.
 * :mod:`~skipviz.audit.report` - the HTML/JSON/CSV report of a stored run (it never runs the network).
 
@@ -23,9 +25,10 @@ from .records import GPU_ATOL, AuditRecord, AuditRun, ReproResult, records_to_da
 from .reproduce import rebuild_model, reproduce, reproduce_many, reproduce_sample
 from .run import (audit_items, audit_uploaded_files, find_resumable_run, load_run, measure_run_latency, model_name_of,
                   params_sha256, run_audit)
+from .shadow import ShadowPlan
 from .store import AuditStore, SchemaVersionError, StoreError
 
 __all__ = ["ArchiveError", "AuditRecord", "AuditRun", "AuditStore", "GPU_ATOL", "InputItem", "ReproResult",
            "SchemaVersionError", "StoreError", "ZipLimits", "audit_items", "audit_uploaded_files", "collect_inputs",
            "find_resumable_run", "input_keys", "items_from_uploads", "load_run", "measure_run_latency", "model_name_of", "params_sha256", "rebuild_model", "records_to_dataframe",
-           "read_source", "reproduce", "reproduce_many", "reproduce_sample", "run_audit"]
+           "read_source", "reproduce", "reproduce_many", "reproduce_sample", "run_audit", "ShadowPlan"]

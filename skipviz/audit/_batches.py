@@ -4,9 +4,10 @@
   thread while the batch before it is on the model; Pillow and torch release the GIL): every input's record,
   failed (unreadable or refused: the reason, and the SHA-256 of its bytes when they could be read) or skipped
   (not an image) for an input that cannot or need not be run, and the inputs that loaded.
-* :class:`BatchRunner` - the loaded inputs as one (N, 3, H, W) batch under the policy and through the full
-  network (the shadow run): their records filled (decisions, predictions, agreement, KL, FLOPs, the batch's time
-  per image, a thumbnail where a report shows one), the timings summed and the run's latency sample kept.
+* :class:`BatchRunner` - the loaded inputs as one (N, 3, H, W) batch under the policy and, as the run's
+  :class:`~skipviz.audit.shadow.ShadowPlan` says, through the full network (the shadow run) or from kept full
+  outputs: their records filled (decisions, predictions, agreement, KL, FLOPs, the batch's time per image, a
+  thumbnail where a report shows one), the timings summed and the run's latency sample kept.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -27,6 +28,7 @@ from ..policies.base import Policy
 from ..redundancy import kl_from_logits
 from .archive import ArchiveError, InputItem
 from .records import AuditRecord
+from .shadow import SHADOW_NOT_CHECKED, SHADOW_REUSED, SHADOW_RUN, ShadowPlan
 from .store import utc_now
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -128,27 +130,55 @@ def load_batch(chunk: Sequence[InputItem], base: dict, net: "SkipNetwork", b: in
 
 
 class BatchRunner:
-    """Runs batches under the policy and through the full network, fills their records, keeps the timings and
-    the first batch's inputs (the latency sample)."""
+    """Runs batches under the policy and, as the :class:`ShadowPlan` says, through the full network; fills their
+    records, keeps the timings and the first batch's inputs (the latency sample).
+
+    ``full_output_key``: input SHA-256 -> the key of its full-network output (:func:`full_output_key` with this
+    run's model, parameters, preprocessing and device); ``lookup``: keys -> the kept outputs among them
+    (:meth:`AuditStore.full_outputs`). Without them nothing is reused.
+    """
 
     def __init__(self, net: "SkipNetwork", policy: Policy, device: torch.device, thumbnails: int,
-                 sample_size: int) -> None:
+                 sample_size: int, shadow: ShadowPlan | None = None,
+                 full_output_key: Callable[[str], str] | None = None,
+                 lookup: Callable[[list[str]], dict[str, tuple[int, list[float]]]] | None = None) -> None:
         self.net, self.policy, self.device = net, policy, device
+        self.shadow = shadow or ShadowPlan()
+        self.full_output_key, self.lookup = full_output_key, lookup
         self.thumbnails_left = thumbnails
         self.sample_size = sample_size
         self.sample: torch.Tensor | None = None
-        self.timings = {"skip_s": 0.0, "full_s": 0.0, "images": 0, "batches": 0, "wall_s": 0.0}
+        self.timings = {"skip_s": 0.0, "full_s": 0.0, "images": 0, "batches": 0, "wall_s": 0.0,
+                        "shadow_run": 0, "shadow_reused": 0, "shadow_not_checked": 0}
 
-    def run(self, batch: InputBatch, b: int) -> None:
-        """Run batch ``b``'s loaded inputs as one (N, 3, H, W) batch, skipped and full, each timed once, and fill
-        their records in place."""
+    def _shadow_sources(self, loaded: list[LoadedInput]) -> tuple[list[int], dict[int, tuple[int, list[float]]],
+                                                                   list[str | None]]:
+        """Which rows of the batch the full network runs on, the kept outputs reused for others (row -> (record
+        id, logits)), and each row's full-output key (``None`` where none is kept)."""
+        shas = [ld.record.input_sha256 for ld in loaded]
+        keys: list[str | None] = [self.full_output_key(s) if (self.full_output_key and s) else None for s in shas]
+        checked = [i for i, s in enumerate(shas) if self.shadow.checks(s)]
+        reused: dict[int, tuple[int, list[float]]] = {}
+        if self.shadow.reuse and self.lookup is not None:
+            kept = self.lookup([keys[i] for i in checked if keys[i] is not None])
+            reused = {i: kept[keys[i]] for i in checked if keys[i] in kept}
+        return [i for i in checked if i not in reused], reused, keys
+
+    def run(self, batch: InputBatch, b: int) -> list[str | None]:
+        """Run batch ``b``'s loaded inputs as one (N, 3, H, W) batch under the policy (timed once), and the rows
+        the shadow plan checks and no kept output covers through the full network (timed once); fill their
+        records in place. Returns, per record of the batch, the key under which its full output is to be kept
+        (``None``: not computed here) for :meth:`AuditStore.add_records`."""
         loaded = batch.loaded
+        out_keys: list[str | None] = [None] * len(batch.records)
         if not loaded:
-            return
+            return out_keys
         x = torch.cat([ld.tensor for ld in loaded]).to(self.device)
         if self.sample is None and self.sample_size > 0:
             self.sample = x[: self.sample_size]
         net, policy, device = self.net, self.policy, self.device
+        run_rows, reused, keys = self._shadow_sources(loaded)
+        n = x.shape[0]
         with torch.no_grad():
             if self.timings["batches"] == 0:  # first-call overheads (allocator, kernel selection) stay out
                 net.run(x[:2], policy)
@@ -158,36 +188,62 @@ class BatchRunner:
             res = net.run(x, policy)
             synchronize(device)
             t1 = time.perf_counter()
-            full_logits = net(x)
+            if run_rows:
+                xs = x if len(run_rows) == n else x[torch.tensor(run_rows, device=x.device)]
+                computed = net(xs).detach().float().cpu()
             synchronize(device)
             t2 = time.perf_counter()
-        n = x.shape[0]
         self.timings["skip_s"] += t1 - t0
         self.timings["full_s"] += t2 - t1
         self.timings["images"] += n
         self.timings["batches"] += 1
-        kl = kl_from_logits(full_logits, res.logits).cpu()
-        full_cpu = full_logits.detach().float().cpu()
-        fconf, fpred = torch.softmax(full_cpu, dim=1).max(1)
+        self.timings["shadow_run"] += len(run_rows)
+        self.timings["shadow_reused"] += len(reused)
+        self.timings["shadow_not_checked"] += n - len(run_rows) - len(reused)
+        # the full logits of every row that has them: computed here or kept from an earlier record
+        full_rows = {i: computed[j] for j, i in enumerate(run_rows)} if run_rows else {}
+        for i, (_, logits) in reused.items():
+            full_rows[i] = torch.tensor(logits, dtype=torch.float32)
+        skipped_cpu = res.logits.detach().float().cpu()
+        kl = fconf = fpred = None
+        order = sorted(full_rows)
+        if order:
+            full_cpu = torch.stack([full_rows[i] for i in order])
+            kl = kl_from_logits(full_cpu, skipped_cpu[order]).cpu()
+            fconf, fpred = torch.softmax(full_cpu, dim=1).max(1)
+        where = {i: j for j, i in enumerate(order)}
+        run_set = set(run_rows)
         classes = net.meta.classes
         stamp = utc_now()
+        index_of = {id(rec): k for k, rec in enumerate(batch.records)}
         for pos, (ld, tr) in enumerate(zip(loaded, res.traces())):
-            rec, k = ld.record, int(fpred[pos])
+            rec = ld.record
             rec.timestamp = stamp
             rec.trace = tr.to_dict()
             rec.predicted_index, rec.predicted_label, rec.confidence = (tr.predicted_index, tr.predicted_label,
                                                                         tr.confidence)
-            rec.full_logits = full_cpu[pos].tolist()
-            rec.full_predicted_index = k
-            rec.full_predicted_label = classes[k] if k < len(classes) else str(k)
-            rec.full_confidence = float(fconf[pos])
-            rec.agree = rec.full_predicted_index == rec.predicted_index
-            rec.kl_full_skipped = float(kl[pos])
             rec.flops_executed, rec.flops_full = tr.flops_executed, tr.flops_full
             rec.blocks_executed, rec.blocks_total = tr.blocks_executed, tr.blocks_total
             rec.latency_ms = 1000.0 * (t1 - t0) / n
-            rec.full_latency_ms = 1000.0 * (t2 - t1) / n
             rec.batch_index, rec.batch_pos, rec.batch_size = b, pos, n
-            if not rec.agree or self.thumbnails_left > 0:  # thumbnails only where a report shows them
+            j = where.get(pos)
+            if j is None:
+                rec.shadow = SHADOW_NOT_CHECKED
+            else:
+                k = int(fpred[j])
+                rec.full_logits = full_rows[pos].tolist()
+                rec.full_predicted_index = k
+                rec.full_predicted_label = classes[k] if k < len(classes) else str(k)
+                rec.full_confidence = float(fconf[j])
+                rec.agree = rec.full_predicted_index == rec.predicted_index
+                rec.kl_full_skipped = float(kl[j])
+                if pos in run_set:
+                    rec.shadow = SHADOW_RUN
+                    rec.full_latency_ms = 1000.0 * (t2 - t1) / len(run_rows)
+                    out_keys[index_of[id(rec)]] = keys[pos]
+                else:
+                    rec.shadow, rec.shadow_from = SHADOW_REUSED, reused[pos][0]
+            if rec.agree is False or self.thumbnails_left > 0:  # thumbnails only where a report shows them
                 rec.thumbnail_png_b64 = _thumbnail(ld.small)
-                self.thumbnails_left -= bool(rec.agree)
+                self.thumbnails_left -= rec.agree is not False
+        return out_keys

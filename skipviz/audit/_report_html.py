@@ -19,6 +19,7 @@ import plotly.io as pio
 
 from .._format import percent
 from ..figures import fig_agreement, fig_flops_saved, fig_skip_rate_per_block, fig_skip_rate_per_class
+from .shadow import shadow_words
 from ..policies.words import describe_policy
 from .records import AuditRecord, AuditRun
 
@@ -154,6 +155,11 @@ def _latency_line(lat: dict | None) -> str:
             f"{lat['load_average_1min']}), apart from decoding and I/O.{busy}")
 
 
+def _shadow_words(shadow: dict | None) -> str:
+    words = shadow_words(shadow)
+    return f" ({_e(words)})" if words else ""
+
+
 def _headline(s: dict, repro_line: str) -> dict[str, str]:
     """The report's summary table: label -> text, from :func:`summarize`'s numbers (``s``) and the
     reproducibility line (HTML)."""
@@ -163,14 +169,15 @@ def _headline(s: dict, repro_line: str) -> dict[str, str]:
                    "(not images)" + (f"; run {s['status']}" if s.get("status") != "finished" else "")
                    + (f"; resumed after {s['resumed_from_records']} recorded inputs" if s.get("resumed_from_records")
                       else "")),
-        "agreement with the full network": _prop(s["agreement"]),
+        "agreement with the full network": _prop(s["agreement"]) + _shadow_words(s.get("shadow")),
         "accuracy, skipped": _prop(s["accuracy_skipped"]),
         "accuracy, full network": _prop(s["accuracy_full"]),
         "FLOPs saved": (f"{_pct(s['flops_saved_fraction'])} (mean {s['flops_executed_mean'] / 1e6:.2f}M of "
                         f"{s['flops_full'] / 1e6:.2f}M)" if s["flops_full"] else "n/a"),
         "latency saved (paired measurement)": _latency_line(s.get("latency")),
         "throughput, end to end": (f"{tp['end_to_end_images_per_s']:.1f} images/s over {tp['images']} images "
-                                   "(reading, decoding, the skipped and the shadow full run, storing)"
+                                   "(reading, decoding, the skipped run, the shadow full run where it ran, "
+                                   "storing)"
                                    if tp.get("end_to_end_images_per_s") else "n/a"),
         "KL(full || skipped)": ("n/a" if s["kl_full_skipped_mean"] is None else
                                 f"mean {s['kl_full_skipped_mean']:.4g}, max {s['kl_full_skipped_max']:.4g}"),

@@ -3,14 +3,16 @@
 The version lives in ``PRAGMA user_version`` (and in the ``meta`` table for people reading the file).
 ``MIGRATIONS[v]`` upgrades a database at version ``v`` to ``v + 1``, run inside one transaction: version 0 (a new
 or unversioned file) -> 1 creates the ``meta``, ``runs`` and ``records`` tables and their indexes; 1 -> 2 adds the
-run's last batch, owner and heartbeat (a version-1 file stays readable and its runs keep their records).
+run's last batch, owner and heartbeat (a version-1 file stays readable and its runs keep their records); 2 -> 3
+adds ``full_outputs``, the full network's logits per (model, parameters, preprocessing, device, input bytes) that
+later audits reuse (:mod:`skipviz.audit.shadow`).
 Plain text, no imports: the store loads with the standard library alone.
 """
 from __future__ import annotations
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -56,5 +58,13 @@ ALTER TABLE runs ADD COLUMN heartbeat_at TEXT;
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
 """
 
+_V2_TO_V3 = """
+CREATE TABLE IF NOT EXISTS full_outputs (
+    key TEXT PRIMARY KEY,
+    record_id INTEGER NOT NULL REFERENCES records(record_id),
+    logits BLOB NOT NULL
+);
+"""
+
 # MIGRATIONS[v] upgrades a database at version v to v + 1 (run inside one transaction).
-MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1, 1: _V1_TO_V2}
+MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1, 1: _V1_TO_V2, 2: _V2_TO_V3}

@@ -23,8 +23,12 @@ class AuditRecord:
     an image: ``error`` holds the reason; nothing was run).
 
     ``trace`` is :meth:`SampleTrace.to_dict` of the skipped run (every block's decision, score, threshold,
-    reason, FLOPs, and the logits (K,)); ``full_logits`` (K,) are the shadow full run's. ``latency_ms`` and
-    ``full_latency_ms`` are the batch's measured wall time divided by the images in it.
+    reason, FLOPs, and the logits (K,)); ``full_logits`` (K,) are the shadow full run's. ``shadow`` says where
+    they come from (:mod:`skipviz.audit.shadow`): ``"run"`` (the full network ran on this input in its batch),
+    ``"reused"`` (kept from record ``shadow_from`` of the same model, parameters, preprocessing, device and input
+    bytes) or ``"not checked"`` (left out of a sampled shadow run: no full output, no agreement); ``None`` in
+    records written before the field existed (all run). ``latency_ms`` and ``full_latency_ms`` are the batch's
+    measured wall time divided by the images in it (the full one over the inputs it ran on).
     ``batch_index``/``batch_pos`` place the input in the batch it ran in (what :func:`reproduce` replays).
     """
 
@@ -62,6 +66,8 @@ class AuditRecord:
     batch_index: int | None = None
     batch_pos: int | None = None
     batch_size: int | None = None
+    shadow: str | None = None
+    shadow_from: int | None = None
     thumbnail_png_b64: str | None = None  # a small JPEG (despite the name, kept for old databases), base64
     record_id: int | None = None
 
@@ -124,6 +130,7 @@ class AuditRecord:
             "confidence": self.confidence, "full_predicted": self.full_predicted_label,
             "full_confidence": self.full_confidence, "agree": self.agree, "correct": self.correct,
             "full_correct": self.full_correct, "kl_full_skipped": self.kl_full_skipped,
+            "shadow": self.shadow, "shadow_from": self.shadow_from,
             "blocks_executed": self.blocks_executed, "blocks_total": self.blocks_total,
             "executed_mask": "".join("R" if e else "S" for e in self.executed_mask) or None,
             "flops_executed": self.flops_executed, "flops_full": self.flops_full,

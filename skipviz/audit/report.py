@@ -37,6 +37,7 @@ from scipy import stats
 
 from ._report_html import render_html
 from .records import AuditRecord, AuditRun, ReproResult, records_to_dataframe
+from .shadow import SHADOW_REUSED, SHADOW_RUN, ShadowPlan
 
 __all__ = ["atomic_write", "plotly_script_name", "proportion", "render_report", "report_bundle", "report_data",
            "skip_rate_per_block", "skip_rate_per_class", "summarize", "write_report"]
@@ -70,12 +71,19 @@ def summarize(run: AuditRun) -> dict:
     labelled = [r for r in ok if r.label is not None]
     flops_exec, flops_full = _mean([r.flops_executed for r in ok]), _mean([r.flops_full for r in ok])
     kls = [r.kl_full_skipped for r in ok if r.kl_full_skipped is not None]
+    checked = [r for r in ok if r.agree is not None]
+    labelled_full = [r for r in labelled if r.full_predicted_label is not None]
+    shadow = {"run": sum(r.shadow in (None, SHADOW_RUN) and r.agree is not None for r in ok),
+              "reused": sum(r.shadow == SHADOW_REUSED for r in ok),
+              "not_checked": sum(r.agree is None for r in ok),
+              "plan": (run.config or {}).get("shadow", ShadowPlan().config())}
     return {
         "n_inputs": len(run.records), "n_ok": len(ok), "n_failed": len(run.failed_records),
         "n_skipped": len(run.skipped_records), "status": run.status, "resumed_from_records": run.resumed,
-        "agreement": proportion(sum(bool(r.agree) for r in ok), len(ok)),
+        "agreement": proportion(sum(bool(r.agree) for r in checked), len(checked)),
+        "shadow": shadow,
         "accuracy_skipped": proportion(sum(bool(r.correct) for r in labelled), len(labelled)),
-        "accuracy_full": proportion(sum(bool(r.full_correct) for r in labelled), len(labelled)),
+        "accuracy_full": proportion(sum(bool(r.full_correct) for r in labelled_full), len(labelled_full)),
         "flops_executed_mean": flops_exec, "flops_full": flops_full,
         "flops_saved_fraction": None if not flops_full else 1.0 - flops_exec / flops_full,
         "blocks_executed_mean": _mean([r.blocks_executed for r in ok]),
@@ -117,7 +125,8 @@ def skip_rate_per_class(records: Sequence[AuditRecord]) -> tuple[pd.DataFrame, p
         cls = r.label if r.label is not None else r.full_predicted_label
         mask = r.executed_mask
         rows.append({"class": cls, "class_source": "label" if r.label is not None else "full prediction",
-                     "skip_rate": 1.0 - sum(mask) / len(mask), "blocks_executed": sum(mask), "agree": bool(r.agree),
+                     "skip_rate": 1.0 - sum(mask) / len(mask), "blocks_executed": sum(mask),
+                     "agree": np.nan if r.agree is None else float(r.agree),
                      "correct": r.correct})
         for b in r.trace["blocks"]:
             cells.append({"class": cls, "name": b["name"], "block": b["index"], "skipped": not b["executed"]})

@@ -25,6 +25,7 @@ from ..policies.config import policy_from_config
 from .archive import ArchiveError, InputItem, read_source
 from .records import GPU_ATOL, AuditRecord, AuditRun, ReproResult
 from .run import params_sha256
+from .shadow import SHADOW_NOT_CHECKED, SHADOW_REUSED, SHADOW_RUN
 from .store import AuditStore, StoreError, open_store
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -143,9 +144,17 @@ def _replay_batch(store: AuditStore, run_id: str, batch_index: int, targets: lis
     tol = 0.0 if exact else atol
     net.eval()
     x = net.meta.preprocess(images).to(dev)
+    # the full network is replayed on the rows it ran on in the batch (all of them unless the shadow run was
+    # sampled); a reused full output was computed in another batch, so it is compared within ``atol``
+    ran = [r.batch_pos for r in siblings if r.shadow in (None, SHADOW_RUN)]
+    reused = [t.batch_pos for t in targets if t.shadow == SHADOW_REUSED]
     with torch.no_grad(), _deterministic(True):
         traces = net.run(x, policy).traces()
-        full = net(x).detach().float().cpu()
+        full_of: dict[int, torch.Tensor] = {}
+        for rows in (ran, reused):
+            if rows:
+                xs = x if len(rows) == x.shape[0] else x[torch.tensor(rows, device=x.device)]
+                full_of.update(zip(rows, net(xs).detach().float().cpu()))
     out = []
     for t in targets:
         new = traces[t.batch_pos]
@@ -155,16 +164,26 @@ def _replay_batch(store: AuditStore, run_id: str, batch_index: int, targets: lis
             [b.executed for b in new.blocks] == [b["executed"] for b in old["blocks"]])
         score_diff = _max_diff([b.score for b in new.blocks], [b["score"] for b in old["blocks"]])
         logit_diff = _max_diff(new.logits, old["logits"])
-        full_diff = _max_diff([float(v) for v in full[t.batch_pos]], t.full_logits or [])
-        pred = new.predicted_index == t.predicted_index and int(full[t.batch_pos].argmax()) == t.full_predicted_index
+        full = full_of.get(t.batch_pos)
+        if full is None:  # not checked: the audit has no full output for this input
+            full_diff, full_pred_ok, full_ok = 0.0, True, True
+        else:
+            full_diff = _max_diff([float(v) for v in full], t.full_logits or [])
+            full_pred_ok = int(full.argmax()) == t.full_predicted_index
+            full_ok = full_diff <= (max(tol, atol) if t.shadow == SHADOW_REUSED else tol)
+        pred = new.predicted_index == t.predicted_index and full_pred_ok
         logits_ok = logit_diff <= tol and score_diff <= tol
-        full_ok = full_diff <= tol
         ok = decisions and pred and logits_ok and full_ok
         what = "bit-for-bit" if exact else f"within {tol:g}"
         msg = (f"reproduced {what}" if ok else
                f"NOT reproduced: decisions {'match' if decisions else 'differ'}, prediction "
                f"{'matches' if pred else 'differs'}, max |logit diff| {logit_diff:.3g}, max |score diff| "
                f"{score_diff:.3g}, full-network max |diff| {full_diff:.3g}")
+        if t.shadow == SHADOW_NOT_CHECKED:
+            msg += " (skipped run only: this input was not checked against the full network)"
+        elif t.shadow == SHADOW_REUSED:
+            msg += (f" (its full-network output was reused from record {t.shadow_from}, computed in another "
+                    f"batch: compared within {max(tol, atol):g})")
         out.append(ReproResult(t.record_id, t.input_name, ok, decisions, pred, logits_ok, full_ok, logit_diff,
                                score_diff, tol, str(dev), msg))
     return out

@@ -42,6 +42,7 @@ from ..policies.threshold import policy_for
 from ._batches import THUMBNAIL_PX, BatchRunner, load_batch  # noqa: F401  (THUMBNAIL_PX: importable from here)
 from .archive import ArchiveError, InputItem, collect_inputs, input_keys, items_from_uploads, read_source
 from .records import AuditRecord, AuditRun
+from .shadow import ShadowPlan, full_output_key, preprocessing_fingerprint
 from .store import AuditStore, StoreError, open_store
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -84,7 +85,8 @@ def _resolve_model(model: "SkipNetwork | str", weights: str | None = None) -> "S
 # ------------------------------------------------------------------------------------------------ resume
 def _same_audit(run: dict, model_name: str, weights_sha256: str | None, psha: str, policy: dict,
                 inputs: dict) -> bool:
-    config = run.get("config") or {}
+    config = dict(run.get("config") or {})
+    config.setdefault("shadow", ShadowPlan().config())  # runs recorded before the choice existed: every input
     return (run["model_name"] == model_name and run["weights_sha256"] == weights_sha256
             and config.get("params_sha256") == psha and run["policy"] == policy
             and all(config.get(k) == v for k, v in inputs.items()))
@@ -94,7 +96,7 @@ def find_resumable_run(store: AuditStore, net: "SkipNetwork", policy: Policy, in
                        ) -> str | None:
     """The latest run in ``store`` of the same model, weights (file hash and parameter hash) and policy over
     the same inputs (``inputs``: the configuration entries that name them, e.g. ``paths`` and
-    ``labels_from_folders``) that is not running in a live process: the run ``resume=True`` continues, or
+    ``labels_from_folders``, and the ``shadow`` plan) that is not running in a live process: the run ``resume=True`` continues, or
     ``None``. An interrupted run is preferred to a finished one."""
     runs = store.runs()
     if runs.empty:
@@ -219,8 +221,9 @@ def _run_batches(store: AuditStore, todo: Sequence[InputItem], base: dict, runne
             batch = pending.result()
             # the next batch is read and decoded while this one runs on the model
             pending = pool.submit(load_batch, chunks[k + 1], base, net, b + 1) if k + 1 < len(chunks) else None
-            runner.run(batch, b)
-            store.add_records(batch.records)  # one transaction per batch: a kill -9 loses at most one batch
+            keys = runner.run(batch, b)
+            # one transaction per batch (the records and their full outputs): a kill -9 loses at most one batch
+            store.add_records(batch.records, keys)
             for rec, data in zip(batch.records, batch.data):
                 if data is not None and rec.input_path is None and rec.record_id is not None:
                     sources[rec.record_id] = data
@@ -235,7 +238,7 @@ def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy |
                 db: str | Path | AuditStore, batch_size: int | None = None, progress: ProgressFn | None = None,
                 run_id: str | None = None, thumbnails: bool = True, extra_config: dict | None = None,
                 resume: bool = False, latency_rounds: int = LATENCY_ROUNDS,
-                latency_sample: int = LATENCY_SAMPLE) -> AuditRun:
+                latency_sample: int = LATENCY_SAMPLE, shadow: ShadowPlan | None = None) -> AuditRun:
     """Audit already collected inputs (see :func:`run_audit`).
 
     ``resume``: continue the latest run of the same model, weights, policy and inputs (``extra_config``'s
@@ -254,19 +257,25 @@ def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy |
     env = environment(device)
     model_name, psha, pconf = model_name_of(net), params_sha256(net), policy.config()
     extra = dict(extra_config or {})
+    shadow = shadow or ShadowPlan()
     inputs = {k: extra[k] for k in ("paths", "labels_from_folders") if k in extra}
+    inputs["shadow"] = shadow.config()
     store, owned = open_store(db)
     resumed_id = find_resumable_run(store, net, policy, inputs) if resume and run_id is None else None
     run_id = resumed_id or run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     config = {"model": model_name, "model_meta": net.meta.to_dict(), "params_sha256": psha, "policy": pconf,
-              "batch_size": batch_size, "n_inputs": len(items), "device": str(device), **extra}
+              "batch_size": batch_size, "n_inputs": len(items), "device": str(device), "shadow": shadow.config(),
+              **extra}
     base = dict(run_id=run_id, model_name=model_name, weights_sha256=net.meta.weights_sha256, params_sha256=psha,
                 policy=pconf, device=str(device), versions=_versions(env))
     try:
         done, first_batch, thumbs = _open_run(store, run_id, resumed_id, base, config,
                                               THUMBNAIL_SAMPLE if thumbnails else 0)
         todo = [it for it, key in zip(items, input_keys((i.name, i.source) for i in items)) if key not in done]
-        runner = BatchRunner(net, policy, device, thumbs, latency_sample if latency_rounds > 0 else 0)
+        prep = preprocessing_fingerprint(net)
+        runner = BatchRunner(net, policy, device, thumbs, latency_sample if latency_rounds > 0 else 0, shadow,
+                             lambda sha: full_output_key(model_name, psha, prep, str(device), sha),
+                             store.full_outputs)
         records, sources = _run_batches(store, todo, base, runner, batch_size, first_batch, progress, len(done))
         timings = runner.timings
         timings["wall_s"] = time.perf_counter() - started
@@ -295,7 +304,8 @@ def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy |
 def run_audit(paths: Sequence[str | Path], model: "SkipNetwork | str", policy: Policy | None,
               db: str | Path | AuditStore, labels_from_folders: bool = False, batch_size: int | None = None,
               progress: ProgressFn | None = None, run_id: str | None = None, thumbnails: bool = True,
-              resume: bool = False, latency_rounds: int = LATENCY_ROUNDS) -> AuditRun:
+              resume: bool = False, latency_rounds: int = LATENCY_ROUNDS,
+              shadow: ShadowPlan | None = None) -> AuditRun:
     """Audit every input under ``paths`` (folders, files, zip archives) with ``model`` under ``policy``.
 
     Each batch runs twice: under the policy (the skipped run, really skipping) and through the plain full
@@ -313,11 +323,13 @@ def run_audit(paths: Sequence[str | Path], model: "SkipNetwork | str", policy: P
         resume: continue an interrupted run of the same model, weights, policy and paths (see
             :func:`audit_items`).
         latency_rounds: paired rounds of the latency measurement on the run's own inputs (0: none).
+        shadow: which inputs go through the full network and whether kept full outputs are reused
+            (:class:`~skipviz.audit.shadow.ShadowPlan`; default: every input, reusing).
     """
     net = _resolve_model(model)
     items = collect_inputs(paths, labels_from_folders=labels_from_folders)
     return audit_items(items, net, policy, db, batch_size=batch_size, progress=progress, run_id=run_id,
-                       thumbnails=thumbnails, resume=resume, latency_rounds=latency_rounds,
+                       thumbnails=thumbnails, resume=resume, latency_rounds=latency_rounds, shadow=shadow,
                        extra_config={"paths": [str(Path(p).resolve()) for p in paths],
                                      "labels_from_folders": labels_from_folders})
 
@@ -325,14 +337,14 @@ def run_audit(paths: Sequence[str | Path], model: "SkipNetwork | str", policy: P
 def audit_uploaded_files(files: Iterable[tuple[str, bytes]], net: "SkipNetwork", policy: Policy | None,
                          db_path: str | Path | AuditStore, labels_from_folders: bool = False,
                          batch_size: int | None = None, progress: ProgressFn | None = None, resume: bool = False,
-                         latency_rounds: int = LATENCY_ROUNDS) -> AuditRun:
+                         latency_rounds: int = LATENCY_ROUNDS, shadow: ShadowPlan | None = None) -> AuditRun:
     """The dashboard's entry point: audit uploaded ``(name, bytes)`` pairs (``.zip`` uploads are expanded
     safely; a refused archive or member is a failed record). The bytes of each input are kept in
     ``AuditRun.sources`` so the run can be reproduced. ``resume``: continue the interrupted run of the same
     model and policy over uploads in this database, skipping the files it already recorded (by name)."""
     items = items_from_uploads(files, labels_from_folders=labels_from_folders)
     return audit_items(items, net, policy, db_path, batch_size=batch_size, progress=progress, resume=resume,
-                       latency_rounds=latency_rounds,
+                       latency_rounds=latency_rounds, shadow=shadow,
                        extra_config={"paths": ["<upload>"], "labels_from_folders": labels_from_folders})
 
 

@@ -19,7 +19,8 @@ writer process can therefore load this folder's store files without the package 
 Schema versioning: the version lives in ``PRAGMA user_version`` (and in the ``meta`` table for people reading
 the file). Opening a file written by a NEWER SkipViz raises :class:`SchemaVersionError`; an older one is
 migrated in place by the steps in ``MIGRATIONS`` (:mod:`skipviz.audit._store_schema`; version 1 -> 2 adds the
-run's last batch, owner and heartbeat; a version-1 file stays readable and its runs keep their records).
+run's last batch, owner and heartbeat; a version-1 file stays readable and its runs keep their records; 2 -> 3
+adds the full network's outputs that later audits reuse, :mod:`skipviz.audit.shadow`).
 """
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ import json
 import os
 import socket
 import sqlite3
+import sys
 import tempfile
 import threading
 import time
+from array import array
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -53,6 +56,22 @@ class StoreError(RuntimeError):
 
 class SchemaVersionError(StoreError):
     """The database was written by a newer SkipViz with a schema this version does not know."""
+
+
+def _float32_le(values: Sequence[float]) -> bytes:
+    """Little-endian float32 bytes of ``values`` (the stored form of a logits vector)."""
+    a = array("f", values)
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
+        a.byteswap()
+    return a.tobytes()
+
+
+def _from_float32_le(blob: bytes) -> list[float]:
+    a = array("f")
+    a.frombytes(blob)
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
+        a.byteswap()
+    return a.tolist()
 
 
 def utc_now() -> str:
@@ -265,10 +284,19 @@ class AuditStore:
                              "summary_json = ? WHERE run_id = ?", (utc_now(), n, json.dumps(summary), rid))
         return dead
 
-    def add_records(self, records: Sequence["AuditRecord"]) -> list[int]:
+    def add_records(self, records: Sequence["AuditRecord"],
+                    full_output_keys: Sequence[str | None] | None = None) -> list[int]:
         """Insert a batch of records in one transaction (all or nothing); returns their ``record_id``s and sets
-        them on the records. The run's last batch and heartbeat are updated in the same transaction."""
+        them on the records. The run's last batch and heartbeat are updated in the same transaction.
+
+        ``full_output_keys``: one per record, the key under which its full-network logits (``full_logits``,
+        float32) are kept for later audits to reuse (:func:`~skipviz.audit.shadow.full_output_key`), or ``None``
+        for a record whose full output is not to be kept (not computed in its batch). A key already kept keeps
+        its first record."""
         ids: list[int] = []
+        keys = list(full_output_keys) if full_output_keys is not None else [None] * len(records)
+        if len(keys) != len(records):
+            raise ValueError(f"{len(keys)} full-output keys for {len(records)} records")
         with self._transaction() as conn:
             for r in records:
                 cur = conn.execute(
@@ -279,6 +307,10 @@ class AuditStore:
                      r.model_name, r.weights_sha256, r.label, r.predicted_label, r.full_predicted_label,
                      None if r.agree is None else int(r.agree), r.to_json()))
                 ids.append(int(cur.lastrowid))
+            for r, key, rid in zip(records, keys, ids):
+                if key is not None and r.full_logits is not None:
+                    conn.execute("INSERT OR IGNORE INTO full_outputs(key, record_id, logits) VALUES (?, ?, ?)",
+                                 (key, rid, _float32_le(r.full_logits)))
             for run_id in {r.run_id for r in records}:
                 batches = [r.batch_index for r in records if r.run_id == run_id and r.batch_index is not None]
                 conn.execute("UPDATE runs SET heartbeat_at = ?, n_records = (SELECT COUNT(*) FROM records WHERE "
@@ -287,6 +319,21 @@ class AuditStore:
         for r, i in zip(records, ids):
             r.record_id = i
         return ids
+
+    def full_outputs(self, keys: Iterable[str]) -> dict[str, tuple[int, list[float]]]:
+        """The kept full-network outputs among ``keys``: key -> (record id, logits as Python floats, exactly the
+        float32 values stored)."""
+        wanted = list(dict.fromkeys(keys))
+        out: dict[str, tuple[int, list[float]]] = {}
+        with self._lock:
+            for s in range(0, len(wanted), 500):  # SQLite's bound-parameter limit
+                part = wanted[s: s + 500]
+                rows = self._conn.execute(
+                    f"SELECT key, record_id, logits FROM full_outputs WHERE key IN ({','.join('?' * len(part))})",
+                    part).fetchall()
+                for key, rid, blob in rows:
+                    out[key] = (int(rid), _from_float32_le(blob))
+        return out
 
     # ----------------------------------------------------------------------------------------- queries
     def query(self, run_id: str | None = None, model_name: str | None = None, input_sha256: str | None = None,

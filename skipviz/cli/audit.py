@@ -13,6 +13,7 @@ from ..audit.archive import collect_inputs
 from ..audit.report import write_report
 from ..audit.reproduce import reproduce_sample
 from ..audit.run import LATENCY_ROUNDS, audit_items
+from ..audit.shadow import SHADOW_NOT_CHECKED, SHADOW_REUSED, ShadowPlan
 from ..audit.store import AuditStore, StoreError
 from ._common import add_policy_argument, model_and_policy
 
@@ -27,6 +28,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return value
+
+
+def _shadow_fraction(text: str) -> str:
+    try:
+        ShadowPlan.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 @contextlib.contextmanager
@@ -77,6 +86,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         with _sigterm_interrupts(), AuditStore(db) as store:
             run = audit_items(items, net, policy, store, batch_size=args.batch_size, progress=progress,
                               resume=args.resume, latency_rounds=args.latency_rounds,
+                              shadow=ShadowPlan.parse(args.shadow, reuse=not args.no_reuse),
                               extra_config={"paths": [str(Path(p).resolve()) for p in args.paths],
                                             "labels_from_folders": args.labels_from_folders})
             bar.close()
@@ -86,13 +96,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tp = run.throughput()
-    agree = [r.agree for r in run.ok_records]
+    agree = [r.agree for r in run.ok_records if r.agree is not None]
+    unchecked = sum(r.shadow == SHADOW_NOT_CHECKED for r in run.ok_records)
+    reused = sum(r.shadow == SHADOW_REUSED for r in run.ok_records)
     if args.resume:
         print(f"resumed run {run.run_id}: {run.resumed} inputs were already recorded" if run.resumed else
               f"--resume: no earlier run of this model, weights and policy over these inputs in {db}; new run")
     print(f"run {run.run_id}: {len(run.ok_records)} audited, {len(run.failed_records)} failed, "
           f"{len(run.skipped_records)} skipped (not images); agreement with the full network "
-          f"{sum(agree)}/{len(agree)}; database {db}")
+          f"{sum(agree)}/{len(agree)}" + (f" checked ({unchecked} not checked)" if unchecked else "")
+          + (f", {reused} from kept full-network outputs" if reused else "") + f"; database {db}")
     if tp["end_to_end_images_per_s"]:
         print(f"throughput: {tp['end_to_end_images_per_s']:.1f} img/s end to end over {tp['images']} images")
     if run.latency:
@@ -126,5 +139,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--latency-rounds", type=int, default=LATENCY_ROUNDS,
                    help="paired rounds timing the full and the skipped run on a sample of the inputs after the "
                         f"audit (default {LATENCY_ROUNDS}; 0: not measured)")
+    a.add_argument("--shadow", type=_shadow_fraction, default="all",
+                   help="which inputs also run through the full network to check whether skipping changed the "
+                        "answer: 'all' (default) or a fraction/percentage (e.g. 0.1 or 10%%), chosen by each "
+                        "input's SHA-256; the others are recorded as not checked")
+    a.add_argument("--no-reuse", action="store_true",
+                   help="always run the full network, never reuse its output kept in --db for the same model, "
+                        "weights, device and input bytes")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=cmd_audit)

@@ -46,6 +46,9 @@ class Reason(IntEnum):
     PLAN_SKIP = 14
 
 
+_REASONS: dict[int, Reason] = {int(r): r for r in Reason}  # a dict read per block of a trace, not Reason(code)
+
+
 @dataclass(frozen=True)
 class BlockDecision:
     """One block's decision for one sample.
@@ -271,7 +274,8 @@ class SkipResult:
             for i in range(len(self.records)):
                 s = scores[n][i]
                 score = None if math.isnan(s) else s
-                text = self.policy.reason_text(Reason(reasons[n][i]), score, thresholds[i], i, exit_block=exits[n])
+                text = self.policy.reason_text(_REASONS[reasons[n][i]], score, thresholds[i], i,
+                                               exit_block=exits[n])
                 if exit_now[n][i]:
                     text = self.policy.reason_text(Reason.EXIT_NOW, score, thresholds[i], i)
                 blocks.append(BlockDecision(index=i, name=names[i], downsample=down[i], executed=bool(executed[n][i]),

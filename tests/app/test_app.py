@@ -302,6 +302,22 @@ def test_audit_page(app_env, tmp_path, monkeypatch):
     assert len(dbs) == 1 and at.session_state["sv_audit_token"] in dbs[0].name
 
 
+def test_audit_page_checks_a_share_against_the_full_network_and_says_so(app_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIPVIZ_AUDIT_DIR", str(tmp_path / "audits"))
+    at = new_app().run()
+    at.switch_page("pages/audit.py").run()
+    files = [(f"{i}.png", png_bytes(i), "image/png") for i in range(12)]
+    at.file_uploader(key="audit_files").set_value(files).run()
+    at.select_slider(key="audit_shadow").set_value(0.25).run()
+    at.button(key="audit_run").click().run()
+    assert not at.exception and "12 audited" in at.success[0].value
+    frame = [d.value for d in at.dataframe if "status" in d.value.columns][0]
+    unchecked = int(frame["agree"].isna().sum())
+    assert 0 < unchecked < 12  # the others were checked; none is counted as agreeing
+    agreement = {m.label: m for m in at.metric}["Agreement with full"]
+    assert f"{unchecked} not checked" in agreement.proto.help
+
+
 def test_audit_page_sessions_have_their_own_databases(app_env, tmp_path, monkeypatch):
     monkeypatch.setenv("SKIPVIZ_AUDIT_DIR", str(tmp_path / "audits"))
     first, second = new_app().run(), new_app().run()

@@ -194,7 +194,8 @@ def test_a_version_1_database_is_migrated_and_keeps_its_runs(tmp_path):
     con.commit()
     con.close()
     with AuditStore(path) as st:
-        assert st.schema_version == SCHEMA_VERSION == 2
+        assert st.schema_version == SCHEMA_VERSION == 3
+        assert st.full_outputs(["any"]) == {}  # the version-3 table of kept full-network outputs exists
         runs = st.runs().set_index("run_id")
         assert runs.loc["old", "status"] == "finished" and runs.loc["old", "last_batch"] is None
         assert st.query(run_id="old")[0].input_name == rec.input_name

@@ -1,0 +1,132 @@
+"""The audit's shadow run: sampled by SHA-256, full-network outputs kept and reused, reproduction of both."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from skipviz import GatePolicy
+from skipviz.audit import ShadowPlan, AuditStore, reproduce_many, run_audit
+from skipviz.audit.report import summarize, write_report
+from skipviz.audit.shadow import full_output_key, shadow_words
+from skipviz.cli import main
+
+
+def _png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def images(tmp_path) -> Path:
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(12):
+        (root / f"{i:02d}.png").write_bytes(_png(i))
+    return root
+
+
+def test_a_plan_parses_and_samples_by_hash_deterministically():
+    assert ShadowPlan.parse("all") == ShadowPlan(1.0) and ShadowPlan.parse("10%").fraction == pytest.approx(0.1)
+    assert ShadowPlan.parse("0.25", reuse=False) == ShadowPlan(0.25, False)
+    for bad in ("0", "1.5", "-0.1", "some", "150%"):
+        with pytest.raises(ValueError):
+            ShadowPlan.parse(bad)
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(4000)]
+    plan = ShadowPlan(0.25)
+    picked = [plan.checks(s) for s in shas]
+    assert picked == [ShadowPlan(0.25).checks(s) for s in shas]  # the same inputs every time
+    assert 0.22 < np.mean(picked) < 0.28
+    # a larger fraction checks a superset: resuming or widening a sample keeps the inputs already checked
+    assert all(ShadowPlan(0.5).checks(s) for s, p in zip(shas, picked) if p)
+    assert all(ShadowPlan(1.0).checks(s) for s in shas) and ShadowPlan(0.01).checks(None)
+
+
+def test_a_second_audit_of_the_same_bytes_reuses_the_full_outputs_and_reproduces(tiny_net, images, tmp_path):
+    db = tmp_path / "a.sqlite"
+    first = run_audit([images], tiny_net, GatePolicy(0.5), db, batch_size=5, latency_rounds=0)
+    assert {r.shadow for r in first.ok_records} == {"run"} and first.timings["shadow_run"] == 12
+    second = run_audit([images], tiny_net, GatePolicy(0.3), db, batch_size=4, latency_rounds=0)
+    assert {r.shadow for r in second.ok_records} == {"reused"}
+    assert second.timings["shadow_run"] == 0 and second.timings["full_s"] < first.timings["full_s"]
+    by_name = {r.input_name: r for r in first.ok_records}
+    for r in second.ok_records:
+        origin = by_name[r.input_name]
+        assert r.shadow_from == origin.record_id
+        assert r.full_logits == origin.full_logits and r.full_predicted_index == origin.full_predicted_index
+        assert r.agree == (r.predicted_index == r.full_predicted_index)
+    s = summarize(second)
+    assert s["shadow"]["reused"] == 12 and s["agreement"]["n"] == 12 and "kept from an earlier audit" in \
+        shadow_words(s["shadow"])
+    results = reproduce_many(db, [r.record_id for r in second.ok_records], net=tiny_net)
+    assert all(x.reproduced for x in results), [x.message for x in results]
+    assert "reused from record" in results[0].message
+    # another model's parameters, another device or other bytes never hit the kept outputs
+    with AuditStore(db) as st:
+        sha = first.ok_records[0].input_sha256
+        key = full_output_key(first.model_name, first.params_sha256, _prep(tiny_net), "cpu", sha)
+        assert key in st.full_outputs([key])
+        assert not st.full_outputs([full_output_key(first.model_name, "0" * 64, _prep(tiny_net), "cpu", sha),
+                                    full_output_key(first.model_name, first.params_sha256, _prep(tiny_net),
+                                                    "cuda:0", sha)])
+
+
+def _prep(net) -> str:
+    from skipviz.audit.shadow import preprocessing_fingerprint
+
+    return preprocessing_fingerprint(net)
+
+
+def test_no_reuse_runs_the_full_network_again(tiny_net, images, tmp_path):
+    db = tmp_path / "a.sqlite"
+    run_audit([images], tiny_net, GatePolicy(0.5), db, batch_size=6, latency_rounds=0)
+    again = run_audit([images], tiny_net, GatePolicy(0.5), db, batch_size=6, latency_rounds=0,
+                      shadow=ShadowPlan(1.0, reuse=False))
+    assert {r.shadow for r in again.ok_records} == {"run"} and again.timings["shadow_run"] == 12
+
+
+def test_a_sampled_shadow_run_checks_only_its_share_and_says_so(tiny_net, images, tmp_path):
+    db = tmp_path / "a.sqlite"
+    plan = ShadowPlan(0.5, reuse=False)
+    run = run_audit([images], tiny_net, GatePolicy(0.5), db, batch_size=5, latency_rounds=0, shadow=plan)
+    checked = [r for r in run.ok_records if plan.checks(r.input_sha256)]
+    assert 0 < len(checked) < 12
+    for r in run.ok_records:
+        if plan.checks(r.input_sha256):
+            assert r.shadow == "run" and r.agree is not None and r.full_logits is not None
+        else:
+            assert r.shadow == "not checked" and r.agree is None and r.full_logits is None
+            assert r.kl_full_skipped is None and r.full_latency_ms is None and r.trace is not None
+    assert run.timings["shadow_run"] == len(checked) and run.timings["shadow_not_checked"] == 12 - len(checked)
+    s = summarize(run)
+    assert s["agreement"]["n"] == len(checked) and s["shadow"]["not_checked"] == 12 - len(checked)
+    assert run.config["shadow"] == {"fraction": 0.5, "reuse": False}
+    # every record reproduces: the full network is replayed on the rows it ran on, as one batch
+    results = reproduce_many(db, [r.record_id for r in run.ok_records], net=tiny_net)
+    assert all(x.reproduced for x in results), [x.message for x in results]
+    assert any("not checked against the full network" in x.message for x in results)
+    paths = write_report(run, tmp_path / "report.html")
+    html = Path(paths[0]).read_text()
+    assert f"{12 - len(checked)} not checked" in html
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["summary"]["shadow"]["not_checked"] == 12 - len(checked)
+
+
+def test_the_cli_takes_a_shadow_fraction_and_refuses_a_bad_one(images, tmp_path, capsys):
+    out = tmp_path / "r.html"
+    assert main(["audit", str(images), "--model", "cifar_resnet20", "--out", str(out), "--quiet",
+                 "--shadow", "50%", "--latency-rounds", "0", "--reproduce", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "not checked" in text
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["summary"]["shadow"]["plan"] == {"fraction": 0.5, "reuse": True}
+    with pytest.raises(SystemExit):
+        main(["audit", str(images), "--out", str(out), "--shadow", "most"])
+    assert "shadow: expected 'all'" in capsys.readouterr().err
