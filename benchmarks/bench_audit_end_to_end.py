@@ -10,14 +10,15 @@ fresh database unless said:
   full outputs kept by the first run are reused (what re-auditing a set while tuning a threshold costs);
 * ``10 % checked`` - ``--shadow 10%``: the full network on the inputs whose SHA-256 falls in the first tenth.
 
-Method: each round audits the same ``--n`` images (symbolic links to the first CIFAR-10 `test/` files in sorted
-order, in a temporary folder) in every mode, the order of the modes rotating between rounds, and measures the
+Method: each round audits the same ``--n`` images (symbolic links, in a temporary folder, to the first CIFAR-10
+`test/` files in sorted order, or for an ImageNet model to Imagenette `val/` photos spread over its classes) in every mode, the order of the modes rotating between rounds, and measures the
 skipped pass alone on the already decoded images in the same round; medians over rounds. The ratio per round is
 end-to-end img/s over the skipped pass's img/s of that round. Writes
 ``benchmarks/results/audit_end_to_end_<device>.json`` and ``.md``.
 
     . .venv/bin/activate
-    python benchmarks/bench_audit_end_to_end.py --model cifar_resnet56.cifar10_gated --n 2000 --rounds 3
+    python benchmarks/bench_audit_end_to_end.py --model cifar_resnet56.cifar10_gated --n 2000 --rounds 5
+    python benchmarks/bench_audit_end_to_end.py --model efficientnet_lite0.imagenet_gated --n 512 --rounds 3
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from skipviz import create_model, keep_heap_memory  # noqa: E402
 from skipviz.audit import ShadowPlan, audit_items, collect_inputs  # noqa: E402
 from skipviz.cli.bench import write_results  # noqa: E402
 from skipviz.cli.bench_common import report_header  # noqa: E402
-from skipviz.data import cifar10_root  # noqa: E402
+from skipviz.data import cifar10_root, imagenette_root  # noqa: E402
 from skipviz.measure.clock import device_info  # noqa: E402
 from skipviz.measure.runs import default_audit_batch_size, measure_throughput  # noqa: E402
 from skipviz.policies import policy_for  # noqa: E402
@@ -48,15 +49,25 @@ from skipviz.policies import policy_for  # noqa: E402
 MODES = ("every input", "every input, reused", "10 % checked")
 
 
-def _link_images(n: int, dest: Path) -> list[Path]:
+def _image_files(net, n: int) -> tuple[list[Path], str]:
+    """The first ``n`` held-out images of the model's data set in sorted order (every ``step``-th for Imagenette,
+    so that several classes are in), and their description."""
+    if net.meta.num_classes == 1000:
+        base = imagenette_root()
+        if base is None:
+            raise SystemExit("error: Imagenette not found (../shared/datasets/imagenette, or set SKIPVIZ_IMAGENETTE)")
+        files = sorted(p for p in (base / "val").rglob("*") if p.is_file())
+        step = max(1, len(files) // n)
+        return files[::step][:n], f"{n} Imagenette val photos (every {step}th in sorted order)"
     base = cifar10_root()
-    if base is None or not (base / "test").is_dir():
+    if base is None:
         raise SystemExit("error: CIFAR-10 test images not found (../shared/datasets/cifar10, or set SKIPVIZ_CIFAR10)")
-    root = base / "test"
-    files = sorted(p for p in root.rglob("*.jpg"))[:n]
+    return sorted((base / "test").rglob("*.jpg"))[:n], f"the first {n} CIFAR-10 test images in sorted order"
+
+
+def _link_images(files: list[Path], dest: Path) -> None:
     for i, f in enumerate(files):
-        os.symlink(f, dest / f"{i:05d}_{f.parent.name}.jpg")
-    return files
+        os.symlink(f, dest / f"{i:05d}_{f.parent.name}{f.suffix}")
 
 
 def _audit(items, net, policy, db: Path, shadow: ShadowPlan, batch_size: int) -> float:
@@ -79,7 +90,8 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
         folder.mkdir()
-        _link_images(args.n, folder)
+        files, inputs = _image_files(net, args.n)
+        _link_images(files, folder)
         items = collect_inputs([folder])
         x = torch.cat([net.meta.preprocess(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir())])
         _audit(items[: 2 * batch_size], net, policy, Path(tmp) / "warm.sqlite", ShadowPlan(), batch_size)  # warm-up
@@ -105,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
         table.append({"mode": mode, "images_per_s": statistics.median(rows[mode]),
                       "ratio_to_skipped_pass": statistics.median(ratios), "ratios": ratios, "rates": rows[mode]})
     return {"model": args.model, "weights_sha256": net.meta.weights_sha256,
-            "threshold": net.meta.default_threshold("gates"), "inputs": f"first {args.n} CIFAR-10 test images",
+            "threshold": net.meta.default_threshold("gates"), "inputs": inputs,
             "environment": device_info("cpu").to_dict(), "batch_size": batch_size, "rounds": args.rounds,
             "skipped_pass_images_per_s": statistics.median(skip_rates), "skipped_pass_rates": skip_rates,
             "rows": table, "command": "python benchmarks/bench_audit_end_to_end.py " + shlex.join(sys.argv[1:]),
@@ -113,9 +125,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = report_header(f"Audit end to end against the skipped pass, {report['model']} at gates "
-                          f"{report['threshold']}", report, f"{report['inputs']}; batch {report['batch_size']}; "
-                          f"{report['rounds']} rounds") + [
+    lines = report_header(f"Audit end to end against the skipped pass at gates {report['threshold']}", report,
+                          f"batch {report['batch_size']}; {report['rounds']} rounds") + [
         f"Skipped pass alone (`measure_throughput`, same images and batch): "
         f"**{report['skipped_pass_images_per_s']:.0f} img/s** (median over rounds).", "",
         "| shadow run | end-to-end img/s | end to end / skipped pass | per round | target (>= 0.5) |",

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -49,11 +50,14 @@ def _thumbnail(small: Image.Image) -> str:
 
 @dataclass
 class LoadedInput:
-    """One decoded input of a batch: its record, a small copy for a thumbnail, its (1, 3, H, W) tensor."""
+    """One decoded input of a batch: its record, a small copy for a thumbnail, and either its (H, W, 3) uint8
+    pixels, resized and cropped for the model (:meth:`ModelMeta.pixels`; the batch is normalised at once), or,
+    where only the reference transform can prepare it, its (1, 3, H, W) float tensor."""
 
     record: AuditRecord
     small: Image.Image
-    tensor: torch.Tensor
+    pixels: np.ndarray | None
+    tensor: torch.Tensor | None = None
 
 
 @dataclass
@@ -77,14 +81,16 @@ def _hash_file(path: str) -> str | None:
         return None
 
 
-def _load_one(item: InputItem, net: "SkipNetwork") -> tuple[Image.Image, dict, torch.Tensor, str]:
-    """Read, hash, decode and preprocess one input: ``(small copy, image info, (1, 3, H, W), sha256)``."""
+def _load_one(item: InputItem, net: "SkipNetwork") -> tuple[Image.Image, dict, np.ndarray | torch.Tensor, str]:
+    """Read, hash, decode and preprocess one input: ``(small copy, image info, (H, W, 3) uint8 pixels or a
+    (1, 3, H, W) float tensor, sha256)``."""
     source = item.read()
     data, _ = read_bytes(source, name=item.name) if isinstance(source, str) else (source, item.name)
     sha = hashlib.sha256(data).hexdigest()
     try:
         image, info = load_image(data, name=item.name, sha256=sha)
-        tensor = net.meta.preprocess(image)
+        pixels = net.meta.pixels(image)
+        prepared = pixels if pixels is not None else net.meta.preprocess(image)
     except ImageLoadError as e:
         raise _Failed(str(e), sha) from e
     except (OSError, ValueError, RuntimeError) as e:
@@ -94,7 +100,7 @@ def _load_one(item: InputItem, net: "SkipNetwork") -> tuple[Image.Image, dict, t
     else:
         small = image.copy()
         small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-    return small, {**info.to_dict(), "name": item.name}, tensor, sha
+    return small, {**info.to_dict(), "name": item.name}, prepared, sha
 
 
 class _Failed(Exception):
@@ -115,7 +121,7 @@ def load_batch(chunk: Sequence[InputItem], base: dict, net: "SkipNetwork", b: in
             rec = AuditRecord(status="skipped", error=item.skipped, timestamp=utc_now(), **item_base)
         else:
             try:
-                small, info, tensor, sha = _load_one(item, net)
+                small, info, prepared, sha = _load_one(item, net)
             except (_Failed, ImageLoadError, ArchiveError, OSError, ValueError, RuntimeError, MemoryError) as e:
                 # one input that cannot be read (or fits in no memory) is a failed row; the audit goes on
                 error = str(e) if not isinstance(e, MemoryError) else f"{item.name}: out of memory reading it ({e})"
@@ -127,10 +133,20 @@ def load_batch(chunk: Sequence[InputItem], base: dict, net: "SkipNetwork", b: in
                 rec = AuditRecord(status="failed", error=error, timestamp=utc_now(), input_sha256=sha, **item_base)
             else:
                 rec = AuditRecord(status="ok", timestamp="", input_sha256=sha, image=info, **item_base)
-                out.loaded.append(LoadedInput(rec, small, tensor))
+                out.loaded.append(LoadedInput(rec, small, prepared, None) if isinstance(prepared, np.ndarray)
+                                  else LoadedInput(rec, small, None, prepared))
         out.records.append(rec)
         out.data.append(item.data)
     return out
+
+
+def _batch_tensor(loaded: list[LoadedInput], net: "SkipNetwork") -> torch.Tensor:
+    """The loaded inputs as one normalised (N, 3, H, W) batch: the pixels stacked and normalised at once."""
+    meta = net.meta
+    if all(ld.pixels is not None for ld in loaded):
+        return meta.normalize(torch.from_numpy(np.stack([ld.pixels for ld in loaded])))
+    return torch.cat([ld.tensor if ld.pixels is None else meta.normalize(torch.from_numpy(ld.pixels)[None])
+                      for ld in loaded])
 
 
 @dataclass
@@ -196,7 +212,7 @@ class BatchRunner:
         loaded = batch.loaded
         if not loaded:
             return None
-        x = torch.cat([ld.tensor for ld in loaded]).to(self.device)
+        x = _batch_tensor(loaded, self.net).to(self.device)
         if self.sample is None and self.sample_size > 0:
             self.sample = x[: self.sample_size]
         net, policy, device = self.net, self.policy, self.device

@@ -210,22 +210,37 @@ class ModelMeta:
 
     def _preprocess_one(self, image: Image.Image) -> torch.Tensor:
         """PIL RGB image -> (3, H, W) float32, normalised."""
+        px = self.pixels(image)
+        if px is None:
+            return self.transforms()(image)
+        return self.normalize(torch.from_numpy(px)[None])[0]
+
+    def pixels(self, image: Image.Image) -> np.ndarray | None:
+        """PIL image -> (H, W, 3) uint8 array, resized and centre-cropped as :meth:`transforms` does (the same
+        PIL calls), or ``None`` when only :meth:`transforms` can do it (a crop larger than the resized image, or
+        a mode other than RGB). With :meth:`normalize`, what :meth:`preprocess` computes; an audit stacks a
+        batch's pixels and normalises them at once (per image, the tensor arithmetic cost about 0.1 ms of
+        Python per input, on the 2-core AMD EPYC)."""
         crop_h, crop_w = self.input_size[1:]
         w, h = image.size
         short, long = (w, h) if w <= h else (h, w)
         new_short, new_long = self.resize, int(self.resize * long / short)
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
         if crop_h > new_h or crop_w > new_w or image.mode != "RGB":
-            return self.transforms()(image)
+            return None
         if (new_w, new_h) != (w, h):
             image = image.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
         top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
         if (crop_w, crop_h) != (new_w, new_h):
             image = image.crop((left, top, left + crop_w, top + crop_h))
-        x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, H, W) uint8
-        x = x.to(torch.float32).mul_(1.0 / 255)
-        mean = torch.as_tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
-        std = torch.as_tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
+        return np.array(image, dtype=np.uint8)  # a new, writable array
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 scaled to [0, 1] and normalised with ``mean``/``std``, as
+        :meth:`transforms` computes it element by element (channels-last in memory: the engine's layout)."""
+        x = pixels.permute(0, 3, 1, 2).to(torch.float32).mul_(1.0 / 255)
+        mean = torch.as_tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
         return x.sub_(mean).div_(std)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:

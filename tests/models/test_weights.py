@@ -29,6 +29,19 @@ def test_preprocess_equals_the_torchvision_transform_bit_for_bit(meta, size):
     assert torch.equal(got[0], expected)
 
 
+@pytest.mark.parametrize("meta", [CIFAR, IMAGENET], ids=["cifar", "imagenet"])
+def test_pixels_stacked_and_normalised_at_once_equal_preprocess_bit_for_bit(meta):
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)) for w, h in
+              [(32, 32), (640, 480), (100, 37), (300, 225)]]
+    pixels = [meta.pixels(im) for im in images]
+    assert all(p.dtype == np.uint8 and p.shape == (*meta.input_size[1:], 3) and p.flags.writeable for p in pixels)
+    batch = meta.normalize(torch.from_numpy(np.stack(pixels)))
+    assert batch.is_contiguous(memory_format=torch.channels_last)  # the engine's layout
+    assert torch.equal(batch, meta.preprocess(images))
+    assert meta.pixels(Image.new("L", (64, 64))) is None  # not RGB: only the reference transform prepares it
+
+
 def test_preprocess_batches_several_images():
     images = [Image.new("RGB", (64, 48), (255, 0, 0)), Image.new("RGB", (20, 90), (0, 0, 255))]
     x = CIFAR.preprocess(images)
