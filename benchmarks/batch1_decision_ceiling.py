@@ -1,0 +1,130 @@
+"""Batch-1 efficiency on real photos against the same decisions replayed for free: how much of the gap to 1.0 is
+the decision (gate heads, plan head, per-block policy work) and how much the architecture.
+
+For each image of a held-out sample the model's policy (gates or plan at the card default) decides which blocks
+run. Three runs per image, each a batch of one: the full network (``FullPolicy``), the policy itself, and a
+``FrozenPolicy`` replaying that image's own decisions (the same blocks skipped, no head evaluated, no policy
+work: the free-decision ceiling). Per round every image goes through each run once, the order of the three runs
+rotating between rounds (``skipviz.measure.clock.measure_interleaved``); efficiency = time-saved fraction /
+FLOPs-saved fraction over the sample (heads counted as spent for the policy, not for the replay), median of the
+per-round ratios with the quartiles. Writes ``benchmarks/results/batch1_decision_ceiling_<model>_cpu.json`` and
+``.md``.
+
+    . .venv/bin/activate
+    python benchmarks/batch1_decision_ceiling.py --model efficientnet_lite0.imagenet_tuned_gated --n 32 --rounds 15
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from skipviz import FullPolicy, create_model, keep_heap_memory  # noqa: E402
+from skipviz.cli.bench import write_results  # noqa: E402
+from skipviz.cli.bench_common import report_header  # noqa: E402
+from skipviz.data import cifar10_root, imagenette_root  # noqa: E402
+from skipviz.measure.clock import device_info, measure_interleaved  # noqa: E402
+from skipviz.policies import policy_for  # noqa: E402
+from skipviz.policies.simple import FrozenPolicy  # noqa: E402
+
+
+def _photos(net, n: int) -> tuple[torch.Tensor, str]:
+    if net.meta.num_classes == 1000:
+        root = imagenette_root()
+        split, what = "val", "Imagenette val photos"
+    else:
+        root = cifar10_root()
+        split, what = "test", "CIFAR-10 test images"
+    if root is None:
+        raise SystemExit(f"error: the {what} are not on this machine (../shared/datasets)")
+    files = sorted(p for p in (root / split).rglob("*") if p.is_file())
+    step = max(1, len(files) // n)
+    picked = files[::step][:n]
+    return (torch.cat([net.meta.preprocess(Image.open(f).convert("RGB")) for f in picked]),
+            f"{len(picked)} {what} (every {step}th in sorted order)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    torch.set_grad_enabled(False)
+    net = create_model(args.model).eval()
+    x, inputs = _photos(net, args.n)
+    rows = []
+    for source in args.sources:
+        if source == "plan" and net.plan_head is None:
+            continue
+        t = net.meta.default_threshold(source)
+        policy = policy_for(net, source, t)
+        res = net.run(x, policy)
+        replays = [FrozenPolicy(res.executed[i].tolist()) for i in range(x.shape[0])]
+        full_flops = float(net.run(x, FullPolicy()).flops_executed().double().sum())
+        saved = 1.0 - float(res.flops_executed().double().sum()) / full_flops
+        replay_flops = sum(float(net.run(x[i:i + 1], replays[i]).flops_executed().double().sum())
+                           for i in range(x.shape[0]))
+        saved_replay = 1.0 - replay_flops / full_flops
+        singles = [x[i:i + 1].contiguous() for i in range(x.shape[0])]
+
+        def over(pol_of):
+            return lambda: [net.run(s, pol_of(i)) for i, s in enumerate(singles)]
+
+        stats = measure_interleaved({"full": over(lambda i: FullPolicy()), "policy": over(lambda i: policy),
+                                     "replay": over(lambda i: replays[i])}, warmup=2, repeats=args.rounds,
+                                    number=1, batch_size=1, batches_per_call=len(singles))
+        tf, tp, tr = (stats[k].times_ms for k in ("full", "policy", "replay"))
+        eff_p = [(1 - p / f) / saved for f, p in zip(tf, tp)]
+        eff_r = [(1 - r / f) / saved_replay for f, r in zip(tf, tr)]
+        q = lambda v: statistics.quantiles(v, n=4, method="inclusive")  # noqa: E731
+        row = {"source": source, "threshold": t, "flops_saved": saved, "flops_saved_replay": saved_replay,
+               "full_ms": statistics.median(tf) / len(singles), "policy_ms": statistics.median(tp) / len(singles),
+               "replay_ms": statistics.median(tr) / len(singles),
+               "efficiency_policy": statistics.median(eff_p), "efficiency_policy_iqr": [q(eff_p)[0], q(eff_p)[2]],
+               "efficiency_replay": statistics.median(eff_r), "efficiency_replay_iqr": [q(eff_r)[0], q(eff_r)[2]]}
+        rows.append(row)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    return {"model": args.model, "inputs": inputs, "environment": device_info("cpu").to_dict(), "rounds": args.rounds,
+            "rows": rows, "command": "python benchmarks/batch1_decision_ceiling.py " + shlex.join(sys.argv[1:]),
+            "method": __doc__.split("\n\n", 1)[1].split("Writes", 1)[0].replace("\n", " ").strip()}
+
+
+def markdown(report: dict) -> str:
+    lines = report_header("Batch 1: the policy against its own decisions replayed for free", report,
+                          f"{report['rounds']} interleaved rounds") + [
+        "| source | threshold (card default) | FLOPs saved | full ms | policy ms | replay ms | efficiency, policy "
+        "(IQR) | efficiency, free replay (IQR) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['source']} | {r['threshold']:g} | {r['flops_saved']:.1%} | {r['full_ms']:.2f} | "
+                     f"{r['policy_ms']:.2f} | {r['replay_ms']:.2f} | {r['efficiency_policy']:.2f} "
+                     f"({r['efficiency_policy_iqr'][0]:.2f}-{r['efficiency_policy_iqr'][1]:.2f}) | "
+                     f"{r['efficiency_replay']:.2f} ({r['efficiency_replay_iqr'][0]:.2f}-"
+                     f"{r['efficiency_replay_iqr'][1]:.2f}) |")
+    lines += ["", "ms per image (median over rounds). " + report["method"], "", f"Command: `{report['command']}`", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="efficientnet_lite0.imagenet_tuned_gated")
+    p.add_argument("--sources", nargs="+", default=["gates", "plan"], choices=["gates", "plan"])
+    p.add_argument("--n", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    keep_heap_memory()
+    report = run(args)
+    jp, mp = write_results(report, args.out, f"batch1_decision_ceiling_{args.model.split('.')[0]}_"
+                           f"{args.model.split('.')[-1]}_{report['environment']['device_type']}", markdown)
+    print(f"wrote {jp} and {mp.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
