@@ -196,7 +196,8 @@ class BatchRunner:
         reused: dict[int, tuple[int, list[float]]] = {}
         if self.shadow.reuse and self.lookup is not None:
             kept = self.lookup([keys[i] for i in checked if keys[i] is not None])
-            reused = {i: kept[keys[i]] for i in checked if keys[i] in kept}
+            k = self.net.meta.num_classes  # a kept output of another length (a damaged file) is not reused
+            reused = {i: kept[keys[i]] for i in checked if keys[i] in kept and len(kept[keys[i]][1]) == k}
         return [i for i in checked if i not in reused], reused, keys
 
     def run(self, batch: InputBatch, b: int) -> list[str | None]:

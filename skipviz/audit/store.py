@@ -336,7 +336,8 @@ class AuditStore:
                     f"SELECT key, record_id, logits FROM full_outputs WHERE key IN ({','.join('?' * len(part))})",
                     part).fetchall()
                 for key, rid, blob in rows:
-                    out[key] = (int(rid), _from_float32_le(blob))
+                    if isinstance(blob, bytes) and len(blob) % 4 == 0:  # anything else is not a kept output
+                        out[key] = (int(rid), _from_float32_le(blob))
         return out
 
     # ----------------------------------------------------------------------------------------- queries

@@ -84,6 +84,22 @@ def _prep(net) -> str:
     return preprocessing_fingerprint(net)
 
 
+def test_a_damaged_kept_output_is_not_reused(tiny_net, images, tmp_path):
+    import sqlite3
+
+    db = tmp_path / "a.sqlite"
+    run_audit([images], tiny_net, GatePolicy(0.5), db, batch_size=6, latency_rounds=0)
+    con = sqlite3.connect(db)
+    keys = [k for (k,) in con.execute("SELECT key FROM full_outputs ORDER BY record_id")]
+    con.execute("UPDATE full_outputs SET logits = ? WHERE key = ?", (b"\x00" * 7, keys[0]))  # not float32s
+    con.execute("UPDATE full_outputs SET logits = ? WHERE key = ?", (b"\x00" * 8, keys[1]))  # 2 values, not 10
+    con.commit()
+    con.close()
+    again = run_audit([images], tiny_net, GatePolicy(0.3), db, batch_size=6, latency_rounds=0)
+    shadows = sorted(r.shadow for r in again.ok_records)
+    assert shadows == ["reused"] * 10 + ["run"] * 2  # the two damaged ones run the full network again
+
+
 def test_no_reuse_runs_the_full_network_again(tiny_net, images, tmp_path):
     db = tmp_path / "a.sqlite"
     run_audit([images], tiny_net, GatePolicy(0.5), db, batch_size=6, latency_rounds=0)
