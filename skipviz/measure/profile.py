@@ -142,10 +142,10 @@ def profile_blocks(net: "SkipNetwork", batch_size: int = 1, device: str | torch.
     net.eval()
     try:
         with torch.inference_mode():
-            stem_ms = timed(lambda: net.stem(x), "stem")
-            parts, hl = _time_blocks(net, net.stem(x), timed, bs, dev)
+            stem_ms = timed(lambda: net._stem(x), "stem")
+            parts, hl = _time_blocks(net, net._stem(x), timed, bs, dev)
             head_ms = timed(lambda: net.head(hl), "head")
-            h0 = net.stem(x)
+            h0 = net._stem(x)
             plan_ms = timed(lambda: PlanPolicy(0.5).plan(net, h0), "plan") if net.plan_head is not None else 0.0
             both = measure_interleaved({"full": lambda: _inference(net, x),
                                         "full_run": lambda: _inference(net.run, x, FullPolicy())}, **kw)

@@ -38,7 +38,7 @@ def run_masked(net: "SkipNetwork", x: torch.Tensor, policy: Policy | None = None
     """
     policy = policy or FullPolicy()
     n = x.shape[0]
-    h = net.stem(x)
+    h = net._stem(x)  # laid out as the engine lays it out (channels-last), as run() does
     active = torch.ones(n, dtype=torch.bool, device=x.device)
     exit_logits: torch.Tensor | None = None
     plan = policy.plan(net, h)

@@ -151,3 +151,29 @@ def test_both_shipped_tags_are_registered_and_a_missing_file_names_its_command(t
         create_model("efficientnet_lite0.imagenet_tuned_gated")
     with pytest.raises(KeyError, match="imagenet_tuned_gated"):
         create_model("efficientnet_lite0.imagenet_other")
+
+
+@torch.no_grad()
+def test_blocks_run_a_batch_in_cache_sized_sub_batches_with_the_same_results(lite, monkeypatch):
+    from skipviz import GatePolicy
+    from skipviz.models.efficientnet_lite import MBConvBlock
+
+    x = _images(5, seed=3)
+    h = lite._stem(x)
+    first = lite.blocks[1]  # 96 expanded channels at 112 x 112: 4.8 MB per image in float32
+    assert first.expanded_channels == 96 and first.rows_per_chunk(h) == 1  # one image per sub-batch
+    assert lite.blocks[14].rows_per_chunk(torch.zeros(5, 192, 7, 7)) >= 5  # small maps: the whole batch at once
+    whole = {}
+    monkeypatch.setattr(MBConvBlock, "chunk_bytes", 1 << 62)  # one piece
+    whole["logits"] = lite(x)
+    whole["run"] = lite.run(x, GatePolicy(0.5)).logits
+    monkeypatch.setattr(MBConvBlock, "chunk_bytes", 1)  # one image per sub-batch everywhere
+    assert all(b.rows_per_chunk(h) == 1 for b in lite.blocks)
+    assert torch.allclose(lite(x), whole["logits"], atol=1e-4)
+    assert torch.allclose(lite.run(x, GatePolicy(0.5)).logits, whole["run"], atol=1e-4)
+    # the in-place path updates the caller's tensor, sub-batch by sub-batch
+    g = lite.blocks[2]
+    h2 = lite.blocks[1](lite.blocks[0](h))
+    expected = h2 + g.residual(h2)
+    out = g.forward_(h2)
+    assert out is h2 and torch.allclose(out, expected, atol=1e-5)
