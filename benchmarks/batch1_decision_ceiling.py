@@ -30,26 +30,18 @@ sys.path.insert(0, str(ROOT))
 from skipviz import FullPolicy, create_model, keep_heap_memory  # noqa: E402
 from skipviz.cli.bench import write_results  # noqa: E402
 from skipviz.cli.bench_common import report_header  # noqa: E402
-from skipviz.data import cifar10_root, imagenette_root  # noqa: E402
+from skipviz.data import held_out_files  # noqa: E402
 from skipviz.measure.clock import device_info, measure_interleaved  # noqa: E402
 from skipviz.policies import policy_for  # noqa: E402
 from skipviz.policies.simple import FrozenPolicy  # noqa: E402
 
 
 def _photos(net, n: int) -> tuple[torch.Tensor, str]:
-    if net.meta.num_classes == 1000:
-        root = imagenette_root()
-        split, what = "val", "Imagenette val photos"
-    else:
-        root = cifar10_root()
-        split, what = "test", "CIFAR-10 test images"
-    if root is None:
-        raise SystemExit(f"error: the {what} are not on this machine (../shared/datasets)")
-    files = sorted(p for p in (root / split).rglob("*") if p.is_file())
-    step = max(1, len(files) // n)
-    picked = files[::step][:n]
-    return (torch.cat([net.meta.preprocess(Image.open(f).convert("RGB")) for f in picked]),
-            f"{len(picked)} {what} (every {step}th in sorted order)")
+    try:
+        files, what = held_out_files(net.meta.num_classes, n)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    return torch.cat([net.meta.preprocess(Image.open(f).convert("RGB")) for f in files]), what
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -41,7 +41,7 @@ from skipviz import create_model, keep_heap_memory  # noqa: E402
 from skipviz.audit import ShadowPlan, audit_items, collect_inputs  # noqa: E402
 from skipviz.cli.bench import write_results  # noqa: E402
 from skipviz.cli.bench_common import report_header  # noqa: E402
-from skipviz.data import cifar10_root, imagenette_root  # noqa: E402
+from skipviz.data import cifar10_root, held_out_files  # noqa: E402
 from skipviz.measure.clock import device_info  # noqa: E402
 from skipviz.measure.runs import default_audit_batch_size, measure_throughput  # noqa: E402
 from skipviz.policies import policy_for  # noqa: E402
@@ -50,19 +50,17 @@ MODES = ("every input", "every input, reused", "10 % checked")
 
 
 def _image_files(net, n: int) -> tuple[list[Path], str]:
-    """The first ``n`` held-out images of the model's data set in sorted order (every ``step``-th for Imagenette,
-    so that several classes are in), and their description."""
-    if net.meta.num_classes == 1000:
-        base = imagenette_root()
+    """The first ``n`` CIFAR-10 test images in sorted order, or for an ImageNet model ``n`` Imagenette val photos
+    spread over its classes; and their description."""
+    if net.meta.num_classes != 1000:
+        base = cifar10_root()
         if base is None:
-            raise SystemExit("error: Imagenette not found (../shared/datasets/imagenette, or set SKIPVIZ_IMAGENETTE)")
-        files = sorted(p for p in (base / "val").rglob("*") if p.is_file())
-        step = max(1, len(files) // n)
-        return files[::step][:n], f"{n} Imagenette val photos (every {step}th in sorted order)"
-    base = cifar10_root()
-    if base is None:
-        raise SystemExit("error: CIFAR-10 test images not found (../shared/datasets/cifar10, or set SKIPVIZ_CIFAR10)")
-    return sorted((base / "test").rglob("*.jpg"))[:n], f"the first {n} CIFAR-10 test images in sorted order"
+            raise SystemExit("error: CIFAR-10 not found (../shared/datasets/cifar10, or set SKIPVIZ_CIFAR10)")
+        return sorted((base / "test").rglob("*.jpg"))[:n], f"the first {n} CIFAR-10 test images in sorted order"
+    try:
+        return held_out_files(1000, n)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def _link_images(files: list[Path], dest: Path) -> None:

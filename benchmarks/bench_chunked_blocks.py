@@ -26,20 +26,17 @@ sys.path.insert(0, str(ROOT))
 from skipviz import FullPolicy, create_model, keep_heap_memory  # noqa: E402
 from skipviz.cli.bench import write_results  # noqa: E402
 from skipviz.cli.bench_common import engine_bench_report, report_footer, report_header, time_engine_variants  # noqa: E402
-from skipviz.data import imagenette_root  # noqa: E402
+from skipviz.data import held_out_files  # noqa: E402
 from skipviz.models.efficientnet_lite import MBConvBlock  # noqa: E402
 from skipviz.policies import policy_for  # noqa: E402
 
 
 def _photos(net, n: int) -> tuple[torch.Tensor, str]:
-    root = imagenette_root()
-    if root is None:
-        raise SystemExit("error: Imagenette not found (../shared/datasets/imagenette, or set SKIPVIZ_IMAGENETTE)")
-    files = sorted(p for p in (root / "val").rglob("*") if p.is_file())
-    step = max(1, len(files) // n)
-    picked = files[::step][:n]
-    return (torch.cat([net.meta.preprocess(Image.open(f).convert("RGB")) for f in picked]),
-            f"{len(picked)} Imagenette val photos (every {step}th in sorted order)")
+    try:
+        files, what = held_out_files(net.meta.num_classes, n)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    return torch.cat([net.meta.preprocess(Image.open(f).convert("RGB")) for f in files]), what
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -41,6 +41,22 @@ def imagenette_root() -> Path | None:
     return root if (root / "train").is_dir() and (root / "val").is_dir() else None
 
 
+def held_out_files(num_classes: int, n: int) -> tuple[list[Path], str]:
+    """About ``n`` held-out image files for a model of ``num_classes`` classes, spread evenly over the split in
+    sorted order (so every class is in): Imagenette ``val/`` for a 1000-class (ImageNet) model, CIFAR-10
+    ``test/`` otherwise; and their description. ``FileNotFoundError`` (naming the environment variable) when the
+    data set is not on this machine. What the benchmarks time real images on."""
+    if num_classes == 1000:
+        root, split, what, env = imagenette_root(), "val", "Imagenette val photos", IMAGENETTE_ENV
+    else:
+        root, split, what, env = cifar10_root(), "test", "CIFAR-10 test images", CIFAR10_ENV
+    if root is None:
+        raise FileNotFoundError(f"the {what} are not on this machine (../shared/datasets, or set ${env})")
+    files = sorted(p for p in (root / split).rglob("*") if p.is_file())
+    step = max(1, len(files) // max(1, n))
+    return files[::step][:n], f"{min(n, len(files[::step]))} {what} (every {step}th in sorted order)"
+
+
 def _imagenet_index_of_wnid() -> dict[str, int]:
     from timm.data import ImageNetInfo  # the WordNet ids of the 1,000 classes, in index order
 

@@ -60,3 +60,16 @@ def test_calibration_says_why_it_falls_back_to_test_images(cifar_and_card):
     assert calib.source.startswith("CIFAR-10 test subset") and "cannot be rebuilt" in calib.source
     del card["dataset"]["validation"]
     assert "records no validation split" in calibration.load_calibration(net, 8).source
+
+
+def test_held_out_files_spread_over_the_split_or_say_where_to_point(monkeypatch, tmp_path):
+    from skipviz.data import held_out_files
+
+    if cifar10_root() is None:
+        pytest.skip("CIFAR-10 is not on this machine (../shared/datasets/cifar10 or $SKIPVIZ_CIFAR10)")
+    files, what = held_out_files(10, 20)
+    assert len(files) == 20 and all("test" in f.parts for f in files)
+    assert len({f.parent.name for f in files}) == 10 and "every" in what  # every class is in
+    monkeypatch.setenv("SKIPVIZ_IMAGENETTE", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="SKIPVIZ_IMAGENETTE"):
+        held_out_files(1000, 4)
