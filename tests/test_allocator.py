@@ -48,15 +48,17 @@ mallinfo2.restype = MallInfo2
 if sys.argv[1] == "tuned":
     keep_heap_memory()
 before = mallinfo2().hblkhd
-t = torch.empty(4 * 2**20).fill_(1.0)  # 16 MiB: one batch-256 activation of the default model's first stage
-print(mallinfo2().hblkhd - before)
+t = torch.empty(int(sys.argv[2]) // 4).fill_(1.0)  # e.g. 16 MiB: one batch-256 activation of the CIFAR ResNets'
+print(mallinfo2().hblkhd - before)                 # first stage; 64 MiB: over the mmap threshold
 """
 
 
-def _mmapped_bytes(mode: str) -> int:
-    """Bytes glibc maps for one 16 MiB tensor allocated by a fresh process (growth of its mmapped blocks)."""
+def _mmapped_bytes(mode: str, size: int = 16 * 2**20) -> int:
+    """Bytes glibc maps for one tensor of ``size`` bytes allocated by a fresh process (growth of its mmapped
+    blocks)."""
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, "-c", _MMAPPED_BYTES, mode], cwd=root, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", _MMAPPED_BYTES, mode, str(size)], cwd=root, capture_output=True,
+                          text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     return int(proc.stdout.split()[-1])
@@ -68,6 +70,9 @@ def test_activations_come_from_the_heap_once_set():
     # it is served from the heap, whose freed memory is kept for the next batch
     assert _mmapped_bytes("default") >= 16 * 2**20
     assert _mmapped_bytes("tuned") == 0
+    # above the 32 MiB threshold too (EfficientNet-Lite0's stem output at batch 32 is 51 MB)
+    assert _mmapped_bytes("default", 64 * 2**20) >= 64 * 2**20
+    assert _mmapped_bytes("tuned", 64 * 2**20) == 0
 
 
 @glibc
@@ -75,7 +80,9 @@ def test_freed_activations_are_reused_without_page_faults():
     setting = keep_heap_memory()
     assert setting.tuned and setting.mmap_threshold == 32 * 2**20 and setting.trim_threshold == 512 * 2**20
     assert allocator_setting() == setting and keep_heap_memory() == setting  # idempotent
-    assert setting.label == f"{setting.allocator}, mmap threshold 32 MiB, trim threshold 512 MiB"
+    assert setting.large_from_heap
+    assert setting.label == (f"{setting.allocator}, mmap threshold 32 MiB, trim threshold 512 MiB, larger blocks "
+                             "from the heap too")
     assert _faults_per_round() < 16
 
 
