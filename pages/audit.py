@@ -49,7 +49,7 @@ def show_result(res: dict) -> None:
         st.subheader(f"Disagreements with the full network ({len(disagreements)})")
         st.dataframe(disagreements, hide_index=True, key="audit_disagreements", column_config=columns)
     elif res["ok"]:
-        st.caption("No disagreements: every audited input got the full network's prediction.")
+        st.caption("No disagreements: every input checked against the full network got its prediction.")
     st.subheader("Every input")
     st.caption("Disagreements first, then failed inputs, then the rest; the record and run ids, path and SHA-256 "
                "are in the last columns.")

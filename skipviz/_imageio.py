@@ -15,6 +15,7 @@ more pixels than Pillow itself will open (``2 * Image.MAX_IMAGE_PIXELS``, about 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -98,8 +99,12 @@ def read_bytes(source: str | Path | bytes | BinaryIO, max_bytes: int = MAX_BYTES
         p = Path(source)
         try:
             info = os.stat(p)  # one stat (following links) answers every check below: audits read thousands
-        except (FileNotFoundError, NotADirectoryError):
+        except ValueError:  # e.g. a NUL byte in the path
             raise ImageLoadError(f"{p}: no such file") from None
+        except OSError as e:  # what Path.exists() answers False for: missing, not a folder, a link loop
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+                raise ImageLoadError(f"{p}: no such file") from None
+            raise
         if stat.S_ISDIR(info.st_mode):
             raise ImageLoadError(f"{p}: is a folder, not an image")
         if not stat.S_ISREG(info.st_mode):  # a device, pipe or socket: its size says nothing about what a read returns

@@ -37,10 +37,12 @@ def fig_skip_rate_per_class(by_block: pd.DataFrame) -> go.Figure:
 
 
 def fig_flops_saved(records: Sequence["AuditRecord"]) -> go.Figure:
-    """Histogram of the share of FLOPs saved per input (%), agreeing and disagreeing inputs separately."""
+    """Histogram of the share of FLOPs saved per input (%): agreeing, disagreeing and (when the shadow run was
+    sampled) not checked inputs separately."""
     fig = go.Figure()
-    for agree, color, name in ((True, "#3b7dd8", "agrees with full"), (False, "#d62728", "disagrees")):
-        vals = [r.flops_saved_fraction for r in records if r.ok and bool(r.agree) == agree]
+    for agree, color, name in ((True, "#3b7dd8", "agrees with full"), (False, "#d62728", "disagrees"),
+                               (None, "#9e9e9e", "not checked against full")):
+        vals = [r.flops_saved_fraction for r in records if r.ok and r.agree is agree]
         if vals:
             fig.add_trace(go.Histogram(x=vals, name=name, marker_color=color, xbins=dict(start=0, end=1, size=0.02)))
     fig.update_layout(title="FLOPs saved per input", barmode="stack", xaxis_tickformat=".0%",

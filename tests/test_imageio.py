@@ -133,3 +133,13 @@ def test_every_listed_suffix_is_a_format_load_image_reads():
         src.save(buf, format=fmt)
         im, info = load_image(buf.getvalue(), name=f"x{suffix}")
         assert im.size == (32, 32) and im.mode == "RGB", suffix
+
+
+def test_a_link_loop_or_a_nul_byte_in_a_path_is_no_such_file(tmp_path):
+    import os
+
+    loop = tmp_path / "loop.jpg"
+    os.symlink(loop, loop)  # points at itself
+    for path in (loop, str(tmp_path / "a\0b.jpg"), tmp_path / "missing.jpg", tmp_path / "loop.jpg" / "x.jpg"):
+        with pytest.raises(ImageLoadError, match="no such file"):
+            load_image(path)

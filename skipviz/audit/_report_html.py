@@ -211,13 +211,15 @@ def _reproducibility_html(repro: dict) -> tuple[str, str]:
 def _all_inputs_html(run: AuditRun, disagreements: Sequence[AuditRecord], max_rows: int) -> str:
     """Every audited input in one collapsed compact table, disagreements first, capped at ``max_rows`` rows, and
     how many more agreeing inputs only the CSV and JSON hold."""
-    agreeing = [r for r in run.ok_records if r.agree is not False]
+    agreeing = [r for r in run.ok_records if r.agree is not False]  # agreeing, or not checked
     shown = list(disagreements) + agreeing[: max(max_rows - len(disagreements), 0)]
-    hidden = len(run.ok_records) - len(shown)
+    hidden = agreeing[max(max_rows - len(disagreements), 0):]
+    unchecked = sum(r.agree is None for r in hidden)
     table = (f"<details><summary>{len(shown)} of {len(run.ok_records)} inputs, disagreements first (click to "
              f"show)</summary>{_compact_rows(shown)}</details>" if shown else "<p>None.</p>")
-    return table + "\n" + (f"<p>{hidden} more agreeing inputs are in the CSV and JSON files.</p>" if hidden > 0
-                           else "")
+    parts = ([f"{len(hidden) - unchecked} more agreeing inputs"] if len(hidden) > unchecked else []) + (
+        [f"{unchecked} more inputs not checked against the full network"] if unchecked else [])
+    return table + "\n" + (f"<p>{' and '.join(parts)} are in the CSV and JSON files.</p>" if parts else "")
 
 
 def render_html(run: AuditRun, data: dict, per_block: pd.DataFrame, per_class: pd.DataFrame,

@@ -209,11 +209,12 @@ class AuditRun:
         audit (skipped run, skipped + shadow full run, full run; the two may overlap in time, so these are not
         latencies: see ``latency``)."""
         n, s, f = self.timings.get("images", 0), self.timings.get("skip_s", 0.0), self.timings.get("full_s", 0.0)
+        ran = self.timings.get("shadow_run", n)  # inputs the full network ran on (runs before the shadow plan: all)
         wall = self.timings.get("wall_s")
         return {"images": n, "end_to_end_images_per_s": n / wall if wall else None,
                 "skip_images_per_s": n / s if s else None,
                 "skip_with_shadow_images_per_s": n / (s + f) if s + f else None,
-                "full_images_per_s": n / f if f else None}
+                "full_images_per_s": ran / f if f and ran else None}
 
     def dataframe(self) -> pd.DataFrame:
         return records_to_dataframe(self.records)

@@ -115,16 +115,19 @@ def skip_rate_per_block(records: Sequence[AuditRecord]) -> pd.DataFrame:
 
 def skip_rate_per_class(records: Sequence[AuditRecord]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per class: ``(summary, by_block)``. The class is the label when known, else the full network's
-    prediction. ``summary``: n, how many of them are labelled, skip rate over all blocks, mean blocks run,
+    prediction (the skipped run's for an input the shadow run did not check). ``summary``: n, how many of them are labelled, skip rate over all blocks, mean blocks run,
     agreement, accuracy (over the labelled ones). ``by_block``: class x block skip-rate matrix (rows classes,
     columns block names)."""
     rows, cells = [], []
     for r in records:
         if not (r.ok and r.trace):
             continue
-        cls = r.label if r.label is not None else r.full_predicted_label
+        # the label, else the full network's prediction, else (not checked against it) the skipped run's
+        cls, source = ((r.label, "label") if r.label is not None else
+                       (r.full_predicted_label, "full prediction") if r.full_predicted_label is not None else
+                       (r.predicted_label, "skipped prediction (not checked)"))
         mask = r.executed_mask
-        rows.append({"class": cls, "class_source": "label" if r.label is not None else "full prediction",
+        rows.append({"class": cls, "class_source": source,
                      "skip_rate": 1.0 - sum(mask) / len(mask), "blocks_executed": sum(mask),
                      "agree": np.nan if r.agree is None else float(r.agree),
                      "correct": r.correct})

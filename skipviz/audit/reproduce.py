@@ -175,6 +175,8 @@ def _replay_batch(store: AuditStore, run_id: str, batch_index: int, targets: lis
         logits_ok = logit_diff <= tol and score_diff <= tol
         ok = decisions and pred and logits_ok and full_ok
         what = "bit-for-bit" if exact else f"within {tol:g}"
+        if t.shadow == SHADOW_REUSED:
+            what = f"(the skipped run {what}; the reused full output within {max(tol, atol):g})"
         msg = (f"reproduced {what}" if ok else
                f"NOT reproduced: decisions {'match' if decisions else 'differ'}, prediction "
                f"{'matches' if pred else 'differs'}, max |logit diff| {logit_diff:.3g}, max |score diff| "

@@ -178,7 +178,8 @@ class MBConvBlock(SkippableBlock):
         """In place, for inference: ``x <- x + residual(x)`` (no activation after the add), in sub-batches."""
         if self.downsample:
             raise ValueError("a block that changes the shape cannot run in place")
-        n, c = x.shape[0], self.rows_per_chunk(x)
+        n = x.shape[0]
+        c = self.rows_per_chunk(x) if bn_is_foldable(self.block.bn1) else n  # batch statistics: one batch
         for s in range(0, n, c):
             x[s: s + c].add_(self.residual(x[s: s + c]))
         return x

@@ -146,3 +146,26 @@ def test_the_cli_takes_a_shadow_fraction_and_refuses_a_bad_one(images, tmp_path,
     with pytest.raises(SystemExit):
         main(["audit", str(images), "--out", str(out), "--shadow", "most"])
     assert "shadow: expected 'all'" in capsys.readouterr().err
+
+
+def test_a_report_with_no_input_checked_still_renders_and_says_so(tiny_net, tmp_path):
+    # unlabelled inputs none of which falls in a tiny checked share: every per-class row takes the skipped run's
+    # prediction, the FLOPs figure draws them as not checked, the full network's rate is not inflated
+    from skipviz.audit.report import skip_rate_per_class
+    from skipviz.figures_audit import fig_flops_saved
+
+    root = tmp_path / "few"
+    root.mkdir()
+    for i in range(6):
+        (root / f"{i}.png").write_bytes(_png(100 + i))
+    plan = ShadowPlan(1e-6, reuse=False)
+    run = run_audit([root], tiny_net, GatePolicy(0.5), tmp_path / "a.sqlite", batch_size=4, latency_rounds=0,
+                    shadow=plan)
+    assert all(r.agree is None for r in run.ok_records) and len(run.ok_records) == 6
+    summary, by_block = skip_rate_per_class(run.records)
+    assert summary["n"].sum() == 6 and not by_block.empty
+    names = {t.name for t in fig_flops_saved(run.records).data}
+    assert names == {"not checked against full"}
+    assert run.throughput()["full_images_per_s"] is None and run.timings["shadow_run"] == 0
+    html = Path(write_report(run, tmp_path / "r.html")[0]).read_text()
+    assert "6 not checked" in html
