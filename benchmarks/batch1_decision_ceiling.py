@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from skipviz import FullPolicy, create_model, keep_heap_memory  # noqa: E402
 from skipviz.cli.bench import write_results  # noqa: E402
 from skipviz.cli.bench_common import report_header  # noqa: E402
-from skipviz.data import held_out_files  # noqa: E402
+from skipviz.data import held_out_images  # noqa: E402
 from skipviz.measure.clock import device_info, measure_interleaved  # noqa: E402
 from skipviz.policies import policy_for  # noqa: E402
 from skipviz.policies.simple import FrozenPolicy  # noqa: E402
@@ -38,10 +37,9 @@ from skipviz.policies.simple import FrozenPolicy  # noqa: E402
 
 def _photos(net, n: int) -> tuple[torch.Tensor, str]:
     try:
-        files, what = held_out_files(net.meta.num_classes, n)
+        return held_out_images(net.meta, n)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
-    return torch.cat([net.meta.preprocess(Image.open(f).convert("RGB")) for f in files]), what
 
 
 def run(args: argparse.Namespace) -> dict:

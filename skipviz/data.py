@@ -57,6 +57,13 @@ def held_out_files(num_classes: int, n: int) -> tuple[list[Path], str]:
     return files[::step][:n], f"{min(n, len(files[::step]))} {what} (every {step}th in sorted order)"
 
 
+def held_out_images(meta, n: int) -> tuple[torch.Tensor, str]:
+    """:func:`held_out_files` for a model's metadata (``ModelMeta``), decoded and preprocessed as the model
+    expects: ``((N, 3, H, W) normalised batch, description)``."""
+    files, what = held_out_files(meta.num_classes, n)
+    return torch.cat([meta.preprocess(Image.open(f).convert("RGB")) for f in files]), what
+
+
 def _imagenet_index_of_wnid() -> dict[str, int]:
     from timm.data import ImageNetInfo  # the WordNet ids of the 1,000 classes, in index order
 
