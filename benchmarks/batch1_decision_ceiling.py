@@ -28,25 +28,17 @@ sys.path.insert(0, str(ROOT))
 
 from skipviz import FullPolicy, create_model, keep_heap_memory  # noqa: E402
 from skipviz.cli.bench import write_results  # noqa: E402
-from skipviz.cli.bench_common import report_header  # noqa: E402
-from skipviz.data import held_out_images  # noqa: E402
+from skipviz.cli.bench_common import held_out_or_exit, report_header  # noqa: E402
 from skipviz.measure.clock import device_info, measure_interleaved  # noqa: E402
 from skipviz.policies import policy_for  # noqa: E402
 from skipviz.policies.simple import FrozenPolicy  # noqa: E402
-
-
-def _photos(net, n: int) -> tuple[torch.Tensor, str]:
-    try:
-        return held_out_images(net.meta, n)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     torch.set_grad_enabled(False)
     net = create_model(args.model).eval()
-    x, inputs = _photos(net, args.n)
+    x, inputs = held_out_or_exit(net.meta, args.n)
     rows = []
     for source in args.sources:
         if source == "plan" and net.plan_head is None:

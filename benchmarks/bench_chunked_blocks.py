@@ -24,17 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 from skipviz import FullPolicy, create_model, keep_heap_memory  # noqa: E402
 from skipviz.cli.bench import write_results  # noqa: E402
-from skipviz.cli.bench_common import engine_bench_report, report_footer, report_header, time_engine_variants  # noqa: E402
-from skipviz.data import held_out_images  # noqa: E402
+from skipviz.cli.bench_common import (engine_bench_report, held_out_or_exit, report_footer, report_header,  # noqa: E402
+                                      time_engine_variants)
 from skipviz.models.efficientnet_lite import MBConvBlock  # noqa: E402
 from skipviz.policies import policy_for  # noqa: E402
-
-
-def _photos(net, n: int) -> tuple[torch.Tensor, str]:
-    try:
-        return held_out_images(net.meta, n)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -44,7 +37,7 @@ def run(args: argparse.Namespace) -> dict:
     for m in whole.modules():
         if isinstance(m, MBConvBlock):
             m.chunk_bytes = 1 << 62  # every batch in one piece
-    x_all, inputs = _photos(chunked, max(args.batch_sizes))
+    x_all, inputs = held_out_or_exit(chunked.meta, max(args.batch_sizes))
     t = chunked.meta.default_threshold("gates")
     policy = policy_for(chunked, "gates", t)
     rows = []

@@ -5,8 +5,9 @@ The 10-epoch training state (`checkpoints/cifar_resnet56_gated/last.pt`) was cop
 with ``FinetuneConfig(epochs=13, kl_weight=4.0)`` (the cosine schedule over 13 epochs: the last three at lr
 0.0025 -> 0), bf16 autocast, 2 threads at nice 19 (most of the time paused while other work was timed). This
 script evaluates both checkpoints with per-block gates at several thresholds on the validation split carved from
-`train/` and on `test/`: accuracy, agreement with the network's own full run, FLOPs saved. The run folder is not
-committed (7 MB of optimiser state for a result recorded here).
+`train/` and on `test/`: accuracy, agreement with the network's own full run, FLOPs saved. The resumed run's
+training state is committed in `checkpoints/cifar_resnet56_gated_kl4/` (weights-only loadable; its config's
+``out_dir`` points there, so ``finetune`` with that config and more epochs continues it).
 
     python benchmarks/cifar_kl_trend.py CHECKPOINT_A CHECKPOINT_B
 """
@@ -27,7 +28,7 @@ torch.set_num_threads(2)
 cfg = FinetuneConfig(**json.load(open(ROOT / "checkpoints/cifar_resnet56_gated/config.json")))
 _, val, test = load_data(cfg)
 out = {}
-paths = sys.argv[1:] or [str(ROOT / "checkpoints/cifar_resnet56_gated/last.pt"), str(ROOT / "runs/cifar56_kl4/last.pt")]
+paths = sys.argv[1:] or [str(ROOT / "checkpoints/cifar_resnet56_gated/last.pt"), str(ROOT / "checkpoints/cifar_resnet56_gated_kl4/last.pt")]
 for name, path in zip(("A", "B"), paths):
     net, _ = init_network(cfg, ROOT / "runs" / "kl_trend_init")
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])

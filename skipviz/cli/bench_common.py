@@ -12,8 +12,8 @@ from typing import Callable, Mapping
 from .._allocator import keep_heap_memory
 from ..measure.clock import device_info, measure_interleaved
 
-__all__ = ["add_engine_bench_arguments", "engine_bench_report", "environment_markdown", "keep_heap_memory",
-           "report_footer", "report_header", "time_engine_variants"]
+__all__ = ["add_engine_bench_arguments", "engine_bench_report", "environment_markdown", "held_out_or_exit",
+           "keep_heap_memory", "report_footer", "report_header", "time_engine_variants"]
 
 
 def _fmt(v, spec: str) -> str:
@@ -76,3 +76,14 @@ def add_engine_bench_arguments(p: argparse.ArgumentParser, out_dir: str | Path, 
     p.add_argument("--inputs", default="auto", choices=["auto", "cifar10", "random"])
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--out", default=str(out_dir))
+
+
+def held_out_or_exit(meta, n: int):
+    """:func:`skipviz.data.held_out_images` for a benchmark script: ``((N, 3, H, W) batch, description)``, or the
+    script ends with a one-line error naming where the data set is looked for."""
+    from ..data import held_out_images
+
+    try:
+        return held_out_images(meta, n)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
