@@ -238,7 +238,8 @@ def threshold_key(page: str, source: str) -> str:
 
 def threshold_label(source: str) -> str:
     """``"Gate threshold"`` or ``"Plan threshold"``: what the slider sets under a decision source."""
-    return {"gates": "Gate threshold", "plan": "Plan threshold"}.get(source, f"{source.capitalize()} threshold")
+    return {"gates": "Gate threshold", "plan": "Plan threshold", "early_exit": "Exit threshold"}.get(
+        source, f"{source.capitalize()} threshold")
 
 
 def threshold_slider(lm: dashboard.LoadedModel, source: str, page: str) -> float:
@@ -252,7 +253,7 @@ def threshold_slider(lm: dashboard.LoadedModel, source: str, page: str) -> float
         st.session_state[key] = session_threshold(lm, source)
     operating_point_buttons(lm, source, key)
     t = st.slider(threshold_label(source), 0.0, 1.0, step=0.05, key=key,
-                  help=f"A block runs when its {policies.score_label(source)} >= this threshold "
+                  help=f"{policies.DECISION_SOURCES[source].rule.capitalize()} "
                        f"({policies.DECISION_SOURCES[source].label}); the same value on every page.")
     set_session_threshold(source, t)
     return float(t)

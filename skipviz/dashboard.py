@@ -59,8 +59,9 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------- one input
 def decision_sources(net: SkipNetwork) -> list[str]:
-    """The decision sources ``net`` offers: ``"gates"`` when it has gate heads, ``"plan"`` with a plan head."""
-    return [s for s, ok in (("gates", bool(net.gated_blocks)), ("plan", net.plan_head is not None)) if ok]
+    """The decision sources ``net`` offers: ``"gates"`` when it has gate heads, ``"plan"`` with a plan head,
+    ``"early_exit"`` with probe heads (:meth:`~skipviz.policies.threshold.DecisionSource.offered_by`)."""
+    return [name for name, src in DECISION_SOURCES.items() if src.offered_by(net)]
 
 
 def preprocess(net: SkipNetwork, image: Image.Image) -> torch.Tensor:

@@ -36,9 +36,10 @@ def model_and_policy(args: argparse.Namespace) -> tuple | None:
 
 
 def add_policy_argument(parser: argparse.ArgumentParser) -> None:
-    """``--policy gates|plan`` and ``--operating-point fast|faithful`` (skipviz predict, audit)."""
+    """``--policy gates|plan|early_exit`` and ``--operating-point fast|faithful`` (skipviz predict, audit)."""
     parser.add_argument("--policy", default="gates", choices=sorted(DECISION_SOURCES),
-                        help="decisions from the per-block gates or the plan head at the stem (default: gates)")
+                        help="decisions from the per-block gates, the plan head at the stem, or early exits on the probe "
+                             "heads (default: gates)")
     parser.add_argument("--operating-point", default=None, choices=["fast", "faithful"],
                         help="a threshold the model card names: fast (largest FLOPs cut within its accuracy bound) "
                              "or faithful (largest cut keeping >= 99%% agreement with the full network); "

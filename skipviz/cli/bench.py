@@ -243,7 +243,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stem = f"latency{'_plan' if cfg.policy == 'plan' else ''}_{report['environment']['device_type']}"
+    stem = f"latency{'' if cfg.policy == 'gates' else '_' + cfg.policy}_{report['environment']['device_type']}"
     if cfg.threads:  # an explicit thread count is a configuration of its own: kept beside the default's
         stem += f"_{cfg.threads}thread"
     jp, mp = write_results(report, args.out, stem)

@@ -32,8 +32,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"\n{path}  ({info.width}x{info.height} {info.format}, sha256 {info.sha256[:12]})")
         print(f"model {net.meta.display_name}, policy: {describe_policy(policy)}")
         print(f"prediction: {trace.predicted_label} ({trace.confidence:.1%})")
+        score = "probe" if policy.name == "early_exit" else "gate"  # what a block's score is (score_label)
         table = pd.DataFrame([{"block": b.name, "executed": "yes" if b.executed else "no",
-                               "gate": "" if b.score is None else f"{b.score:.3f}", "reason": b.reason,
+                               score: "" if b.score is None else f"{b.score:.3f}", "reason": b.reason,
                                "MFLOPs": b.flops / 1e6} for b in trace.blocks])
         print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
         print(f"blocks run {trace.blocks_executed}/{trace.blocks_total}; FLOPs {trace.flops_executed / 1e6:.2f}M of "

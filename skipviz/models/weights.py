@@ -74,12 +74,22 @@ class ModelMeta:
 
     def default_threshold(self, source: str = "gates") -> float:
         """The card's default threshold for a decision source (:data:`~skipviz.policies.threshold.DECISION_SOURCES`
-        says where: the per-block gates' ``default_policy.threshold``, the plan head's ``plan.default_threshold``;
-        an unknown source reads the gates'); 0.5 when the card has none."""
+        says where: the per-block gates' ``default_policy.threshold``, the plan head's ``plan.default_threshold``,
+        the early exits' ``early_exit.default_threshold``; an unknown source reads the gates'); the source's
+        ``fallback_threshold`` (0.5; exits 0.95) when the card has none."""
         src = DECISION_SOURCES.get(source) or DECISION_SOURCES["gates"]
         section = (self.card or {}).get(src.card_section)
         value = section.get(src.card_field) if isinstance(section, dict) else None
-        return float(value if value is not None else 0.5)
+        return float(value if value is not None else src.fallback_threshold)
+
+    def source_options(self, source: str) -> dict[str, Any]:
+        """The further policy arguments the card records for a decision source (its ``card_options``, e.g. the
+        early exits' ``min_block`` under ``early_exit``); ``{}`` when the card has none."""
+        src = DECISION_SOURCES.get(source)
+        section = (self.card or {}).get(src.card_section) if src is not None else None
+        if not isinstance(section, dict):
+            return {}
+        return {k: section[k] for k in src.card_options if section.get(k) is not None}
 
     def operating_points(self, source: str = "gates") -> dict[str, float]:
         """The named operating points the card records for a decision source (``operating_points.<source>``):

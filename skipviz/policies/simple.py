@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import torch
 
 from ..engine.trace import Reason
-from .base import Decision, Policy, check_threshold
+from .base import Decision, Override, Policy, check_threshold, normalise_overrides
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.flops import FlopTable
@@ -56,37 +56,65 @@ class EarlyExitPolicy(Policy):
     """Stop once the probe head after a block is confident: top-class probability >= ``threshold``.
 
     Every block runs until the exit; the blocks after it are bypassed and the prediction is the probe's.
-    ``min_block`` keeps the earliest (weakest) probes from exiting.
+    ``min_block`` keeps the earliest (weakest) probes from exiting (the model card's ``early_exit.min_block``
+    when built by :func:`~skipviz.policies.threshold.policy_for`). ``overrides`` as for the gates: ``"skip"``
+    bypasses that block for every sample still in the network, ``"run"`` runs it (the default before an exit),
+    a float is the exit threshold after that block. No sample leaves after the last block (the network's own
+    head reads it).
     """
 
     name = "early_exit"
 
-    def __init__(self, threshold: float = 0.9, min_block: int = 0) -> None:
+    def __init__(self, threshold: float = 0.9, overrides: Mapping[int, Override] | None = None,
+                 min_block: int = 0) -> None:
         self.threshold = check_threshold(threshold, "threshold")
+        self.overrides: dict[int, Override] = normalise_overrides(overrides)
         self.min_block = int(min_block)
+        if self.min_block < 0:
+            raise ValueError(f"min_block must be >= 0, got {min_block}")
+
+    def threshold_for(self, index: int) -> float:
+        ov = self.overrides.get(index)
+        return ov if isinstance(ov, float) else self.threshold
+
+    def exits_possible_after(self, net: "SkipNetwork", index: int) -> bool:
+        """Whether a sample can leave after block ``index``: a probe there, at or after ``min_block``, not the
+        last block."""
+        return net.probes is not None and self.min_block <= index < len(net.blocks) - 1
 
     def decide(self, net: "SkipNetwork", index: int, h: torch.Tensor) -> Decision:
-        return Decision(execute=True, reason=int(Reason.EXIT_CONTINUE), threshold=self.threshold)
+        ov = self.overrides.get(index)
+        if ov == "skip":
+            return Decision(execute=False, reason=int(Reason.FORCED_SKIP))
+        if ov == "run":
+            return Decision(execute=True, reason=int(Reason.FORCED_RUN))
+        return Decision(execute=True, reason=int(Reason.EXIT_CONTINUE), threshold=self.threshold_for(index))
 
     def exit_after(self, net: "SkipNetwork", index: int,
                    h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        probe = net.probe(index)
-        if probe is None or index < self.min_block or index == len(net.blocks) - 1:
+        if not self.exits_possible_after(net, index):
             return None
-        logits = probe(h)
+        logits = net.probe(index)(h)
         conf = torch.softmax(logits, dim=1).amax(1)
-        return conf >= self.threshold, logits, conf
+        return conf >= self.threshold_for(index), logits, conf
 
     def head_flops(self, table: "FlopTable") -> list[int]:
         n = len(table.blocks)
         return [table.probes[i] if table.probes and self.min_block <= i < n - 1 else 0 for i in range(n)]
 
+    def reason_text(self, code: Reason, score: float | None, threshold: float | None, index: int,
+                    exit_block: int | None = None) -> str:
+        if code is Reason.EXIT_CONTINUE and score is None:  # before min_block, or the last block
+            return "runs: no exit after this block"
+        return super().reason_text(code, score, threshold, index, exit_block)
+
     def config(self) -> dict:
-        return {"name": self.name, "threshold": self.threshold, "min_block": self.min_block}
+        return {"name": self.name, "threshold": self.threshold, "min_block": self.min_block,
+                "overrides": {str(k): v for k, v in sorted(self.overrides.items())}}
 
     @classmethod
     def from_config(cls, config: Mapping) -> "EarlyExitPolicy":
-        return cls(config.get("threshold", 0.9), config.get("min_block", 0))
+        return cls(config.get("threshold", 0.9), config.get("overrides", {}), config.get("min_block", 0))
 
 
 class FrozenPolicy(Policy):

@@ -6,9 +6,10 @@
 * :class:`PlanPolicy` - BlockDrop-style: the network's plan head decides every gated block of a sample at
   once, from the stem's output, before block 0 (:meth:`Policy.plan`).
 
-:data:`DECISION_SOURCES` is the one table of the two decision sources (``"gates"``, ``"plan"``): their policy,
-their labels, where the model card keeps their default threshold. :func:`policy_for` builds a network's
-policy for a source.
+:data:`DECISION_SOURCES` is the one table of the decision sources (``"gates"``, ``"plan"``, and ``"early_exit"``:
+:class:`~skipviz.policies.simple.EarlyExitPolicy` on the probe heads, also one threshold plus per-block
+overrides): their policy, their labels, where the model card keeps their default threshold. :func:`policy_for`
+builds a network's policy for a source.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 from ..engine.trace import Reason
 from .base import Decision, Override, Plan, Policy, _fmt, check_threshold, normalise_overrides
-from .simple import FullPolicy
+from .simple import EarlyExitPolicy, FullPolicy
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.flops import FlopTable
@@ -178,63 +179,96 @@ _NOT_GATED, _FORCED_RUN, _FORCED_SKIP = int(Reason.NOT_GATED), int(Reason.FORCED
 class DecisionSource:
     """One decision source of the threshold policies: its policy class (``policy.name`` is the source's name,
     the ``--policy`` choice of ``skipviz predict / audit / bench``), the dashboard's label for it, what a block's
-    score is under it, where the model card keeps its default threshold (``card[card_section][card_field]``),
-    and the benchmark's title for it."""
+    score is under it, what the threshold does (``rule``, a sentence for the slider), where the model card keeps
+    its default threshold (``card[card_section][card_field]``; ``fallback_threshold`` when the card has none) and
+    further constructor arguments (``card_options``, read from the same card section), and the benchmark's title
+    for it."""
 
-    policy: type[GatePolicy]
+    policy: type[Policy]
     label: str
     score_label: str
     card_section: str
     card_field: str
     title: str
+    rule: str
+    fallback_threshold: float = 0.5
+    card_options: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         return self.policy.name
 
+    def offered_by(self, net: "SkipNetwork") -> bool:
+        """Whether ``net`` has the heads this source reads (gate heads, a plan head, probe heads)."""
+        if self.name == "plan":
+            return net.plan_head is not None
+        if self.name == "early_exit":
+            return net.probes is not None and len(net.blocks) > 1
+        return bool(net.gated_blocks)
 
-#: The decision sources by name: per-block gates, or the plan head at the stem.
+    def missing_heads(self, net: "SkipNetwork") -> str:
+        """Why ``net`` cannot use this source, in words (for the ``ValueError`` of :func:`policy_for`)."""
+        if self.name == "plan":
+            return f"{net.meta.display_name} has no plan head: train one with `skipviz train-plan`"
+        if self.name == "early_exit":
+            return f"{net.meta.display_name} has no probe heads to exit on"
+        return f"{net.meta.display_name} has no gate heads"
+
+
+#: The decision sources by name: per-block gates, the plan head at the stem, or early exits on the probe heads.
 DECISION_SOURCES: dict[str, DecisionSource] = {s.name: s for s in (
     DecisionSource(GatePolicy, "per-block gates", "gate probability", "default_policy", "threshold",
-                   "per-block gates (GatePolicy)"),
+                   "per-block gates (GatePolicy)", "a block runs when its gate probability >= this threshold"),
     DecisionSource(PlanPolicy, "plan at the stem (every block decided up front)", "plan probability", "plan",
-                   "default_threshold", "plan head, every block decided at the stem (PlanPolicy)"),
+                   "default_threshold", "plan head, every block decided at the stem (PlanPolicy)",
+                   "a block runs when its plan probability >= this threshold"),
+    DecisionSource(EarlyExitPolicy, "early exits (probe confidence after each block)",
+                   "probe confidence (top-class probability)", "early_exit", "default_threshold",
+                   "early exits on the probe heads (EarlyExitPolicy)",
+                   "an input leaves after a block when the probe there gives its top class a probability >= this "
+                   "threshold: the later blocks are bypassed and the probe's prediction is the answer (higher: "
+                   "fewer exits, more compute)", fallback_threshold=0.95, card_options=("min_block",)),
 )}
 
 #: The policies driven by one global threshold plus per-block overrides, by name (from :data:`DECISION_SOURCES`).
-THRESHOLD_POLICIES: dict[str, type[GatePolicy]] = {name: s.policy for name, s in DECISION_SOURCES.items()}
+THRESHOLD_POLICIES: dict[str, type[Policy]] = {name: s.policy for name, s in DECISION_SOURCES.items()}
 
 
 def policy_for(net: "SkipNetwork", source: str = "gates", threshold: float | None = None,
                overrides: Mapping[int, Override] | None = None) -> Policy:
-    """The threshold policy of ``net`` for a decision source: its per-block gates (``"gates"``) or its plan head
-    (``"plan"``), at ``threshold`` (default: the model card's default for that source,
-    :meth:`~skipviz.models.weights.ModelMeta.default_threshold`) with per-block ``overrides``; :class:`FullPolicy` when
-    the source decides no block (no gate heads, or a plan head over no blocks) and there are no overrides. ``ValueError`` for an unknown source, or for ``"plan"`` on
-    a network without a plan head."""
-    if source not in THRESHOLD_POLICIES:
-        raise ValueError(f"unknown policy {source!r}; known: {sorted(THRESHOLD_POLICIES)}")
-    if source == "plan" and net.plan_head is None:
-        raise ValueError(f"{net.meta.display_name} has no plan head: train one with `skipviz train-plan`")
-    decided = net.plan_head.gated_blocks if source == "plan" else net.gated_blocks
-    if not decided and not overrides:  # nothing for this source to decide
-        return FullPolicy()
-    return THRESHOLD_POLICIES[source](net.meta.default_threshold(source) if threshold is None else threshold,
-                                      overrides)
+    """The threshold policy of ``net`` for a decision source: its per-block gates (``"gates"``), its plan head
+    (``"plan"``) or early exits on its probe heads (``"early_exit"``), at ``threshold`` (default: the model
+    card's default for that source, :meth:`~skipviz.models.weights.ModelMeta.default_threshold`) with per-block
+    ``overrides`` and the source's card options (the exits' ``min_block``); :class:`FullPolicy` when the source
+    decides no block (no gate heads, or a plan head over no blocks) and there are no overrides. ``ValueError``
+    for an unknown source, or for a source whose heads the network lacks."""
+    if source not in DECISION_SOURCES:
+        raise ValueError(f"unknown policy {source!r}; known: {sorted(DECISION_SOURCES)}")
+    src = DECISION_SOURCES[source]
+    if source in ("plan", "early_exit") and not src.offered_by(net):
+        raise ValueError(src.missing_heads(net))
+    if source != "early_exit":
+        decided = net.plan_head.gated_blocks if source == "plan" else net.gated_blocks
+        if not decided and not overrides:  # nothing for this source to decide
+            return FullPolicy()
+    t = net.meta.default_threshold(source) if threshold is None else threshold
+    return src.policy(t, overrides, **net.meta.source_options(source))
 
 
 def make_policy(net: "SkipNetwork", threshold: float, overrides: Mapping[int, Override] | None = None,
                 source: str = "gates") -> Policy:
     """The policy the dashboard's controls describe: learned gates (or, with ``source="plan"`` and a plan head,
-    the plan at the stem) at ``threshold`` with per-block overrides (``"auto"`` entries dropped); full if the
-    network has no gates."""
+    the plan at the stem; with ``source="early_exit"`` and probe heads, early exits) at ``threshold`` with
+    per-block overrides (``"auto"`` entries dropped); the gates when the network lacks the source's heads, full if
+    it has no gates either."""
     if source not in DECISION_SOURCES:
         raise ValueError(f"unknown decision source {source!r}; known: {sorted(DECISION_SOURCES)}")
     ov = normalise_overrides(overrides, auto=True)
-    return policy_for(net, source if net.plan_head is not None else "gates", threshold, ov)
+    return policy_for(net, source if DECISION_SOURCES[source].offered_by(net) else "gates", threshold, ov)
 
 
 def score_label(source: str) -> str:
     """What a block's score is under a decision source or policy name (``trace.policy``): ``"plan probability"``
-    (decided at the stem by the plan head) or, for every other policy, ``"gate probability"``."""
+    (decided at the stem by the plan head), the probe's confidence for early exits, or, for every other policy,
+    ``"gate probability"``."""
     return (DECISION_SOURCES.get(source) or DECISION_SOURCES["gates"]).score_label

@@ -45,8 +45,10 @@ def describe_policy(policy: Any) -> str:
         return (f"KL redundancy, q {_threshold(config.get('q', 0.3))}, "
                 f"{plural(len(config.get('skip') or []), 'block')} skipped")
     if name == "early_exit":
+        n = len(config.get("overrides") or {})
         return (f"early exit, threshold {_threshold(config.get('threshold', 0.9))}"
-                + (f", from block {config['min_block']}" if config.get("min_block") else ""))
+                + (f", from block {config['min_block']}" if config.get("min_block") else "")
+                + (f", {plural(n, 'override')}" if n else ""))
     if name == "frozen":
         executed = config.get("executed") or []
         return f"frozen decisions, {sum(bool(e) for e in executed)}/{len(executed)} blocks run"

@@ -38,6 +38,7 @@ from ..engine.network import SkipNetwork
 from ..evaluate import within_drop
 from .distill import (DistillConfig, build_network, head_state, load_training_images, split_train_val, test_images,
                       with_extra_images)
+from .exit_points import ExitPoints, ExitPointsConfig, exit_operating_points
 
 __all__ = ["HeadsExportConfig", "STORAGE_NOTE", "export_heads", "operating_point"]
 
@@ -48,7 +49,9 @@ class HeadsExportConfig:
     # from 0.05: heads trained towards a low target rate already skip 10 % of the FLOPs at 0.1
     gate_thresholds: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     plan_thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-    exit_thresholds: tuple[float, ...] = (0.8, 0.95)
+    # early exits (skipviz.training.exit_points): thresholds and first exit blocks tried on validation
+    exit_thresholds: tuple[float, ...] = ExitPointsConfig.thresholds
+    exit_min_blocks: tuple[int, ...] = ExitPointsConfig.min_blocks
     max_drop_points: float = 1.0
     min_agreement: float = 0.99
     plan_teacher_threshold: float = 0.5
@@ -90,6 +93,12 @@ def operating_point(curve: pd.DataFrame, max_drop_points: float | None = None,
     return float(ok.sort_values(["flops_saved_fraction", "threshold"], ascending=[False, True]).iloc[0]["threshold"])
 
 
+def _exit_config(cfg: HeadsExportConfig) -> ExitPointsConfig:
+    return ExitPointsConfig(thresholds=tuple(cfg.exit_thresholds), min_blocks=tuple(cfg.exit_min_blocks),
+                            max_drop_points=cfg.max_drop_points, min_agreement=cfg.min_agreement,
+                            batch_size=cfg.batch_size)
+
+
 def _fit_plan(net: SkipNetwork, train_set: TensorDataset, val_set: TensorDataset, cfg: HeadsExportConfig) -> dict:
     from .plan import PlanConfig, fit_plan_head, plan_targets
 
@@ -116,15 +125,14 @@ def _curves(net: SkipNetwork, data: TensorDataset, cfg: HeadsExportConfig, publi
     """Full run and threshold curves of ``net`` on ``data``. Agreement and accuracy drop are measured against
     ``published``'s full run when given (a fine-tuned copy is judged against the network it was tuned from),
     else against ``net``'s own; ``"published"`` holds that reference run."""
-    from ..evaluate import early_exit_policy, evaluate_policy, threshold_curve
+    from ..evaluate import evaluate_policy, threshold_curve
     from ..policies import FullPolicy, GatePolicy, PlanPolicy
 
     full = evaluate_policy(net, data, FullPolicy(), batch_size=cfg.batch_size)
     ref = full if published is None else evaluate_policy(published, data, FullPolicy(), batch_size=cfg.batch_size)
     gates, gate_evals = threshold_curve(net, data, cfg.gate_thresholds, GatePolicy, ref, cfg.batch_size)
     plan, _ = threshold_curve(net, data, cfg.plan_thresholds, PlanPolicy, ref, cfg.batch_size)
-    exits, _ = threshold_curve(net, data, cfg.exit_thresholds, early_exit_policy, ref, cfg.batch_size)
-    return {"full": full, "published": ref, "gates": gates, "gate_evals": gate_evals, "plan": plan, "exits": exits}
+    return {"full": full, "published": ref, "gates": gates, "gate_evals": gate_evals, "plan": plan}
 
 
 def _full_vs_published(curves: dict) -> dict:
@@ -190,6 +198,7 @@ def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Pa
     train_set, val_set, test_set = splits["train"], splits["validation"], splits["test"]
     plan, val, test, points, fast_t = ev["plan"], ev["val"], ev["test"], ev["points"], ev["fast"]
     outcome, per_class, classes, src = ev["outcome"], ev["per_class"], ev["classes"], ev["source"]
+    exits: ExitPoints = ev["exits"]
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     labelled = ev["labelled"]
     card = {
@@ -225,13 +234,15 @@ def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Pa
         "metrics_test": ({"full_accuracy": test["full"].accuracy,
                           **({"published_full_accuracy": test["published"].accuracy} if dcfg.backbone_lr > 0 else {}),
                           "gate_curve": test["gates"].to_dict("records"),
-                          "early_exit_curve": test["exits"].to_dict("records"),
+                          "early_exit_curve": exits.test.to_dict("records") if exits.test is not None else [],
                           "blocks_mean_correct": outcome["correct"], "blocks_mean_wrong": outcome["wrong"],
                           "per_class": per_class.to_dict("records")} if outcome is not None else {}),
         "metrics_validation": {"full_accuracy": val["full"].accuracy if labelled else None,
                                **({"published_full_accuracy": val["published"].accuracy if labelled else None}
                                   if dcfg.backbone_lr > 0 else {}),
-                               "gate_curve": val["gates"].to_dict("records")},
+                               "gate_curve": val["gates"].to_dict("records"),
+                               "early_exit_curve": exits.validation.to_dict("records")},
+        "early_exit": exits.card_section(_exit_config(cfg)),
         "plan": {**plan, "default_threshold": points["plan"]["fast"]["threshold"] or cfg.plan_thresholds[0],
                  "validation": {"curve": val["plan"].to_dict("records")},
                  "curve_test": test["plan"].to_dict("records") if test is not None else None},
@@ -292,6 +303,9 @@ def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: st
                                    "test": _point(test[source], fast) if test is not None else None},
                           "faithful": {"threshold": faithful, "validation": _point(val[source], faithful),
                                        "test": _point(test[source], faithful) if test is not None else None}}
+    exits = exit_operating_points(net, val_set, val["published"], test_set,
+                                  test["published"] if test is not None else None, _exit_config(cfg))
+    points["early_exit"] = exits.points
     fast_t = points["gates"]["fast"]["threshold"] or cfg.gate_thresholds[0]  # none qualifies: the most cautious
     classes = imagenet_classes() if dcfg.model is None else list(net.meta.classes)
     outcome, per_class = None, None
@@ -300,6 +314,7 @@ def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: st
     src = _source(dcfg, net, str(root), labelled)
     card = _card(net, dcfg, cfg, run, {"train": train_set, "validation": val_set, "test": test_set},
                  {"plan": plan, "val": val, "test": test, "points": points, "fast": fast_t, "labelled": labelled,
+                  "exits": exits,
                   "outcome": outcome, "per_class": per_class, "classes": classes, "source": src}, t_start)
     dest = dest or data_dir()
     dest.mkdir(parents=True, exist_ok=True)

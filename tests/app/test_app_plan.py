@@ -35,7 +35,7 @@ def decisions(net, policy) -> list[str]:
 
 def test_views_offer_the_plan_when_the_model_has_one():
     net = dashboard.load_model(SMALL_CIFAR_MODEL).net
-    assert dashboard.decision_sources(net) == ["gates", "plan"]
+    assert dashboard.decision_sources(net) == ["gates", "plan", "early_exit"]
     lm = dashboard.load_model(SMALL_CIFAR_MODEL)
     assert lm.default_threshold_for("plan") == net.meta.card["plan"]["default_threshold"]
     assert lm.default_threshold_for("gates") == lm.default_threshold == net.meta.card["default_policy"]["threshold"]
@@ -136,3 +136,35 @@ def test_the_slider_shows_the_threshold_in_use_after_every_switch(shipped_env):
     s = slider_in_use(at, "inspect")
     assert s.key == "inspect_threshold_plan" and s.value == 0.6
     assert set(frame(at, "blocks")["threshold"].dropna()) == {0.6}
+
+
+def test_early_exits_are_a_decision_source_on_every_page(shipped_env):
+    """The exits on the probe heads: their own slider (the card's default, else 0.95), the table's decisions and
+    reasons from the engine, the same choice and value on the Thresholds page."""
+    from streamlit.testing.v1 import AppTest
+
+    from skipviz import EarlyExitPolicy
+
+    net = dashboard.load_model(SMALL_CIFAR_MODEL).net
+    default = net.meta.default_threshold("early_exit")
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.radio(key="inspect_source").set_value("early_exit").run()
+    assert not at.exception
+    s = slider_in_use(at, "inspect")
+    assert s.key == "inspect_threshold_early_exit" and s.label == "Exit threshold" and s.value == default
+    assert "leaves after a block" in s.help
+    policy = policies.policy_for(net, "early_exit", default)
+    assert list(frame(at, "blocks")["decision"]) == decisions(net, policy)
+    at.slider(key="inspect_threshold_early_exit").set_value(0.0).run()  # every input leaves at the first exit
+    table = frame(at, "blocks")
+    first = policies.policy_for(net, "early_exit", 0.0).min_block
+    assert list(table["decision"]) == decisions(net, EarlyExitPolicy(0.0, min_block=first))
+    assert "exit after this block" in table["reason"].iloc[first]
+    assert all("early exit" in r for r in table["reason"].iloc[first + 1:])
+    at.switch_page("pages/thresholds.py").run()
+    assert not at.exception and at.radio(key="thresholds_source").value == "early_exit"
+    assert slider_in_use(at, "thresholds").value == 0.0
+    calib = calibration.load_calibration(net, 16)
+    full = calibration.evaluate_calibration(net, calib, FullPolicy())
+    point = calibration.evaluate_calibration(net, calib, EarlyExitPolicy(0.0, min_block=first), full.predictions)
+    assert metric(at, "Agreement with full") == dashboard.percent(point.agreement)

@@ -76,4 +76,5 @@ def test_a_weights_file_with_a_plan_head_loads_into_the_plain_architecture(tmp_p
     with torch.no_grad():
         assert torch.equal(plain.run(x, PlanPolicy(0.5)).executed, shipped.run(x, PlanPolicy(0.5)).executed)
     uploaded = dashboard.load_uploaded_weights(arch, path.read_bytes(), path.name)  # the Model page
-    assert uploaded.net.plan_head is not None and dashboard.decision_sources(uploaded.net) == ["gates", "plan"]
+    assert uploaded.net.plan_head is not None
+    assert dashboard.decision_sources(uploaded.net) == ["gates", "plan", "early_exit"]

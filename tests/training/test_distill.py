@@ -49,7 +49,11 @@ def test_distill_then_export_keeps_the_backbone_and_writes_a_card(tiny_imagenett
                                                 plan_thresholds=(0.5,), exit_thresholds=(0.9,), plan_epochs=2),
                               dest=tmp_path / "data", data_root=str(tiny_imagenette))
     assert card["backbone"]["sha256"] and card["dataset"]["validation"]["carved_from"] == "train/"
-    assert set(card["operating_points"]) == {"gates", "plan"}
+    assert set(card["operating_points"]) == {"gates", "plan", "early_exit"}
+    exits = card["early_exit"]  # min_block and the exits' default, chosen on validation (training/exit_points)
+    assert exits["min_block"] in HeadsExportConfig.exit_min_blocks and 0.0 <= exits["default_threshold"] <= 1.0
+    assert {r["min_block"] for r in exits["min_block_choice"]} == set(HeadsExportConfig.exit_min_blocks)
+    assert all(r["min_block"] == exits["min_block"] for r in card["metrics_test"]["early_exit_curve"])
     assert card["training"]["cpu"] and card["classes"][701] == "parachute"
     net = create_model("efficientnet_lite0", weights=path)
     assert net.plan_head is not None

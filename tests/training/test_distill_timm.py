@@ -63,7 +63,7 @@ def test_distil_export_and_open_a_timm_models_heads(backbone, folder, tmp_path, 
     assert card["backbone"]["sha256"] and card["backbone"]["path"] == str(backbone.resolve())
     assert card["dataset"]["test"]["n"] == 6 and card["dataset"]["validation"]["n"] == 4
     assert card["metrics_test"]["full_accuracy"] is not None and card["training"]["labels_used"] is False
-    assert set(card["operating_points"]) == {"gates", "plan"} and card["model"] == "timm:resnet18"
+    assert set(card["operating_points"]) == {"gates", "plan", "early_exit"} and card["model"] == "timm:resnet18"
     net = create_model("timm:resnet18", weights=path)
     assert net.plan_head is not None and net.gated_blocks and net.probes is not None
     assert net.meta.classes == ["cat", "dog", "owl"] and net.meta.default_threshold() == card["default_policy"]["threshold"]

@@ -1,0 +1,81 @@
+"""EarlyExitPolicy as a decision source: per-block overrides, min_block, the card's options, its config."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from skipviz import create_model, policy_for, policy_from_config
+from skipviz.dashboard import decision_sources
+from skipviz.policies import DECISION_SOURCES, EarlyExitPolicy, make_policy
+
+from conftest import varied_images
+
+
+@torch.no_grad()
+def test_min_block_keeps_early_probes_from_exiting(tiny_net, batch):
+    res = tiny_net.run(batch, EarlyExitPolicy(0.0, min_block=3))  # everyone confident: all leave after block 3
+    assert res.exit_block == [3] * len(batch)
+    assert res.executed[:, :4].all() and not res.executed[:, 4:].any()
+    h = tiny_net._stem(batch)
+    for block in tiny_net.blocks[:4]:
+        h = block(h)
+    assert torch.allclose(res.logits, tiny_net.probe(3)(h), atol=1e-5)
+    flops = EarlyExitPolicy(0.0, min_block=3).head_flops(tiny_net.flop_table())
+    assert flops[:3] == [0, 0, 0] and flops[3] > 0 and flops[-1] == 0  # probes evaluated from block 3 on only
+
+
+@torch.no_grad()
+def test_overrides_force_a_skip_and_set_a_blocks_exit_threshold(tiny_net, batch):
+    never = EarlyExitPolicy(1.0, {1: "skip", 4: 0.0})  # no exit anywhere but after block 4, block 1 bypassed
+    res = tiny_net.run(batch, never)
+    assert not res.executed[:, 1].any() and res.executed[:, [0, 2, 3, 4]].all()
+    assert res.exit_block == [4] * len(batch) and not res.executed[:, 5:].any()
+    tr = res.traces()[0]
+    assert tr.blocks[1].reason == "forced skip by override" and "exit after this block" in tr.blocks[4].reason
+    assert EarlyExitPolicy(1.0, {"4": "run"}).overrides == {4: "run"}
+    with pytest.raises(ValueError, match="min_block"):
+        EarlyExitPolicy(0.9, min_block=-1)
+
+
+def test_config_round_trips_with_overrides_and_min_block():
+    p = EarlyExitPolicy(0.8, {2: "skip", 5: 0.7}, min_block=4)
+    config = p.config()
+    assert config == {"name": "early_exit", "threshold": 0.8, "min_block": 4, "overrides": {"2": "skip", "5": 0.7}}
+    back = policy_from_config(config)
+    assert isinstance(back, EarlyExitPolicy) and back.config() == config
+    old = policy_from_config({"name": "early_exit", "threshold": 0.9, "min_block": 2})  # audits written before
+    assert old.min_block == 2 and old.overrides == {}
+
+
+def test_exits_are_a_decision_source_read_from_the_card():
+    net = create_model("cifar_resnet20")  # gates and probes, no plan head
+    assert decision_sources(net) == ["gates", "early_exit"]
+    assert decision_sources(create_model("cifar_resnet20", probes=False)) == ["gates"]
+    src = DECISION_SOURCES["early_exit"]
+    assert src.policy is EarlyExitPolicy and "leaves after a block" in src.rule
+    net.meta.card = {}
+    p = policy_for(net, "early_exit")
+    assert isinstance(p, EarlyExitPolicy) and p.threshold == src.fallback_threshold == 0.95 and p.min_block == 0
+    net.meta.card = {"early_exit": {"default_threshold": 0.88, "min_block": 6}}
+    p = policy_for(net, "early_exit", overrides={2: "skip"})
+    assert (p.threshold, p.min_block, p.overrides) == (0.88, 6, {2: "skip"})
+    assert policy_for(net, "early_exit", 0.5).threshold == 0.5
+    assert isinstance(make_policy(net, 0.7, {3: "auto"}, "early_exit"), EarlyExitPolicy)
+    no_probes = create_model("cifar_resnet20", probes=False)
+    with pytest.raises(ValueError, match="no probe heads"):
+        policy_for(no_probes, "early_exit")
+    assert make_policy(no_probes, 0.5, source="early_exit").name == "gates"  # the source it lacks: gates
+
+
+def test_operating_points_of_the_exits_come_from_the_card():
+    net = create_model("cifar_resnet20")
+    net.meta.card = {"early_exit": {"default_threshold": 0.92, "min_block": 2},
+                     "operating_points": {"early_exit": {"fast": {"threshold": 0.8, "min_block": 2},
+                                                         "faithful": {"threshold": 0.92, "min_block": 2}}}}
+    assert net.meta.operating_points("early_exit") == {"fast": 0.8, "faithful": 0.92}
+    assert net.meta.source_options("early_exit") == {"min_block": 2}
+    assert net.meta.source_options("gates") == {}
+    x = varied_images(4, seed=2)
+    with torch.no_grad():
+        res = net.eval().run(x, policy_for(net, "early_exit", net.meta.operating_point("fast", "early_exit")))
+    assert res.executed[:, :3].all()  # min_block 2: nobody leaves before block 2 has run
