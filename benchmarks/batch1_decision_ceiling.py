@@ -1,8 +1,8 @@
 """Batch-1 efficiency on real photos against the same decisions replayed for free: how much of the gap to 1.0 is
 the decision (gate heads, plan head, per-block policy work) and how much the architecture.
 
-For each image of a held-out sample the model's policy (gates or plan at the card default) decides which blocks
-run. Three runs per image, each a batch of one: the full network (``FullPolicy``), the policy itself, and a
+For each image of a held-out sample the model's policy (gates, plan or early exits, at the card default or at a
+named operating point of the card) decides which blocks run. Three runs per image, each a batch of one: the full network (``FullPolicy``), the policy itself, and a
 ``FrozenPolicy`` replaying that image's own decisions (the same blocks skipped, no head evaluated, no policy
 work: the free-decision ceiling). Per round every image goes through each run once, the order of the three runs
 rotating between rounds (``skipviz.measure.clock.measure_interleaved``); efficiency = time-saved fraction /
@@ -30,7 +30,7 @@ from skipviz import FullPolicy, create_model, keep_heap_memory  # noqa: E402
 from skipviz.cli.bench import write_results  # noqa: E402
 from skipviz.cli.bench_common import held_out_or_exit, report_header  # noqa: E402
 from skipviz.measure.clock import device_info, measure_interleaved  # noqa: E402
-from skipviz.policies import policy_for  # noqa: E402
+from skipviz.policies import DECISION_SOURCES, describe_policy, policy_for  # noqa: E402
 from skipviz.policies.simple import FrozenPolicy  # noqa: E402
 
 
@@ -40,10 +40,15 @@ def run(args: argparse.Namespace) -> dict:
     net = create_model(args.model).eval()
     x, inputs = held_out_or_exit(net.meta, args.n)
     rows = []
-    for source in args.sources:
-        if source == "plan" and net.plan_head is None:
+    for source, point in [(s, p) for s in args.sources for p in args.points]:
+        if not DECISION_SOURCES[source].offered_by(net):
             continue
-        t = net.meta.default_threshold(source)
+        if point == "default":
+            t = net.meta.default_threshold(source)
+        elif point in net.meta.operating_points(source):
+            t = net.meta.operating_point(point, source)
+        else:
+            continue
         policy = policy_for(net, source, t)
         res = net.run(x, policy)
         replays = [FrozenPolicy(res.executed[i].tolist()) for i in range(x.shape[0])]
@@ -64,7 +69,8 @@ def run(args: argparse.Namespace) -> dict:
         eff_p = [(1 - p / f) / saved for f, p in zip(tf, tp)]
         eff_r = [(1 - r / f) / saved_replay for f, r in zip(tf, tr)]
         q = lambda v: statistics.quantiles(v, n=4, method="inclusive")  # noqa: E731
-        row = {"source": source, "threshold": t, "flops_saved": saved, "flops_saved_replay": saved_replay,
+        row = {"source": source, "point": point, "policy": describe_policy(policy), "threshold": t,
+               "flops_saved": saved, "flops_saved_replay": saved_replay,
                "full_ms": statistics.median(tf) / len(singles), "policy_ms": statistics.median(tp) / len(singles),
                "replay_ms": statistics.median(tr) / len(singles),
                "efficiency_policy": statistics.median(eff_p), "efficiency_policy_iqr": [q(eff_p)[0], q(eff_p)[2]],
@@ -79,10 +85,11 @@ def run(args: argparse.Namespace) -> dict:
 def markdown(report: dict) -> str:
     lines = report_header("Batch 1: the policy against its own decisions replayed for free", report,
                           f"{report['rounds']} interleaved rounds") + [
-        "| source | threshold (card default) | FLOPs saved | full ms | policy ms | replay ms | efficiency, policy "
-        "(IQR) | efficiency, free replay (IQR) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        "| policy | card's point | FLOPs saved | full ms | policy ms | replay ms | efficiency, policy "
+        "(IQR) | efficiency, free replay (IQR) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
-        lines.append(f"| {r['source']} | {r['threshold']:g} | {r['flops_saved']:.1%} | {r['full_ms']:.2f} | "
+        name = r.get("policy", f"{r['source']}, threshold {r['threshold']:g}")
+        lines.append(f"| {name} | {r.get('point', 'default')} | {r['flops_saved']:.1%} | {r['full_ms']:.2f} | "
                      f"{r['policy_ms']:.2f} | {r['replay_ms']:.2f} | {r['efficiency_policy']:.2f} "
                      f"({r['efficiency_policy_iqr'][0]:.2f}-{r['efficiency_policy_iqr'][1]:.2f}) | "
                      f"{r['efficiency_replay']:.2f} ({r['efficiency_replay_iqr'][0]:.2f}-"
@@ -94,7 +101,9 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="efficientnet_lite0.imagenet_tuned_gated")
-    p.add_argument("--sources", nargs="+", default=["gates", "plan"], choices=["gates", "plan"])
+    p.add_argument("--sources", nargs="+", default=["gates", "plan"], choices=sorted(DECISION_SOURCES))
+    p.add_argument("--points", nargs="+", default=["default"], choices=["default", "fast", "faithful"],
+                   help="thresholds: the card's default for each source and/or its named operating points")
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=None)

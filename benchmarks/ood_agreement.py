@@ -37,7 +37,7 @@ from skipviz import DEFAULT_MODEL, create_model, load_image  # noqa: E402
 from skipviz.data import TensorDataset, cifar10_root, imagenette_root, load_images  # noqa: E402
 from skipviz.evaluate.loop import evaluate_policy  # noqa: E402
 from skipviz.measure.clock import cpu_name, software_versions  # noqa: E402
-from skipviz.policies import EarlyExitPolicy, FullPolicy, policy_for  # noqa: E402
+from skipviz.policies import DECISION_SOURCES, EarlyExitPolicy, FullPolicy, describe_policy, policy_for  # noqa: E402
 from skipviz.samples import sample_bytes, sample_names  # noqa: E402
 
 
@@ -53,9 +53,10 @@ def policies(net, exit_thresholds: list[float], gate_thresholds: list[float] = (
     """(label, policy): each decision source at each operating point the card names (``card_points``), the gates
     at ``gate_thresholds``, then the exits."""
     out = []
-    for source in ("gates", "plan") if card_points else ():
+    for source in DECISION_SOURCES if card_points else ():
         for point in net.meta.operating_point_records(source):
-            out.append((f"{source} {point.name} ({point.threshold:g})", policy_for(net, source, point.threshold)))
+            policy = policy_for(net, source, point.threshold)  # the exits: with the card's min_block
+            out.append((f"{source} {point.name} ({describe_policy(policy)})", policy))
     out += [(f"gates {t:g}", policy_for(net, "gates", t)) for t in gate_thresholds]
     if net.probes is not None:
         out += [(f"early exit >= {t:g}", EarlyExitPolicy(t)) for t in exit_thresholds]

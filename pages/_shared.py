@@ -201,10 +201,12 @@ def overrides(net=None) -> dict:
 
 
 def decision_source(net) -> str:
-    """The session's decision source (``skipviz.policies.DECISION_SOURCES``), one the model offers; default: gates."""
+    """The session's decision source (``skipviz.policies.DECISION_SOURCES``), one the model offers; default: the
+    card's ``default_source``, else the gates."""
     offered = dashboard.decision_sources(net) or ["gates"]
-    source = st.session_state.get("sv_decisions", offered[0])
-    return source if source in offered else offered[0]
+    default = net.meta.default_source(offered)  # the card's recommended source, else the first offered
+    source = st.session_state.get("sv_decisions", default)
+    return source if source in offered else default
 
 
 def session_threshold(lm: dashboard.LoadedModel, source: str) -> float:

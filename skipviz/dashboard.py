@@ -24,7 +24,7 @@ from .engine.network import SkipNetwork
 from .engine.trace import SampleTrace
 from .policies.base import Override, Policy, normalise_overrides
 from .policies.simple import FullPolicy
-from .policies.threshold import DECISION_SOURCES
+from .policies.threshold import DECISION_SOURCES, offered_sources
 from .policies.words import describe_policy, plural
 from .dashboard_latency import (BATCH_SIZES, LiveLatency, block_profile, calibration_columns, calibration_table,
                                 latency_sweep, live_batch, live_latency, point_saving, sweep_batch, sweep_table)
@@ -61,7 +61,7 @@ __all__ = [
 def decision_sources(net: SkipNetwork) -> list[str]:
     """The decision sources ``net`` offers: ``"gates"`` when it has gate heads, ``"plan"`` with a plan head,
     ``"early_exit"`` with probe heads (:meth:`~skipviz.policies.threshold.DecisionSource.offered_by`)."""
-    return [name for name, src in DECISION_SOURCES.items() if src.offered_by(net)]
+    return offered_sources(net)
 
 
 def preprocess(net: SkipNetwork, image: Image.Image) -> torch.Tensor:

@@ -7,7 +7,7 @@ import sys
 from .._checkpoint import CheckpointError
 from ..models._registry import DEFAULT_MODEL, create_model
 from ..policies.base import Policy
-from ..policies.threshold import DECISION_SOURCES, policy_for
+from ..policies.threshold import DECISION_SOURCES, offered_sources, policy_for
 
 __all__ = ["add_policy_argument", "load_model", "model_and_policy"]
 
@@ -22,13 +22,14 @@ def model_and_policy(args: argparse.Namespace) -> tuple | None:
     ``None`` (the error printed) when they cannot be loaded."""
     try:
         net = load_model(args.model or DEFAULT_MODEL, args.weights)
+        source = args.policy or net.meta.default_source(offered_sources(net))
         threshold = args.threshold
         point = getattr(args, "operating_point", None)
         if point is not None:
             if threshold is not None:
                 raise ValueError("give either --threshold or --operating-point, not both")
-            threshold = net.meta.operating_point(point, args.policy)
-        policy: Policy = policy_for(net, args.policy, threshold)
+            threshold = net.meta.operating_point(point, source)
+        policy: Policy = policy_for(net, source, threshold)
     except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None
@@ -37,9 +38,9 @@ def model_and_policy(args: argparse.Namespace) -> tuple | None:
 
 def add_policy_argument(parser: argparse.ArgumentParser) -> None:
     """``--policy gates|plan|early_exit`` and ``--operating-point fast|faithful`` (skipviz predict, audit)."""
-    parser.add_argument("--policy", default="gates", choices=sorted(DECISION_SOURCES),
-                        help="decisions from the per-block gates, the plan head at the stem, or early exits on the probe "
-                             "heads (default: gates)")
+    parser.add_argument("--policy", default=None, choices=sorted(DECISION_SOURCES),
+                        help="decisions from the per-block gates, the plan head at the stem, or early exits on the "
+                             "probe heads (default: the model card's default source, else gates)")
     parser.add_argument("--operating-point", default=None, choices=["fast", "faithful"],
                         help="a threshold the model card names: fast (largest FLOPs cut within its accuracy bound) "
                              "or faithful (largest cut keeping >= 99%% agreement with the full network); "

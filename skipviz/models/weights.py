@@ -82,6 +82,16 @@ class ModelMeta:
         value = section.get(src.card_field) if isinstance(section, dict) else None
         return float(value if value is not None else src.fallback_threshold)
 
+    def default_source(self, offered: list[str] | None = None) -> str:
+        """The decision source the card recommends (``default_source``: e.g. the early exits when their faithful
+        point cuts more than the gates' fast one while keeping the network's answers) when ``offered`` (the
+        sources the network has heads for, :func:`~skipviz.policies.threshold.offered_sources`) includes it; else
+        the first offered source; ``"gates"`` without either."""
+        want = (self.card or {}).get("default_source")
+        if want in DECISION_SOURCES and (offered is None or want in offered):
+            return str(want)
+        return offered[0] if offered else "gates"
+
     def source_options(self, source: str) -> dict[str, Any]:
         """The further policy arguments the card records for a decision source (its ``card_options``, e.g. the
         early exits' ``min_block`` under ``early_exit``); ``{}`` when the card has none."""
@@ -162,6 +172,7 @@ class ModelMeta:
             rows += [("test accuracy (gated)", f"{gated['accuracy']:.2%} at threshold {gated['threshold']:.2f}"),
                      ("FLOPs saved (gated, test)", f"{gated['flops_saved_fraction']:.1%}"),
                      (f"agreement with {versus} (test)", f"{gated['agreement_with_full']:.2%}")]
+        rows += self._operating_point_rows("the published network" if tuned else "full")
         if card.get("default_policy"):
             rows.append(("default policy", json.dumps({k: v for k, v in card["default_policy"].items()
                                                        if k != "rule"})))
@@ -169,6 +180,24 @@ class ModelMeta:
             rows.append(("trained", str(card["date"])))
         if card.get("reproduce"):
             rows.append(("reproduce", str(card["reproduce"])))
+        return rows
+
+    def _operating_point_rows(self, versus: str) -> list[tuple[str, str]]:
+        """One row per named operating point with a test record (``operating_points.<source>.<name>.test``):
+        its threshold, FLOPs saved, agreement and accuracy on the test split."""
+        rows = []
+        for source, section in ((self.card or {}).get("operating_points") or {}).items():
+            if source not in DECISION_SOURCES or not isinstance(section, dict):
+                continue
+            for name, point in section.items():
+                test = point.get("test") if isinstance(point, dict) else None
+                if not isinstance(test, dict) or point.get("threshold") is None:
+                    continue
+                where = f", from block {point['min_block']}" if point.get("min_block") else ""
+                acc = f", accuracy {test['accuracy']:.2%}" if test.get("accuracy") is not None else ""
+                rows.append((f"{name} point, {DECISION_SOURCES[source].label} (test)",
+                             f"threshold {point['threshold']:.2f}{where}: {test['flops_saved_fraction']:.1%} of FLOPs "
+                             f"saved, {test['agreement_with_full']:.2%} agreement with {versus}{acc}"))
         return rows
 
     def _default_point_on_test(self) -> dict | None:

@@ -14,10 +14,10 @@ from .config import POLICY_TYPES, policy_from_config
 from .kl import KLRedundancyPolicy
 from .simple import EarlyExitPolicy, FrozenPolicy, FullPolicy, StaticMaskPolicy
 from .threshold import (DECISION_SOURCES, THRESHOLD_POLICIES, DecisionSource, GatePolicy, PlanPolicy, make_policy,
-                        policy_for, score_label)
+                        offered_sources, policy_for, score_label)
 from .words import describe_policy
 
 __all__ = ["DECISION_SOURCES", "Decision", "DecisionSource", "EarlyExitPolicy", "FrozenPolicy", "FullPolicy",
            "GatePolicy", "KLRedundancyPolicy", "Override", "POLICY_TYPES", "Plan", "PlanPolicy", "Policy",
-           "StaticMaskPolicy", "THRESHOLD_POLICIES", "describe_policy", "make_policy", "normalise_overrides",
+           "StaticMaskPolicy", "THRESHOLD_POLICIES", "describe_policy", "make_policy", "normalise_overrides", "offered_sources",
            "policy_for", "policy_from_config", "score_label"]

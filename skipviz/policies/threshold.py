@@ -27,7 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..engine.heads import PlanHead
     from ..engine.network import SkipNetwork
 
-__all__ = ["DECISION_SOURCES", "DecisionSource", "GatePolicy", "PlanPolicy", "THRESHOLD_POLICIES", "make_policy", "policy_for",
+__all__ = ["DECISION_SOURCES", "DecisionSource", "GatePolicy", "PlanPolicy", "THRESHOLD_POLICIES", "make_policy",
+           "offered_sources", "policy_for",
            "score_label"]
 
 
@@ -232,6 +233,12 @@ DECISION_SOURCES: dict[str, DecisionSource] = {s.name: s for s in (
 
 #: The policies driven by one global threshold plus per-block overrides, by name (from :data:`DECISION_SOURCES`).
 THRESHOLD_POLICIES: dict[str, type[Policy]] = {name: s.policy for name, s in DECISION_SOURCES.items()}
+
+
+def offered_sources(net: "SkipNetwork") -> list[str]:
+    """The decision sources ``net`` has the heads for, in :data:`DECISION_SOURCES` order: ``"gates"`` with gate
+    heads, ``"plan"`` with a plan head, ``"early_exit"`` with probe heads."""
+    return [name for name, src in DECISION_SOURCES.items() if src.offered_by(net)]
 
 
 def policy_for(net: "SkipNetwork", source: str = "gates", threshold: float | None = None,

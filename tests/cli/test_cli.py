@@ -45,3 +45,21 @@ def test_predict_with_the_plan_policy(tmp_path, capsys):
     save_file({k: v.contiguous() for k, v in create_model("cifar_resnet20").state_dict().items()}, str(weights))
     assert main(["predict", str(img), "--model", "cifar_resnet20", "--weights", str(weights), "--policy", "plan"]) == 2
     assert "no plan head" in capsys.readouterr().err
+
+
+def test_predict_under_early_exits_and_the_cards_default_source(tmp_path, capsys, monkeypatch):
+    from skipviz.models.weights import ModelMeta
+
+    img = tmp_path / "a.png"
+    Image.new("RGB", (40, 40), (30, 90, 200)).save(img)
+    assert main(["predict", str(img), "--model", "cifar_resnet20", "--policy", "early_exit", "--threshold", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "policy: early exit, threshold 0.00" in out and "probe" in out and "exit after this block" in out
+    # no --policy: the card's default source, when the network has its heads
+    real = ModelMeta.default_source
+    monkeypatch.setattr(ModelMeta, "default_source", lambda self, offered=None: "early_exit")
+    assert main(["predict", str(img), "--model", "cifar_resnet20"]) == 0
+    assert "policy: early exit, threshold 0.95" in capsys.readouterr().out  # no card: the exits' fallback
+    monkeypatch.setattr(ModelMeta, "default_source", real)
+    assert main(["predict", str(img), "--model", "cifar_resnet20"]) == 0
+    assert "policy: gates" in capsys.readouterr().out

@@ -120,3 +120,26 @@ def test_card_rows_read_the_default_point_of_a_distilled_card_and_never_show_nan
     rows = dict(_meta(tuned).card_rows())
     assert "97.00%" in rows["backbone"] and rows["test accuracy (published network)"] == "74.84%"
     assert rows["agreement with the published network (test)"] == "95.14%"
+
+
+def test_card_rows_list_every_named_point_with_its_test_record():
+    exit_test = {"threshold": 0.9, "accuracy": 0.752, "flops_saved_fraction": 0.14, "agreement_with_full": 0.9921}
+    card = {"operating_points": {
+        "gates": {"fast": {"threshold": 0.1, "test": {"threshold": 0.1, "accuracy": 0.74,
+                                                      "flops_saved_fraction": 0.043, "agreement_with_full": 0.95}}},
+        "early_exit": {"faithful": {"threshold": 0.9, "min_block": 6, "test": exit_test},
+                       "fast": {"threshold": None, "min_block": 6, "test": None}},
+        "oracle": {"fast": {"threshold": 0.5, "test": exit_test}}}}  # not a decision source: not shown
+    rows = dict(_meta(card).card_rows())
+    assert rows["faithful point, early exits (probe confidence after each block) (test)"] == (
+        "threshold 0.90, from block 6: 14.0% of FLOPs saved, 99.21% agreement with full, accuracy 75.20%")
+    assert rows["fast point, per-block gates (test)"].startswith("threshold 0.10: 4.3% of FLOPs saved")
+    assert not any("oracle" in k or k.startswith("fast point, early") for k in rows)
+
+
+def test_default_source_is_the_cards_when_the_network_offers_it():
+    meta = _meta({"default_source": "early_exit"})
+    assert meta.default_source(["gates", "plan", "early_exit"]) == "early_exit"
+    assert meta.default_source(["gates", "plan"]) == "gates"  # no probe heads: the first offered
+    assert meta.default_source() == "early_exit" and _meta({}).default_source() == "gates"
+    assert _meta({"default_source": "oracle"}).default_source(["plan"]) == "plan"
