@@ -51,35 +51,49 @@ def run(args: argparse.Namespace) -> dict:
             continue
         policy = policy_for(net, source, t)
         res = net.run(x, policy)
-        replays = [FrozenPolicy(res.executed[i].tolist()) for i in range(x.shape[0])]
         full_flops = float(net.run(x, FullPolicy()).flops_executed().double().sum())
         saved = 1.0 - float(res.flops_executed().double().sum()) / full_flops
-        replay_flops = sum(float(net.run(x[i:i + 1], replays[i]).flops_executed().double().sum())
-                           for i in range(x.shape[0]))
-        saved_replay = 1.0 - replay_flops / full_flops
         singles = [x[i:i + 1].contiguous() for i in range(x.shape[0])]
 
         def over(pol_of):
             return lambda: [net.run(s, pol_of(i)) for i, s in enumerate(singles)]
 
-        stats = measure_interleaved({"full": over(lambda i: FullPolicy()), "policy": over(lambda i: policy),
-                                     "replay": over(lambda i: replays[i])}, warmup=2, repeats=args.rounds,
-                                    number=1, batch_size=1, batches_per_call=len(singles))
-        tf, tp, tr = (stats[k].times_ms for k in ("full", "policy", "replay"))
+        runs = {"full": over(lambda i: FullPolicy()), "policy": over(lambda i: policy)}
+        # an exit answers from a probe and bypasses blocks that have no bypass: no replay of it as a mask
+        replays = None if policy.exits_early else [FrozenPolicy(res.executed[i].tolist()) for i in range(len(x))]
+        if replays is not None:
+            replay_flops = sum(float(net.run(x[i:i + 1], replays[i]).flops_executed().double().sum())
+                               for i in range(x.shape[0]))
+            saved_replay = 1.0 - replay_flops / full_flops
+            runs["replay"] = over(lambda i: replays[i])
+        stats = measure_interleaved(runs, warmup=2, repeats=args.rounds, number=1, batch_size=1,
+                                    batches_per_call=len(singles))
+        tf, tp = stats["full"].times_ms, stats["policy"].times_ms
         eff_p = [(1 - p / f) / saved for f, p in zip(tf, tp)]
-        eff_r = [(1 - r / f) / saved_replay for f, r in zip(tf, tr)]
         q = lambda v: statistics.quantiles(v, n=4, method="inclusive")  # noqa: E731
         row = {"source": source, "point": point, "policy": describe_policy(policy), "threshold": t,
-               "flops_saved": saved, "flops_saved_replay": saved_replay,
-               "full_ms": statistics.median(tf) / len(singles), "policy_ms": statistics.median(tp) / len(singles),
-               "replay_ms": statistics.median(tr) / len(singles),
+               "flops_saved": saved, "full_ms": statistics.median(tf) / len(singles),
+               "policy_ms": statistics.median(tp) / len(singles),
                "efficiency_policy": statistics.median(eff_p), "efficiency_policy_iqr": [q(eff_p)[0], q(eff_p)[2]],
-               "efficiency_replay": statistics.median(eff_r), "efficiency_replay_iqr": [q(eff_r)[0], q(eff_r)[2]]}
+               "flops_saved_replay": None, "replay_ms": None, "efficiency_replay": None, "efficiency_replay_iqr": None}
+        if replays is not None:
+            tr = stats["replay"].times_ms
+            eff_r = [(1 - r / f) / saved_replay for f, r in zip(tf, tr)]
+            row.update(flops_saved_replay=saved_replay, replay_ms=statistics.median(tr) / len(singles),
+                       efficiency_replay=statistics.median(eff_r), efficiency_replay_iqr=[q(eff_r)[0], q(eff_r)[2]])
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return {"model": args.model, "inputs": inputs, "environment": device_info("cpu").to_dict(), "rounds": args.rounds,
             "rows": rows, "command": "python benchmarks/batch1_decision_ceiling.py " + shlex.join(sys.argv[1:]),
             "method": __doc__.split("\n\n", 1)[1].split("Writes", 1)[0].replace("\n", " ").strip()}
+
+
+def _ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def _eff(v: float | None, iqr: list[float] | None) -> str:
+    return "n/a (exits)" if v is None else f"{v:.2f} ({iqr[0]:.2f}-{iqr[1]:.2f})"
 
 
 def markdown(report: dict) -> str:
@@ -90,10 +104,9 @@ def markdown(report: dict) -> str:
     for r in report["rows"]:
         name = r.get("policy", f"{r['source']}, threshold {r['threshold']:g}")
         lines.append(f"| {name} | {r.get('point', 'default')} | {r['flops_saved']:.1%} | {r['full_ms']:.2f} | "
-                     f"{r['policy_ms']:.2f} | {r['replay_ms']:.2f} | {r['efficiency_policy']:.2f} "
+                     f"{r['policy_ms']:.2f} | {_ms(r['replay_ms'])} | {r['efficiency_policy']:.2f} "
                      f"({r['efficiency_policy_iqr'][0]:.2f}-{r['efficiency_policy_iqr'][1]:.2f}) | "
-                     f"{r['efficiency_replay']:.2f} ({r['efficiency_replay_iqr'][0]:.2f}-"
-                     f"{r['efficiency_replay_iqr'][1]:.2f}) |")
+                     f"{_eff(r['efficiency_replay'], r['efficiency_replay_iqr'])} |")
     lines += ["", "ms per image (median over rounds). " + report["method"], "", f"Command: `{report['command']}`", ""]
     return "\n".join(lines)
 

@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from skipviz import CIFAR_MODEL, FullPolicy, PlanPolicy, create_model  # noqa: E402
+from skipviz import CIFAR_MODEL, FullPolicy, PlanPolicy, create_model, policy_for  # noqa: E402
 from skipviz.evaluate.calibration import load_card_test_set  # noqa: E402
-from skipviz.evaluate import blocks_by_outcome, early_exit_policy, evaluate_policy, threshold_curve  # noqa: E402
+from skipviz.evaluate import blocks_by_outcome, evaluate_policy, threshold_curve  # noqa: E402
 from skipviz.measure.clock import software_versions  # noqa: E402
 
 
@@ -56,7 +56,9 @@ def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], e
     full = own_full if reference is None else evaluate_policy(create_model(reference), test, FullPolicy(), progress=True)
     curve, evals = threshold_curve(net, test, thresholds, reference=full, progress=True)
     gated = evals[thresholds.index(default_t)]
-    exit_curve, _ = threshold_curve(net, test, exits, make_policy=early_exit_policy, reference=full, progress=True)
+    # the exits with the card's min_block (early_exit.min_block), as the card's exit curve and the dashboard run them
+    exit_curve, _ = threshold_curve(net, test, exits, make_policy=lambda t: policy_for(net, "early_exit", t),
+                                    reference=full, progress=True)
     plan_section: list[str] = []
     plan_result = None
     if net.plan_head is not None:

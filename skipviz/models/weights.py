@@ -173,6 +173,8 @@ class ModelMeta:
                      ("FLOPs saved (gated, test)", f"{gated['flops_saved_fraction']:.1%}"),
                      (f"agreement with {versus} (test)", f"{gated['agreement_with_full']:.2%}")]
         rows += self._operating_point_rows("the published network" if tuned else "full")
+        if card.get("default_source") in DECISION_SOURCES:
+            rows.append(("default decision source", DECISION_SOURCES[card["default_source"]].label))
         if card.get("default_policy"):
             rows.append(("default policy", json.dumps({k: v for k, v in card["default_policy"].items()
                                                        if k != "rule"})))

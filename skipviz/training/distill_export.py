@@ -40,7 +40,7 @@ from .distill import (DistillConfig, build_network, head_state, load_training_im
                       with_extra_images)
 from .exit_points import ExitPoints, ExitPointsConfig, exit_operating_points
 
-__all__ = ["HeadsExportConfig", "STORAGE_NOTE", "export_heads", "operating_point"]
+__all__ = ["HeadsExportConfig", "STORAGE_NOTE", "default_source", "export_heads", "operating_point"]
 
 
 @dataclass
@@ -91,6 +91,20 @@ def operating_point(curve: pd.DataFrame, max_drop_points: float | None = None,
     if not len(ok):
         return None
     return float(ok.sort_values(["flops_saved_fraction", "threshold"], ascending=[False, True]).iloc[0]["threshold"])
+
+
+def default_source(points: dict) -> str:
+    """The decision source a card recommends (its ``default_source``) from its operating points: the early exits
+    when their faithful point met its rule on validation and cuts more FLOPs there than the gates' fast point
+    (more saved, and the network's answers kept), else the gates."""
+    def cut(source: str, name: str) -> float | None:
+        point = (points.get(source) or {}).get(name) or {}
+        val = point.get("validation") if point.get("threshold") is not None else None
+        return val.get("flops_saved_fraction") if isinstance(val, dict) else None
+
+    exits, gates = cut("early_exit", "faithful"), cut("gates", "fast")
+    met = ((points.get("early_exit") or {}).get("faithful") or {}).get("rule_met_on_validation", False)
+    return "early_exit" if exits is not None and met and exits > (gates or 0.0) else "gates"
 
 
 def _exit_config(cfg: HeadsExportConfig) -> ExitPointsConfig:
@@ -230,6 +244,7 @@ def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Pa
                                    (f"largest FLOPs cut on validation with top-1 agreement >= "
                                     f"{cfg.unlabelled_fast_agreement} with the full network (no labels)")},
         "operating_points": points,
+        "default_source": default_source(points),
         "flops": card_flops(net._count_flops(tuple(net.meta.input_size[-2:]))),
         "metrics_test": ({"full_accuracy": test["full"].accuracy,
                           **({"published_full_accuracy": test["published"].accuracy} if dcfg.backbone_lr > 0 else {}),

@@ -196,3 +196,18 @@ def test_a_run_is_not_resumed_as_another_kind_of_run(tiny_imagenette, tmp_path, 
         export_heads(HeadsExportConfig(run_dir=str(run), gate_thresholds=(0.5,), plan_thresholds=(0.5,),
                                        exit_thresholds=(0.9,), plan_epochs=1),
                      dest=tmp_path / "data", data_root=str(tiny_imagenette))
+
+
+def test_the_card_recommends_exits_only_when_their_faithful_point_saves_more():
+    from skipviz.training.distill_export import default_source
+
+    def point(t, cut, met=True):
+        return {"threshold": t, "rule_met_on_validation": met, "validation": {"flops_saved_fraction": cut}}
+
+    gates = {"fast": point(0.1, 0.04)}
+    assert default_source({"gates": gates, "early_exit": {"faithful": point(0.9, 0.14)}}) == "early_exit"
+    assert default_source({"gates": gates, "early_exit": {"faithful": point(0.9, 0.03)}}) == "gates"
+    assert default_source({"gates": gates, "early_exit": {"faithful": point(0.9, 0.14, met=False)}}) == "gates"
+    assert default_source({"gates": gates, "early_exit": {"faithful": {"threshold": None}}}) == "gates"
+    assert default_source({"gates": {"fast": {"threshold": None}}, "early_exit": {"faithful": point(0.9, 0.1)}}) \
+        == "early_exit"
