@@ -51,6 +51,12 @@ __all__ = ["BYPASSED_COLOR", "EXECUTED_COLOR", "PROTECTED_COLOR", "RUN_COLOR", "
 
 
 # ------------------------------------------------------------------------------------------- one input
+#: The block map's two legend groups per decision source: blocks with a score, blocks without one.
+_BLOCK_GROUPS = {"gates": ("gated blocks", "no score (ungated or forced)"),
+                 "plan": ("blocks the plan decides", "no score (ungated or forced)"),
+                 "early_exit": ("blocks with an exit check", "no score (no exit check, or after the exit)")}
+
+
 def block_map_figure(trace: "SampleTrace", title: str | None = None) -> go.Figure:
     """Every block in order as a bar: height and colour = the gate or plan probability (blocks without a score, ungated or
     forced by an override, drawn at 1 in grey),
@@ -80,8 +86,7 @@ def block_map_figure(trace: "SampleTrace", title: str | None = None) -> go.Figur
             marker.update(color="#868e96")
         fig.add_trace(go.Bar(
             x=[b.name for b in blocks], y=[b.score if gated else 1.0 for b in blocks],
-            name=("gated blocks" if trace.policy != "plan" else "blocks the plan decides") if gated
-            else "no score (ungated or forced)",
+            name=_BLOCK_GROUPS.get(trace.policy, _BLOCK_GROUPS["gates"])[0 if gated else 1],
             hovertext=[f"{b.name}<br>{'fired' if b.executed else 'bypassed'}"
                        f"{' (downsampling)' if b.downsample else ''}<br>{label}: "
                        f"{'n/a' if b.score is None else f'{b.score:.3f}'}<br>{b.reason}<br>{b.flops / 1e6:.2f} MFLOPs"

@@ -137,3 +137,13 @@ def test_pareto_figure_has_error_bars_and_hollow_points_without_a_measurable_sav
     assert [tr for tr in noisy_star.data if tr.name == "current setting"][0].marker.symbol == "star-open"
     with pytest.raises(ValueError, match="no threshold"):
         pareto_figure(sweep, sweep.points[0.5], {}, latencies[0.5])
+
+
+def test_block_map_names_the_exits_groups(tiny_net, batch):
+    from skipviz import EarlyExitPolicy, figures
+
+    with torch.no_grad():
+        trace = tiny_net.run(batch[:1], EarlyExitPolicy(0.0, min_block=2)).traces()[0]
+    fig = figures.block_map_figure(trace)
+    names = {tr.name for tr in fig.data}
+    assert {"blocks with an exit check", "no score (no exit check, or after the exit)"} <= names
