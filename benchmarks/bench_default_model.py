@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -57,8 +58,8 @@ def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], e
     curve, evals = threshold_curve(net, test, thresholds, reference=full, progress=True)
     gated = evals[thresholds.index(default_t)]
     # the exits with the card's min_block (early_exit.min_block), as the card's exit curve and the dashboard run them
-    exit_curve, _ = threshold_curve(net, test, exits, make_policy=lambda t: policy_for(net, "early_exit", t),
-                                    reference=full, progress=True)
+    exit_curve = (threshold_curve(net, test, exits, make_policy=lambda t: policy_for(net, "early_exit", t),
+                                  reference=full, progress=True)[0] if net.probes is not None else pd.DataFrame())
     plan_section: list[str] = []
     plan_result = None
     if net.plan_head is not None:

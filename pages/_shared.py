@@ -204,7 +204,8 @@ def decision_source(net) -> str:
     """The session's decision source (``skipviz.policies.DECISION_SOURCES``), one the model offers; default: the
     card's ``default_source``, else the gates."""
     offered = dashboard.decision_sources(net) or ["gates"]
-    default = net.meta.default_source(offered)  # the card's recommended source, else the first offered
+    default = net.meta.default_source(offered)  # the card's recommended source, else the gates
+    default = default if default in offered else offered[0]
     source = st.session_state.get("sv_decisions", default)
     return source if source in offered else default
 
@@ -239,7 +240,8 @@ def threshold_key(page: str, source: str) -> str:
 
 
 def threshold_label(source: str) -> str:
-    """``"Gate threshold"`` or ``"Plan threshold"``: what the slider sets under a decision source."""
+    """``"Gate threshold"``, ``"Plan threshold"`` or ``"Exit threshold"``: what the slider sets under a decision
+    source."""
     return {"gates": "Gate threshold", "plan": "Plan threshold", "early_exit": "Exit threshold"}.get(
         source, f"{source.capitalize()} threshold")
 

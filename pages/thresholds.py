@@ -12,8 +12,8 @@ model_key, lm = _shared.current_model()
 _shared.model_banner(lm)
 net = lm.net
 
-if not net.gated_blocks:
-    st.info(f"{net.meta.display_name} has no gate heads: every block always runs unless forced to skip below.")
+if not dashboard.decision_sources(net):
+    st.info(f"{net.meta.display_name} has no decision heads: every block always runs unless forced to skip below.")
 
 cur = _shared.current_image()
 source = _shared.source_picker(lm, "thresholds_source")

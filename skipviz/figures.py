@@ -66,7 +66,7 @@ def block_map_figure(trace: "SampleTrace", title: str | None = None) -> go.Figur
     Each bar's text is ``"fired"`` or ``"bypassed"`` (prefixed ``"▼ "`` for downsampling blocks).
     """
     names = [b.name for b in trace.blocks]
-    label = score_label(trace.policy)  # gate or plan probability
+    label = score_label(trace.policy)  # gate or plan probability, or the exits' probe confidence
     fig = go.Figure()
     for gated in (True, False):
         blocks = [b for b in trace.blocks if (b.score is not None) == gated]

@@ -38,7 +38,7 @@ from ..measure.runs import default_audit_batch_size
 from ..measure.saving import machine_busy, paired_saving
 from ..models._registry import create_model
 from ..policies.base import Policy
-from ..policies.threshold import policy_for
+from ..policies.threshold import offered_sources, policy_for
 from ._batches import THUMBNAIL_PX, BatchRunner, load_batch  # noqa: F401  (THUMBNAIL_PX: importable from here)
 from .archive import ArchiveError, InputItem, collect_inputs, input_keys, items_from_uploads, read_source
 from .records import AuditRecord, AuditRun
@@ -252,7 +252,7 @@ def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy |
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     started = time.perf_counter()
-    policy = policy if policy is not None else policy_for(net)
+    policy = policy if policy is not None else policy_for(net, net.meta.default_source(offered_sources(net)))
     net.eval()
     batch_size = default_audit_batch_size(net) if batch_size is None else int(batch_size)
     device = next(net.parameters()).device

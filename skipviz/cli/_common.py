@@ -40,8 +40,10 @@ def add_policy_argument(parser: argparse.ArgumentParser) -> None:
     """``--policy gates|plan|early_exit`` and ``--operating-point fast|faithful`` (skipviz predict, audit)."""
     parser.add_argument("--policy", default=None, choices=sorted(DECISION_SOURCES),
                         help="decisions from the per-block gates, the plan head at the stem, or early exits on the "
-                             "probe heads (default: the model card's default source, else gates)")
+                             "probe heads (default: the source the model card recommends, else gates); --threshold "
+                             "is that source's threshold")
     parser.add_argument("--operating-point", default=None, choices=["fast", "faithful"],
                         help="a threshold the model card names: fast (largest FLOPs cut within its accuracy bound) "
                              "or faithful (largest cut keeping >= 99%% agreement with the full network); "
-                             "default: the card's default threshold (fast)")
+                             "default: the card's default threshold for the source (the gates' fast point; the "
+                             "exits' faithful point)")

@@ -85,12 +85,12 @@ class ModelMeta:
     def default_source(self, offered: list[str] | None = None) -> str:
         """The decision source the card recommends (``default_source``: e.g. the early exits when their faithful
         point cuts more than the gates' fast one while keeping the network's answers) when ``offered`` (the
-        sources the network has heads for, :func:`~skipviz.policies.threshold.offered_sources`) includes it; else
-        the first offered source; ``"gates"`` without either."""
+        sources the network has heads for, :func:`~skipviz.policies.threshold.offered_sources`) includes it;
+        else ``"gates"`` (whose policy is the full network when the network has no gate heads)."""
         want = (self.card or {}).get("default_source")
         if want in DECISION_SOURCES and (offered is None or want in offered):
             return str(want)
-        return offered[0] if offered else "gates"
+        return "gates"
 
     def source_options(self, source: str) -> dict[str, Any]:
         """The further policy arguments the card records for a decision source (its ``card_options``, e.g. the

@@ -59,8 +59,9 @@ class EarlyExitPolicy(Policy):
     ``min_block`` keeps the earliest (weakest) probes from exiting (the model card's ``early_exit.min_block``
     when built by :func:`~skipviz.policies.threshold.policy_for`). ``overrides`` as for the gates: ``"skip"``
     bypasses that block for every sample still in the network, ``"run"`` runs it (the default before an exit),
-    a float is the exit threshold after that block. No sample leaves after the last block (the network's own
-    head reads it).
+    a float is the exit threshold after that block (an exit check there even before ``min_block``). No sample
+    leaves after the last block (the network's own head reads it). A block's decision carries the exit threshold
+    only where an exit is checked after it.
     """
 
     name = "early_exit"
@@ -78,17 +79,19 @@ class EarlyExitPolicy(Policy):
         return ov if isinstance(ov, float) else self.threshold
 
     def exits_possible_after(self, net: "SkipNetwork", index: int) -> bool:
-        """Whether a sample can leave after block ``index``: a probe there, at or after ``min_block``, not the
-        last block."""
-        return net.probes is not None and self.min_block <= index < len(net.blocks) - 1
+        """Whether a sample can leave after block ``index``: a probe there, at or after ``min_block`` (or a float
+        override for that block), not the last block."""
+        return (net.probes is not None and index < len(net.blocks) - 1
+                and (index >= self.min_block or isinstance(self.overrides.get(index), float)))
 
     def decide(self, net: "SkipNetwork", index: int, h: torch.Tensor) -> Decision:
+        t = self.threshold_for(index) if self.exits_possible_after(net, index) else None
         ov = self.overrides.get(index)
         if ov == "skip":
-            return Decision(execute=False, reason=int(Reason.FORCED_SKIP))
+            return Decision(execute=False, reason=int(Reason.FORCED_SKIP), threshold=t)
         if ov == "run":
-            return Decision(execute=True, reason=int(Reason.FORCED_RUN))
-        return Decision(execute=True, reason=int(Reason.EXIT_CONTINUE), threshold=self.threshold_for(index))
+            return Decision(execute=True, reason=int(Reason.FORCED_RUN), threshold=t)
+        return Decision(execute=True, reason=int(Reason.EXIT_CONTINUE), threshold=t)
 
     def exit_after(self, net: "SkipNetwork", index: int,
                    h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -100,7 +103,8 @@ class EarlyExitPolicy(Policy):
 
     def head_flops(self, table: "FlopTable") -> list[int]:
         n = len(table.blocks)
-        return [table.probes[i] if table.probes and self.min_block <= i < n - 1 else 0 for i in range(n)]
+        return [table.probes[i] if table.probes and i < n - 1 and (i >= self.min_block or isinstance(
+            self.overrides.get(i), float)) else 0 for i in range(n)]
 
     def reason_text(self, code: Reason, score: float | None, threshold: float | None, index: int,
                     exit_block: int | None = None) -> str:

@@ -71,7 +71,9 @@ def _curve(net: SkipNetwork, data: TensorDataset, reference: PolicyEval, min_blo
 
 
 def _best(curve: pd.DataFrame, max_drop: float | None, min_agreement: float) -> float | None:
-    ok = curve[curve["agreement_with_full"] >= min_agreement]
+    """The threshold of the largest FLOPs cut meeting the bounds; a threshold at which the probes cost more than
+    the exits save (nothing cut) is no operating point."""
+    ok = curve[(curve["agreement_with_full"] >= min_agreement) & (curve["flops_saved_fraction"] > 0)]
     if max_drop is not None:
         ok = ok[ok["accuracy_drop_points"] <= max_drop + 1e-9]
     if not len(ok):

@@ -142,4 +142,4 @@ def test_default_source_is_the_cards_when_the_network_offers_it():
     assert meta.default_source(["gates", "plan", "early_exit"]) == "early_exit"
     assert meta.default_source(["gates", "plan"]) == "gates"  # no probe heads: the first offered
     assert meta.default_source() == "early_exit" and _meta({}).default_source() == "gates"
-    assert _meta({"default_source": "oracle"}).default_source(["plan"]) == "plan"
+    assert _meta({"default_source": "oracle"}).default_source(["plan"]) == "gates"  # gates: full without gate heads

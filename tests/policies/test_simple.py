@@ -79,3 +79,21 @@ def test_operating_points_of_the_exits_come_from_the_card():
     with torch.no_grad():
         res = net.eval().run(x, policy_for(net, "early_exit", net.meta.operating_point("fast", "early_exit")))
     assert res.executed[:, :3].all()  # min_block 2: nobody leaves before block 2 has run
+
+
+@torch.no_grad()
+def test_a_blocks_threshold_is_shown_only_where_an_exit_is_checked(tiny_net, batch):
+    last = tiny_net.num_blocks - 1
+    p = EarlyExitPolicy(1.0, {4: "run", 1: 0.0}, min_block=3)  # a float override opens an exit before min_block
+    assert [p.exits_possible_after(tiny_net, i) for i in range(tiny_net.num_blocks)] == \
+        [False, True, False] + [True] * (last - 3) + [False]
+    res = tiny_net.run(batch[:2], p)
+    assert res.exit_block == [1, 1]  # everyone leaves after block 1 (threshold 0.0 there)
+    tr = res.traces()[0]
+    assert tr.blocks[0].threshold is None and tr.blocks[1].threshold == 0.0
+    flops = p.head_flops(tiny_net.flop_table())
+    assert flops[0] == 0 and flops[1] > 0 and flops[2] == 0 and flops[last] == 0
+    never = tiny_net.run(batch[:1], EarlyExitPolicy(1.0, {4: "run"}, min_block=3)).traces()[0]
+    assert never.blocks[4].threshold == 1.0 and never.blocks[4].reason == "forced run by override"
+    assert never.blocks[2].threshold is None and never.blocks[last].threshold is None
+    assert never.blocks[last].reason == "runs: no exit after this block"
