@@ -59,7 +59,7 @@ def policies(net, exit_thresholds: list[float], gate_thresholds: list[float] = (
             out.append((f"{source} {point.name} ({describe_policy(policy)})", policy))
     out += [(f"gates {t:g}", policy_for(net, "gates", t)) for t in gate_thresholds]
     if net.probes is not None:
-        out += [(f"early exit >= {t:g}", EarlyExitPolicy(t)) for t in exit_thresholds]
+        out += [(f"early exit >= {t:g} (from block 0)", EarlyExitPolicy(t)) for t in exit_thresholds]
     return out
 
 

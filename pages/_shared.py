@@ -297,7 +297,7 @@ def _override_label(net, i: int) -> str:
     if not block.bypassable:
         return f"{i}: {net.block_names[i]} (no bypass: always runs)"
     return (f"{i}: {net.block_names[i]}" + (" ▼ shortcut changes shape" if block.downsample else "")
-            + ("" if i in net.gated_blocks else " (no gate)"))
+            + ("" if i in net.gated_blocks or decision_source(net) == "early_exit" else " (no gate)"))
 
 
 def override_selectors(net) -> dict:

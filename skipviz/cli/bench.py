@@ -31,7 +31,7 @@ class BenchConfig:
     """Settings of one latency benchmark run."""
 
     model: str | None = None  # registered name; None: the default model if its weights exist, else random init
-    policy: str = "gates"  # gates (GatePolicy) | plan (PlanPolicy: needs a model with a plan head)
+    policy: str = "gates"  # gates (GatePolicy) | plan (PlanPolicy: a plan head) | early_exit (probe heads)
     thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 256])
     batch1_images: int = 32  # single-image runs per timed call at batch 1 (different inputs, decisions)
@@ -212,8 +212,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="registered model name, or ARCH:random for random-init gates "
                                                  "(default: the default model if its weights exist, else random)")
     p.add_argument("--policy", default="gates", choices=sorted(DECISION_SOURCES),
-                   help="gates: per-block gates; plan: the plan head (writes latency_plan_<device>)")
-    p.add_argument("--thresholds", type=_float_list, default=None, help="comma-separated gate thresholds")
+                   help="gates: per-block gates; plan: the plan head (writes latency_plan_<device>); early_exit: "
+                        "exits on the probe heads with the card's min_block (writes latency_early_exit_<device>; "
+                        "the latency prediction leaves the probes' own time out)")
+    p.add_argument("--thresholds", type=_float_list, default=None, help="comma-separated thresholds of the source")
     p.add_argument("--batch-sizes", type=_int_list, default=None, help="comma-separated batch sizes (default 1,256)")
     p.add_argument("--batch1-images", type=int, default=None, help="images timed one by one at batch 1")
     p.add_argument("--repeats", type=int, default=None)
