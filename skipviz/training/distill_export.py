@@ -8,7 +8,8 @@ Operating points are chosen on the validation split carved from ``train/`` and r
 * **fast**: the largest FLOPs cut (decision heads counted) whose top-1 accuracy drop against the published
   full network is at most ``max_drop_points``;
 * **faithful**: the largest FLOPs cut whose top-1 agreement with the published full network is at least
-  ``min_agreement``.
+  ``min_agreement`` at the lower end of its Wilson interval at ``faithful_margin_se`` standard errors
+  (:func:`~skipviz.evaluate.agreement_meets`).
 
 "fast" is the gates' (and the plan head's) default threshold.
 
@@ -35,7 +36,7 @@ from ..models._registry import data_dir
 from ..data import TensorDataset, imagenette_root
 from ..engine.heads import PlanHead
 from ..engine.network import SkipNetwork
-from ..evaluate import within_drop
+from ..evaluate import agreement_meets, within_drop
 from .distill import (DistillConfig, build_network, head_state, load_training_images, split_train_val, test_images,
                       with_extra_images)
 from .exit_points import ExitPoints, ExitPointsConfig, exit_operating_points
@@ -54,6 +55,7 @@ class HeadsExportConfig:
     exit_min_blocks: tuple[int, ...] = ExitPointsConfig.min_blocks
     max_drop_points: float = 1.0
     min_agreement: float = 0.99
+    faithful_margin_se: float = ExitPointsConfig.faithful_margin_se  # skipviz.evaluate.agreement_meets
     plan_teacher_threshold: float = 0.5
     plan_epochs: int = 60
     batch_size: int = 100
@@ -80,14 +82,15 @@ def _round_to_storage(net: SkipNetwork) -> None:
 
 
 def operating_point(curve: pd.DataFrame, max_drop_points: float | None = None,
-                    min_agreement: float | None = None) -> float | None:
+                    min_agreement: float | None = None, margin_se: float = 0.0) -> float | None:
     """The threshold of ``curve`` (rows: threshold, flops_saved_fraction, accuracy_drop_points,
-    agreement_with_full) with the largest FLOPs cut meeting the bound; ``None`` when no row does."""
+    agreement_with_full, n) with the largest FLOPs cut meeting the bound (the agreement with ``margin_se``
+    standard errors to spare, :func:`~skipviz.evaluate.agreement_meets`); ``None`` when no row does."""
     ok = curve
     if max_drop_points is not None:
         ok = ok[within_drop(ok["accuracy_drop_points"], max_drop_points)]
     if min_agreement is not None:
-        ok = ok[ok["agreement_with_full"] >= min_agreement]
+        ok = ok[agreement_meets(ok["agreement_with_full"], ok.get("n"), min_agreement, margin_se)]
     if not len(ok):
         return None
     return float(ok.sort_values(["flops_saved_fraction", "threshold"], ascending=[False, True]).iloc[0]["threshold"])
@@ -110,6 +113,7 @@ def default_source(points: dict) -> str:
 def _exit_config(cfg: HeadsExportConfig) -> ExitPointsConfig:
     return ExitPointsConfig(thresholds=tuple(cfg.exit_thresholds), min_blocks=tuple(cfg.exit_min_blocks),
                             max_drop_points=cfg.max_drop_points, min_agreement=cfg.min_agreement,
+                            faithful_margin_se=cfg.faithful_margin_se,
                             batch_size=cfg.batch_size)
 
 
@@ -313,7 +317,7 @@ def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: st
     for source in ("gates", "plan"):
         fast = (operating_point(val[source], max_drop_points=cfg.max_drop_points) if labelled else
                 operating_point(val[source], min_agreement=cfg.unlabelled_fast_agreement))
-        faithful = operating_point(val[source], min_agreement=cfg.min_agreement)
+        faithful = operating_point(val[source], min_agreement=cfg.min_agreement, margin_se=cfg.faithful_margin_se)
         points[source] = {"fast": {"threshold": fast, "validation": _point(val[source], fast),
                                    "test": _point(test[source], fast) if test is not None else None},
                           "faithful": {"threshold": faithful, "validation": _point(val[source], faithful),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..evaluate.loop import pick_threshold, within_drop
+from ..evaluate.loop import agreement_margin_words, agreement_meets, pick_threshold, within_drop
 from ..measure.clock import device_info
 from .export import export
 from .finetune import FinetuneConfig
@@ -30,6 +30,7 @@ class FinetuneExportConfig:
     thresholds: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
     max_drop_points: float = 0.5  # "fast": largest FLOPs cut with at most this accuracy drop vs full
     min_agreement: float = 0.99  # "faithful": largest FLOPs cut with at least this top-1 agreement with full
+    faithful_margin_se: float = 1.0  # ... with this many standard errors to spare (skipviz.evaluate.agreement_meets)
     plan: bool = True
     plan_epochs: int = 40
     progress: bool = True
@@ -59,10 +60,12 @@ def reproduce_command(cfg: FinetuneConfig) -> str:
     return f"skipviz finetune {' '.join(args)} --export"
 
 
-def pick_agreement_threshold(curve: pd.DataFrame, min_agreement: float = 0.99) -> float | None:
-    """The threshold whose run agrees with the full network on at least ``min_agreement`` of the inputs with
-    the largest FLOPs cut (rows: threshold, flops_saved_fraction, agreement_with_full); ``None`` if none does."""
-    faithful = curve.loc[curve["agreement_with_full"] >= min_agreement]
+def pick_agreement_threshold(curve: pd.DataFrame, min_agreement: float = 0.99,
+                             margin_se: float = 0.0) -> float | None:
+    """The threshold whose run agrees with the full network on at least ``min_agreement`` of the inputs (with
+    ``margin_se`` standard errors to spare, :func:`~skipviz.evaluate.agreement_meets`) with the largest FLOPs
+    cut (rows: threshold, flops_saved_fraction, agreement_with_full, n); ``None`` if none does."""
+    faithful = curve.loc[agreement_meets(curve["agreement_with_full"], curve.get("n"), min_agreement, margin_se)]
     if faithful.empty:
         return None
     best = faithful["flops_saved_fraction"].max()
@@ -78,7 +81,7 @@ def _operating_points(val_rows: list[dict], test_rows: list[dict], fast: float, 
     its validation metrics, the rule and whether the validation curve met it."""
     val = pd.DataFrame(val_rows)
     fast = fast if fast is not None else pick_threshold(val, cfg.max_drop_points)
-    faithful = pick_agreement_threshold(val, cfg.min_agreement)
+    faithful = pick_agreement_threshold(val, cfg.min_agreement, cfg.faithful_margin_se)
     met_faithful = faithful is not None
     if faithful is None:  # the closest the curve comes: the threshold of highest agreement
         faithful = float(val.sort_values(["agreement_with_full", "threshold"], ascending=[False, True]).iloc[0]["threshold"])
@@ -88,7 +91,8 @@ def _operating_points(val_rows: list[dict], test_rows: list[dict], fast: float, 
                            "the same full network (decision heads counted)",
              within_drop(_row(val_rows, fast)["accuracy_drop_points"], cfg.max_drop_points)),
             ("faithful", faithful, f"largest FLOPs cut on validation with top-1 agreement >= {cfg.min_agreement:.0%} "
-                                   "with the same full network (decision heads counted)", met_faithful)):
+                                   "with the same full network (decision heads counted)"
+                                   + agreement_margin_words(cfg.faithful_margin_se), met_faithful)):
         test = {k: v for k, v in _row(test_rows, t).items() if k != "threshold"}
         points[name] = {"threshold": t, **test, "validation": _row(val_rows, t), "rule": rule,
                         "rule_met_on_validation": bool(met)}

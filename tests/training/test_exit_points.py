@@ -59,3 +59,6 @@ def test_best_takes_the_largest_cut_within_the_bounds_and_never_a_point_that_cut
     assert _best(curve, 1.0, 0.95) == 0.7  # 0.5 cuts more but loses 2 points and 10 % of the answers
     assert _best(curve, None, 0.999) is None  # only the threshold where nobody exits agrees that much
     assert _best(curve, 0.05, 0.9) is None
+    # with one standard error to spare, 99.5 % of 1,000 answers still clears 99 %; of 200 it does not
+    assert _best(curve.assign(n=1000), None, 0.99, margin_se=1.0) == 0.9
+    assert _best(curve.assign(n=200), None, 0.99, margin_se=1.0) is None
