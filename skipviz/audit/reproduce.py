@@ -30,6 +30,7 @@ from .store import AuditStore, StoreError, open_store
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.network import SkipNetwork
+    from ..engine.trace import SampleTrace
 
 __all__ = ["rebuild_model", "reproduce", "reproduce_many", "reproduce_sample"]
 
@@ -118,6 +119,41 @@ def reproduce_many(store: AuditStore | str | Path, record_ids: Iterable[int], ne
             st.close()
 
 
+def _compare(t: AuditRecord, new: "SampleTrace", full: torch.Tensor | None, exact: bool, tol: float, atol: float,
+             dev: torch.device) -> ReproResult:
+    """Record ``t`` against its replay: the skipped run's trace ``new`` and the full network's logits ``full``
+    (``(K,)``; ``None`` when the audit has none for this input)."""
+    old = t.trace
+    decisions = ([b.executed for b in new.blocks] == [b["executed"] for b in old["blocks"]]
+                 and [b.reason for b in new.blocks] == [b["reason"] for b in old["blocks"]]) if exact else (
+        [b.executed for b in new.blocks] == [b["executed"] for b in old["blocks"]])
+    score_diff = _max_diff([b.score for b in new.blocks], [b["score"] for b in old["blocks"]])
+    logit_diff = _max_diff(new.logits, old["logits"])
+    if full is None:  # not checked: the audit has no full output for this input
+        full_diff, full_pred_ok, full_ok = 0.0, True, True
+    else:
+        full_diff = _max_diff([float(v) for v in full], t.full_logits or [])
+        full_pred_ok = int(full.argmax()) == t.full_predicted_index
+        full_ok = full_diff <= (max(tol, atol) if t.shadow == SHADOW_REUSED else tol)
+    pred = new.predicted_index == t.predicted_index and full_pred_ok
+    logits_ok = logit_diff <= tol and score_diff <= tol
+    ok = decisions and pred and logits_ok and full_ok
+    what = "bit-for-bit" if exact else f"within {tol:g}"
+    if t.shadow == SHADOW_REUSED:
+        what = f"(the skipped run {what}; the reused full output within {max(tol, atol):g})"
+    msg = (f"reproduced {what}" if ok else
+           f"NOT reproduced: decisions {'match' if decisions else 'differ'}, prediction "
+           f"{'matches' if pred else 'differs'}, max |logit diff| {logit_diff:.3g}, max |score diff| "
+           f"{score_diff:.3g}, full-network max |diff| {full_diff:.3g}")
+    if t.shadow == SHADOW_NOT_CHECKED:
+        msg += " (skipped run only: this input was not checked against the full network)"
+    elif t.shadow == SHADOW_REUSED:
+        msg += (f" (its full-network output was reused from record {t.shadow_from}, computed in another "
+                f"batch: compared within {max(tol, atol):g})")
+    return ReproResult(t.record_id, t.input_name, ok, decisions, pred, logits_ok, full_ok, logit_diff,
+                       score_diff, tol, str(dev), msg)
+
+
 def _replay_batch(store: AuditStore, run_id: str, batch_index: int, targets: list[AuditRecord],
                   net: "SkipNetwork | None", sources: dict[int, bytes] | None, device: str | torch.device | None,
                   atol: float) -> list[ReproResult]:
@@ -155,40 +191,7 @@ def _replay_batch(store: AuditStore, run_id: str, batch_index: int, targets: lis
             if rows:
                 xs = x if len(rows) == x.shape[0] else x[torch.tensor(rows, device=x.device)]
                 full_of.update(zip(rows, net(xs).detach().float().cpu()))
-    out = []
-    for t in targets:
-        new = traces[t.batch_pos]
-        old = t.trace
-        decisions = ([b.executed for b in new.blocks] == [b["executed"] for b in old["blocks"]]
-                     and [b.reason for b in new.blocks] == [b["reason"] for b in old["blocks"]]) if exact else (
-            [b.executed for b in new.blocks] == [b["executed"] for b in old["blocks"]])
-        score_diff = _max_diff([b.score for b in new.blocks], [b["score"] for b in old["blocks"]])
-        logit_diff = _max_diff(new.logits, old["logits"])
-        full = full_of.get(t.batch_pos)
-        if full is None:  # not checked: the audit has no full output for this input
-            full_diff, full_pred_ok, full_ok = 0.0, True, True
-        else:
-            full_diff = _max_diff([float(v) for v in full], t.full_logits or [])
-            full_pred_ok = int(full.argmax()) == t.full_predicted_index
-            full_ok = full_diff <= (max(tol, atol) if t.shadow == SHADOW_REUSED else tol)
-        pred = new.predicted_index == t.predicted_index and full_pred_ok
-        logits_ok = logit_diff <= tol and score_diff <= tol
-        ok = decisions and pred and logits_ok and full_ok
-        what = "bit-for-bit" if exact else f"within {tol:g}"
-        if t.shadow == SHADOW_REUSED:
-            what = f"(the skipped run {what}; the reused full output within {max(tol, atol):g})"
-        msg = (f"reproduced {what}" if ok else
-               f"NOT reproduced: decisions {'match' if decisions else 'differ'}, prediction "
-               f"{'matches' if pred else 'differs'}, max |logit diff| {logit_diff:.3g}, max |score diff| "
-               f"{score_diff:.3g}, full-network max |diff| {full_diff:.3g}")
-        if t.shadow == SHADOW_NOT_CHECKED:
-            msg += " (skipped run only: this input was not checked against the full network)"
-        elif t.shadow == SHADOW_REUSED:
-            msg += (f" (its full-network output was reused from record {t.shadow_from}, computed in another "
-                    f"batch: compared within {max(tol, atol):g})")
-        out.append(ReproResult(t.record_id, t.input_name, ok, decisions, pred, logits_ok, full_ok, logit_diff,
-                               score_diff, tol, str(dev), msg))
-    return out
+    return [_compare(t, traces[t.batch_pos], full_of.get(t.batch_pos), exact, tol, atol, dev) for t in targets]
 
 
 def reproduce(store: AuditStore | str | Path, record: AuditRecord | int, net: "SkipNetwork | None" = None,

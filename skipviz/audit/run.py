@@ -236,6 +236,15 @@ def _run_batches(store: AuditStore, todo: Sequence[InputItem], base: dict, runne
     return records, sources
 
 
+def _run_latency(store: AuditStore, run_id: str, net: "SkipNetwork", policy: Policy,
+                 sample: "torch.Tensor | None", resumed: bool, rounds: int, sample_size: int) -> dict | None:
+    """The run's paired latency (:func:`measure_run_latency`) on the images the runner kept (``sample``,
+    ``(S, C, H, W)``), or for a resumed run that kept none, on images read back from its stored inputs."""
+    if sample is None and rounds > 0 and resumed:
+        sample = _sample_from_store(store, run_id, net, sample_size)
+    return measure_run_latency(net, policy, sample, rounds) if sample is not None else None
+
+
 def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy | None,
                 db: str | Path | AuditStore, batch_size: int | None = None, progress: ProgressFn | None = None,
                 run_id: str | None = None, thumbnails: bool = True, extra_config: dict | None = None,
@@ -279,14 +288,11 @@ def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy |
                              lambda sha: full_output_key(model_name, psha, prep, str(device), sha),
                              store.full_outputs)
         records, sources = _run_batches(store, todo, base, runner, batch_size, first_batch, progress, len(done))
-        timings = runner.timings
-        timings["wall_s"] = time.perf_counter() - started
+        timings = {**runner.timings, "wall_s": time.perf_counter() - started}
         if resumed_id is not None:
             records = store.query(run_id=run_id)  # the whole run: the earlier attempt's records and these
-        sample = runner.sample
-        if sample is None and latency_rounds > 0 and resumed_id is not None:
-            sample = _sample_from_store(store, run_id, net, latency_sample)
-        latency = measure_run_latency(net, policy, sample, latency_rounds) if sample is not None else None
+        latency = _run_latency(store, run_id, net, policy, runner.sample, resumed_id is not None, latency_rounds,
+                               latency_sample)
         run = AuditRun(run_id=run_id, db_path=str(store.path), model_name=model_name,
                        weights_sha256=net.meta.weights_sha256, params_sha256=psha, policy=pconf, config=config,
                        environment=env, records=records, timings=timings, sources=sources, latency=latency,

@@ -11,8 +11,8 @@ Durability and concurrency:
   the database is opened, with the last batch it stored (:meth:`AuditStore.reap_dead_runs`); it is never
   left ``running``. Such a run can be continued (:meth:`AuditStore.reopen_run`, ``skipviz audit --resume``).
 
-The module imports only the standard library at load time, and so does its schema
-(:mod:`skipviz.audit._store_schema`); pandas, the record class (:mod:`skipviz.audit.records`, the layer below
+The module imports only the standard library at load time, and so do its schema
+(:mod:`skipviz.audit._store_schema`) and its owner helpers (:mod:`skipviz.audit._store_owner`); pandas, the record class (:mod:`skipviz.audit.records`, the layer below
 this one) and the record queries built on it (:mod:`skipviz.audit._store_queries`) are imported when used. A
 writer process can therefore load this folder's store files without the package and starts quickly.
 
@@ -25,18 +25,15 @@ adds the full network's outputs that later audits reuse, :mod:`skipviz.audit.sha
 from __future__ import annotations
 
 import json
-import os
-import socket
 import sqlite3
-import sys
 import tempfile
 import threading
 import time
-from array import array
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+from ._store_owner import _float32_le, _from_float32_le, current_owner, owner_alive
 from ._store_schema import MIGRATIONS, SCHEMA_VERSION
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,57 +55,9 @@ class SchemaVersionError(StoreError):
     """The database was written by a newer SkipViz with a schema this version does not know."""
 
 
-def _float32_le(values: Sequence[float]) -> bytes:
-    """Little-endian float32 bytes of ``values`` (the stored form of a logits vector)."""
-    a = array("f", values)
-    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
-        a.byteswap()
-    return a.tobytes()
-
-
-def _from_float32_le(blob: bytes) -> list[float]:
-    a = array("f")
-    a.frombytes(blob)
-    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
-        a.byteswap()
-    return a.tolist()
-
-
 def utc_now() -> str:
     """The current time as an ISO-8601 UTC string (sortable, what the store compares dates with)."""
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
-
-
-def _process_start(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot, ``/proc/<pid>/stat`` field 22), or ``None``: with
-    the pid it tells a live owner from a later process that reused its pid."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode("ascii", "replace")
-        return stat.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def current_owner() -> dict:
-    """This process as a run's owner: host, pid and start time."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
-
-
-def owner_alive(owner: dict | None) -> bool | None:
-    """Whether a run's owning process still runs: ``True``/``False`` on this host, ``None`` when it cannot be
-    told (another host, or no owner recorded by an older SkipViz)."""
-    if not owner or owner.get("host") != socket.gethostname() or not owner.get("pid"):
-        return None
-    pid = int(owner["pid"])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        pass
-    start = _process_start(pid)
-    return start is None or owner.get("start") is None or start == owner.get("start")
 
 
 class AuditStore:

@@ -206,6 +206,20 @@ def _source(dcfg: DistillConfig, net: SkipNetwork, root: str, labelled: bool) ->
                          f"--epochs {dcfg.epochs} --export"}
 
 
+def _dataset_section(dcfg: DistillConfig, splits: dict, src: dict) -> dict:
+    """The card's ``dataset``: the training, validation and test splits with their files' hashes."""
+    train_set, val_set, test_set = splits["train"], splits["validation"], splits["test"]
+    return {"name": src["dataset"],
+            "train": {"n": len(train_set), "files_sha256": train_set.files_sha256,
+                      **({"extra_images": {"folder": dcfg.extra_images, "limit": dcfg.extra_limit,
+                                           "n": sum(f.startswith("extra:") for f in train_set.files),
+                                           "labels_used": False}} if dcfg.extra_images else {})},
+            "validation": {"n": len(val_set), "seed": dcfg.seed, "files_sha256": val_set.files_sha256,
+                           "carved_from": "train/"},
+            "test": ({"split": src["test_split"], "n": len(test_set), "files_sha256": test_set.files_sha256}
+                     if test_set is not None else None)}
+
+
 def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Path, splits: dict, ev: dict,
           t_start: float) -> dict:
     """The model card of exported heads: backbone identity and licence, classes, preprocessing, data split
@@ -213,7 +227,6 @@ def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Pa
     from ..measure.clock import cpu_name, software_versions
     from .export import card_flops
 
-    train_set, val_set, test_set = splits["train"], splits["validation"], splits["test"]
     plan, val, test, points, fast_t = ev["plan"], ev["val"], ev["test"], ev["points"], ev["fast"]
     outcome, per_class, classes, src = ev["outcome"], ev["per_class"], ev["classes"], ev["source"]
     exits: ExitPoints = ev["exits"]
@@ -230,15 +243,7 @@ def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Pa
         "classes_source": src["classes_source"],
         "preprocessing": {"input_size": list(net.meta.input_size), "resize": net.meta.resize,
                           "mean": list(net.meta.mean), "std": list(net.meta.std), "note": src["note"]},
-        "dataset": {"name": src["dataset"],
-                    "train": {"n": len(train_set), "files_sha256": train_set.files_sha256,
-                              **({"extra_images": {"folder": dcfg.extra_images, "limit": dcfg.extra_limit,
-                                                   "n": sum(f.startswith("extra:") for f in train_set.files),
-                                                   "labels_used": False}} if dcfg.extra_images else {})},
-                    "validation": {"n": len(val_set), "seed": dcfg.seed, "files_sha256": val_set.files_sha256,
-                                   "carved_from": "train/"},
-                    "test": ({"split": src["test_split"], "n": len(test_set), "files_sha256": test_set.files_sha256}
-                             if test_set is not None else None)},
+        "dataset": _dataset_section(dcfg, splits, src),
         "training": {"config": asdict(dcfg), "epochs_run": len(log), "log": log,
                      "hours": sum(r["seconds"] for r in log) / 3600, "cpu": cpu_name(), "device": "cpu",
                      "labels_used": False},
@@ -277,17 +282,61 @@ def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Pa
     return card
 
 
+def _threshold_points(val: dict, test: dict | None, cfg: HeadsExportConfig, labelled: bool) -> dict:
+    """The gates' and the plan's fast and faithful points, chosen on the validation curves ``val`` and reported
+    on the test curves ``test``."""
+    points = {}
+    for source in ("gates", "plan"):
+        fast = (operating_point(val[source], max_drop_points=cfg.max_drop_points) if labelled else
+                operating_point(val[source], min_agreement=cfg.unlabelled_fast_agreement))
+        faithful = operating_point(val[source], min_agreement=cfg.min_agreement, margin_se=cfg.faithful_margin_se)
+        points[source] = {"fast": {"threshold": fast, "validation": _point(val[source], fast),
+                                   "test": _point(test[source], fast) if test is not None else None},
+                          "faithful": {"threshold": faithful, "validation": _point(val[source], faithful),
+                                       "test": _point(test[source], faithful) if test is not None else None}}
+    return points
+
+
+def _write(net: SkipNetwork, card: dict, dcfg: DistillConfig, src: dict, dest: Path, val: dict,
+           test: dict | None) -> Path:
+    """Write the heads (for a fine-tuned copy every tensor, the card measuring its full network against the
+    published one on the ``val`` and ``test`` curves) and the card beside them into ``dest``; the card gains the
+    weights file's sha256."""
+    from safetensors.torch import save_file
+
+    from ..models.timm_wrap import CARD_METADATA_KEY
+    from ..models.weights import sha256_file
+
+    tuned = dcfg.backbone_lr > 0
+    dest.mkdir(parents=True, exist_ok=True)
+    weights_path = dest / f"{src['file']}.safetensors"
+    metadata = {"arch": dcfg.arch, "format": "skipviz.heads"}
+    if dcfg.model is not None:
+        metadata = {"arch": dcfg.model, "format": "skipviz.heads", CARD_METADATA_KEY: json.dumps(card)}
+    if tuned:
+        card["backbone"] = {**card["backbone"], "fine_tuned": {
+            "how": "a copy of the published backbone trained jointly with the heads (skipviz train-heads "
+                   f"--backbone-lr {dcfg.backbone_lr:g}): KL from the published network to the copy's gated run "
+                   f"and, weighted {dcfg.full_kl_weight:g}, to its full run; BatchNorm statistics frozen",
+            "storage": STORAGE_NOTE,
+            "full_vs_published": {"validation": _full_vs_published(val),
+                                  "test": _full_vs_published(test) if test is not None else None}}}
+        metadata = {**metadata, "format": "skipviz.network"}
+        save_file(_storage_state(net), str(weights_path), metadata=metadata)
+    else:
+        save_file(head_state(net), str(weights_path), metadata=metadata)
+    card["weights_sha256"] = sha256_file(weights_path)
+    weights_path.with_suffix(".json").write_text(json.dumps(card, indent=2))
+    return weights_path
+
+
 def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: str | None = None) -> tuple[Path, dict]:
     """Evaluate a finished distillation run and write its heads and their card to ``dest`` (default
     ``data/``): ``<arch>_imagenet_gated.safetensors`` (heads only) for the published backbone,
     ``<arch>_imagenet_tuned_gated.safetensors`` (every tensor) for a fine-tuned copy,
     ``timm_<name>_heads.safetensors`` for a user's network (the card in its metadata too)."""
-    from safetensors.torch import save_file
-
     from ..evaluate import blocks_by_outcome
     from ..models.efficientnet_lite import imagenet_classes
-    from ..models.timm_wrap import CARD_METADATA_KEY
-    from ..models.weights import sha256_file
 
     t_start = time.time()
     run = Path(cfg.run_dir)
@@ -313,15 +362,7 @@ def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: st
         _round_to_storage(net)  # the plan head just fitted, before anything is measured
     val = _curves(net, val_set, cfg, published)
     test = _curves(net, test_set, cfg, published) if test_set is not None else None
-    points = {}
-    for source in ("gates", "plan"):
-        fast = (operating_point(val[source], max_drop_points=cfg.max_drop_points) if labelled else
-                operating_point(val[source], min_agreement=cfg.unlabelled_fast_agreement))
-        faithful = operating_point(val[source], min_agreement=cfg.min_agreement, margin_se=cfg.faithful_margin_se)
-        points[source] = {"fast": {"threshold": fast, "validation": _point(val[source], fast),
-                                   "test": _point(test[source], fast) if test is not None else None},
-                          "faithful": {"threshold": faithful, "validation": _point(val[source], faithful),
-                                       "test": _point(test[source], faithful) if test is not None else None}}
+    points = _threshold_points(val, test, cfg, labelled)
     exits = exit_operating_points(net, val_set, val["published"], test_set,
                                   test["published"] if test is not None else None, _exit_config(cfg))
     points["early_exit"] = exits.points
@@ -335,24 +376,5 @@ def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: st
                  {"plan": plan, "val": val, "test": test, "points": points, "fast": fast_t, "labelled": labelled,
                   "exits": exits,
                   "outcome": outcome, "per_class": per_class, "classes": classes, "source": src}, t_start)
-    dest = dest or data_dir()
-    dest.mkdir(parents=True, exist_ok=True)
-    weights_path = dest / f"{src['file']}.safetensors"
-    metadata = {"arch": dcfg.arch, "format": "skipviz.heads"}
-    if dcfg.model is not None:
-        metadata = {"arch": dcfg.model, "format": "skipviz.heads", CARD_METADATA_KEY: json.dumps(card)}
-    if tuned:
-        card["backbone"] = {**card["backbone"], "fine_tuned": {
-            "how": "a copy of the published backbone trained jointly with the heads (skipviz train-heads "
-                   f"--backbone-lr {dcfg.backbone_lr:g}): KL from the published network to the copy's gated run "
-                   f"and, weighted {dcfg.full_kl_weight:g}, to its full run; BatchNorm statistics frozen",
-            "storage": STORAGE_NOTE,
-            "full_vs_published": {"validation": _full_vs_published(val),
-                                  "test": _full_vs_published(test) if test is not None else None}}}
-        metadata = {**metadata, "format": "skipviz.network"}
-        save_file(_storage_state(net), str(weights_path), metadata=metadata)
-    else:
-        save_file(head_state(net), str(weights_path), metadata=metadata)
-    card["weights_sha256"] = sha256_file(weights_path)
-    weights_path.with_suffix(".json").write_text(json.dumps(card, indent=2))
+    weights_path = _write(net, card, dcfg, src, dest or data_dir(), val, test)
     return weights_path, card

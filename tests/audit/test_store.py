@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -210,7 +211,7 @@ def test_runs_of_a_dead_process_are_marked_interrupted_and_can_be_reopened(tmp_p
         st.create_run("live", "m", None, {}, {})
         st.create_run("dead", "m", None, {}, {})
         st.add_records([make_record("dead", 0)])
-        owner = {"host": store_module.socket.gethostname(), "pid": gone.pid, "start": "1"}
+        owner = {"host": socket.gethostname(), "pid": gone.pid, "start": "1"}
         with st._transaction() as conn:
             conn.execute("UPDATE runs SET owner_json = ? WHERE run_id = 'dead'", (json.dumps(owner),))
     with AuditStore(path) as st:  # opening reaps: the dead owner's run is interrupted, ours still runs
