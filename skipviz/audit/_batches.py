@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from .._imageio import ImageLoadError, load_image, read_bytes
+from ..engine.resume import full_logits
 from ..measure.clock import synchronize
 from ..policies.base import Policy
 from ..redundancy import kl_from_logits
@@ -225,12 +226,11 @@ class BatchRunner:
                 net(x[:2])
             synchronize(device)
             t0 = time.perf_counter()
-            res = net.run(x, policy)
+            res = net.run(x, policy, keep_exit_states=True)
             synchronize(device)
             t1 = time.perf_counter()
-            if run_rows:
-                xs = x if len(run_rows) == x.shape[0] else x[torch.tensor(run_rows, device=x.device)]
-                computed = net(xs).detach().float().cpu()
+            if run_rows:  # resumed from the skipped run where it got (skipviz.engine.resume)
+                computed = full_logits(net, x, res, run_rows).detach().float().cpu()
             synchronize(device)
             t2 = time.perf_counter()
         n = x.shape[0]

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from .._imageio import ImageLoadError, load_image
+from ..engine.resume import full_logits
 from ..models._registry import create_model, list_models
 from ..policies.config import policy_from_config
 from .archive import ArchiveError, InputItem, read_source
@@ -174,6 +175,7 @@ def _replay_batch(store: AuditStore, run_id: str, batch_index: int, targets: lis
         archives: dict[str, dict[str, InputItem]] = {}  # each zip read once for the whole batch
         images = [_load_source(r, sources, archives) for r in siblings]
         policy = policy_from_config(first.policy)
+        resumed = bool((store.run_info(run_id).get("config") or {}).get("shadow_resumed"))
     except (StoreError, ImageLoadError, ArchiveError, OSError, ValueError, KeyError) as e:
         return fail(f"cannot replay: {e}")
     exact = dev.type == "cpu" and all(t.device == "cpu" for t in targets)
@@ -184,10 +186,14 @@ def _replay_batch(store: AuditStore, run_id: str, batch_index: int, targets: lis
     # sampled); a reused full output was computed in another batch, so it is compared within ``atol``
     ran = [r.batch_pos for r in siblings if r.shadow in (None, SHADOW_RUN)]
     reused = [t.batch_pos for t in targets if t.shadow == SHADOW_REUSED]
+    # (resumed from the skipped run, as the audit computed them, when its shadow plan says so)
     with torch.no_grad(), _deterministic(True):
-        traces = net.run(x, policy).traces()
+        res = net.run(x, policy, keep_exit_states=resumed)
+        traces = res.traces()
         full_of: dict[int, torch.Tensor] = {}
-        for rows in (ran, reused):
+        if ran and resumed:
+            full_of.update(zip(ran, full_logits(net, x, res, ran).detach().float().cpu()))
+        for rows in ((reused,) if resumed else (ran, reused)):
             if rows:
                 xs = x if len(rows) == x.shape[0] else x[torch.tensor(rows, device=x.device)]
                 full_of.update(zip(rows, net(xs).detach().float().cpu()))

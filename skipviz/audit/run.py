@@ -264,19 +264,16 @@ def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy |
     policy = policy if policy is not None else policy_for(net, net.meta.default_source(offered_sources(net)))
     net.eval()
     batch_size = default_audit_batch_size(net) if batch_size is None else int(batch_size)
-    device = next(net.parameters()).device
-    env = environment(device)
+    env = environment(device := next(net.parameters()).device)
     model_name, psha, pconf = model_name_of(net), params_sha256(net), policy.config()
-    extra = dict(extra_config or {})
-    shadow = shadow or ShadowPlan()
-    inputs = {k: extra[k] for k in ("paths", "labels_from_folders") if k in extra}
-    inputs["shadow"] = shadow.config()
+    extra, shadow = dict(extra_config or {}), shadow or ShadowPlan()
+    inputs = {**{k: extra[k] for k in ("paths", "labels_from_folders") if k in extra}, "shadow": shadow.config()}
     store, owned = open_store(db)
     resumed_id = find_resumable_run(store, net, policy, inputs) if resume and run_id is None else None
     run_id = resumed_id or run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     config = {"model": model_name, "model_meta": net.meta.to_dict(), "params_sha256": psha, "policy": pconf,
               "batch_size": batch_size, "n_inputs": len(items), "device": str(device), "shadow": shadow.config(),
-              **extra}
+              "shadow_resumed": True, **extra}
     base = dict(run_id=run_id, model_name=model_name, weights_sha256=net.meta.weights_sha256, params_sha256=psha,
                 policy=pconf, device=str(device), versions=_versions(env))
     try:

@@ -15,6 +15,11 @@ same input (the shadow run), which costs a full forward per input on top of the 
   others are recorded with ``shadow = "not checked"`` and no agreement; the report states the agreement over
   the checked inputs with its Wilson 95 % interval and how many were not checked.
 
+The full network's output for an input it runs on is resumed from the skipped run where that got
+(:func:`skipviz.engine.resume.full_logits`): an input that ran every block already has it, one that left at an
+early exit continues from its state there, the others start from the image (the run's configuration says
+``shadow_resumed``, which the replay of a record follows).
+
 Each record's ``shadow`` field is ``"run"`` (the full network ran on it in its batch), ``"reused"`` or
 ``"not checked"``; records written before this field existed read as ``None`` (they were all run).
 """

@@ -113,11 +113,14 @@ class SkipNetwork(nn.Module):
             h = block.forward_(h) if inplace and not block.downsample else block(h)
         return self.head(h)
 
-    def run(self, x: torch.Tensor, policy: Policy | None = None) -> SkipResult:
+    def run(self, x: torch.Tensor, policy: Policy | None = None, keep_exit_states: bool = False) -> SkipResult:
         """Run a batch under ``policy`` (default: full), really skipping bypassed blocks.
 
         Args:
             x: (N, 3, H, W) normalised images.
+            keep_exit_states: keep the hidden state of the inputs that leave at an early exit
+                (``SkipResult.exit_states``), from which :func:`~skipviz.engine.resume.full_logits` resumes the
+                full network instead of starting it again from the image.
         Returns:
             :class:`~skipviz.engine.trace.SkipResult` with ``logits`` (N, K) and the decisions (``executed`` (N, L),
             ``scores`` (N, L), ``traces()``).
@@ -131,6 +134,7 @@ class SkipNetwork(nn.Module):
         rows: torch.Tensor | None = None  # None: every sample still running (no early exits yet)
         exit_block: torch.Tensor | None = None
         exit_logits: list[tuple[torch.Tensor, torch.Tensor]] = []
+        exit_states: list[tuple[int, torch.Tensor, torch.Tensor]] | None = [] if keep_exit_states else None
         # with no exits, mixed identity blocks run on a contiguous window of the batch, in place (_run_contiguous)
         exits = policy.exits_early  # only early-exit policies are asked after each block
         partition = inplace and not exits
@@ -169,6 +173,8 @@ class SkipNetwork(nn.Module):
                         exit_block = torch.full((n,), -1, dtype=torch.long)
                     exit_block[all_rows[leave].cpu()] = i
                     exit_logits.append((all_rows[leave], logits[leave]))
+                    if exit_states is not None:
+                        exit_states.append((i, all_rows[leave], h[leave]))
                     stay = ~leave
                     rows, h = all_rows[stay], h[stay]
                     if rows.numel() == 0:
@@ -184,7 +190,7 @@ class SkipNetwork(nn.Module):
             logits = final if rows is None else final.new_empty((n, final.shape[1])).index_copy(0, rows, final)
         for r, lg in exit_logits:
             logits = logits.index_copy(0, r, lg.to(logits.dtype))
-        return SkipResult(self, policy, logits, records, hw, exit_block)
+        return SkipResult(self, policy, logits, records, hw, exit_block, exit_states)
 
     @staticmethod
     def _run_contiguous(block: SkippableBlock, h: torch.Tensor, execute: torch.Tensor | bool,

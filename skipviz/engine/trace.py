@@ -172,13 +172,17 @@ class SkipResult:
     """The output of :meth:`SkipNetwork.run`: logits (N, K) plus lazily built per-sample decision tensors."""
 
     def __init__(self, net: "SkipNetwork", policy: "Policy", logits: torch.Tensor, records: list[BlockRecord],
-                 input_hw: tuple[int, int], exit_block: torch.Tensor | None) -> None:
+                 input_hw: tuple[int, int], exit_block: torch.Tensor | None,
+                 exit_states: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None) -> None:
         self.net = net
         self.policy = policy
         self.logits = logits
         self.records = records
         self.input_hw = input_hw
         self._exit_block = exit_block
+        #: with ``run(..., keep_exit_states=True)``: per exit, (block index, the batch rows (E,) that left after
+        #: it, their hidden state (E, C, H, W) there); ``None`` when not kept
+        self.exit_states = exit_states
         self._dense: dict[str, torch.Tensor] | None = None
 
     @property

@@ -169,3 +169,29 @@ def test_a_report_with_no_input_checked_still_renders_and_says_so(tiny_net, tmp_
     assert run.throughput()["full_images_per_s"] is None and run.timings["shadow_run"] == 0
     html = Path(write_report(run, tmp_path / "r.html")[0]).read_text()
     assert "6 not checked" in html
+
+
+def test_exited_inputs_get_their_full_output_resumed_from_the_exit_and_reproduce_bit_for_bit(tiny_net, images,
+                                                                                              tmp_path):
+    import torch
+
+    from skipviz import EarlyExitPolicy
+
+    db = tmp_path / "e.sqlite"
+    net = tiny_net.eval()
+    names = sorted(p.name for p in images.iterdir())
+    x = net.meta.preprocess([Image.open(images / n) for n in names])
+    with torch.no_grad():
+        feats = net.forward_intermediates(x, intermediates_only=True)
+        conf = torch.softmax(net.probe(3)(feats[3]), 1).amax(1)
+    policy = EarlyExitPolicy(1.0, {3: float(conf.median())}, min_block=99)  # about half leave after block 3
+    run = run_audit([images], net, policy, db, batch_size=6, latency_rounds=0, shadow=ShadowPlan(reuse=False))
+    exits = [r.trace.get("exit_block") for r in run.ok_records]
+    assert any(e is not None for e in exits) and any(e is None for e in exits)
+    assert run.config["shadow_resumed"] and {r.shadow for r in run.ok_records} == {"run"}
+    with torch.no_grad():
+        full = net(net.meta.preprocess([Image.open(r.input_path) for r in run.ok_records]))
+    got = torch.tensor([r.full_logits for r in run.ok_records])
+    torch.testing.assert_close(got, full.float(), rtol=1e-4, atol=1e-5)  # the full network's outputs
+    results = reproduce_many(db, [r.record_id for r in run.ok_records], net=net)
+    assert all(x.reproduced and "bit-for-bit" in x.message for x in results), [x.message for x in results]
