@@ -4,7 +4,7 @@ the decision (gate heads, plan head, per-block policy work) and how much the arc
 For each image of a held-out sample the model's policy (gates, plan or early exits, at the card default or at a
 named operating point of the card) decides which blocks run. Three runs per image, each a batch of one: the full network (``FullPolicy``), the policy itself, and a
 ``FrozenPolicy`` replaying that image's own decisions (the same blocks skipped, no head evaluated, no policy
-work: the free-decision ceiling). Per round every image goes through each run once, the order of the three runs
+work: the free-decision ceiling; for an early exit, the blocks up to the exit and the one probe that answers). Per round every image goes through each run once, the order of the three runs
 rotating between rounds (``skipviz.measure.clock.measure_interleaved``); efficiency = time-saved fraction /
 FLOPs-saved fraction over the sample (heads counted as spent for the policy, not for the replay), median of the
 per-round ratios with the quartiles. Writes ``benchmarks/results/batch1_decision_ceiling_<model>_cpu.json`` and
@@ -59,8 +59,9 @@ def run(args: argparse.Namespace) -> dict:
             return lambda: [net.run(s, pol_of(i)) for i, s in enumerate(singles)]
 
         runs = {"full": over(lambda i: FullPolicy()), "policy": over(lambda i: policy)}
-        # an exit answers from a probe and bypasses blocks that have no bypass: no replay of it as a mask
-        replays = None if policy.exits_early else [FrozenPolicy(res.executed[i].tolist()) for i in range(len(x))]
+        # an exit is replayed as the blocks up to it and the one probe it answers from (no other probe evaluated)
+        exits = res.exit_block
+        replays = [FrozenPolicy(res.executed[i].tolist(), exits[i]) for i in range(len(x))]
         if replays is not None:
             replay_flops = sum(float(net.run(x[i:i + 1], replays[i]).flops_executed().double().sum())
                                for i in range(x.shape[0]))
@@ -93,7 +94,7 @@ def _ms(v: float | None) -> str:
 
 
 def _eff(v: float | None, iqr: list[float] | None) -> str:
-    return "n/a (exits)" if v is None else f"{v:.2f} ({iqr[0]:.2f}-{iqr[1]:.2f})"
+    return "n/a" if v is None else f"{v:.2f} ({iqr[0]:.2f}-{iqr[1]:.2f})"
 
 
 def markdown(report: dict) -> str:

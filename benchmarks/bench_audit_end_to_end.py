@@ -19,6 +19,10 @@ end-to-end img/s over the skipped pass's img/s of that round. Writes
     . .venv/bin/activate
     python benchmarks/bench_audit_end_to_end.py --model cifar_resnet56.cifar10_gated --n 2000 --rounds 5
     python benchmarks/bench_audit_end_to_end.py --model efficientnet_lite0.imagenet_gated --n 512 --rounds 3
+
+``--policy`` picks the decision source (default: the one the model card recommends, at the card's default
+threshold; the "reused" mode's first audit runs the same source at another threshold). Results of a source other
+than the gates go to ``audit_end_to_end_<model>_<source>_<device>``.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ from skipviz.cli.bench_common import report_header  # noqa: E402
 from skipviz.data import cifar10_root, held_out_files  # noqa: E402
 from skipviz.measure.clock import device_info  # noqa: E402
 from skipviz.measure.runs import default_audit_batch_size, measure_throughput  # noqa: E402
-from skipviz.policies import policy_for  # noqa: E402
+from skipviz.policies import offered_sources, policy_for  # noqa: E402
 
 MODES = ("every input", "every input, reused", "10 % checked")
 
@@ -80,8 +84,10 @@ def _audit(items, net, policy, db: Path, shadow: ShadowPlan, batch_size: int) ->
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     net = create_model(args.model).eval()
-    policy = policy_for(net, "gates")
-    other = policy_for(net, "gates", 0.5 if abs(net.meta.default_threshold("gates") - 0.5) > 1e-9 else 0.3)
+    source = args.policy or net.meta.default_source(offered_sources(net))
+    policy = policy_for(net, source)
+    threshold = net.meta.default_threshold(source)
+    other = policy_for(net, source, 0.5 if abs(threshold - 0.5) > 1e-9 else 0.3)
     batch_size = args.batch_size or default_audit_batch_size(net)
     rows: dict[str, list[float]] = {m: [] for m in MODES}
     skip_rates: list[float] = []
@@ -114,8 +120,8 @@ def run(args: argparse.Namespace) -> dict:
         ratios = [a / s for a, s in zip(rows[mode], skip_rates)]
         table.append({"mode": mode, "images_per_s": statistics.median(rows[mode]),
                       "ratio_to_skipped_pass": statistics.median(ratios), "ratios": ratios, "rates": rows[mode]})
-    return {"model": args.model, "weights_sha256": net.meta.weights_sha256,
-            "threshold": net.meta.default_threshold("gates"), "inputs": inputs,
+    return {"model": args.model, "weights_sha256": net.meta.weights_sha256, "source": source,
+            "policy": policy.config(), "threshold": threshold, "inputs": inputs,
             "environment": device_info("cpu").to_dict(), "batch_size": batch_size, "rounds": args.rounds,
             "skipped_pass_images_per_s": statistics.median(skip_rates), "skipped_pass_rates": skip_rates,
             "rows": table, "command": "python benchmarks/bench_audit_end_to_end.py " + shlex.join(sys.argv[1:]),
@@ -123,7 +129,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = report_header(f"Audit end to end against the skipped pass at gates {report['threshold']}", report,
+    words = {"gates": "gates", "plan": "the plan", "early_exit": "early exits"}[report.get("source", "gates")]
+    lines = report_header(f"Audit end to end against the skipped pass at {words} {report['threshold']}", report,
                           f"batch {report['batch_size']}; {report['rounds']} rounds") + [
         f"Skipped pass alone (`measure_throughput`, same images and batch): "
         f"**{report['skipped_pass_images_per_s']:.0f} img/s** (median over rounds).", "",
@@ -144,11 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--policy", choices=("gates", "plan", "early_exit"), default=None,
+                   help="decision source (default: the card's)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     keep_heap_memory()
     report = run(args)
-    stem = f"audit_end_to_end_{report['model'].split('.')[0]}_{report['environment']['device_type']}"
+    source = "" if report["source"] == "gates" else f"_{report['source']}"
+    stem = f"audit_end_to_end_{report['model'].split('.')[0]}{source}_{report['environment']['device_type']}"
     jp, mp = write_results(report, args.out, stem, markdown)
     print(f"wrote {jp} and {mp.name}")
     return 0
