@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ["ConvBNStem", "bn_is_foldable", "conv_bn", "folded_conv_bn_weights", "inference_folding"]
+__all__ = ["ConvBNStem", "bn_is_foldable", "conv_bn", "folded_conv_bn_weights", "folding_enabled",
+           "inference_folding"]
 
 
 class _Fold:
@@ -61,6 +62,11 @@ def inference_folding(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _FOLDING.reset(token)
+
+
+def folding_enabled() -> bool:
+    """Whether inference folds apply now: no autograd, folding not switched off (:func:`inference_folding`)."""
+    return not torch.is_grad_enabled() and _FOLDING.get()
 
 
 def bn_is_foldable(bn: nn.Module) -> bool:

@@ -4,8 +4,8 @@
 * :class:`PlanHead` - BlockDrop-style plan head: every gated block's execute logit at once, from the stem.
 * :class:`ProbeHead` - a linear classifier on a block's pooled output (early exits, prediction KL).
 
-At inference the gate and plan heads take folded fast paths (:mod:`skipviz.engine.folding`); a batch of one is
-read back once and finished on the host.
+At inference the gate, plan and probe heads take folded fast paths (:mod:`skipviz.engine.folding`); a batch of
+one is read back once and finished on the host.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .folding import _Fold, bn_is_foldable
+from .folding import _Fold, bn_is_foldable, folding_enabled
 
 __all__ = ["HEAD_PREFIXES", "GateHead", "PlanHead", "ProbeHead"]
 
@@ -204,11 +204,41 @@ class PlanHead(nn.Module):
 
 
 class ProbeHead(nn.Module):
-    """Linear classifier on a block's pooled output: (N, C, H, W) -> (N, K) logits."""
+    """Linear classifier on a block's pooled output: (N, C, H, W) -> (N, K) logits.
+
+    At inference (eval mode, no autograd, folding on, no autocast) the spatial mean's 1/(H*W) is folded into a
+    transposed, contiguous copy of the weight, (C, K), read by one ``addmm`` on the map's channel sums. Measured
+    inside batch-1 runs of the shipped EfficientNet-Lite0 (16 Imagenette photos, each variant after the other
+    per image, 480-640 paired runs, AMD EPYC, 2 threads): its nine exit probes added 1.47 and 1.54 ms (medians,
+    two runs) to a 17-18 ms forward through ``nn.Linear`` on the mean, and 1.19 and 1.25 ms this way. Most of
+    what is left is not the weights: nine 10-class probes in their place still added 0.89 ms. Equal to the
+    module path up to float rounding; cached like the gates' folds.
+    """
 
     def __init__(self, channels: int, num_classes: int) -> None:
         super().__init__()
         self.fc = nn.Linear(channels, num_classes)
+        self._folded: _Fold | None = None  # (w (C, K) with 1/(H*W) folded in, b (K,))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.training and folding_enabled() and not _autocast_enabled(h):
+            w, b = self._folded_weights(h)
+            logits = torch.addmm(b, _channel_sums(h, w.dtype), w)
+            return logits if logits.dtype == h.dtype else logits.to(h.dtype)
         return self.fc(h.mean((2, 3)))
+
+    def _folded_weights(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w, b)``: the weight (C, K), transposed, contiguous and divided by the map's H*W, and the bias (K,);
+        float32 for a half-precision map (its channel sums are taken in float32, :func:`_channel_sums`). Cached
+        until the weight or bias is replaced, moved, cast or changed in place, or the map's size or dtype
+        changes."""
+        p = self._modules["fc"]._parameters
+        sources = (p["weight"], p["bias"])
+        extra = (h.shape[2] * h.shape[3], h.dtype)
+        cache = self._folded
+        if cache is None or not cache.valid_for(sources, extra):
+            with torch.no_grad():
+                acc = torch.float32 if h.dtype in (torch.float16, torch.bfloat16) else h.dtype
+                w = (p["weight"].to(acc) / extra[0]).t().contiguous()
+                cache = self._folded = _Fold(sources, extra, (w, p["bias"].to(acc)))
+        return cache.values

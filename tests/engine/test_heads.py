@@ -1,6 +1,8 @@
 """The gate and plan heads: their inference paths equal the module path."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -94,3 +96,24 @@ def test_gates_under_float16_autocast_take_the_module_path():
         expected = gate(h)
     assert torch.isfinite(logits).all() and torch.allclose(logits.float(), expected, atol=0.05)
     assert p == pytest.approx(torch.sigmoid(expected[0]).item(), abs=1e-3)
+
+
+def test_probe_inference_path_agrees_with_the_module_path_and_follows_weight_changes(tiny_net):
+    feats = tiny_net.forward_intermediates(varied_images(5, seed=3), intermediates_only=True)
+    for i in (0, 4, 8):
+        probe, h = tiny_net.probe(i), feats[i].detach()
+        with torch.enable_grad():
+            module = probe(h).detach()  # nn.Linear on the mean, autograd on
+        with torch.no_grad():
+            folded = probe(h)  # the mean's 1/(H*W) folded into a transposed weight
+            with inference_folding(False):
+                assert torch.equal(probe(h), module)
+            assert torch.allclose(folded, module, atol=1e-5)
+            assert torch.allclose(probe(h[:1]), module[:1], atol=1e-5)  # a batch of one, the same cached fold
+            probe.fc.weight.mul_(2.0)  # an in-place change (as load_state_dict makes) invalidates the fold
+            assert torch.allclose(probe(h), probe.fc(h.mean((2, 3))), atol=1e-5)
+            probe.fc.weight.div_(2.0)
+    half = copy.deepcopy(tiny_net.probe(2)).half()  # a copy: the fixture's network is shared
+    with torch.no_grad():
+        out = half(feats[2].detach().half() * 30)  # a large map: its sums are taken in float32
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
