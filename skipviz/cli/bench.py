@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ..data import cifar10_root, load_split, normalize
+from ..data import cifar10_root, held_out_images, load_split, normalize
 from ..engine.network import SkipNetwork
 from ..measure.clock import _check_counts, device_info, resolve_device
 from ..measure.predict import check_prediction
@@ -70,7 +70,9 @@ def load_bench_model(cfg: BenchConfig) -> tuple[SkipNetwork, str]:
 
 
 def bench_inputs(net: SkipNetwork, cfg: BenchConfig, n: int) -> tuple[torch.Tensor, str]:
-    """(n, 3, H, W) normalised inputs: the first n CIFAR-10 test images when available, else random normal."""
+    """(n, 3, H, W) normalised inputs: the first n CIFAR-10 test images for a CIFAR model, held-out photos
+    (:func:`~skipviz.data.held_out_images`: Imagenette ``val/`` for an ImageNet model) for another, when they are
+    on this machine; else random normal (on which an early exit never fires: its savings need real images)."""
     if cfg.inputs not in ("auto", "cifar10", "random"):
         raise ValueError(f"inputs must be auto, cifar10 or random, got {cfg.inputs!r}")
     root = cifar10_root() if cfg.inputs != "random" else None
@@ -80,8 +82,13 @@ def bench_inputs(net: SkipNetwork, cfg: BenchConfig, n: int) -> tuple[torch.Tens
         ds = load_split(root, "test", progress=False)
         if len(ds) >= n:
             return normalize(ds.images[:n], net.meta.mean, net.meta.std), f"CIFAR-10 test images 0..{n - 1}"
+    if cfg.inputs == "auto" and tuple(net.meta.input_size) != (3, 32, 32):
+        try:
+            return held_out_images(net.meta, n)
+        except FileNotFoundError:
+            pass
     g = torch.Generator().manual_seed(cfg.seed)
-    return torch.randn(n, *net.meta.input_size, generator=g), "RANDOM normal tensors (no CIFAR-10 here)"
+    return torch.randn(n, *net.meta.input_size, generator=g), "RANDOM normal tensors (no held-out images here)"
 
 
 def _check_config(cfg: BenchConfig) -> None:

@@ -57,3 +57,19 @@ def test_benchmark_rejects_bad_settings_with_a_message(tmp_path):
     proc = _run("--batch-sizes", "one", "--out", str(tmp_path))
     assert proc.returncode == 2 and "comma-separated integers" in proc.stderr
     assert not (tmp_path / "latency_cpu.json").exists()
+
+
+def test_an_imagenet_model_is_timed_on_held_out_photos_where_they_are_here():
+    import pytest
+
+    from skipviz import create_model
+    from skipviz.cli.bench import BenchConfig, bench_inputs
+    from skipviz.data import imagenette_root
+
+    net = create_model("efficientnet_lite0.imagenet_gated")
+    x, what = bench_inputs(net, BenchConfig(inputs="random"), 2)
+    assert x.shape == (2, 3, 224, 224) and "RANDOM" in what
+    if imagenette_root() is None:
+        pytest.skip("Imagenette is not on this machine (../shared/datasets/imagenette, or set SKIPVIZ_IMAGENETTE)")
+    x, what = bench_inputs(net, BenchConfig(), 3)  # early exits never fire on noise: real photos by default
+    assert x.shape == (3, 3, 224, 224) and "Imagenette val photos" in what
