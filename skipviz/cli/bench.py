@@ -179,7 +179,7 @@ def results_markdown(report: dict) -> str:
             f"{_fmt(r['masked_time_saved_fraction'], '.1%')} | {r['predicted_ms']:.3f} "
             f"({r['prediction_relative_error']:+.1%}) | {_fmt(r.get('decision_free_time_saved_fraction'), '.1%')} "
             f"saved, {_fmt(r.get('decision_free_efficiency'), '.2f')} |")
-    if report["settings"].get("policy") == "early_exit":  # the gate heads play no part; the probes run inside
+    if report.get("settings", {}).get("policy") == "early_exit":  # gate heads play no part; the probes run inside
         lines += ["", "The exit probes' own time is inside the skipped run (and outside the prediction and the "
                       "free-decision ceiling)."]
     else:

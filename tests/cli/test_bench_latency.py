@@ -73,3 +73,13 @@ def test_an_imagenet_model_is_timed_on_held_out_photos_where_they_are_here():
         pytest.skip("Imagenette is not on this machine (../shared/datasets/imagenette, or set SKIPVIZ_IMAGENETTE)")
     x, what = bench_inputs(net, BenchConfig(), 3)  # early exits never fire on noise: real photos by default
     assert x.shape == (3, 3, 224, 224) and "Imagenette val photos" in what
+
+
+def test_the_report_of_early_exits_leaves_out_the_gate_heads_they_do_not_use():
+    from skipviz.cli.bench import results_markdown
+
+    report = json.loads((ROOT / "benchmarks" / "results" / "latency_early_exit_cpu_2thread.json").read_text())
+    text = results_markdown(report)
+    assert "exit probes' own time is inside the skipped run" in text and "Decision heads (gate heads" not in text
+    report["settings"]["policy"] = "gates"
+    assert "Decision heads (gate heads" in results_markdown(report)
