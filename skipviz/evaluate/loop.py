@@ -24,8 +24,9 @@ from ..policies.threshold import GatePolicy
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.network import SkipNetwork
 
-__all__ = ["ImageRuns", "PolicyEval", "agreement_margin_words", "agreement_meets", "blocks_by_outcome", "early_exit_policy", "evaluate_policy", "pick_threshold",
-           "run_images", "threshold_curve", "within_drop"]
+__all__ = ["ImageRuns", "PolicyEval", "agreement_margin_words", "agreement_meets", "blocks_by_outcome", "curve_row",
+           "early_exit_policy", "evaluate_policy", "operating_point", "pick_threshold", "run_images",
+           "threshold_curve", "within_drop"]
 
 
 @dataclass
@@ -170,6 +171,35 @@ def agreement_margin_words(margin_se: float) -> str:
     if margin_se <= 0:
         return ""
     return f", at the lower end of its Wilson interval at {margin_se:g} standard error{'s' if margin_se != 1 else ''}"
+
+
+def operating_point(curve: pd.DataFrame, max_drop_points: float | None = None, min_agreement: float | None = None,
+                    margin_se: float = 0.0, cutting_only: bool = False) -> float | None:
+    """The threshold of ``curve`` (rows: threshold, flops_saved_fraction, accuracy_drop_points,
+    agreement_with_full, n) with the largest FLOPs cut meeting the bounds: accuracy drop <= ``max_drop_points``,
+    agreement >= ``min_agreement`` with ``margin_se`` standard errors to spare (:func:`agreement_meets`), and
+    with ``cutting_only`` a cut above zero (an exit threshold at which the probes cost more than the exits save
+    is no operating point). Ties: the lower threshold. ``None`` when no row qualifies."""
+    ok = curve
+    if max_drop_points is not None:
+        ok = ok[within_drop(ok["accuracy_drop_points"], max_drop_points)]
+    if min_agreement is not None:
+        ok = ok[agreement_meets(ok["agreement_with_full"], ok.get("n"), min_agreement, margin_se)]
+    if cutting_only:
+        ok = ok[ok["flops_saved_fraction"] > 0]
+    if not len(ok):
+        return None
+    return float(ok.sort_values(["flops_saved_fraction", "threshold"], ascending=[False, True]).iloc[0]["threshold"])
+
+
+def curve_row(curve: pd.DataFrame | None, threshold: float | None) -> dict | None:
+    """The row of ``curve`` at ``threshold`` as plain Python numbers (a model card's entry); ``None`` without a
+    curve or a threshold."""
+    if curve is None or threshold is None:
+        return None
+    row = curve[curve["threshold"] == threshold].iloc[0].to_dict()
+    return {k: (float(v) if isinstance(v, (float, np.floating)) else int(v) if isinstance(v, np.integer) else v)
+            for k, v in row.items()}
 
 
 def pick_threshold(curve: pd.DataFrame, max_drop_points: float = 0.5) -> float:

@@ -27,8 +27,6 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -36,12 +34,12 @@ from ..models._registry import data_dir
 from ..data import TensorDataset, imagenette_root
 from ..engine.heads import PlanHead
 from ..engine.network import SkipNetwork
-from ..evaluate import agreement_meets, within_drop
+from ..evaluate import curve_row, operating_point
 from .distill import (DistillConfig, build_network, head_state, load_training_images, split_train_val, test_images,
                       with_extra_images)
 from .exit_points import ExitPoints, ExitPointsConfig, exit_operating_points
 
-__all__ = ["HeadsExportConfig", "STORAGE_NOTE", "default_source", "export_heads", "operating_point"]
+__all__ = ["HeadsExportConfig", "STORAGE_NOTE", "default_source", "export_heads"]
 
 
 @dataclass
@@ -79,21 +77,6 @@ def _round_to_storage(net: SkipNetwork) -> None:
     for v in net.state_dict().values():
         if v.is_floating_point():
             v.copy_(v.half().to(v.dtype))
-
-
-def operating_point(curve: pd.DataFrame, max_drop_points: float | None = None,
-                    min_agreement: float | None = None, margin_se: float = 0.0) -> float | None:
-    """The threshold of ``curve`` (rows: threshold, flops_saved_fraction, accuracy_drop_points,
-    agreement_with_full, n) with the largest FLOPs cut meeting the bound (the agreement with ``margin_se``
-    standard errors to spare, :func:`~skipviz.evaluate.agreement_meets`); ``None`` when no row does."""
-    ok = curve
-    if max_drop_points is not None:
-        ok = ok[within_drop(ok["accuracy_drop_points"], max_drop_points)]
-    if min_agreement is not None:
-        ok = ok[agreement_meets(ok["agreement_with_full"], ok.get("n"), min_agreement, margin_se)]
-    if not len(ok):
-        return None
-    return float(ok.sort_values(["flops_saved_fraction", "threshold"], ascending=[False, True]).iloc[0]["threshold"])
 
 
 def default_source(points: dict) -> str:
@@ -159,14 +142,6 @@ def _full_vs_published(curves: dict) -> dict:
     labelled = bool((full.labels >= 0).all())
     return {"n": int(len(full.labels)), "agreement": full.agreement(pub),
             "accuracy": full.accuracy if labelled else None, "published_accuracy": pub.accuracy if labelled else None}
-
-
-def _point(curve: pd.DataFrame, t: float | None) -> dict | None:
-    if t is None:
-        return None
-    row = curve[curve["threshold"] == t].iloc[0].to_dict()
-    return {k: (float(v) if isinstance(v, (float, np.floating)) else int(v) if isinstance(v, (np.integer,)) else v)
-            for k, v in row.items()}
 
 
 def _source(dcfg: DistillConfig, net: SkipNetwork, root: str, labelled: bool) -> dict:
@@ -290,10 +265,10 @@ def _threshold_points(val: dict, test: dict | None, cfg: HeadsExportConfig, labe
         fast = (operating_point(val[source], max_drop_points=cfg.max_drop_points) if labelled else
                 operating_point(val[source], min_agreement=cfg.unlabelled_fast_agreement))
         faithful = operating_point(val[source], min_agreement=cfg.min_agreement, margin_se=cfg.faithful_margin_se)
-        points[source] = {"fast": {"threshold": fast, "validation": _point(val[source], fast),
-                                   "test": _point(test[source], fast) if test is not None else None},
-                          "faithful": {"threshold": faithful, "validation": _point(val[source], faithful),
-                                       "test": _point(test[source], faithful) if test is not None else None}}
+        points[source] = {"fast": {"threshold": fast, "validation": curve_row(val[source], fast),
+                                   "test": curve_row(test[source], fast) if test is not None else None},
+                          "faithful": {"threshold": faithful, "validation": curve_row(val[source], faithful),
+                                       "test": curve_row(test[source], faithful) if test is not None else None}}
     return points
 
 

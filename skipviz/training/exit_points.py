@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..data import TensorDataset
 from ..engine.network import SkipNetwork
-from ..evaluate.loop import PolicyEval, agreement_margin_words, agreement_meets, evaluate_policy
+from ..evaluate.loop import PolicyEval, agreement_margin_words, curve_row, evaluate_policy, operating_point
 from ..policies import EarlyExitPolicy
 
 __all__ = ["ExitPointsConfig", "ExitPoints", "exit_operating_points"]
@@ -74,26 +74,6 @@ def _curve(net: SkipNetwork, data: TensorDataset, reference: PolicyEval, min_blo
     return pd.DataFrame(rows)
 
 
-def _best(curve: pd.DataFrame, max_drop: float | None, min_agreement: float, margin_se: float = 0.0) -> float | None:
-    """The threshold of the largest FLOPs cut meeting the bounds (the agreement with ``margin_se`` standard errors
-    to spare); a threshold at which the probes cost more than the exits save (nothing cut) is no operating
-    point."""
-    agrees = agreement_meets(curve["agreement_with_full"], curve.get("n"), min_agreement, margin_se)
-    ok = curve[agrees & (curve["flops_saved_fraction"] > 0)]
-    if max_drop is not None:
-        ok = ok[ok["accuracy_drop_points"] <= max_drop + 1e-9]
-    if not len(ok):
-        return None
-    return float(ok.sort_values(["flops_saved_fraction", "threshold"], ascending=[False, False]).iloc[0]["threshold"])
-
-
-def _row(curve: pd.DataFrame | None, t: float | None) -> dict | None:
-    if curve is None or t is None:
-        return None
-    row = curve[curve["threshold"] == t].iloc[0].to_dict()
-    return {k: (int(v) if k in ("n", "min_block") else float(v)) for k, v in row.items()}
-
-
 def exit_operating_points(net: SkipNetwork, val_set: TensorDataset, val_reference: PolicyEval,
                           test_set: TensorDataset | None = None, test_reference: PolicyEval | None = None,
                           cfg: ExitPointsConfig = ExitPointsConfig()) -> ExitPoints:
@@ -109,9 +89,9 @@ def exit_operating_points(net: SkipNetwork, val_set: TensorDataset, val_referenc
         if mb >= len(net.blocks) - 1:
             continue
         curve = curves[mb] = _curve(net, val_set, val_reference, mb, cfg)
-        fast = _best(curve, max_drop, cfg.fast_min_agreement)
-        faithful = _best(curve, None, cfg.min_agreement, cfg.faithful_margin_se)
-        cut = {name: (_row(curve, t) or {}).get("flops_saved_fraction", 0.0)
+        fast = operating_point(curve, max_drop, cfg.fast_min_agreement, cutting_only=True)
+        faithful = operating_point(curve, None, cfg.min_agreement, cfg.faithful_margin_se, cutting_only=True)
+        cut = {name: (curve_row(curve, t) or {}).get("flops_saved_fraction", 0.0)
                for name, t in (("fast", fast), ("faithful", faithful))}
         choice.append({"min_block": int(mb), "fast_threshold": fast, "faithful_threshold": faithful,
                        "fast_flops_saved": cut["fast"], "faithful_flops_saved": cut["faithful"]})
@@ -130,5 +110,5 @@ def exit_operating_points(net: SkipNetwork, val_set: TensorDataset, val_referenc
     for name in ("fast", "faithful"):
         t = best[f"{name}_threshold"]
         points[name] = {"threshold": t, "min_block": mb, "rule": rules[name], "rule_met_on_validation": t is not None,
-                        "validation": _row(val_curve, t), "test": _row(test_curve, t)}
+                        "validation": curve_row(val_curve, t), "test": curve_row(test_curve, t)}
     return ExitPoints(mb, points, choice, val_curve, test_curve)

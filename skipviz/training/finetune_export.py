@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..evaluate.loop import agreement_margin_words, agreement_meets, pick_threshold, within_drop
+from ..evaluate.loop import agreement_margin_words, operating_point, pick_threshold, within_drop
 from ..measure.clock import device_info
 from .export import export
 from .finetune import FinetuneConfig
 from .joint import TrainConfig
 from .plan import PlanConfig, export_plan
 
-__all__ = ["FinetuneExportConfig", "export_finetuned", "pick_agreement_threshold", "reproduce_command"]
+__all__ = ["FinetuneExportConfig", "export_finetuned", "reproduce_command"]
 
 
 @dataclass
@@ -60,18 +60,6 @@ def reproduce_command(cfg: FinetuneConfig) -> str:
     return f"skipviz finetune {' '.join(args)} --export"
 
 
-def pick_agreement_threshold(curve: pd.DataFrame, min_agreement: float = 0.99,
-                             margin_se: float = 0.0) -> float | None:
-    """The threshold whose run agrees with the full network on at least ``min_agreement`` of the inputs (with
-    ``margin_se`` standard errors to spare, :func:`~skipviz.evaluate.agreement_meets`) with the largest FLOPs
-    cut (rows: threshold, flops_saved_fraction, agreement_with_full, n); ``None`` if none does."""
-    faithful = curve.loc[agreement_meets(curve["agreement_with_full"], curve.get("n"), min_agreement, margin_se)]
-    if faithful.empty:
-        return None
-    best = faithful["flops_saved_fraction"].max()
-    return float(faithful.loc[faithful["flops_saved_fraction"] == best, "threshold"].min())
-
-
 def _row(rows: list[dict], threshold: float) -> dict:
     return next(r for r in rows if r["threshold"] == threshold)
 
@@ -81,7 +69,7 @@ def _operating_points(val_rows: list[dict], test_rows: list[dict], fast: float, 
     its validation metrics, the rule and whether the validation curve met it."""
     val = pd.DataFrame(val_rows)
     fast = fast if fast is not None else pick_threshold(val, cfg.max_drop_points)
-    faithful = pick_agreement_threshold(val, cfg.min_agreement, cfg.faithful_margin_se)
+    faithful = operating_point(val, min_agreement=cfg.min_agreement, margin_se=cfg.faithful_margin_se)
     met_faithful = faithful is not None
     if faithful is None:  # the closest the curve comes: the threshold of highest agreement
         faithful = float(val.sort_values(["agreement_with_full", "threshold"], ascending=[False, True]).iloc[0]["threshold"])

@@ -10,8 +10,9 @@ from PIL import Image
 
 from skipviz import create_model
 from skipviz.data import load_imagenette
+from skipviz.evaluate import operating_point
 from skipviz.training.distill import DistillConfig, distill_heads, with_extra_images
-from skipviz.training.distill_export import HeadsExportConfig, export_heads, operating_point
+from skipviz.training.distill_export import HeadsExportConfig, export_heads
 
 
 @pytest.fixture(scope="module")

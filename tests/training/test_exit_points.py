@@ -49,7 +49,10 @@ def test_points_follow_their_rules_on_validation_and_are_reported_on_test(tiny_n
 
 
 def test_best_takes_the_largest_cut_within_the_bounds_and_never_a_point_that_cuts_nothing():
-    from skipviz.training.exit_points import _best
+    from skipviz.evaluate import operating_point
+
+    def _best(curve, max_drop, min_agreement, margin_se=0.0):  # as the exits' points are chosen
+        return operating_point(curve, max_drop, min_agreement, margin_se, cutting_only=True)
 
     curve = pd.DataFrame({"threshold": [0.5, 0.7, 0.9, 1.0],
                           "flops_saved_fraction": [0.30, 0.20, 0.10, -0.001],

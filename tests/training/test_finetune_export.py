@@ -4,14 +4,15 @@ from __future__ import annotations
 import pandas as pd
 
 from skipviz.training.finetune import FinetuneConfig
-from skipviz.training.finetune_export import pick_agreement_threshold, reproduce_command
+from skipviz.evaluate import operating_point
+from skipviz.training.finetune_export import reproduce_command
 
 
-def test_pick_agreement_threshold():
+def test_the_faithful_point_is_the_largest_cut_keeping_the_agreement():
     curve = pd.DataFrame({"threshold": [0.3, 0.5, 0.7], "flops_saved_fraction": [0.2, 0.4, 0.6],
                           "agreement_with_full": [0.995, 0.99, 0.9]})
-    assert pick_agreement_threshold(curve, 0.99) == 0.5
-    assert pick_agreement_threshold(curve, 0.999) is None
+    assert operating_point(curve, min_agreement=0.99) == 0.5
+    assert operating_point(curve, min_agreement=0.999) is None
 
 
 def test_the_reproduce_command_says_every_setting_of_the_run():
