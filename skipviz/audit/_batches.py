@@ -171,14 +171,17 @@ class BatchRunner:
 
     ``full_output_key``: input SHA-256 -> the key of its full-network output (:func:`full_output_key` with this
     run's model, parameters, preprocessing and device); ``lookup``: keys -> the kept outputs among them
-    (:meth:`AuditStore.full_outputs`). Without them nothing is reused.
+    (:meth:`AuditStore.full_outputs`). Without them nothing is reused. ``resume_full``: the full network resumes
+    from the skipped run (:func:`~skipviz.engine.resume.full_logits`); off, it runs from the image.
     """
 
     def __init__(self, net: "SkipNetwork", policy: Policy, device: torch.device, thumbnails: int,
                  sample_size: int, shadow: ShadowPlan | None = None,
                  full_output_key: Callable[[str], str] | None = None,
-                 lookup: Callable[[list[str]], dict[str, tuple[int, list[float]]]] | None = None) -> None:
+                 lookup: Callable[[list[str]], dict[str, tuple[int, list[float]]]] | None = None,
+                 resume_full: bool = True) -> None:
         self.net, self.policy, self.device = net, policy, device
+        self.resume_full = resume_full
         self.shadow = shadow or ShadowPlan()
         self.full_output_key, self.lookup = full_output_key, lookup
         self.thumbnails_left = thumbnails
@@ -226,11 +229,14 @@ class BatchRunner:
                 net(x[:2])
             synchronize(device)
             t0 = time.perf_counter()
-            res = net.run(x, policy, keep_exit_states=True)
+            res = net.run(x, policy, keep_exit_states=self.resume_full)
             synchronize(device)
             t1 = time.perf_counter()
-            if run_rows:  # resumed from the skipped run where it got (skipviz.engine.resume)
+            if run_rows and self.resume_full:  # resumed from the skipped run where it got (skipviz.engine.resume)
                 computed = full_logits(net, x, res, run_rows).detach().float().cpu()
+            elif run_rows:  # from the image, as a run begun by an older SkipViz did
+                xs = x if len(run_rows) == x.shape[0] else x[torch.tensor(run_rows, device=x.device)]
+                computed = net(xs).detach().float().cpu()
             synchronize(device)
             t2 = time.perf_counter()
         n = x.shape[0]

@@ -176,11 +176,13 @@ def _sample_from_store(store: AuditStore, run_id: str, net: "SkipNetwork", n: in
 def _open_run(store: AuditStore, run_id: str, resumed_id: str | None, base: dict, config: dict,
               thumbnails: int) -> tuple[set[str], int, int]:
     """Register a new run (model, weights and policy from the records' shared fields ``base``), or reopen the one
-    being resumed: ``(keys of the inputs it already recorded, index of its next batch, thumbnails still to
-    make)``."""
+    being resumed (``config["shadow_resumed"]`` set as that run began): ``(keys of the inputs it already
+    recorded, index of its next batch, thumbnails still to make)``."""
     if resumed_id is None:
         store.create_run(run_id, base["model_name"], base["weights_sha256"], base["policy"], config)
         return set(), 0, thumbnails
+    # a run begun by a SkipViz that ran the full network from the image keeps doing so: its replay is one way
+    config["shadow_resumed"] = bool((store.run_info(run_id).get("config") or {}).get("shadow_resumed"))
     store.reopen_run(run_id, config)
     recorded = store.recorded_inputs(run_id)
     done = set(input_keys(recorded))
@@ -283,7 +285,7 @@ def audit_items(items: Sequence[InputItem], net: "SkipNetwork", policy: Policy |
         prep = preprocessing_fingerprint(net)
         runner = BatchRunner(net, policy, device, thumbs, latency_sample if latency_rounds > 0 else 0, shadow,
                              lambda sha: full_output_key(model_name, psha, prep, str(device), sha),
-                             store.full_outputs)
+                             store.full_outputs, resume_full=config["shadow_resumed"])
         records, sources = _run_batches(store, todo, base, runner, batch_size, first_batch, progress, len(done))
         timings = {**runner.timings, "wall_s": time.perf_counter() - started}
         if resumed_id is not None:

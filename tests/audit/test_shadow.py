@@ -195,3 +195,43 @@ def test_exited_inputs_get_their_full_output_resumed_from_the_exit_and_reproduce
     torch.testing.assert_close(got, full.float(), rtol=1e-4, atol=1e-5)  # the full network's outputs
     results = reproduce_many(db, [r.record_id for r in run.ok_records], net=net)
     assert all(x.reproduced and "bit-for-bit" in x.message for x in results), [x.message for x in results]
+
+
+def test_a_run_begun_without_resumed_full_outputs_keeps_running_the_full_network_from_the_image(tiny_net, images,
+                                                                                                 tmp_path,
+                                                                                                 monkeypatch):
+    import sqlite3
+
+    import skipviz.audit._batches as batches
+
+    from skipviz import EarlyExitPolicy
+
+    db = tmp_path / "old.sqlite"
+    net = tiny_net.eval()
+    policy = EarlyExitPolicy(0.12, min_block=3)
+
+    def stop_after_one_batch(fraction: float, text: str) -> None:
+        if text.startswith("4/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_audit([images], net, policy, db, batch_size=4, latency_rounds=0, shadow=ShadowPlan(reuse=False),
+                  progress=stop_after_one_batch)
+    con = sqlite3.connect(db)  # as an older SkipViz left it: no shadow_resumed in the run's configuration
+    (cfg_json,) = con.execute("SELECT config_json FROM runs").fetchone()
+    cfg = json.loads(cfg_json)
+    assert cfg.pop("shadow_resumed") is True
+    con.execute("UPDATE runs SET config_json = ?", (json.dumps(cfg),))
+    con.commit()
+    con.close()
+
+    def not_resumed(*args, **kwargs):
+        raise AssertionError("a run begun without resumed full outputs must not resume them")
+
+    monkeypatch.setattr(batches, "full_logits", not_resumed)
+    run = run_audit([images], net, policy, db, batch_size=4, latency_rounds=0, shadow=ShadowPlan(reuse=False),
+                    resume=True)
+    assert run.resumed == 4 and len(run.ok_records) == 12 and run.config["shadow_resumed"] is False
+    later = [r for r in run.ok_records if r.batch_index > 0]
+    results = reproduce_many(db, [r.record_id for r in later], net=net)
+    assert all(x.reproduced and "bit-for-bit" in x.message for x in results), [x.message for x in results]
