@@ -1,31 +1,11 @@
-"""Stdlib-only helpers of the audit store (:mod:`skipviz.audit.store`): who owns a run (host, process id and
-the process's start time, so a reused pid is not mistaken for the owner) and the stored form of a logits vector
-(little-endian float32 bytes)."""
+"""Who owns an audit run (:mod:`skipviz.audit.store`): host, process id and the process's start time, so a
+reused pid is not mistaken for the owner. Standard library only."""
 from __future__ import annotations
 
 import os
 import socket
-import sys
-from array import array
-from typing import Sequence
 
 __all__ = ["current_owner", "owner_alive"]
-
-
-def _float32_le(values: Sequence[float]) -> bytes:
-    """Little-endian float32 bytes of ``values`` (the stored form of a logits vector)."""
-    a = array("f", values)
-    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
-        a.byteswap()
-    return a.tobytes()
-
-
-def _from_float32_le(blob: bytes) -> list[float]:
-    a = array("f")
-    a.frombytes(blob)
-    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
-        a.byteswap()
-    return a.tolist()
 
 
 def _process_start(pid: int) -> str | None:

@@ -12,7 +12,8 @@ Durability and concurrency:
   left ``running``. Such a run can be continued (:meth:`AuditStore.reopen_run`, ``skipviz audit --resume``).
 
 The module imports only the standard library at load time, and so do its schema
-(:mod:`skipviz.audit._store_schema`) and its owner helpers (:mod:`skipviz.audit._store_owner`); pandas, the record class (:mod:`skipviz.audit.records`, the layer below
+(:mod:`skipviz.audit._store_schema`), a run's owner (:mod:`skipviz.audit._store_owner`) and the stored logits
+(:mod:`skipviz.audit._store_blob`); pandas, the record class (:mod:`skipviz.audit.records`, the layer below
 this one) and the record queries built on it (:mod:`skipviz.audit._store_queries`) are imported when used. A
 writer process can therefore load this folder's store files without the package and starts quickly.
 
@@ -33,7 +34,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from ._store_owner import _float32_le, _from_float32_le, current_owner, owner_alive
+from ._store_blob import float32_le, from_float32_le
+from ._store_owner import current_owner, owner_alive
 from ._store_schema import MIGRATIONS, SCHEMA_VERSION
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -263,7 +265,7 @@ class AuditStore:
             for r, key, rid in zip(records, keys, ids):
                 if key is not None and r.full_logits is not None:
                     conn.execute("INSERT OR IGNORE INTO full_outputs(key, record_id, logits) VALUES (?, ?, ?)",
-                                 (key, rid, _float32_le(r.full_logits)))
+                                 (key, rid, float32_le(r.full_logits)))
             for run_id in {r.run_id for r in records}:
                 batches = [r.batch_index for r in records if r.run_id == run_id and r.batch_index is not None]
                 conn.execute("UPDATE runs SET heartbeat_at = ?, n_records = (SELECT COUNT(*) FROM records WHERE "
@@ -286,7 +288,7 @@ class AuditStore:
                     part).fetchall()
                 for key, rid, blob in rows:
                     if isinstance(blob, bytes) and len(blob) % 4 == 0:  # anything else is not a kept output
-                        out[key] = (int(rid), _from_float32_le(blob))
+                        out[key] = (int(rid), from_float32_le(blob))
         return out
 
     # ----------------------------------------------------------------------------------------- queries

@@ -204,11 +204,9 @@ def curve_row(curve: pd.DataFrame | None, threshold: float | None) -> dict | Non
 
 def pick_threshold(curve: pd.DataFrame, max_drop_points: float = 0.5) -> float:
     """The threshold with the largest FLOPs cut whose accuracy drop against full is <= ``max_drop_points``;
-    if none qualifies, the one with the smallest drop."""
-    ok = curve[within_drop(curve["accuracy_drop_points"], max_drop_points)]
-    if len(ok):
-        return float(ok.sort_values(["flops_saved_fraction", "accuracy"], ascending=False).iloc[0]["threshold"])
-    return float(curve.sort_values("accuracy_drop_points").iloc[0]["threshold"])
+    if none qualifies, the one with the smallest drop (:func:`operating_point` with that fallback)."""
+    t = operating_point(curve, max_drop_points=max_drop_points)
+    return t if t is not None else float(curve.sort_values("accuracy_drop_points").iloc[0]["threshold"])
 
 
 def blocks_by_outcome(ev: PolicyEval, classes: Sequence[str]) -> tuple[dict, pd.DataFrame]:

@@ -33,7 +33,7 @@ class ExitPointsConfig:
     min_agreement: float = 0.99
     # faithful: the 99 % must hold at the lower end of the validation agreement's Wilson interval at this many
     # standard errors (skipviz.evaluate.agreement_meets): at the bare estimate the shipped ImageNet exits kept
-    # 99.1 % of 1,000 validation answers and 98.6 % of the 3,025 test photos'
+    # 99.1 % of 1,000 validation answers and 98.6 % of the 3,025 test photos
     faithful_margin_se: float = 1.0
     batch_size: int = 100
 
