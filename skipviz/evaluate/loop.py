@@ -174,22 +174,24 @@ def agreement_margin_words(margin_se: float) -> str:
 
 
 def operating_point(curve: pd.DataFrame, max_drop_points: float | None = None, min_agreement: float | None = None,
-                    margin_se: float = 0.0, cutting_only: bool = False) -> float | None:
+                    margin_se: float = 0.0, cutting_only: bool = False,
+                    by: str = "flops_saved_fraction") -> float | None:
     """The threshold of ``curve`` (rows: threshold, flops_saved_fraction, accuracy_drop_points,
-    agreement_with_full, n) with the largest FLOPs cut meeting the bounds: accuracy drop <= ``max_drop_points``,
-    agreement >= ``min_agreement`` with ``margin_se`` standard errors to spare (:func:`agreement_meets`), and
-    with ``cutting_only`` a cut above zero (an exit threshold at which the probes cost more than the exits save
-    is no operating point). Ties: the lower threshold. ``None`` when no row qualifies."""
+    agreement_with_full, n) with the largest FLOPs cut (or the largest value of column ``by``, e.g. a predicted
+    time saved) meeting the bounds: accuracy drop <= ``max_drop_points``, agreement >= ``min_agreement`` with
+    ``margin_se`` standard errors to spare (:func:`agreement_meets`), and with ``cutting_only`` a cut above zero
+    in FLOPs and in ``by`` (an exit threshold at which the probes cost more than the exits save is no operating
+    point). Ties: the lower threshold. ``None`` when no row qualifies."""
     ok = curve
     if max_drop_points is not None:
         ok = ok[within_drop(ok["accuracy_drop_points"], max_drop_points)]
     if min_agreement is not None:
         ok = ok[agreement_meets(ok["agreement_with_full"], ok.get("n"), min_agreement, margin_se)]
     if cutting_only:
-        ok = ok[ok["flops_saved_fraction"] > 0]
+        ok = ok[(ok["flops_saved_fraction"] > 0) & (ok[by] > 0)]
     if not len(ok):
         return None
-    return float(ok.sort_values(["flops_saved_fraction", "threshold"], ascending=[False, True]).iloc[0]["threshold"])
+    return float(ok.sort_values([by, "threshold"], ascending=[False, True]).iloc[0]["threshold"])
 
 
 def curve_row(curve: pd.DataFrame | None, threshold: float | None) -> dict | None:

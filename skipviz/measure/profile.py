@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ..engine.rows import gather_rows, scatter_rows_
-from ..policies.simple import FullPolicy
+from ..policies.simple import EarlyExitPolicy, FullPolicy
 from ..policies.threshold import GatePolicy, PlanPolicy
 from .clock import DeviceInfo, asdict_with, device_info, measure_interleaved, measure_latency, resolve_device
 from .runs import _as_net_input, _check_input, _net_device
@@ -59,6 +59,9 @@ class BlockProfile:
     block_half_ms: list[float] = field(default_factory=list)
     plan_ms: float = 0.0  # the plan head's decisions for the batch (PlanPolicy), 0 without a plan head
     block_scale: float = 1.0
+    # one early-exit check (probe head, softmax, threshold) inside a run, measured there: a batch-1 EfficientNet
+    # run paid about 130 us per check against 25-50 us for the probe timed alone; 0 without probe heads
+    probe_ms: float = 0.0
 
     def block_rows_ms(self, i: int, fraction: float) -> float:
         """Block i on ``fraction`` of the batch's rows: piecewise linear through (0, 0), half the batch
@@ -147,11 +150,16 @@ def profile_blocks(net: "SkipNetwork", batch_size: int = 1, device: str | torch.
             head_ms = timed(lambda: net.head(hl), "head")
             h0 = net._stem(x)
             plan_ms = timed(lambda: PlanPolicy(0.5).plan(net, h0), "plan") if net.plan_head is not None else 0.0
-            both = measure_interleaved({"full": lambda: _inference(net, x),
-                                        "full_run": lambda: _inference(net.run, x, FullPolicy())}, **kw)
+            runs = {"full": lambda: _inference(net, x), "full_run": lambda: _inference(net.run, x, FullPolicy())}
+            checks = _ExitChecksOnly()
+            n_checks = sum(checks.exits_possible_after(net, i) for i in range(net.num_blocks))
+            if n_checks:
+                runs["exit_checks"] = lambda: _inference(net.run, x, checks)
+            both = measure_interleaved(runs, **kw)
     finally:
         net.train(was_training)
     full_ms, full_run_ms = both["full"].median_ms, both["full_run"].median_ms
+    probe_ms = max(0.0, both["exit_checks"].median_ms - full_run_ms) / n_checks if n_checks else 0.0
     block_ms = parts["block_ms"]
     # inside a forward the blocks stream their data through the caches: scale their one-by-one times to the
     # measured forward; what run() adds over the plain forward is the engine's fixed cost
@@ -160,8 +168,21 @@ def profile_blocks(net: "SkipNetwork", batch_size: int = 1, device: str | torch.
     return BlockProfile(model=net.meta.display_name, batch_size=bs, input_hw=(int(x.shape[-2]), int(x.shape[-1])),
                         names=list(net.block_names), downsample=[b.downsample for b in net.blocks],
                         stem_ms=stem_ms, plan_ms=plan_ms, block_scale=scale, head_ms=head_ms, engine_ms=engine,
-                        full_ms=full_ms, full_run_ms=full_run_ms,
+                        full_ms=full_ms, full_run_ms=full_run_ms, probe_ms=probe_ms,
                         info=device_info(dev, next(net.parameters()).dtype, both["full"].threads), **parts)
+
+
+class _ExitChecksOnly(EarlyExitPolicy):
+    """Checks an exit after every block with a probe (probe head, softmax, threshold, as a real exit) and lets no
+    input leave: every block runs, so the run's extra time over the full run is the checks'."""
+
+    def __init__(self) -> None:
+        super().__init__(1.0)
+
+    def exit_after(self, net: "SkipNetwork", index: int,
+                   h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        ex = super().exit_after(net, index, h)
+        return None if ex is None else (torch.zeros_like(ex[0]), ex[1], ex[2])
 
 
 def _timer(kw: dict) -> Callable[[Callable[[], object], str], float]:

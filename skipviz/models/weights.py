@@ -18,6 +18,7 @@ from PIL import Image
 
 from .._checkpoint import CheckpointError
 from ..policies.threshold import DECISION_SOURCES
+from ..policies.words import exit_blocks_words
 
 __all__ = ["CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD", "ModelMeta", "OperatingPoint", "read_card",
            "sha256_file"]
@@ -94,7 +95,7 @@ class ModelMeta:
 
     def source_options(self, source: str) -> dict[str, Any]:
         """The further policy arguments the card records for a decision source (its ``card_options``, e.g. the
-        early exits' ``min_block`` under ``early_exit``); ``{}`` when the card has none."""
+        early exits' ``blocks`` and ``min_block`` under ``early_exit``); ``{}`` when the card has none."""
         src = DECISION_SOURCES.get(source)
         section = (self.card or {}).get(src.card_section) if src is not None else None
         if not isinstance(section, dict):
@@ -195,7 +196,7 @@ class ModelMeta:
                 test = point.get("test") if isinstance(point, dict) else None
                 if not isinstance(test, dict) or point.get("threshold") is None:
                     continue
-                where = f", from block {point['min_block']}" if point.get("min_block") else ""
+                where = exit_blocks_words(point)
                 acc = f", accuracy {test['accuracy']:.2%}" if test.get("accuracy") is not None else ""
                 rows.append((f"{name} point, {DECISION_SOURCES[source].label} (test)",
                              f"threshold {point['threshold']:.2f}{where}: {test['flops_saved_fraction']:.1%} of FLOPs "

@@ -56,10 +56,12 @@ class EarlyExitPolicy(Policy):
     """Stop once the probe head after a block is confident: top-class probability >= ``threshold``.
 
     Every block runs until the exit; the blocks after it are bypassed and the prediction is the probe's.
-    ``min_block`` keeps the earliest (weakest) probes from exiting (the model card's ``early_exit.min_block``
-    when built by :func:`~skipviz.policies.threshold.policy_for`). ``overrides`` as for the gates: ``"skip"``
-    bypasses that block for every sample still in the network, ``"run"`` runs it (the default before an exit),
-    a float is the exit threshold after that block (an exit check there even before ``min_block``). No sample
+    Where exits are checked: after ``blocks`` when given (the model card's ``early_exit.blocks``, chosen for the
+    time they save: every check costs a probe), else after every block from ``min_block`` on (the earliest,
+    weakest probes kept from exiting; cards and audit records written before ``blocks`` existed). Built by
+    :func:`~skipviz.policies.threshold.policy_for`, both come from the card. ``overrides`` as for the gates:
+    ``"skip"`` bypasses that block for every sample still in the network, ``"run"`` runs it (the default before
+    an exit), a float is the exit threshold after that block (an exit check there wherever it is). No sample
     leaves after the last block (the network's own head reads it). A block's decision carries the exit threshold
     only where an exit is checked after it.
     """
@@ -67,22 +69,28 @@ class EarlyExitPolicy(Policy):
     name = "early_exit"
 
     def __init__(self, threshold: float = 0.9, overrides: Mapping[int, Override] | None = None,
-                 min_block: int = 0) -> None:
+                 min_block: int = 0, blocks: Sequence[int] | None = None) -> None:
         self.threshold = check_threshold(threshold, "threshold")
         self.overrides: dict[int, Override] = normalise_overrides(overrides)
         self.min_block = int(min_block)
         if self.min_block < 0:
             raise ValueError(f"min_block must be >= 0, got {min_block}")
+        self.blocks: frozenset[int] | None = None if blocks is None else frozenset(int(b) for b in blocks)
+        if self.blocks is not None and any(b < 0 for b in self.blocks):
+            raise ValueError(f"exit blocks must be >= 0, got {sorted(self.blocks)}")
 
     def threshold_for(self, index: int) -> float:
         ov = self.overrides.get(index)
         return ov if isinstance(ov, float) else self.threshold
 
     def exits_possible_after(self, net: "SkipNetwork", index: int) -> bool:
-        """Whether a sample can leave after block ``index``: a probe there, at or after ``min_block`` (or a float
-        override for that block), not the last block."""
+        """Whether a sample can leave after block ``index``: a probe there, not the last block, and the block one
+        of ``blocks`` (without ``blocks``: at or after ``min_block``) or given a float override."""
         return (net.probes is not None and index < len(net.blocks) - 1
-                and (index >= self.min_block or isinstance(self.overrides.get(index), float)))
+                and (self._checked(index) or isinstance(self.overrides.get(index), float)))
+
+    def _checked(self, index: int) -> bool:
+        return index in self.blocks if self.blocks is not None else index >= self.min_block
 
     def decide(self, net: "SkipNetwork", index: int, h: torch.Tensor) -> Decision:
         t = self.threshold_for(index) if self.exits_possible_after(net, index) else None
@@ -103,22 +111,26 @@ class EarlyExitPolicy(Policy):
 
     def head_flops(self, table: "FlopTable") -> list[int]:
         n = len(table.blocks)
-        return [table.probes[i] if table.probes and i < n - 1 and (i >= self.min_block or isinstance(
+        return [table.probes[i] if table.probes and i < n - 1 and (self._checked(i) or isinstance(
             self.overrides.get(i), float)) else 0 for i in range(n)]
 
     def reason_text(self, code: Reason, score: float | None, threshold: float | None, index: int,
                     exit_block: int | None = None) -> str:
-        if code is Reason.EXIT_CONTINUE and score is None:  # before min_block, or the last block
+        if code is Reason.EXIT_CONTINUE and score is None:  # no exit checked after this block
             return "runs: no exit after this block"
         return super().reason_text(code, score, threshold, index, exit_block)
 
     def config(self) -> dict:
-        return {"name": self.name, "threshold": self.threshold, "min_block": self.min_block,
-                "overrides": {str(k): v for k, v in sorted(self.overrides.items())}}
+        out = {"name": self.name, "threshold": self.threshold, "min_block": self.min_block,
+               "overrides": {str(k): v for k, v in sorted(self.overrides.items())}}
+        if self.blocks is not None:
+            out["blocks"] = sorted(self.blocks)
+        return out
 
     @classmethod
     def from_config(cls, config: Mapping) -> "EarlyExitPolicy":
-        return cls(config.get("threshold", 0.9), config.get("overrides", {}), config.get("min_block", 0))
+        return cls(config.get("threshold", 0.9), config.get("overrides", {}), config.get("min_block", 0),
+                   config.get("blocks"))
 
 
 class FrozenPolicy(Policy):

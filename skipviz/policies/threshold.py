@@ -228,7 +228,7 @@ DECISION_SOURCES: dict[str, DecisionSource] = {s.name: s for s in (
                    "early exits on the probe heads (EarlyExitPolicy)",
                    "an input leaves after a block when the probe there gives its top class a probability >= this "
                    "threshold: the later blocks are bypassed and the probe's prediction is the answer (higher: "
-                   "fewer exits, more compute)", fallback_threshold=0.95, card_options=("min_block",)),
+                   "fewer exits, more compute)", fallback_threshold=0.95, card_options=("min_block", "blocks")),
 )}
 
 #: The policies driven by one global threshold plus per-block overrides, by name (from :data:`DECISION_SOURCES`).
@@ -246,8 +246,8 @@ def policy_for(net: "SkipNetwork", source: str = "gates", threshold: float | Non
     """The threshold policy of ``net`` for a decision source: its per-block gates (``"gates"``), its plan head
     (``"plan"``) or early exits on its probe heads (``"early_exit"``), at ``threshold`` (default: the model
     card's default for that source, :meth:`~skipviz.models.weights.ModelMeta.default_threshold`) with per-block
-    ``overrides`` and the source's card options (the exits' ``min_block``); :class:`FullPolicy` when the source
-    decides no block (no gate heads, or a plan head over no blocks) and there are no overrides. ``ValueError``
+    ``overrides`` and the source's card options (the exits' ``blocks`` and ``min_block``); :class:`FullPolicy`
+    when the source decides no block (no gate heads, or a plan head over no blocks) and there are no overrides. ``ValueError``
     for an unknown source, or for a source whose heads the network lacks."""
     if source not in DECISION_SOURCES:
         raise ValueError(f"unknown policy {source!r}; known: {sorted(DECISION_SOURCES)}")

@@ -7,12 +7,22 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-__all__ = ["describe_policy", "plural"]
+__all__ = ["describe_policy", "exit_blocks_words", "plural"]
 
 
 def plural(n: int, word: str) -> str:
     """``"1 override"``, ``"2 overrides"``, ``"0 overrides"``."""
     return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def exit_blocks_words(options: Mapping) -> str:
+    """Where an early-exit policy (its config, or a card's operating point) checks its exits, as a clause:
+    ``", exits after blocks 6, 8, 11"``, ``", from block 6"`` (``min_block`` only), ``""`` (after every block)."""
+    blocks = options.get("blocks")
+    if blocks is not None:
+        listed = ", ".join(str(int(b)) for b in sorted(blocks))
+        return f", exits after block{'' if len(blocks) == 1 else 's'} {listed}" if blocks else ", no exit checked"
+    return f", from block {options['min_block']}" if options.get("min_block") else ""
 
 
 def _threshold(v: Any) -> str:
@@ -47,7 +57,7 @@ def describe_policy(policy: Any) -> str:
     if name == "early_exit":
         n = len(config.get("overrides") or {})
         return (f"early exit, threshold {_threshold(config.get('threshold', 0.9))}"
-                + (f", from block {config['min_block']}" if config.get("min_block") else "")
+                + exit_blocks_words(config)
                 + (f", {plural(n, 'override')}" if n else ""))
     if name == "frozen":
         executed = config.get("executed") or []

@@ -1,29 +1,43 @@
-"""Early-exit operating points for a model card: the probes' ``min_block`` and the fast and faithful exit
-thresholds, chosen on the validation split and reported on the test split.
+"""Early-exit operating points for a model card: the blocks an exit is checked after and the fast and faithful
+exit thresholds, chosen on the validation split and reported on the test split.
 
 An exit policy (:class:`~skipviz.policies.EarlyExitPolicy`) has two knobs: the confidence threshold and the
-first block after which an input may leave (``min_block``: the earliest probes are the weakest). ``min_block``
-is one per model (the card's ``early_exit.min_block``, what :func:`~skipviz.policies.policy_for` builds with);
-the named points differ in their threshold only, so a dashboard slider over the threshold reaches both.
+blocks after which an input may leave (``blocks``). Every check costs a probe head inside the run - on a 2-core
+CPU about 130 us each for the EfficientNet-Lite0 at batch 1, so nine checks cost about 8 % of the run and half
+of what the fast point's exits saved - while a late or a rarely taken exit saves little. The blocks are one set
+per model (the card's ``early_exit.blocks``, what :func:`~skipviz.policies.policy_for` builds with), chosen for
+the batch-1 time the two named points save together as predicted from a measured per-block profile
+(:func:`~skipviz.measure.predict.predict_exit_ms`); the named points differ in their threshold only, so a
+dashboard slider over the threshold reaches both.
+
+The choice is made on every probe's answer for every validation input, taken from one full run
+(:func:`probe_outputs`) and replayed for any set of blocks and any threshold (:func:`simulate_exits`): backward
+elimination from every block with a probe, dropping the check whose removal saves the most predicted time while
+both points keep meeting their rules. The curves the card reports are then measured with the real engine.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
+import torch
 
-from ..data import TensorDataset
+from ..data import TensorDataset, normalize
+from ..engine.flops import FlopTable
 from ..engine.network import SkipNetwork
 from ..evaluate.loop import PolicyEval, agreement_margin_words, curve_row, evaluate_policy, operating_point
+from ..measure.predict import predict_exit_ms
+from ..measure.profile import BlockProfile
 from ..policies import EarlyExitPolicy
 
-__all__ = ["ExitPointsConfig", "ExitPoints", "exit_operating_points"]
+__all__ = ["ExitPointsConfig", "ExitPoints", "ProbeOutputs", "choose_exit_blocks", "exit_operating_points", "probe_outputs",
+           "simulate_exits"]
 
 
 @dataclass(frozen=True)
 class ExitPointsConfig:
     thresholds: tuple[float, ...] = (0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98)
-    min_blocks: tuple[int, ...] = (0, 2, 4, 6, 8)
     max_drop_points: float = 1.0
     # The probes are distilled on the training images: on images like them their answers can beat the full
     # network's (Imagenette val: exits at 0.7 scored 0.9 points above the published network while changing
@@ -38,77 +52,194 @@ class ExitPointsConfig:
     batch_size: int = 100
 
 
+@dataclass(frozen=True)
+class ProbeOutputs:
+    """Every probe's answer for every input of a split, from one full run: ``confidence`` (N, L) the top-class
+    probability of the probe after each block, ``prediction`` (N, L) its class, ``full`` (N,) the full network's
+    class, ``labels`` (N,) (-1: unlabelled)."""
+
+    confidence: torch.Tensor
+    prediction: torch.Tensor
+    full: torch.Tensor
+    labels: torch.Tensor
+
+
+@torch.no_grad()
+def probe_outputs(net: SkipNetwork, data: TensorDataset, batch_size: int = 100) -> ProbeOutputs:
+    """Every block and every probe run on every image of ``data`` (the full path, as the engine runs it when
+    nobody leaves). ``net`` needs probe heads."""
+    if net.probes is None:
+        raise ValueError(f"{net.meta.display_name} has no probe heads: there are no exits to choose")
+    conf, pred, full = [], [], []
+    was_training = net.training
+    net.eval()
+    try:
+        for i in range(0, len(data), batch_size):
+            x = normalize(data.images[i: i + batch_size], net.meta.mean, net.meta.std)
+            logits, _, probes = net.forward_train(x, force_full=True)
+            c, p = torch.stack([torch.softmax(lg.float(), 1) for lg in probes], 1).max(2)
+            conf.append(c)
+            pred.append(p)
+            full.append(logits.argmax(1))
+    finally:
+        net.train(was_training)
+    return ProbeOutputs(torch.cat(conf), torch.cat(pred), torch.cat(full), data.labels.clone())
+
+
+def simulate_exits(outputs: ProbeOutputs, table: FlopTable, blocks: list[int], threshold: float,
+                   profile: BlockProfile | None = None) -> dict:
+    """What :class:`~skipviz.policies.EarlyExitPolicy` at ``threshold`` checking after ``blocks`` gives on the
+    inputs of ``outputs``, without running it: a curve row (accuracy, FLOPs with the probes counted, agreement
+    with the full network, accuracy drop, n) plus ``exit_block`` (N,) (-1: no exit) and, with a batch-1
+    ``profile``, ``time_saved_fraction``: the predicted batch-1 time saved against the full network."""
+    n, L = outputs.confidence.shape
+    checked = sorted(b for b in set(int(b) for b in blocks) if 0 <= b < L - 1)
+    exit_block = torch.full((n,), -1, dtype=torch.long)
+    pred = outputs.full.clone()
+    for b in checked:
+        leave = (exit_block < 0) & (outputs.confidence[:, b] >= threshold)
+        exit_block[leave] = b
+        pred[leave] = outputs.prediction[leave, b]
+    per_block = np.asarray(table.blocks, dtype=np.float64)
+    probes = np.zeros(L)
+    probes[checked] = np.asarray(table.probes, dtype=np.float64)[checked] if table.probes else 0.0
+    spent = np.cumsum(per_block + probes)
+    stay = exit_block.numpy() < 0
+    flops = table.stem + spent[np.where(stay, L - 1, exit_block.numpy())] + np.where(stay, table.head, 0)
+    labelled = bool((outputs.labels >= 0).all())
+    acc = float((pred == outputs.labels).double().mean()) if labelled else float("nan")
+    full_acc = float((outputs.full == outputs.labels).double().mean()) if labelled else float("nan")
+    row = {"threshold": float(threshold), "blocks": checked, "accuracy": acc, "flops_mean": float(flops.mean()),
+           "flops_full": table.full, "flops_saved_fraction": 1.0 - float(flops.mean()) / table.full, "n": n,
+           "agreement_with_full": float((pred == outputs.full).double().mean()),
+           "accuracy_drop_points": 100.0 * (full_acc - acc), "exit_block": exit_block}
+    if profile is not None:
+        full_ms = float(predict_exit_ms(profile, [-1], [])[0])
+        row["time_saved_fraction"] = 1.0 - float(predict_exit_ms(profile, exit_block, checked).mean()) / full_ms
+    return row
+
+
+def _points(outputs: ProbeOutputs, table: FlopTable, profile: BlockProfile, blocks: list[int],
+            cfg: ExitPointsConfig, max_drop: float | None) -> dict:
+    """The fast and faithful thresholds for ``blocks`` by predicted time saved, and that time (0 for a point
+    whose rule no threshold meets)."""
+    curve = pd.DataFrame([{k: v for k, v in simulate_exits(outputs, table, blocks, t, profile).items()
+                           if k not in ("exit_block", "blocks")} for t in cfg.thresholds])
+    fast = operating_point(curve, max_drop, cfg.fast_min_agreement, cutting_only=True, by="time_saved_fraction")
+    faithful = operating_point(curve, None, cfg.min_agreement, cfg.faithful_margin_se, cutting_only=True,
+                               by="time_saved_fraction")
+    saved = {name: (curve_row(curve, t) or {}).get("time_saved_fraction", 0.0)
+             for name, t in (("fast", fast), ("faithful", faithful))}
+    return {"blocks": list(blocks), "fast_threshold": fast, "faithful_threshold": faithful,
+            "fast_time_saved": saved["fast"], "faithful_time_saved": saved["faithful"],
+            "time_saved": saved["fast"] + saved["faithful"]}
+
+
+def choose_exit_blocks(outputs: ProbeOutputs, table: FlopTable, profile: BlockProfile, cfg: ExitPointsConfig,
+                       max_drop: float | None) -> list[dict]:
+    """Backward elimination over the blocks an exit is checked after, from every block with a probe: each step
+    drops the check whose removal raises the two points' predicted time saved the most (or keeps it: a check no
+    validation input leaves at is pure cost), as long as every point the set before met its rule still meets
+    it. Returns the path (one :func:`_points` row per step, the last is the choice)."""
+    L = outputs.confidence.shape[1]
+    current = _points(outputs, table, profile, list(range(L - 1)), cfg, max_drop)
+    path = [current]
+    met = [name for name in ("fast", "faithful") if current[f"{name}_threshold"] is not None]
+    while len(current["blocks"]) > 1:
+        tries = [_points(outputs, table, profile, [b for b in current["blocks"] if b != drop], cfg, max_drop)
+                 for drop in current["blocks"]]
+        tries = [r for r in tries if all(r[f"{name}_threshold"] is not None for name in met)]
+        best = max(tries, key=lambda r: (r["time_saved"], -len(r["blocks"])), default=None)
+        if best is None or best["time_saved"] < current["time_saved"]:
+            break
+        current = best
+        path.append(current)
+    return path
+
+
 @dataclass
 class ExitPoints:
-    """What :func:`exit_operating_points` chose: ``min_block``, the card's ``operating_points.early_exit``
-    entries (``points``), the validation table over every ``min_block`` (``choice``) and the curves at the chosen
-    ``min_block`` (``validation``, ``test``: one row per threshold)."""
+    """What :func:`exit_operating_points` chose: ``blocks`` (where exits are checked), the card's
+    ``operating_points.early_exit`` entries (``points``), the elimination path (``choice``), the profile the
+    time was predicted from, and the measured curves at the chosen blocks (``validation``, ``test``: one row per
+    threshold)."""
 
-    min_block: int
+    blocks: list[int]
     points: dict
     choice: list[dict]
+    profile: BlockProfile
     validation: pd.DataFrame
     test: pd.DataFrame | None
 
     def card_section(self, cfg: ExitPointsConfig) -> dict:
         """The card's ``early_exit`` section: the default threshold (the faithful point, else the most cautious
-        threshold), ``min_block`` and how both were chosen."""
+        threshold), ``blocks`` and how both were chosen."""
         faithful = self.points["faithful"]["threshold"]
+        p = self.profile
         return {"default_threshold": faithful if faithful is not None else max(cfg.thresholds),
                 "operating_point": "faithful",
-                "min_block": self.min_block,
-                "rule": "min_block: the one whose fast and faithful points together cut the most FLOPs on "
-                        "validation (ties: the smaller); default threshold: the faithful point (an exit answers "
-                        "with a probe's prediction, so the card's default keeps the full network's answers)",
-                "min_block_choice": self.choice,
+                "blocks": list(self.blocks),
+                "rule": "blocks: backward elimination from every block with a probe, each step dropping the exit "
+                        "check whose removal most raises the batch-1 time the fast and faithful points save "
+                        "together on validation, predicted from the per-block profile below (every check costs "
+                        "probe_ms), while both points keep meeting their rules; default threshold: the faithful "
+                        "point (an exit answers with a probe's prediction, so the card's default keeps the full "
+                        "network's answers)",
+                "blocks_choice": self.choice,
+                "time_model": {"device": p.info.to_dict(), "batch_size": p.batch_size, "probe_ms": p.probe_ms,
+                               "full_ms": p.full_ms, "block_ms": list(p.block_ms), "block_scale": p.block_scale,
+                               "stem_ms": p.stem_ms, "head_ms": p.head_ms, "engine_ms": p.engine_ms},
                 "validation_curve": self.validation.to_dict("records")}
 
 
-def _curve(net: SkipNetwork, data: TensorDataset, reference: PolicyEval, min_block: int,
+def _curve(net: SkipNetwork, data: TensorDataset, reference: PolicyEval, blocks: list[int],
            cfg: ExitPointsConfig) -> pd.DataFrame:
     rows = []
     for t in cfg.thresholds:
-        ev = evaluate_policy(net, data, EarlyExitPolicy(t, min_block=min_block), cfg.batch_size)
+        ev = evaluate_policy(net, data, EarlyExitPolicy(t, blocks=blocks), cfg.batch_size)
         summary = {k: v for k, v in ev.summary(reference).items() if k != "policy"}
-        rows.append({"threshold": float(t), "min_block": int(min_block), **summary})
+        rows.append({"threshold": float(t), "blocks": list(blocks), **summary})
     return pd.DataFrame(rows)
 
 
 def exit_operating_points(net: SkipNetwork, val_set: TensorDataset, val_reference: PolicyEval,
-                          test_set: TensorDataset | None = None, test_reference: PolicyEval | None = None,
+                          profile: BlockProfile, test_set: TensorDataset | None = None,
+                          test_reference: PolicyEval | None = None,
                           cfg: ExitPointsConfig = ExitPointsConfig()) -> ExitPoints:
-    """Choose the exits' ``min_block`` and their fast and faithful thresholds on ``val_set`` and report them on
-    ``test_set``. Agreement and accuracy drop are against the ``*_reference`` full runs (the network itself,
-    or the published network a fine-tuned copy is judged against). Fast: the largest FLOPs cut with an accuracy
-    drop <= ``max_drop_points`` (when the split is labelled) and agreement >= ``fast_min_agreement``; faithful:
-    the largest cut with agreement >= ``min_agreement``."""
+    """Choose the blocks exits are checked after (:func:`choose_exit_blocks`, by the batch-1 time predicted from
+    ``profile``) and the fast and faithful thresholds on ``val_set``, measure the curve there and on
+    ``test_set`` with the real engine and report both points. Agreement and accuracy drop are against the
+    ``*_reference`` full runs (the network itself, or the published network a fine-tuned copy is judged
+    against). Fast: the most time saved with an accuracy drop <= ``max_drop_points`` (when the split is
+    labelled) and agreement >= ``fast_min_agreement``; faithful: the most time saved with agreement >=
+    ``min_agreement``."""
     labelled = bool((val_set.labels >= 0).all())
     max_drop = cfg.max_drop_points if labelled else None
-    curves, choice = {}, []
-    for mb in cfg.min_blocks:
-        if mb >= len(net.blocks) - 1:
-            continue
-        curve = curves[mb] = _curve(net, val_set, val_reference, mb, cfg)
-        fast = operating_point(curve, max_drop, cfg.fast_min_agreement, cutting_only=True)
-        faithful = operating_point(curve, None, cfg.min_agreement, cfg.faithful_margin_se, cutting_only=True)
-        cut = {name: (curve_row(curve, t) or {}).get("flops_saved_fraction", 0.0)
-               for name, t in (("fast", fast), ("faithful", faithful))}
-        choice.append({"min_block": int(mb), "fast_threshold": fast, "faithful_threshold": faithful,
-                       "fast_flops_saved": cut["fast"], "faithful_flops_saved": cut["faithful"]})
-    best = max(choice, key=lambda r: (r["fast_flops_saved"] + r["faithful_flops_saved"], -r["min_block"]))
-    mb = best["min_block"]
-    val_curve = curves[mb]
-    test_curve = (_curve(net, test_set, test_reference, mb, cfg)
+    outputs = probe_outputs(net, val_set, cfg.batch_size)
+    outputs = ProbeOutputs(outputs.confidence, outputs.prediction, torch.as_tensor(val_reference.predictions),
+                           outputs.labels)  # agreement with the reference the card is judged against
+    table = net.flop_table(tuple(val_set.images.shape[-2:]))
+    path = choose_exit_blocks(outputs, table, profile, cfg, max_drop)
+    best = path[-1]
+    blocks = best["blocks"]
+    val_curve = _curve(net, val_set, val_reference, blocks, cfg)
+    # the predicted batch-1 time saved the blocks and thresholds were chosen by, next to the measured FLOPs cut
+    val_curve["time_saved_fraction_predicted"] = [simulate_exits(outputs, table, blocks, t, profile)[
+        "time_saved_fraction"] for t in cfg.thresholds]
+    test_curve = (_curve(net, test_set, test_reference, blocks, cfg)
                   if test_set is not None and test_reference is not None else None)
-    rules = {"fast": (f"largest FLOPs cut on validation with accuracy drop <= {cfg.max_drop_points} points and top-1 "
-                      f"agreement >= {cfg.fast_min_agreement:.0%} with the full network (decision heads counted)"
-                      if labelled else f"largest FLOPs cut on validation with top-1 agreement >= "
+    rules = {"fast": (f"most batch-1 time saved (predicted) on validation with accuracy drop <= "
+                      f"{cfg.max_drop_points} points and top-1 agreement >= {cfg.fast_min_agreement:.0%} with the "
+                      "full network (decision heads counted)"
+                      if labelled else f"most batch-1 time saved (predicted) on validation with top-1 agreement >= "
                                        f"{cfg.fast_min_agreement:.0%} with the full network (no labels)"),
-             "faithful": (f"largest FLOPs cut on validation with top-1 agreement >= {cfg.min_agreement:.0%} with the "
-                          "full network (decision heads counted)" + agreement_margin_words(cfg.faithful_margin_se))}
+             "faithful": (f"most batch-1 time saved (predicted) on validation with top-1 agreement >= "
+                          f"{cfg.min_agreement:.0%} with the full network (decision heads counted)"
+                          + agreement_margin_words(cfg.faithful_margin_se))}
     points = {}
     for name in ("fast", "faithful"):
         t = best[f"{name}_threshold"]
-        points[name] = {"threshold": t, "min_block": mb, "rule": rules[name], "rule_met_on_validation": t is not None,
-                        "validation": curve_row(val_curve, t), "test": curve_row(test_curve, t)}
-    return ExitPoints(mb, points, choice, val_curve, test_curve)
+        points[name] = {"threshold": t, "blocks": list(blocks), "rule": rules[name],
+                        "rule_met_on_validation": t is not None, "validation": curve_row(val_curve, t),
+                        "test": curve_row(test_curve, t)}
+    return ExitPoints(blocks, points, path, profile, val_curve, test_curve)

@@ -14,6 +14,8 @@ from skipviz.evaluate import operating_point
 from skipviz.training.distill import DistillConfig, distill_heads, with_extra_images
 from skipviz.training.distill_export import HeadsExportConfig, export_heads
 
+QUICK_PROFILE = dict(profile_repeats=3, profile_min_repeat_s=0.001)  # the exits' time model: a rough profile
+
 
 @pytest.fixture(scope="module")
 def tiny_imagenette(tmp_path_factory):
@@ -47,14 +49,17 @@ def test_distill_then_export_keeps_the_backbone_and_writes_a_card(tiny_imagenett
     distill_heads(cfg, progress=False)  # finished: resuming does nothing more
     assert len((run / "log.jsonl").read_text().splitlines()) == 1
     path, card = export_heads(HeadsExportConfig(run_dir=str(run), gate_thresholds=(0.3, 0.5),
-                                                plan_thresholds=(0.5,), exit_thresholds=(0.9,), plan_epochs=2),
+                                                plan_thresholds=(0.5,), exit_thresholds=(0.9,), plan_epochs=2,
+                                                **QUICK_PROFILE),
                               dest=tmp_path / "data", data_root=str(tiny_imagenette))
     assert card["backbone"]["sha256"] and card["dataset"]["validation"]["carved_from"] == "train/"
     assert set(card["operating_points"]) == {"gates", "plan", "early_exit"}
-    exits = card["early_exit"]  # min_block and the exits' default, chosen on validation (training/exit_points)
-    assert exits["min_block"] in HeadsExportConfig.exit_min_blocks and 0.0 <= exits["default_threshold"] <= 1.0
-    assert {r["min_block"] for r in exits["min_block_choice"]} == set(HeadsExportConfig.exit_min_blocks)
-    assert all(r["min_block"] == exits["min_block"] for r in card["metrics_test"]["early_exit_curve"])
+    exits = card["early_exit"]  # the exits' blocks and default, chosen on validation (training/exit_points)
+    assert exits["blocks_choice"][0]["blocks"] == list(range(15)) and 0.0 <= exits["default_threshold"] <= 1.0
+    assert exits["blocks"] == exits["blocks_choice"][-1]["blocks"] and exits["time_model"]["probe_ms"] >= 0.0
+    assert all(r["blocks"] == exits["blocks"] for r in card["metrics_test"]["early_exit_curve"])
+    assert create_model("efficientnet_lite0", weights=path).meta.source_options("early_exit")["blocks"] == \
+        exits["blocks"]  # what policy_for builds the exits with
     assert card["training"]["cpu"] and card["classes"][701] == "parachute"
     net = create_model("efficientnet_lite0", weights=path)
     assert net.plan_head is not None
@@ -116,7 +121,7 @@ def test_distill_with_extra_images_records_them_in_the_card(tiny_imagenette, oth
     teacher = torch.load(run / "teacher.pt", weights_only=True)
     assert teacher["logits"].shape[1] == 12 - 4 + 4  # the training split (12 - 4 validation) and the extras
     _, card = export_heads(HeadsExportConfig(run_dir=str(run), gate_thresholds=(0.5,), plan_thresholds=(0.5,),
-                                             exit_thresholds=(0.9,), plan_epochs=1),
+                                             exit_thresholds=(0.9,), plan_epochs=1, **QUICK_PROFILE),
                            dest=tmp_path / "data", data_root=str(tiny_imagenette))
     assert card["dataset"]["train"]["extra_images"] == {"folder": str(other_photos), "limit": 4, "n": 4,
                                                         "labels_used": False}
@@ -144,7 +149,7 @@ def test_a_fine_tuned_backbone_ships_whole_and_is_judged_against_the_published_o
     monkeypatch.setattr(distill_export, "_curves", lambda net, *a, **k: (
         measured.append({n: v.detach().clone() for n, v in net.state_dict().items()}), curves(net, *a, **k))[1])
     path, card = export_heads(HeadsExportConfig(run_dir=str(run), gate_thresholds=(0.5,), plan_thresholds=(0.5,),
-                                                exit_thresholds=(0.9,), plan_epochs=1),
+                                                exit_thresholds=(0.9,), plan_epochs=1, **QUICK_PROFILE),
                               dest=tmp_path / "data", data_root=str(tiny_imagenette))
     assert path.name == "efficientnet_lite0_imagenet_tuned_gated.safetensors"
     from safetensors.torch import load_file
@@ -195,7 +200,7 @@ def test_a_run_is_not_resumed_as_another_kind_of_run(tiny_imagenette, tmp_path, 
     (run / "config.json").write_text(json.dumps({**saved, "backbone_lr": 1e-3}))
     with pytest.raises(ValueError, match="holds only heads"):
         export_heads(HeadsExportConfig(run_dir=str(run), gate_thresholds=(0.5,), plan_thresholds=(0.5,),
-                                       exit_thresholds=(0.9,), plan_epochs=1),
+                                       exit_thresholds=(0.9,), plan_epochs=1, **QUICK_PROFILE),
                      dest=tmp_path / "data", data_root=str(tiny_imagenette))
 
 

@@ -8,7 +8,11 @@ import torch
 from skipviz.data import TensorDataset
 from skipviz.evaluate import evaluate_policy
 from skipviz.policies import EarlyExitPolicy, FullPolicy
-from skipviz.training.exit_points import ExitPointsConfig, exit_operating_points
+from skipviz.engine.flops import FlopTable
+from skipviz.measure.clock import device_info
+from skipviz.measure.profile import BlockProfile
+from skipviz.training.exit_points import (ExitPointsConfig, ProbeOutputs, choose_exit_blocks, exit_operating_points,
+                                          probe_outputs, simulate_exits)
 
 
 def _images(n: int, seed: int, labels: torch.Tensor | None = None) -> TensorDataset:
@@ -18,34 +22,80 @@ def _images(n: int, seed: int, labels: torch.Tensor | None = None) -> TensorData
     return TensorDataset(images, y, [str(i) for i in range(10)], [f"{i}.png" for i in range(n)], "mem", "0" * 64)
 
 
+def _batch1_profile(L: int, probe_ms: float) -> BlockProfile:
+    return BlockProfile(model="m", batch_size=1, input_hw=(32, 32), names=[str(i) for i in range(L)],
+                        downsample=[False] * L, gated=[False] * L, stem_ms=1.0, block_ms=[1.0] * L,
+                        bypass_ms=[0.0] * L, gate_ms=[0.0] * L, mix_ms=[0.0] * L, head_ms=1.0, engine_ms=0.0,
+                        full_ms=2.0 + L, full_run_ms=2.0 + L, info=device_info("cpu"), probe_ms=probe_ms)
+
+
 @pytest.mark.parametrize("labelled", [True, False])
 def test_points_follow_their_rules_on_validation_and_are_reported_on_test(tiny_net, labelled):
     val, test = _images(24, 1), _images(16, 2)
     if labelled:  # the full network's own answers as labels: its accuracy is 100 %
         val = _images(24, 1, torch.as_tensor(evaluate_policy(tiny_net, val, FullPolicy()).predictions))
-    cfg = ExitPointsConfig(thresholds=(0.0, 0.3, 1.0), min_blocks=(0, 4, 30), batch_size=8)
+    cfg = ExitPointsConfig(thresholds=(0.0, 0.3, 1.0), batch_size=8)
     val_ref = evaluate_policy(tiny_net, val, FullPolicy())
     test_ref = evaluate_policy(tiny_net, test, FullPolicy())
-    out = exit_operating_points(tiny_net, val, val_ref, test, test_ref, cfg)
-    assert [r["min_block"] for r in out.choice] == [0, 4]  # 30 is past the last block: not tried
-    assert out.min_block in (0, 4) and set(out.validation["min_block"]) == {out.min_block}
-    assert len(out.test) == 3 and set(out.test["min_block"]) == {out.min_block}
+    out = exit_operating_points(tiny_net, val, val_ref, _batch1_profile(tiny_net.num_blocks, 0.05), test, test_ref,
+                                cfg)
+    assert out.choice[0]["blocks"] == list(range(tiny_net.num_blocks - 1))  # the elimination starts from all
+    assert out.blocks == out.choice[-1]["blocks"] and set(out.blocks) <= set(out.choice[0]["blocks"])
+    saved = [r["time_saved"] for r in out.choice]
+    assert saved == sorted(saved)  # each step saves at least as much predicted time
+    assert all(r == out.blocks for r in out.validation["blocks"]) and len(out.test) == 3
     never = out.validation[out.validation["threshold"] == 1.0].iloc[0]
     assert never["agreement_with_full"] == 1.0 and never["flops_saved_fraction"] <= 0.0  # probes cost, nobody left
     assert out.points["faithful"]["threshold"] != 1.0  # nobody exits there: the probes cost, nothing is cut
     for name, floor in (("fast", cfg.fast_min_agreement), ("faithful", cfg.min_agreement)):
         point = out.points[name]
-        assert point["min_block"] == out.min_block and ("accuracy drop" in point["rule"]) == (labelled and name == "fast")
+        assert point["blocks"] == out.blocks and ("accuracy drop" in point["rule"]) == (labelled and name == "fast")
         if point["threshold"] is None:
             assert not point["rule_met_on_validation"] and point["test"] is None
             continue
         assert point["validation"]["agreement_with_full"] >= floor and point["validation"]["flops_saved_fraction"] > 0
+        assert point["validation"]["time_saved_fraction_predicted"] > 0
         # the reported test row is what the policy gives when run again
-        again = evaluate_policy(tiny_net, test, EarlyExitPolicy(point["threshold"], min_block=out.min_block))
+        again = evaluate_policy(tiny_net, test, EarlyExitPolicy(point["threshold"], blocks=out.blocks))
         assert again.summary(test_ref)["flops_saved_fraction"] == pytest.approx(point["test"]["flops_saved_fraction"])
     section = out.card_section(cfg)
     faithful = out.points["faithful"]["threshold"]
     assert section["default_threshold"] == (faithful if faithful is not None else max(cfg.thresholds))
+    assert section["blocks"] == out.blocks and section["time_model"]["probe_ms"] == 0.05
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.2, 0.5])
+def test_simulated_exits_are_what_the_engine_does(tiny_net, threshold):
+    data = _images(20, 3)
+    outputs = probe_outputs(tiny_net, data, batch_size=7)
+    blocks = [1, 3, 4, 7]
+    sim = simulate_exits(outputs, tiny_net.flop_table(), blocks, threshold)
+    ref = evaluate_policy(tiny_net, data, FullPolicy())
+    real = evaluate_policy(tiny_net, data, EarlyExitPolicy(threshold, blocks=blocks), batch_size=6)
+    summary = real.summary(ref)
+    for key in ("flops_mean", "flops_saved_fraction", "agreement_with_full"):
+        assert sim[key] == pytest.approx(summary[key]), key
+    left = real.executed.sum(1) < tiny_net.num_blocks
+    assert ((sim["exit_block"].numpy() >= 0) == left).all()
+
+
+def test_checks_that_cost_more_than_they_save_are_dropped():
+    # 6 blocks, probes after 0..4: probe 0 never confident, probe 1 confident for everyone, the rest later
+    n, L = 40, 6
+    conf = torch.tensor([0.1, 0.95, 0.99, 0.99, 0.99, 0.0]).repeat(n, 1)
+    pred = torch.zeros(n, L, dtype=torch.long)
+    outputs = ProbeOutputs(conf, pred, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
+    table = FlopTable(input_hw=(32, 32), stem=10, blocks=[100] * L, bypass=[0] * L, head=10, probes=[1] * L)
+    cfg = ExitPointsConfig(thresholds=(0.9,))
+    free = choose_exit_blocks(outputs, table, _batch1_profile(L, 0.0), cfg, max_drop=1.0)
+    # free checks: a check nobody leaves at costs nothing and is dropped all the same; everyone leaves after 1
+    assert free[-1]["blocks"] == [1]
+    costly = choose_exit_blocks(outputs, table, _batch1_profile(L, 0.3), cfg, max_drop=1.0)
+    assert costly[-1]["blocks"] == [1] and costly[-1]["time_saved"] > costly[0]["time_saved"]
+    row = simulate_exits(outputs, table, [1], 0.9, _batch1_profile(L, 0.3))
+    # per input: stem 1 + blocks 0-1 (2) + one check (0.3) against stem + 6 blocks + head = 8
+    assert row["time_saved_fraction"] == pytest.approx(1 - 3.3 / 8.0)
+    assert row["flops_mean"] == 10 + 200 + 1 and (row["exit_block"] == 1).all()
 
 
 def test_best_takes_the_largest_cut_within_the_bounds_and_never_a_point_that_cuts_nothing():
