@@ -57,7 +57,7 @@ def run(model: str, limit: int | None, out_dir: Path, thresholds: list[float], e
     full = own_full if reference is None else evaluate_policy(create_model(reference), test, FullPolicy(), progress=True)
     curve, evals = threshold_curve(net, test, thresholds, reference=full, progress=True)
     gated = evals[thresholds.index(default_t)]
-    # the exits with the card's min_block (early_exit.min_block), as the card's exit curve and the dashboard run them
+    # the exits after the card's exit blocks (early_exit.blocks), as the card's exit curve and the dashboard run them
     exit_curve = (threshold_curve(net, test, exits, make_policy=lambda t: policy_for(net, "early_exit", t),
                                   reference=full, progress=True)[0] if net.probes is not None else pd.DataFrame())
     plan_section: list[str] = []

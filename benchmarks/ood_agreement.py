@@ -55,7 +55,7 @@ def policies(net, exit_thresholds: list[float], gate_thresholds: list[float] = (
     out = []
     for source in DECISION_SOURCES if card_points else ():
         for point in net.meta.operating_point_records(source):
-            policy = policy_for(net, source, point.threshold)  # the exits: with the card's min_block
+            policy = policy_for(net, source, point.threshold)  # the exits: after the card's exit blocks
             out.append((f"{source} {point.name} ({describe_policy(policy)})", policy))
     out += [(f"gates {t:g}", policy_for(net, "gates", t)) for t in gate_thresholds]
     if net.probes is not None:

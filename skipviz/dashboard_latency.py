@@ -83,12 +83,14 @@ def live_latency(net: SkipNetwork, xb: torch.Tensor, policy: Policy, profile: Bl
     saving = measure_saving(net, xb, policy, rounds=rounds)
     res = net.run(xb, policy)
     planned = policy.decides_up_front
-    # exits: the probes are not in the profile, so no decision time is charged (an underestimate: about 130 µs per
-    # checked block inside a batch-1 EfficientNet-Lite0 run, AMD EPYC, 2026-12-06); gates: the gate time of every
-    # row whose gate ran
-    evaluated = (None if planned else torch.zeros_like(res.executed) if policy.exits_early
-                 else ~torch.isnan(res.scores))
+    # gates: the gate time of every row whose gate ran; exits: no gate, but each block's exit check (the profile's
+    # probe_ms, timed inside a run) for the share of the batch checked there
+    checked = ~torch.isnan(res.scores)
+    evaluated = None if planned else torch.zeros_like(res.executed) if policy.exits_early else checked
     block_ms = predict_block_ms(profile, res.executed, evaluated, planned=planned)
+    if policy.exits_early:
+        share = checked.double().mean(0).tolist()
+        block_ms = [t + share[i] * profile.probe_ms for i, t in enumerate(block_ms)]
     if planned:  # the plan head's time counts with the first block, which it decides before
         block_ms[0] += profile.plan_ms
     return LiveLatency(saving, block_ms, int(xb.shape[0]), batch, device_label(profile.info.device))

@@ -47,6 +47,14 @@ def test_live_latency_pairs_full_and_skipped_and_estimates_each_block(tiny_net, 
     assert live.profile_device in col and list(table[col]) == pytest.approx(live.block_ms)
     with pytest.raises(ValueError, match="profile"):
         dashboard.live_latency(tiny_net, cat_x, policy, profile)
+    # early exits: each block's estimate carries its exit check (probe_ms) for the share of the batch checked there
+    exits = policies.EarlyExitPolicy(0.0, blocks=[2, 4])  # everyone leaves after block 2: one check each
+    costly = type(profile)(**{**profile.__dict__, "probe_ms": 5.0})
+    with_checks = dashboard.live_latency(tiny_net, xb, exits, costly, described, rounds=3).block_ms
+    without = dashboard.live_latency(tiny_net, xb, exits, type(profile)(**{**profile.__dict__, "probe_ms": 0.0}),
+                                     described, rounds=3).block_ms
+    assert [a - b for a, b in zip(with_checks, without)] == pytest.approx([5.0 if i == 2 else 0.0
+                                                                          for i in range(len(without))])
 
 
 @pytest.fixture(scope="module")

@@ -180,8 +180,8 @@ def results_markdown(report: dict) -> str:
             f"({r['prediction_relative_error']:+.1%}) | {_fmt(r.get('decision_free_time_saved_fraction'), '.1%')} "
             f"saved, {_fmt(r.get('decision_free_efficiency'), '.2f')} |")
     if report.get("settings", {}).get("policy") == "early_exit":  # gate heads play no part; the probes run inside
-        lines += ["", "The exit probes' own time is inside the skipped run (and outside the prediction and the "
-                      "free-decision ceiling)."]
+        lines += ["", "The exit probes' own time is inside the skipped run and in the prediction (each check at the "
+                      "profile's in-run probe_ms), not in the free-decision ceiling."]
     else:
         lines += ["", "Decision heads (gate heads, all evaluated, or the plan head), share of the full network:", "",
                   "| batch | gates | FLOPs share | latency share |", "|---:|---:|---:|---:|"]
@@ -225,8 +225,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                                                  "(default: the default model if its weights exist, else random)")
     p.add_argument("--policy", default="gates", choices=sorted(DECISION_SOURCES),
                    help="gates: per-block gates; plan: the plan head (writes latency_plan_<device>); early_exit: "
-                        "exits on the probe heads with the card's min_block (writes latency_early_exit_<device>; "
-                        "the latency prediction leaves the probes' own time out)")
+                        "exits on the probe heads after the card's exit blocks (writes latency_early_exit_<device>; "
+                        "the latency prediction charges each exit check the profile's probe_ms)")
     p.add_argument("--thresholds", type=_float_list, default=None, help="comma-separated thresholds of the source")
     p.add_argument("--batch-sizes", type=_int_list, default=None, help="comma-separated batch sizes (default 1,256)")
     p.add_argument("--batch1-images", type=int, default=None, help="images timed one by one at batch 1")

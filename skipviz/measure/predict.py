@@ -190,11 +190,15 @@ def check_prediction(profile: BlockProfile, net: "SkipNetwork", x: torch.Tensor,
         for c in chunks:
             r = net.run(c, policy)
             ev = np.zeros(net.num_blocks)
-            for i, rec in enumerate(r.records):
-                ev[i] = 1.0 if rec.gate_evaluated and profile.gated[i] else 0.0
+            checks = 0.0  # early exits: no gate runs, each block's exit check does, for the rows checked there
+            if policy.exits_early:
+                checks = float((~torch.isnan(r.scores)).double().mean(0).sum()) * profile.probe_ms
+            else:
+                for i, rec in enumerate(r.records):
+                    ev[i] = 1.0 if rec.gate_evaluated and profile.gated[i] else 0.0
             # the plan head's time counts only when it ran (overrides may force every gated block)
             planned = policy.decides_up_front and any(rec.gate_evaluated for rec in r.records)
-            preds.append(predict_latency(profile, r.executed, ev, planned=planned))
+            preds.append(predict_latency(profile, r.executed, ev, planned=planned) + checks)
             free.append(predict_latency(profile, r.executed, no_decisions))
             blocks.append(float(r.executed.sum(1).double().mean()))
 

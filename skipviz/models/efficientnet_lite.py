@@ -91,11 +91,52 @@ def map_published_state(src: dict[str, torch.Tensor], model: nn.Module, source: 
     return out
 
 
+#: Which convolutions with TF "same" padding run as a symmetric one (:func:`_symmetric_same`) instead of padding
+#: their input first: "depthwise", "all" or "none".
+SYMMETRIC_SAME: str = "depthwise"
+
+
+def _same_pads(size: int, k: int, s: int, d: int) -> tuple[int, int]:
+    """TF "same" padding of one dimension as ``(before, after)`` (timm's ``pad_same``)."""
+    total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _symmetric_same(x: torch.Tensor, conv: nn.Conv2d, w: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]] | None:
+    """TF "same" padding as the convolution's own symmetric padding, without a padded copy of ``x``: where a
+    dimension is padded one more after than before, pad ``after`` on both sides and give the kernel one leading
+    zero tap there (the output then reads the same inputs with the same weights; the extra products are exact
+    zeros). Returns the (cached) kernel and the padding, or ``None`` (dilation, or a difference above one)."""
+    if conv.dilation != (1, 1):
+        return None
+    pads = [_same_pads(int(x.shape[-2 + i]), conv.kernel_size[i], conv.stride[i], 1) for i in range(2)]
+    if any(after - before not in (0, 1) for before, after in pads):
+        return None
+    taps = tuple(after - before for before, after in pads)
+    if taps != (0, 0):
+        cached = conv.__dict__.get("_skipviz_same")
+        if cached is None or cached[0] is not w or cached[1] != taps:
+            wide = F.pad(w, (taps[1], 0, taps[0], 0)).contiguous(memory_format=_layout(w))
+            cached = conv.__dict__["_skipviz_same"] = (w, taps, wide)
+        w = cached[2]
+    return w, (pads[0][1], pads[1][1])
+
+
+def _layout(w: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+
+
 def _conv(x: torch.Tensor, conv: nn.Conv2d, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``conv`` applied with the weights ``w``/``b``, TF "same" padding included for timm's ``Conv2dSame``."""
     from timm.layers import Conv2dSame, pad_same
 
     if isinstance(conv, Conv2dSame):
+        depthwise = conv.groups == conv.in_channels and conv.groups > 1
+        sym = (_symmetric_same(x, conv, w) if SYMMETRIC_SAME == "all" or (SYMMETRIC_SAME == "depthwise" and depthwise)
+               else None)
+        if sym is not None:
+            return F.conv2d(x, sym[0], b, conv.stride, sym[1], conv.dilation, conv.groups)
         x = pad_same(x, conv.kernel_size, conv.stride, conv.dilation)
         return F.conv2d(x, w, b, conv.stride, 0, conv.dilation, conv.groups)
     return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from skipviz import EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy, create_model
-from skipviz.measure.predict import SWAP_FRACTION_ESTIMATE, check_prediction, predict_latency
+from skipviz.measure.predict import SWAP_FRACTION_ESTIMATE, check_prediction, predict_exit_ms, predict_latency
 from skipviz.cli.bench import BenchConfig, results_markdown
 from skipviz.measure.profile import BlockProfile, gate_cost, profile_blocks
 from skipviz.measure.clock import device_info, measure_interleaved, measure_latency, resolve_device
@@ -199,6 +199,19 @@ def test_predict_latency_counts_the_rows_an_identity_block_swaps():
                                                                + 30.0)
 
 
+def test_predict_exit_ms_charges_the_blocks_run_and_the_checks_passed():
+    p = BlockProfile(**{**_synthetic_profile().__dict__, "batch_size": 1, "probe_ms": 0.5, "block_scale": 2.0})
+    full = 1.0 + 0.25 + 2.0 * 60.0 + 2.0  # stem, engine, blocks (scaled), head
+    got = predict_exit_ms(p, [-1, 0, 1], checked=[0, 1])
+    # no exit: every block, both checks and the head; after block 0: one block and one check, no head
+    assert got.tolist() == pytest.approx([full + 1.0, 1.25 + 20.0 + 0.5, 1.25 + 60.0 + 1.0])
+    assert predict_exit_ms(p, [-1], [])[0] == pytest.approx(full)
+    with pytest.raises(ValueError, match="batch-1"):
+        predict_exit_ms(_synthetic_profile(), [-1], [])
+    with pytest.raises(ValueError, match="exit blocks"):
+        predict_exit_ms(p, [3], [0])
+
+
 def test_block_scale_stretches_block_times_to_the_measured_forward():
     p = BlockProfile(**{**_synthetic_profile().__dict__, "block_scale": 1.5, "block_half_ms": [4.0, 8.0, 12.0]})
     base = 1.0 + 2.0 + 0.25 + 0.5 + 0.5
@@ -216,6 +229,9 @@ def test_profile_blocks_and_prediction_are_positive_and_monotone(tiny_net, batch
     assert all(v > 0 for v in prof.block_ms) and all(v > 0 for v in prof.bypass_ms)
     assert [g > 0 for g in prof.gate_ms] == [tiny_net.gate(i) is not None for i in range(L)]
     assert all(prof.block_ms[i] > prof.bypass_ms[i] for i in range(L))
+    assert prof.probe_ms >= 0.0 and math.isfinite(prof.probe_ms)  # tiny_net has probes: its checks are timed
+    no_probes = create_model("cifar_resnet20", probes=False).eval()
+    assert profile_blocks(no_probes, 1, warmup=1, repeats=2, min_repeat_s=0.0).probe_ms == 0.0
     json.dumps(prof.to_dict())
     assert list(prof.to_dataframe()["part"])[0] == "stem"
     # executing more blocks never predicts less time

@@ -177,3 +177,40 @@ def test_blocks_run_a_batch_in_cache_sized_sub_batches_with_the_same_results(lit
     expected = h2 + g.residual(h2)
     out = g.forward_(h2)
     assert out is h2 and torch.allclose(out, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (225, 231), (97, 100)])
+@pytest.mark.parametrize("mode", ["depthwise", "all"])
+def test_same_padding_as_a_symmetric_convolution_gives_the_padded_results(lite, monkeypatch, size, mode):
+    import skipviz.models.efficientnet_lite as lite_module
+    from timm.layers import Conv2dSame
+
+    for m in lite.modules():
+        m.__dict__.pop("_skipviz_same", None)  # widened kernels of an earlier case
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(lite_module, "SYMMETRIC_SAME", "none")
+    with torch.inference_mode():
+        padded = lite.run(x, FullPolicy()).logits
+        monkeypatch.setattr(lite_module, "SYMMETRIC_SAME", mode)
+        assert torch.allclose(lite.run(x, FullPolicy()).logits, padded, atol=1e-5)
+    same = [m for m in lite.modules() if isinstance(m, Conv2dSame)]
+    widened = [m for m in same if "_skipviz_same" in m.__dict__]
+    assert widened and (mode == "all" or all(m.groups > 1 for m in widened))
+    if mode == "all" and size == (224, 224):  # the stem too: padded (0, 1) on an even input
+        assert any(m.groups == 1 for m in widened)
+    # a kernel widened by one leading zero tap on each dimension padded one more after than before
+    for m in widened:
+        w, taps, wide = m.__dict__["_skipviz_same"]
+        assert wide.shape[-2:] == (w.shape[-2] + taps[0], w.shape[-1] + taps[1])
+        assert torch.equal(wide[..., taps[0]:, taps[1]:], w) and not wide[..., :taps[0], :].any()
+
+
+def test_same_pads_are_timms():
+    from timm.layers.padding import get_same_padding
+
+    from skipviz.models.efficientnet_lite import _same_pads
+
+    for size in range(5, 40):
+        for k, s in ((3, 1), (3, 2), (5, 2), (5, 1)):
+            total = get_same_padding(size, k, s, 1)
+            assert _same_pads(size, k, s, 1) == (total // 2, total - total // 2)

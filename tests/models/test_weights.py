@@ -135,6 +135,9 @@ def test_card_rows_list_every_named_point_with_its_test_record():
         "threshold 0.90, from block 6: 14.0% of FLOPs saved, 99.21% agreement with full, accuracy 75.20%")
     assert rows["fast point, per-block gates (test)"].startswith("threshold 0.10: 4.3% of FLOPs saved")
     assert not any("oracle" in k or k.startswith("fast point, early") for k in rows)
+    card["operating_points"]["early_exit"]["faithful"]["blocks"] = [6, 8, 11]  # cards since the exits' blocks
+    assert dict(_meta(card).card_rows())["faithful point, early exits (probe confidence after each block) (test)"] \
+        .startswith("threshold 0.90, exits after blocks 6, 8, 11: 14.0% of FLOPs saved")
 
 
 def test_default_source_is_the_cards_when_the_network_offers_it():

@@ -97,3 +97,33 @@ def test_a_blocks_threshold_is_shown_only_where_an_exit_is_checked(tiny_net, bat
     assert never.blocks[4].threshold == 1.0 and never.blocks[4].reason == "forced run by override"
     assert never.blocks[2].threshold is None and never.blocks[last].threshold is None
     assert never.blocks[last].reason == "runs: no exit after this block"
+
+
+@torch.no_grad()
+def test_exits_are_checked_only_after_the_listed_blocks(tiny_net, batch):
+    p = EarlyExitPolicy(0.0, blocks=[2, 5], min_block=0)  # blocks win over min_block
+    assert [i for i in range(tiny_net.num_blocks) if p.exits_possible_after(tiny_net, i)] == [2, 5]
+    res = tiny_net.run(batch, p)
+    assert res.exit_block == [2] * len(batch)  # everyone confident: all leave at the first listed block
+    flops = p.head_flops(tiny_net.flop_table())
+    assert [i for i, f in enumerate(flops) if f > 0] == [2, 5]
+    assert EarlyExitPolicy(1.0, {1: 0.0}, blocks=[5]).exits_possible_after(tiny_net, 1)  # a float override too
+    config = EarlyExitPolicy(0.8, blocks=[5, 2]).config()
+    assert config["blocks"] == [2, 5] and policy_from_config(config).config() == config
+    assert "blocks" not in EarlyExitPolicy(0.8).config()  # as audits wrote it before
+    with pytest.raises(ValueError, match="exit blocks"):
+        EarlyExitPolicy(0.9, blocks=[-1])
+
+
+def test_the_cards_exit_blocks_reach_the_policy_and_its_words():
+    from skipviz.policies.words import describe_policy
+
+    net = create_model("cifar_resnet20")
+    net.meta.card = {"early_exit": {"default_threshold": 0.9, "blocks": [3, 6]},
+                     "operating_points": {"early_exit": {"fast": {"threshold": 0.8, "blocks": [3, 6]}}}}
+    p = policy_for(net, "early_exit")
+    assert p.blocks == {3, 6} and p.threshold == 0.9
+    assert describe_policy(p) == "early exit, threshold 0.90, exits after blocks 3, 6"
+    assert describe_policy({"name": "early_exit", "threshold": 0.9, "min_block": 6}) == \
+        "early exit, threshold 0.90, from block 6"
+    assert describe_policy(EarlyExitPolicy(0.9, blocks=[4])) == "early exit, threshold 0.90, exits after block 4"
