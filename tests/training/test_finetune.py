@@ -83,7 +83,8 @@ def test_finetune_resume_and_export(tiny, capsys):
 
     (run / "speed.json").write_text(json.dumps({"float32": {"img_per_s": 1.0}}))
     path, card = export_finetuned(FinetuneExportConfig(run_dir=str(run), thresholds=(0.3, 0.5, 0.7), plan_epochs=2,
-                                                       progress=False), dest=tmp_path / "data")
+                                                       progress=False, profile_repeats=3, profile_min_repeat_s=0.001),
+                                  dest=tmp_path / "data")
     assert path.name == "cifar_resnet20_cifar10_gated.safetensors"
     assert json.loads(path.with_suffix(".json").read_text()) == card
     gates = card["operating_points"]["gates"]
@@ -96,7 +97,14 @@ def test_finetune_resume_and_export(tiny, capsys):
     assert card["source"]["file"] == "resnet20-test.th" and card["source"]["best_prec1"] == 90.0
     assert card["training"]["speed"] == {"float32": {"img_per_s": 1.0}} and card["training"]["epochs_run"] == 3
     assert {"blocks_mean_correct", "blocks_mean_wrong", "per_class", "early_exit_curve"} <= set(card["metrics_test"])
+    # the default source: the one whose fast point saves the most predicted batch-1 time on validation
+    choice = card["default_source_choice"]
+    assert set(choice["fast_points"]) == {"gates", "plan"} and card["default_source"] == choice["source"]
+    saved = {k: v["predicted_time_saved_fraction"] for k, v in choice["fast_points"].items()}
+    assert saved[card["default_source"]] == max(saved.values())
+    assert choice["fast_points"]["plan"]["threshold"] == card["operating_points"]["plan"]["fast"]["threshold"]
     net = create_model("cifar_resnet20", weights=path)
+    assert net.meta.default_source(["gates", "plan", "early_exit"]) == card["default_source"]
     assert net.meta.mean == IMAGENET_MEAN and net.gated_blocks and net.plan_head is not None
     assert net.meta.default_threshold() == gates["fast"]["threshold"]
     net.run(torch.randn(2, 3, 32, 32), GatePolicy(gates["faithful"]["threshold"]))
