@@ -1,6 +1,5 @@
 """Latency prediction from a per-block profile: the instant prediction of any decision set's latency
-(:func:`predict_latency`), of early exits at batch 1 (:func:`predict_exit_ms`) and the error against a measured run
-(:func:`check_prediction`)."""
+(:func:`predict_latency`) and its error against a measured run (:func:`check_prediction`)."""
 from __future__ import annotations
 
 import math
@@ -19,8 +18,7 @@ from .runs import _as_net_input, _check_input, _net_device
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.network import SkipNetwork
 
-__all__ = ["PredictionCheck", "SWAP_FRACTION_ESTIMATE", "check_prediction", "predict_block_ms", "predict_exit_ms",
-           "predict_latency"]
+__all__ = ["PredictionCheck", "SWAP_FRACTION_ESTIMATE", "check_prediction", "predict_block_ms", "predict_latency"]
 
 
 def _fractions(profile: BlockProfile, values, what: str) -> np.ndarray:
@@ -63,31 +61,6 @@ def predict_latency(profile: BlockProfile, executed, gates_evaluated=None, plann
     """
     total = profile.stem_ms + profile.head_ms + profile.engine_ms + (profile.plan_ms if planned else 0.0)
     return float(total + sum(predict_block_ms(profile, executed, gates_evaluated, planned)))
-
-
-def predict_exit_ms(profile: BlockProfile, exit_block, checked) -> np.ndarray:
-    """(N,) predicted latency (ms) of each input run alone (batch 1) under early exits, from a batch-1 profile.
-
-    Args:
-        exit_block: (N,) ints, the block after which each input leaves, -1 where it leaves at none (it runs
-            every block and the network's head).
-        checked: the blocks an exit is checked after; each check an input passes costs ``profile.probe_ms``.
-    Model: stem + engine + the blocks up to the exit, at their in-run time (:meth:`BlockProfile.block_rows_ms`)
-    + its checks + the head when it did not leave.
-    """
-    if profile.batch_size != 1:
-        raise ValueError(f"exits are predicted per input from a batch-1 profile, not batch {profile.batch_size}")
-    L = profile.num_blocks
-    exits = np.asarray(exit_block.cpu() if torch.is_tensor(exit_block) else exit_block, dtype=np.int64).reshape(-1)
-    if ((exits < -1) | (exits >= L)).any():
-        raise ValueError(f"exit blocks must be -1 (no exit) or in [0, {L}), got {sorted(set(exits.tolist()))}")
-    check = np.zeros(L)
-    check[[int(b) for b in checked]] = 1.0
-    blocks = np.cumsum([profile.block_rows_ms(i, 1.0) for i in range(L)])
-    checks = np.cumsum(check) * profile.probe_ms
-    stay = exits < 0
-    last = np.where(stay, L - 1, exits)
-    return profile.stem_ms + profile.engine_ms + blocks[last] + checks[last] + np.where(stay, profile.head_ms, 0.0)
 
 
 def predict_block_ms(profile: BlockProfile, executed, gates_evaluated=None, planned: bool = False) -> list[float]:

@@ -1,5 +1,5 @@
 """Per-part latency profile of a model at one batch size (:func:`profile_blocks`, :class:`BlockProfile`) and what
-the decision heads cost (:func:`gate_cost`). The prediction of a decision set's latency from a profile is
+the decision heads cost (:func:`gate_cost`; an early-exit check inside a run: :func:`exit_check_cost`). The prediction of a decision set's latency from a profile is
 :mod:`skipviz.measure.predict`'s."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from .runs import _as_net_input, _check_input, _net_device
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.network import SkipNetwork
 
-__all__ = ["BlockProfile", "GateCost", "gate_cost", "profile_blocks"]
+__all__ = ["BlockProfile", "ExitCheckCost", "GateCost", "exit_check_cost", "gate_cost", "profile_blocks"]
 
 
 @dataclass(frozen=True)
@@ -183,6 +183,53 @@ class _ExitChecksOnly(EarlyExitPolicy):
                    h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         ex = super().exit_after(net, index, h)
         return None if ex is None else (torch.zeros_like(ex[0]), ex[1], ex[2])
+
+
+@dataclass(frozen=True)
+class ExitCheckCost:
+    """What one early-exit check (probe head, softmax, threshold) costs inside a run, from paired rounds of the
+    full network against a run checking after every block with a probe and letting no input leave: ``checks``
+    per input, ``check_ms`` one check (the median per-round difference over ``checks``), ``full_ms`` the full
+    run (median), both per input at ``batch_size``."""
+
+    checks: int
+    check_ms: float
+    full_ms: float
+    rounds: int
+    batch_size: int
+    device: str
+
+    @property
+    def fraction(self) -> float:
+        """One check's time over the full run's."""
+        return self.check_ms / self.full_ms
+
+    def to_dict(self) -> dict:
+        return asdict_with(self, "fraction")
+
+
+def exit_check_cost(net: "SkipNetwork", x: torch.Tensor, rounds: int = 30, batch_size: int = 1) -> ExitCheckCost:
+    """Time the exit checks of ``net`` (it needs probe heads) on ``x`` (N, 3, H, W, normalised; N a multiple of
+    ``batch_size``) in batches of ``batch_size``: the plain full forward against a run with every check and no
+    exit (so the engine's own per-run cost counts with the checks), in ``rounds`` interleaved paired rounds
+    (:func:`~skipviz.measure.saving.measure_saving`). A ratio of paired times: the machine's drift, which moved a
+    batch-1 EfficientNet-Lite0 forward between 12 and 20 ms within minutes on the 2-core AMD EPYC, cancels."""
+    from .saving import measure_saving
+
+    checks = _ExitChecksOnly()
+    n_checks = sum(checks.exits_possible_after(net, i) for i in range(net.num_blocks))
+    if not n_checks:
+        raise ValueError(f"{net.meta.display_name} has no probe heads: there is no exit check to time")
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.inference_mode():
+            s = measure_saving(net, x, checks, batch_size=batch_size, rounds=rounds)
+    finally:
+        net.train(was_training)
+    per_input = 1e3 / batch_size  # measure_saving's seconds per batch -> ms per input
+    return ExitCheckCost(checks=n_checks, check_ms=max(0.0, -s.saving_s) * per_input / n_checks,
+                         full_ms=s.full_median_s * per_input, rounds=s.rounds, batch_size=batch_size, device=s.device)
 
 
 def _timer(kw: dict) -> Callable[[Callable[[], object], str], float]:

@@ -35,7 +35,7 @@ from ..data import TensorDataset, imagenette_root
 from ..engine.heads import PlanHead
 from ..engine.network import SkipNetwork
 from ..evaluate import curve_row, operating_point
-from ..measure.profile import profile_blocks
+from ..measure.profile import exit_check_cost
 from .distill import (DistillConfig, build_network, head_state, load_training_images, split_train_val, test_images,
                       with_extra_images)
 from .exit_points import ExitPoints, ExitPointsConfig, exit_operating_points
@@ -50,11 +50,10 @@ class HeadsExportConfig:
     gate_thresholds: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     plan_thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
     # early exits (skipviz.training.exit_points): thresholds tried on validation; the blocks exits are checked
-    # after are chosen by the batch-1 time predicted from a profile measured at the start of the export
+    # after are chosen by the batch-1 time predicted with the cost of a check measured at the start of the export
     exit_thresholds: tuple[float, ...] = ExitPointsConfig.thresholds
-    profile_threads: int | None = None  # threads of that profile (default: torch's current setting)
-    profile_repeats: int = 15
-    profile_min_repeat_s: float = 0.01  # each timed repeat of a part lasts at least this long
+    check_cost_inputs: int = 8  # seeded random inputs, timed one by one
+    check_cost_rounds: int = 30  # paired rounds (skipviz.measure.profile.exit_check_cost)
     max_drop_points: float = 1.0
     min_agreement: float = 0.99
     faithful_margin_se: float = ExitPointsConfig.faithful_margin_se  # skipviz.evaluate.agreement_meets
@@ -332,9 +331,9 @@ def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: st
     published = build_network(dcfg).eval() if tuned else None  # what the fine-tuned copy is judged against
     if tuned:
         _round_to_storage(net)  # the card's numbers are measured on exactly what ships (the plan head: below)
-    # first, while the machine is quiet: the exits' blocks are chosen by the batch-1 time predicted from it
-    profile = profile_blocks(net, 1, threads=cfg.profile_threads, repeats=cfg.profile_repeats,
-                             min_repeat_s=cfg.profile_min_repeat_s)
+    # first, while the machine is quiet: the exits' blocks are chosen by the batch-1 time predicted with it
+    x = torch.randn(cfg.check_cost_inputs, *net.meta.input_size, generator=torch.Generator().manual_seed(0))
+    check_cost = exit_check_cost(net, x, rounds=cfg.check_cost_rounds)
     train_set, val_set = split_train_val(dcfg, load_training_images(dcfg, net, root, progress=False))
     train_set = with_extra_images(dcfg, net, train_set, progress=False)  # the plan head learns from them too
     test_set = test_images(dcfg, net, root)
@@ -345,7 +344,7 @@ def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: st
     val = _curves(net, val_set, cfg, published)
     test = _curves(net, test_set, cfg, published) if test_set is not None else None
     points = _threshold_points(val, test, cfg, labelled)
-    exits = exit_operating_points(net, val_set, val["published"], profile, test_set,
+    exits = exit_operating_points(net, val_set, val["published"], check_cost, test_set,
                                   test["published"] if test is not None else None, _exit_config(cfg))
     points["early_exit"] = exits.points
     fast_t = points["gates"]["fast"]["threshold"] or cfg.gate_thresholds[0]  # none qualifies: the most cautious

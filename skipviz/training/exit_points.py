@@ -2,13 +2,17 @@
 exit thresholds, chosen on the validation split and reported on the test split.
 
 An exit policy (:class:`~skipviz.policies.EarlyExitPolicy`) has two knobs: the confidence threshold and the
-blocks after which an input may leave (``blocks``). Every check costs a probe head inside the run - on a 2-core
-CPU about 130 us each for the EfficientNet-Lite0 at batch 1, so nine checks cost about 8 % of the run and half
-of what the fast point's exits saved - while a late or a rarely taken exit saves little. The blocks are one set
-per model (the card's ``early_exit.blocks``, what :func:`~skipviz.policies.policy_for` builds with), chosen for
-the batch-1 time the two named points save together as predicted from a measured per-block profile
-(:func:`~skipviz.measure.predict.predict_exit_ms`); the named points differ in their threshold only, so a
-dashboard slider over the threshold reaches both.
+blocks after which an input may leave (``blocks``). Every check costs a probe head inside the run - on the 2-core
+AMD EPYC about 0.9 % of a batch-1 EfficientNet-Lite0 run each, so nine checks cost about what the faithful
+point's exits saved - while a late or a rarely taken exit saves little. The blocks are one set per model (the
+card's ``early_exit.blocks``, what :func:`~skipviz.policies.policy_for` builds with), chosen for the batch-1 time
+the two named points save together, predicted by a cost model in units of the full run: an input's FLOPs (at
+batch 1 the bypassed blocks' time follows their FLOPs: the same decisions replayed for free saved 0.93-0.97 of
+their FLOPs' share, ``benchmarks/batch1_decision_ceiling.py``) plus each check it passes at its measured share of
+the full run (:func:`~skipviz.measure.profile.exit_check_cost`, a ratio of paired times: machine drift, which
+moved that forward between 12 and 20 ms within minutes, cancels; a per-block profile did not, its block times
+varied by half between runs). The named points differ in their threshold only, so a dashboard slider over the
+threshold reaches both.
 
 The choice is made on every probe's answer for every validation input, taken from one full run
 (:func:`probe_outputs`) and replayed for any set of blocks and any threshold (:func:`simulate_exits`): backward
@@ -27,8 +31,7 @@ from ..data import TensorDataset, normalize
 from ..engine.flops import FlopTable
 from ..engine.network import SkipNetwork
 from ..evaluate.loop import PolicyEval, agreement_margin_words, curve_row, evaluate_policy, operating_point
-from ..measure.predict import predict_exit_ms
-from ..measure.profile import BlockProfile
+from ..measure.profile import ExitCheckCost
 from ..policies import EarlyExitPolicy
 
 __all__ = ["ExitPointsConfig", "ExitPoints", "ProbeOutputs", "choose_exit_blocks", "exit_operating_points", "probe_outputs",
@@ -87,11 +90,12 @@ def probe_outputs(net: SkipNetwork, data: TensorDataset, batch_size: int = 100) 
 
 
 def simulate_exits(outputs: ProbeOutputs, table: FlopTable, blocks: list[int], threshold: float,
-                   profile: BlockProfile | None = None) -> dict:
+                   check_fraction: float | None = None) -> dict:
     """What :class:`~skipviz.policies.EarlyExitPolicy` at ``threshold`` checking after ``blocks`` gives on the
     inputs of ``outputs``, without running it: a curve row (accuracy, FLOPs with the probes counted, agreement
-    with the full network, accuracy drop, n) plus ``exit_block`` (N,) (-1: no exit) and, with a batch-1
-    ``profile``, ``time_saved_fraction``: the predicted batch-1 time saved against the full network."""
+    with the full network, accuracy drop, n) plus ``exit_block`` (N,) (-1: no exit) and, given the cost of one
+    check as a share of the full run (``check_fraction``), ``time_saved_fraction``: the batch-1 time saved
+    predicted by the module's cost model (the input's FLOPs without the probes' plus its checks)."""
     n, L = outputs.confidence.shape
     checked = sorted(b for b in set(int(b) for b in blocks) if 0 <= b < L - 1)
     exit_block = torch.full((n,), -1, dtype=torch.long)
@@ -101,11 +105,13 @@ def simulate_exits(outputs: ProbeOutputs, table: FlopTable, blocks: list[int], t
         exit_block[leave] = b
         pred[leave] = outputs.prediction[leave, b]
     per_block = np.asarray(table.blocks, dtype=np.float64)
-    probes = np.zeros(L)
-    probes[checked] = np.asarray(table.probes, dtype=np.float64)[checked] if table.probes else 0.0
+    is_check = np.zeros(L)
+    is_check[checked] = 1.0
+    probes = is_check * (np.asarray(table.probes, dtype=np.float64) if table.probes else 0.0)
     spent = np.cumsum(per_block + probes)
     stay = exit_block.numpy() < 0
-    flops = table.stem + spent[np.where(stay, L - 1, exit_block.numpy())] + np.where(stay, table.head, 0)
+    last = np.where(stay, L - 1, exit_block.numpy())  # the last block each input runs
+    flops = table.stem + spent[last] + np.where(stay, table.head, 0)
     labelled = bool((outputs.labels >= 0).all())
     acc = float((pred == outputs.labels).double().mean()) if labelled else float("nan")
     full_acc = float((outputs.full == outputs.labels).double().mean()) if labelled else float("nan")
@@ -113,17 +119,18 @@ def simulate_exits(outputs: ProbeOutputs, table: FlopTable, blocks: list[int], t
            "flops_full": table.full, "flops_saved_fraction": 1.0 - float(flops.mean()) / table.full, "n": n,
            "agreement_with_full": float((pred == outputs.full).double().mean()),
            "accuracy_drop_points": 100.0 * (full_acc - acc), "exit_block": exit_block}
-    if profile is not None:
-        full_ms = float(predict_exit_ms(profile, [-1], [])[0])
-        row["time_saved_fraction"] = 1.0 - float(predict_exit_ms(profile, exit_block, checked).mean()) / full_ms
+    if check_fraction is not None:
+        work = table.stem + np.cumsum(per_block)[last] + np.where(stay, table.head, 0)
+        checks = np.cumsum(is_check)[last]
+        row["time_saved_fraction"] = 1.0 - float(work.mean()) / table.full - float(checks.mean()) * check_fraction
     return row
 
 
-def _points(outputs: ProbeOutputs, table: FlopTable, profile: BlockProfile, blocks: list[int],
+def _points(outputs: ProbeOutputs, table: FlopTable, check_fraction: float, blocks: list[int],
             cfg: ExitPointsConfig, max_drop: float | None) -> dict:
     """The fast and faithful thresholds for ``blocks`` by predicted time saved, and that time (0 for a point
     whose rule no threshold meets)."""
-    curve = pd.DataFrame([{k: v for k, v in simulate_exits(outputs, table, blocks, t, profile).items()
+    curve = pd.DataFrame([{k: v for k, v in simulate_exits(outputs, table, blocks, t, check_fraction).items()
                            if k not in ("exit_block", "blocks")} for t in cfg.thresholds])
     fast = operating_point(curve, max_drop, cfg.fast_min_agreement, cutting_only=True, by="time_saved_fraction")
     faithful = operating_point(curve, None, cfg.min_agreement, cfg.faithful_margin_se, cutting_only=True,
@@ -135,18 +142,18 @@ def _points(outputs: ProbeOutputs, table: FlopTable, profile: BlockProfile, bloc
             "time_saved": saved["fast"] + saved["faithful"]}
 
 
-def choose_exit_blocks(outputs: ProbeOutputs, table: FlopTable, profile: BlockProfile, cfg: ExitPointsConfig,
+def choose_exit_blocks(outputs: ProbeOutputs, table: FlopTable, check_fraction: float, cfg: ExitPointsConfig,
                        max_drop: float | None) -> list[dict]:
     """Backward elimination over the blocks an exit is checked after, from every block with a probe: each step
     drops the check whose removal raises the two points' predicted time saved the most (or keeps it: a check no
     validation input leaves at is pure cost), as long as every point the set before met its rule still meets
     it. Returns the path (one :func:`_points` row per step, the last is the choice)."""
     L = outputs.confidence.shape[1]
-    current = _points(outputs, table, profile, list(range(L - 1)), cfg, max_drop)
+    current = _points(outputs, table, check_fraction, list(range(L - 1)), cfg, max_drop)
     path = [current]
     met = [name for name in ("fast", "faithful") if current[f"{name}_threshold"] is not None]
     while len(current["blocks"]) > 1:
-        tries = [_points(outputs, table, profile, [b for b in current["blocks"] if b != drop], cfg, max_drop)
+        tries = [_points(outputs, table, check_fraction, [b for b in current["blocks"] if b != drop], cfg, max_drop)
                  for drop in current["blocks"]]
         tries = [r for r in tries if all(r[f"{name}_threshold"] is not None for name in met)]
         best = max(tries, key=lambda r: (r["time_saved"], -len(r["blocks"])), default=None)
@@ -160,14 +167,14 @@ def choose_exit_blocks(outputs: ProbeOutputs, table: FlopTable, profile: BlockPr
 @dataclass
 class ExitPoints:
     """What :func:`exit_operating_points` chose: ``blocks`` (where exits are checked), the card's
-    ``operating_points.early_exit`` entries (``points``), the elimination path (``choice``), the profile the
-    time was predicted from, and the measured curves at the chosen blocks (``validation``, ``test``: one row per
-    threshold)."""
+    ``operating_points.early_exit`` entries (``points``), the elimination path (``choice``), the measured cost of
+    a check the time was predicted with, and the measured curves at the chosen blocks (``validation``, ``test``:
+    one row per threshold)."""
 
     blocks: list[int]
     points: dict
     choice: list[dict]
-    profile: BlockProfile
+    check_cost: ExitCheckCost
     validation: pd.DataFrame
     test: pd.DataFrame | None
 
@@ -175,20 +182,19 @@ class ExitPoints:
         """The card's ``early_exit`` section: the default threshold (the faithful point, else the most cautious
         threshold), ``blocks`` and how both were chosen."""
         faithful = self.points["faithful"]["threshold"]
-        p = self.profile
         return {"default_threshold": faithful if faithful is not None else max(cfg.thresholds),
                 "operating_point": "faithful",
                 "blocks": list(self.blocks),
                 "rule": "blocks: backward elimination from every block with a probe, each step dropping the exit "
                         "check whose removal most raises the batch-1 time the fast and faithful points save "
-                        "together on validation, predicted from the per-block profile below (every check costs "
-                        "probe_ms), while both points keep meeting their rules; default threshold: the faithful "
-                        "point (an exit answers with a probe's prediction, so the card's default keeps the full "
-                        "network's answers)",
+                        "together on validation, predicted as an input's FLOPs plus each check it passes at the "
+                        "measured share of the full run below, while both points keep meeting their rules; "
+                        "default threshold: the faithful point (an exit answers with a probe's prediction, so the "
+                        "card's default keeps the full network's answers)",
                 "blocks_choice": self.choice,
-                "time_model": {"device": p.info.to_dict(), "batch_size": p.batch_size, "probe_ms": p.probe_ms,
-                               "full_ms": p.full_ms, "block_ms": list(p.block_ms), "block_scale": p.block_scale,
-                               "stem_ms": p.stem_ms, "head_ms": p.head_ms, "engine_ms": p.engine_ms},
+                "time_model": {"check_cost": self.check_cost.to_dict(),
+                               "model": "batch-1 time of an input = its FLOPs (without the probes') over the full "
+                                        "network's + check_cost.fraction per exit check it passes"},
                 "validation_curve": self.validation.to_dict("records")}
 
 
@@ -203,11 +209,11 @@ def _curve(net: SkipNetwork, data: TensorDataset, reference: PolicyEval, blocks:
 
 
 def exit_operating_points(net: SkipNetwork, val_set: TensorDataset, val_reference: PolicyEval,
-                          profile: BlockProfile, test_set: TensorDataset | None = None,
+                          check_cost: ExitCheckCost, test_set: TensorDataset | None = None,
                           test_reference: PolicyEval | None = None,
                           cfg: ExitPointsConfig = ExitPointsConfig()) -> ExitPoints:
-    """Choose the blocks exits are checked after (:func:`choose_exit_blocks`, by the batch-1 time predicted from
-    ``profile``) and the fast and faithful thresholds on ``val_set``, measure the curve there and on
+    """Choose the blocks exits are checked after (:func:`choose_exit_blocks`, by the batch-1 time predicted with
+    ``check_cost``) and the fast and faithful thresholds on ``val_set``, measure the curve there and on
     ``test_set`` with the real engine and report both points. Agreement and accuracy drop are against the
     ``*_reference`` full runs (the network itself, or the published network a fine-tuned copy is judged
     against). Fast: the most time saved with an accuracy drop <= ``max_drop_points`` (when the split is
@@ -219,12 +225,12 @@ def exit_operating_points(net: SkipNetwork, val_set: TensorDataset, val_referenc
     outputs = ProbeOutputs(outputs.confidence, outputs.prediction, torch.as_tensor(val_reference.predictions),
                            outputs.labels)  # agreement with the reference the card is judged against
     table = net.flop_table(tuple(val_set.images.shape[-2:]))
-    path = choose_exit_blocks(outputs, table, profile, cfg, max_drop)
+    path = choose_exit_blocks(outputs, table, check_cost.fraction, cfg, max_drop)
     best = path[-1]
     blocks = best["blocks"]
     val_curve = _curve(net, val_set, val_reference, blocks, cfg)
     # the predicted batch-1 time saved the blocks and thresholds were chosen by, next to the measured FLOPs cut
-    val_curve["time_saved_fraction_predicted"] = [simulate_exits(outputs, table, blocks, t, profile)[
+    val_curve["time_saved_fraction_predicted"] = [simulate_exits(outputs, table, blocks, t, check_cost.fraction)[
         "time_saved_fraction"] for t in cfg.thresholds]
     test_curve = (_curve(net, test_set, test_reference, blocks, cfg)
                   if test_set is not None and test_reference is not None else None)
@@ -242,4 +248,4 @@ def exit_operating_points(net: SkipNetwork, val_set: TensorDataset, val_referenc
         points[name] = {"threshold": t, "blocks": list(blocks), "rule": rules[name],
                         "rule_met_on_validation": t is not None, "validation": curve_row(val_curve, t),
                         "test": curve_row(test_curve, t)}
-    return ExitPoints(blocks, points, path, profile, val_curve, test_curve)
+    return ExitPoints(blocks, points, path, check_cost, val_curve, test_curve)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from skipviz import EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy, create_model
-from skipviz.measure.predict import SWAP_FRACTION_ESTIMATE, check_prediction, predict_exit_ms, predict_latency
+from skipviz.measure.predict import SWAP_FRACTION_ESTIMATE, check_prediction, predict_latency
 from skipviz.cli.bench import BenchConfig, results_markdown
-from skipviz.measure.profile import BlockProfile, gate_cost, profile_blocks
+from skipviz.measure.profile import BlockProfile, exit_check_cost, gate_cost, profile_blocks
 from skipviz.measure.clock import device_info, measure_interleaved, measure_latency, resolve_device
 from skipviz.measure.runs import run_masked, time_policy
 
@@ -199,19 +199,6 @@ def test_predict_latency_counts_the_rows_an_identity_block_swaps():
                                                                + 30.0)
 
 
-def test_predict_exit_ms_charges_the_blocks_run_and_the_checks_passed():
-    p = BlockProfile(**{**_synthetic_profile().__dict__, "batch_size": 1, "probe_ms": 0.5, "block_scale": 2.0})
-    full = 1.0 + 0.25 + 2.0 * 60.0 + 2.0  # stem, engine, blocks (scaled), head
-    got = predict_exit_ms(p, [-1, 0, 1], checked=[0, 1])
-    # no exit: every block, both checks and the head; after block 0: one block and one check, no head
-    assert got.tolist() == pytest.approx([full + 1.0, 1.25 + 20.0 + 0.5, 1.25 + 60.0 + 1.0])
-    assert predict_exit_ms(p, [-1], [])[0] == pytest.approx(full)
-    with pytest.raises(ValueError, match="batch-1"):
-        predict_exit_ms(_synthetic_profile(), [-1], [])
-    with pytest.raises(ValueError, match="exit blocks"):
-        predict_exit_ms(p, [3], [0])
-
-
 def test_block_scale_stretches_block_times_to_the_measured_forward():
     p = BlockProfile(**{**_synthetic_profile().__dict__, "block_scale": 1.5, "block_half_ms": [4.0, 8.0, 12.0]})
     base = 1.0 + 2.0 + 0.25 + 0.5 + 0.5
@@ -252,6 +239,15 @@ def test_profile_blocks_and_prediction_are_positive_and_monotone(tiny_net, batch
         check_prediction(prof, tiny_net, batch[:3], GatePolicy(0.5))
     with pytest.raises(ValueError, match="batch_size"):
         profile_blocks(tiny_net, batch_size=0)
+
+
+def test_exit_check_cost_is_a_paired_share_of_the_full_run(tiny_net, batch):
+    cost = exit_check_cost(tiny_net, batch[:4], rounds=3)
+    assert cost.checks == tiny_net.num_blocks - 1 and cost.rounds == 3 and cost.batch_size == 1
+    assert cost.full_ms > 0 and cost.check_ms >= 0 and cost.fraction == cost.check_ms / cost.full_ms
+    assert cost.device.startswith("CPU") and json.dumps(cost.to_dict())
+    with pytest.raises(ValueError, match="no probe heads"):
+        exit_check_cost(create_model("cifar_resnet20", probes=False), batch[:2], rounds=2)
 
 
 def test_gate_heads_cost_under_two_percent_of_flops(tiny_net):

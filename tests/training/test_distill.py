@@ -14,7 +14,7 @@ from skipviz.evaluate import operating_point
 from skipviz.training.distill import DistillConfig, distill_heads, with_extra_images
 from skipviz.training.distill_export import HeadsExportConfig, export_heads
 
-QUICK_PROFILE = dict(profile_repeats=3, profile_min_repeat_s=0.001)  # the exits' time model: a rough profile
+QUICK_CHECK_COST = dict(check_cost_inputs=2, check_cost_rounds=2)  # the exits' time model: a rough check cost
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +50,14 @@ def test_distill_then_export_keeps_the_backbone_and_writes_a_card(tiny_imagenett
     assert len((run / "log.jsonl").read_text().splitlines()) == 1
     path, card = export_heads(HeadsExportConfig(run_dir=str(run), gate_thresholds=(0.3, 0.5),
                                                 plan_thresholds=(0.5,), exit_thresholds=(0.9,), plan_epochs=2,
-                                                **QUICK_PROFILE),
+                                                **QUICK_CHECK_COST),
                               dest=tmp_path / "data", data_root=str(tiny_imagenette))
     assert card["backbone"]["sha256"] and card["dataset"]["validation"]["carved_from"] == "train/"
     assert set(card["operating_points"]) == {"gates", "plan", "early_exit"}
     exits = card["early_exit"]  # the exits' blocks and default, chosen on validation (training/exit_points)
     assert exits["blocks_choice"][0]["blocks"] == list(range(15)) and 0.0 <= exits["default_threshold"] <= 1.0
-    assert exits["blocks"] == exits["blocks_choice"][-1]["blocks"] and exits["time_model"]["probe_ms"] >= 0.0
+    assert exits["blocks"] == exits["blocks_choice"][-1]["blocks"]
+    assert exits["time_model"]["check_cost"]["check_ms"] >= 0.0 and exits["time_model"]["check_cost"]["checks"] == 15
     assert all(r["blocks"] == exits["blocks"] for r in card["metrics_test"]["early_exit_curve"])
     assert create_model("efficientnet_lite0", weights=path).meta.source_options("early_exit")["blocks"] == \
         exits["blocks"]  # what policy_for builds the exits with
@@ -121,7 +122,7 @@ def test_distill_with_extra_images_records_them_in_the_card(tiny_imagenette, oth
     teacher = torch.load(run / "teacher.pt", weights_only=True)
     assert teacher["logits"].shape[1] == 12 - 4 + 4  # the training split (12 - 4 validation) and the extras
     _, card = export_heads(HeadsExportConfig(run_dir=str(run), gate_thresholds=(0.5,), plan_thresholds=(0.5,),
-                                             exit_thresholds=(0.9,), plan_epochs=1, **QUICK_PROFILE),
+                                             exit_thresholds=(0.9,), plan_epochs=1, **QUICK_CHECK_COST),
                            dest=tmp_path / "data", data_root=str(tiny_imagenette))
     assert card["dataset"]["train"]["extra_images"] == {"folder": str(other_photos), "limit": 4, "n": 4,
                                                         "labels_used": False}
@@ -149,7 +150,7 @@ def test_a_fine_tuned_backbone_ships_whole_and_is_judged_against_the_published_o
     monkeypatch.setattr(distill_export, "_curves", lambda net, *a, **k: (
         measured.append({n: v.detach().clone() for n, v in net.state_dict().items()}), curves(net, *a, **k))[1])
     path, card = export_heads(HeadsExportConfig(run_dir=str(run), gate_thresholds=(0.5,), plan_thresholds=(0.5,),
-                                                exit_thresholds=(0.9,), plan_epochs=1, **QUICK_PROFILE),
+                                                exit_thresholds=(0.9,), plan_epochs=1, **QUICK_CHECK_COST),
                               dest=tmp_path / "data", data_root=str(tiny_imagenette))
     assert path.name == "efficientnet_lite0_imagenet_tuned_gated.safetensors"
     from safetensors.torch import load_file
@@ -200,7 +201,7 @@ def test_a_run_is_not_resumed_as_another_kind_of_run(tiny_imagenette, tmp_path, 
     (run / "config.json").write_text(json.dumps({**saved, "backbone_lr": 1e-3}))
     with pytest.raises(ValueError, match="holds only heads"):
         export_heads(HeadsExportConfig(run_dir=str(run), gate_thresholds=(0.5,), plan_thresholds=(0.5,),
-                                       exit_thresholds=(0.9,), plan_epochs=1, **QUICK_PROFILE),
+                                       exit_thresholds=(0.9,), plan_epochs=1, **QUICK_CHECK_COST),
                      dest=tmp_path / "data", data_root=str(tiny_imagenette))
 
 

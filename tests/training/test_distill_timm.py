@@ -15,7 +15,7 @@ from skipviz.training.distill_export import HeadsExportConfig, export_heads
 
 TINY = dict(layers=(2, 2, 1, 1), channels=(8, 16, 24, 32), zero_init_last=False)
 EXPORT = dict(gate_thresholds=(0.3, 0.5), plan_thresholds=(0.5,), exit_thresholds=(0.9,), plan_epochs=2, batch_size=8,
-              profile_repeats=3, profile_min_repeat_s=0.001)
+              check_cost_inputs=2, check_cost_rounds=2)
 
 
 def _images(d, n, rng, size=(40, 36)):

@@ -9,8 +9,7 @@ from skipviz.data import TensorDataset
 from skipviz.evaluate import evaluate_policy
 from skipviz.policies import EarlyExitPolicy, FullPolicy
 from skipviz.engine.flops import FlopTable
-from skipviz.measure.clock import device_info
-from skipviz.measure.profile import BlockProfile
+from skipviz.measure.profile import ExitCheckCost
 from skipviz.training.exit_points import (ExitPointsConfig, ProbeOutputs, choose_exit_blocks, exit_operating_points,
                                           probe_outputs, simulate_exits)
 
@@ -22,11 +21,8 @@ def _images(n: int, seed: int, labels: torch.Tensor | None = None) -> TensorData
     return TensorDataset(images, y, [str(i) for i in range(10)], [f"{i}.png" for i in range(n)], "mem", "0" * 64)
 
 
-def _batch1_profile(L: int, probe_ms: float) -> BlockProfile:
-    return BlockProfile(model="m", batch_size=1, input_hw=(32, 32), names=[str(i) for i in range(L)],
-                        downsample=[False] * L, gated=[False] * L, stem_ms=1.0, block_ms=[1.0] * L,
-                        bypass_ms=[0.0] * L, gate_ms=[0.0] * L, mix_ms=[0.0] * L, head_ms=1.0, engine_ms=0.0,
-                        full_ms=2.0 + L, full_run_ms=2.0 + L, info=device_info("cpu"), probe_ms=probe_ms)
+def _check_cost(fraction: float) -> ExitCheckCost:
+    return ExitCheckCost(checks=8, check_ms=fraction * 10.0, full_ms=10.0, rounds=3, batch_size=1, device="CPU")
 
 
 @pytest.mark.parametrize("labelled", [True, False])
@@ -37,8 +33,7 @@ def test_points_follow_their_rules_on_validation_and_are_reported_on_test(tiny_n
     cfg = ExitPointsConfig(thresholds=(0.0, 0.3, 1.0), batch_size=8)
     val_ref = evaluate_policy(tiny_net, val, FullPolicy())
     test_ref = evaluate_policy(tiny_net, test, FullPolicy())
-    out = exit_operating_points(tiny_net, val, val_ref, _batch1_profile(tiny_net.num_blocks, 0.05), test, test_ref,
-                                cfg)
+    out = exit_operating_points(tiny_net, val, val_ref, _check_cost(0.005), test, test_ref, cfg)
     assert out.choice[0]["blocks"] == list(range(tiny_net.num_blocks - 1))  # the elimination starts from all
     assert out.blocks == out.choice[-1]["blocks"] and set(out.blocks) <= set(out.choice[0]["blocks"])
     saved = [r["time_saved"] for r in out.choice]
@@ -61,7 +56,7 @@ def test_points_follow_their_rules_on_validation_and_are_reported_on_test(tiny_n
     section = out.card_section(cfg)
     faithful = out.points["faithful"]["threshold"]
     assert section["default_threshold"] == (faithful if faithful is not None else max(cfg.thresholds))
-    assert section["blocks"] == out.blocks and section["time_model"]["probe_ms"] == 0.05
+    assert section["blocks"] == out.blocks and section["time_model"]["check_cost"]["fraction"] == pytest.approx(0.005)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.2, 0.5])
@@ -87,15 +82,18 @@ def test_checks_that_cost_more_than_they_save_are_dropped():
     outputs = ProbeOutputs(conf, pred, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
     table = FlopTable(input_hw=(32, 32), stem=10, blocks=[100] * L, bypass=[0] * L, head=10, probes=[1] * L)
     cfg = ExitPointsConfig(thresholds=(0.9,))
-    free = choose_exit_blocks(outputs, table, _batch1_profile(L, 0.0), cfg, max_drop=1.0)
+    free = choose_exit_blocks(outputs, table, 0.0, cfg, max_drop=1.0)
     # free checks: a check nobody leaves at costs nothing and is dropped all the same; everyone leaves after 1
     assert free[-1]["blocks"] == [1]
-    costly = choose_exit_blocks(outputs, table, _batch1_profile(L, 0.3), cfg, max_drop=1.0)
+    costly = choose_exit_blocks(outputs, table, 0.05, cfg, max_drop=1.0)
     assert costly[-1]["blocks"] == [1] and costly[-1]["time_saved"] > costly[0]["time_saved"]
-    row = simulate_exits(outputs, table, [1], 0.9, _batch1_profile(L, 0.3))
-    # per input: stem 1 + blocks 0-1 (2) + one check (0.3) against stem + 6 blocks + head = 8
-    assert row["time_saved_fraction"] == pytest.approx(1 - 3.3 / 8.0)
+    row = simulate_exits(outputs, table, [1], 0.9, 0.05)
+    # per input: stem 10 + blocks 0-1 (200) of 620 FLOPs, plus one check at 5 % of the full run
+    assert row["time_saved_fraction"] == pytest.approx(1 - 210 / 620 - 0.05)
     assert row["flops_mean"] == 10 + 200 + 1 and (row["exit_block"] == 1).all()
+    # threshold 0.99, checks after blocks 0 and 3: both passed, everyone leaves after block 3
+    late = simulate_exits(outputs, table, [0, 3], 0.99, 0.05)
+    assert (late["exit_block"] == 3).all() and late["time_saved_fraction"] == pytest.approx(1 - 410 / 620 - 0.1)
 
 
 def test_best_takes_the_largest_cut_within_the_bounds_and_never_a_point_that_cuts_nothing():
