@@ -71,7 +71,7 @@ def test_identical_weights_upload_keeps_the_registered_model_and_its_card(app_en
 
 def test_the_cards_operating_points_set_the_slider(app_env):
     """The shipped CIFAR model's card names fast and faithful points per decision source: a click moves the
-    slider there, and the block table uses it."""
+    slider there, and the block table uses it. Its default source is the plan; the gates are one click away."""
     from streamlit.testing.v1 import AppTest
 
     from skipviz import create_model
@@ -82,6 +82,9 @@ def test_the_cards_operating_points_set_the_slider(app_env):
     at.switch_page("pages/model.py").run()
     at.button(key=f"use_{CIFAR_MODEL}").click().run()
     at.switch_page("pages/inspect.py").run()
+    assert meta.default_source() == "plan" and at.radio(key="inspect_source").value == "plan"
+    assert at.slider(key="inspect_threshold_plan").value == pytest.approx(meta.default_threshold("plan"))
+    at.radio(key="inspect_source").set_value("gates").run()
     at.slider(key="inspect_threshold").set_value(0.5).run()
     assert at.slider(key="inspect_threshold").value == 0.5
     at.button(key="inspect_threshold_op_fast").click().run()

@@ -270,11 +270,15 @@ def test_the_slider_and_the_block_table_agree_across_sources_and_pages(shipped_s
             page.get_by_role("button", name=f"ResNet-{depth}").first.click(timeout=180_000)
             page.locator("[data-testid=stSidebar]", has_text=CIFAR_MODEL).wait_for(timeout=120_000)  # in use
             go(page, "Inspect")
-            assert shown_threshold(page, "Gate threshold") == pytest.approx(gates)  # the card's operating point
+            # the card's default source (the plan) at its operating point, then the gates at theirs
+            assert lm.net.meta.default_source() == "plan"
+            assert shown_threshold(page, "Plan threshold") == pytest.approx(plan)
+            assert_table_uses(page, plan, "plan p", lm.net.num_blocks)
+            page.get_by_text("per-block gates").first.click()
+            assert shown_threshold(page, "Gate threshold") == pytest.approx(gates)
             assert_table_uses(page, gates, "gate p", lm.net.num_blocks)
             page.get_by_text("plan at the stem").first.click()
             assert shown_threshold(page, "Plan threshold") == pytest.approx(plan)
-            assert_table_uses(page, plan, "plan p", lm.net.num_blocks)
             slider = page.locator("[data-testid=stSlider] input[type=range]").first
             slider.focus()
             slider.press("ArrowRight")  # the next step is taken from the value shown
