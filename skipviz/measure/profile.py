@@ -1,6 +1,6 @@
 """Per-part latency profile of a model at one batch size (:func:`profile_blocks`, :class:`BlockProfile`) and what
-the decision heads cost (:func:`gate_cost`; an early-exit check inside a run: :func:`exit_check_cost`). The prediction of a decision set's latency from a profile is
-:mod:`skipviz.measure.predict`'s."""
+the decision heads cost (:func:`gate_cost`; an early-exit check inside a run: :func:`exit_check_cost`). The
+prediction of a decision set's latency from a profile is :mod:`skipviz.measure.predict`'s."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -59,8 +59,8 @@ class BlockProfile:
     block_half_ms: list[float] = field(default_factory=list)
     plan_ms: float = 0.0  # the plan head's decisions for the batch (PlanPolicy), 0 without a plan head
     block_scale: float = 1.0
-    # one early-exit check (probe head, softmax, threshold) inside a run, measured there: a batch-1 EfficientNet
-    # run paid about 130 us per check against 25-50 us for the probe timed alone; 0 without probe heads
+    # one early-exit check (probe head, softmax, threshold) inside a run, measured there (exit_check_cost): a
+    # batch-1 EfficientNet run paid 130-210 us per check against 25-50 us for the probe timed alone
     probe_ms: float = 0.0
 
     def block_rows_ms(self, i: int, fraction: float) -> float:
@@ -150,16 +150,14 @@ def profile_blocks(net: "SkipNetwork", batch_size: int = 1, device: str | torch.
             head_ms = timed(lambda: net.head(hl), "head")
             h0 = net._stem(x)
             plan_ms = timed(lambda: PlanPolicy(0.5).plan(net, h0), "plan") if net.plan_head is not None else 0.0
-            runs = {"full": lambda: _inference(net, x), "full_run": lambda: _inference(net.run, x, FullPolicy())}
-            checks = _ExitChecksOnly()
-            n_checks = sum(checks.exits_possible_after(net, i) for i in range(net.num_blocks))
-            if n_checks:
-                runs["exit_checks"] = lambda: _inference(net.run, x, checks)
-            both = measure_interleaved(runs, **kw)
+            both = measure_interleaved({"full": lambda: _inference(net, x),
+                                        "full_run": lambda: _inference(net.run, x, FullPolicy())}, **kw)
+        # one home for what an exit check costs: per batch of bs, the engine's per-run cost spread over the checks
+        probe_ms = (exit_check_cost(net, x, rounds=repeats, batch_size=bs).check_ms * bs
+                    if net.probes is not None and net.num_blocks > 1 else 0.0)
     finally:
         net.train(was_training)
     full_ms, full_run_ms = both["full"].median_ms, both["full_run"].median_ms
-    probe_ms = max(0.0, both["exit_checks"].median_ms - full_run_ms) / n_checks if n_checks else 0.0
     block_ms = parts["block_ms"]
     # inside a forward the blocks stream their data through the caches: scale their one-by-one times to the
     # measured forward; what run() adds over the plain forward is the engine's fixed cost

@@ -34,8 +34,8 @@ from ..evaluate.loop import PolicyEval, agreement_margin_words, curve_row, evalu
 from ..measure.profile import ExitCheckCost
 from ..policies import EarlyExitPolicy
 
-__all__ = ["ExitPointsConfig", "ExitPoints", "ProbeOutputs", "choose_exit_blocks", "exit_operating_points", "probe_outputs",
-           "simulate_exits"]
+__all__ = ["ExitPointsConfig", "ExitPoints", "ProbeOutputs", "choose_exit_blocks", "exit_operating_points",
+           "probe_outputs", "simulate_exits"]
 
 
 @dataclass(frozen=True)
