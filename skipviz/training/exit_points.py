@@ -7,7 +7,7 @@ AMD EPYC about 0.9 % of a batch-1 EfficientNet-Lite0 run each, so nine checks co
 point's exits saved - while a late or a rarely taken exit saves little. The blocks are one set per model (the
 card's ``early_exit.blocks``, what :func:`~skipviz.policies.policy_for` builds with), chosen for the batch-1 time
 the two named points save together, predicted by a cost model in units of the full run: an input's FLOPs (at
-batch 1 the bypassed blocks' time follows their FLOPs: the same decisions replayed for free saved 0.93-0.97 of
+batch 1 the bypassed blocks' time follows their FLOPs: the same decisions replayed for free saved 0.93-1.19 of
 their FLOPs' share, ``benchmarks/batch1_decision_ceiling.py``) plus each check it passes at its measured share of
 the full run (:func:`~skipviz.measure.profile.exit_check_cost`, a ratio of paired times: machine drift, which
 moved that forward between 12 and 20 ms within minutes, cancels; a per-block profile did not, its block times
