@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ["ConvBNStem", "bn_is_foldable", "conv_bn", "folded_conv_bn_weights", "folding_enabled",
+__all__ = ["ConvBNStem", "bn_is_foldable", "conv_bn", "folded_conv_bn_weights", "folding_enabled", "memory_layout",
            "inference_folding"]
 
 
@@ -75,6 +75,14 @@ def bn_is_foldable(bn: nn.Module) -> bool:
     return not bn.training and bn.track_running_stats and not torch.is_grad_enabled() and _FOLDING.get()
 
 
+def memory_layout(w: torch.Tensor) -> torch.memory_format:
+    """The memory format of a 4-D tensor: ``channels_last`` when it is stored so (and not also contiguous),
+    else ``contiguous_format``; for keeping a derived weight in its source's layout."""
+    if w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def folded_conv_bn_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight (C_out, C_in/g, kh, kw) and bias (C_out,) of one convolution computing eval-mode
     ``bn(conv(x))``, by ``torch.nn.utils.fusion.fuse_conv_bn_weights``, in ``conv.weight``'s memory layout.
@@ -92,9 +100,7 @@ def folded_conv_bn_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.T
         with torch.no_grad():
             w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
                                         bn.weight, bn.bias)
-            layout = (torch.channels_last if conv.weight.dim() == 4 and not conv.weight.is_contiguous()
-                      and conv.weight.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
-            cache = _Fold(sources, (), (w.detach().contiguous(memory_format=layout), b.detach()))
+            cache = _Fold(sources, (), (w.detach().contiguous(memory_format=memory_layout(conv.weight)), b.detach()))
         conv.__dict__["_skipviz_folded"] = cache  # a plain attribute: not a parameter, not in the state dict
     return cache.values
 

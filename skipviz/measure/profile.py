@@ -153,7 +153,7 @@ def profile_blocks(net: "SkipNetwork", batch_size: int = 1, device: str | torch.
             both = measure_interleaved({"full": lambda: _inference(net, x),
                                         "full_run": lambda: _inference(net.run, x, FullPolicy())}, **kw)
         # one home for what an exit check costs: per batch of bs, the engine's per-run cost spread over the checks
-        probe_ms = (exit_check_cost(net, x, rounds=repeats, batch_size=bs).check_ms * bs
+        probe_ms = (exit_check_cost(net, x, rounds=repeats, batch_size=bs, threads=threads).check_ms * bs
                     if net.probes is not None and net.num_blocks > 1 else 0.0)
     finally:
         net.train(was_training)
@@ -188,7 +188,8 @@ class ExitCheckCost:
     """What one early-exit check (probe head, softmax, threshold) costs inside a run, from paired rounds of the
     full network against a run checking after every block with a probe and letting no input leave: ``checks``
     per input, ``check_ms`` one check (the median per-round difference over ``checks``), ``full_ms`` the full
-    run (median), both per input at ``batch_size``."""
+    run (median), both per input at ``batch_size``; ``device`` as the saving's label (``"CPU (2 threads)"``),
+    ``device_name`` the processor or GPU model."""
 
     checks: int
     check_ms: float
@@ -196,6 +197,7 @@ class ExitCheckCost:
     rounds: int
     batch_size: int
     device: str
+    device_name: str = ""
 
     @property
     def fraction(self) -> float:
@@ -206,7 +208,8 @@ class ExitCheckCost:
         return asdict_with(self, "fraction")
 
 
-def exit_check_cost(net: "SkipNetwork", x: torch.Tensor, rounds: int = 30, batch_size: int = 1) -> ExitCheckCost:
+def exit_check_cost(net: "SkipNetwork", x: torch.Tensor, rounds: int = 30, batch_size: int = 1,
+                    threads: int | None = None) -> ExitCheckCost:
     """Time the exit checks of ``net`` (it needs probe heads) on ``x`` (N, 3, H, W, normalised; N a multiple of
     ``batch_size``) in batches of ``batch_size``: the plain full forward against a run with every check and no
     exit (so the engine's own per-run cost counts with the checks), in ``rounds`` interleaved paired rounds
@@ -222,12 +225,13 @@ def exit_check_cost(net: "SkipNetwork", x: torch.Tensor, rounds: int = 30, batch
     net.eval()
     try:
         with torch.inference_mode():
-            s = measure_saving(net, x, checks, batch_size=batch_size, rounds=rounds)
+            s = measure_saving(net, x, checks, batch_size=batch_size, rounds=rounds, threads=threads)
     finally:
         net.train(was_training)
     per_input = 1e3 / batch_size  # measure_saving's seconds per batch -> ms per input
     return ExitCheckCost(checks=n_checks, check_ms=max(0.0, -s.saving_s) * per_input / n_checks,
-                         full_ms=s.full_median_s * per_input, rounds=s.rounds, batch_size=batch_size, device=s.device)
+                         full_ms=s.full_median_s * per_input, rounds=s.rounds, batch_size=batch_size, device=s.device,
+                         device_name=device_info(_net_device(net)).device_name)
 
 
 def _timer(kw: dict) -> Callable[[Callable[[], object], str], float]:

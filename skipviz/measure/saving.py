@@ -144,10 +144,12 @@ def paired_saving(full_s: Sequence[float], skipped_s: Sequence[float], seed: int
 
 
 def measure_saving(net: "SkipNetwork", x: "torch.Tensor", policy: "Policy", batch_size: int | None = None,
-                   rounds: int = 15, warmup: int = 2, min_repeat_s: float = 0.005) -> PairedSaving:
+                   rounds: int = 15, warmup: int = 2, min_repeat_s: float = 0.005,
+                   threads: int | None = None) -> PairedSaving:
     """Time the full network against ``net.run(., policy)`` on ``x`` (N, 3, H, W) in ``rounds`` interleaved
     paired rounds (:func:`~skipviz.measure.runs.time_policy`, split into batches of ``batch_size``, default N)
-    and return the saving per batch with its interval, the device and whether the machine was busy.
+    and return the saving per batch with its interval, the device and whether the machine was busy. ``threads``:
+    intra-op threads while timing on CPU (default: torch's current setting).
 
     One home for the measurement: the rounds are :func:`~skipviz.measure.clock.measure_interleaved`'s, the
     statistics :func:`paired_saving`'s. Measurements in one process are serialised by a lock.
@@ -158,7 +160,7 @@ def measure_saving(net: "SkipNetwork", x: "torch.Tensor", policy: "Policy", batc
     with _MEASURE_LOCK:
         busy_before = machine_busy()
         t = time_policy(net, x, policy, batch_size=batch_size, warmup=warmup, repeats=rounds, include_masked=False,
-                        min_repeat_s=min_repeat_s)
+                        min_repeat_s=min_repeat_s, threads=threads)
     per = t.full_stats.batches_per_call
     full = [v / 1e3 / per for v in t.full_stats.times_ms]
     skipped = [v / 1e3 / per for v in t.skipped_stats.times_ms]

@@ -24,7 +24,7 @@ from torch import nn
 from .._checkpoint import CheckpointError, apply_state_dict, load_state_dict
 from ._registry import PretrainedWeights, register_model, register_pretrained
 from ..engine.blocks import SkippableBlock
-from ..engine.folding import bn_is_foldable, folded_conv_bn_weights
+from ..engine.folding import bn_is_foldable, folded_conv_bn_weights, memory_layout
 from ..engine.heads import HEAD_PREFIXES, GateHead, PlanHead, ProbeHead
 from ..engine.network import SkipNetwork
 from .weights import ModelMeta, read_card, sha256_file
@@ -116,15 +116,10 @@ def _symmetric_same(x: torch.Tensor, conv: nn.Conv2d, w: torch.Tensor) -> tuple[
     if taps != (0, 0):
         cached = conv.__dict__.get("_skipviz_same")
         if cached is None or cached[0] is not w or cached[1] != taps:
-            wide = F.pad(w, (taps[1], 0, taps[0], 0)).contiguous(memory_format=_layout(w))
+            wide = F.pad(w, (taps[1], 0, taps[0], 0)).contiguous(memory_format=memory_layout(w))
             cached = conv.__dict__["_skipviz_same"] = (w, taps, wide)
         w = cached[2]
     return w, (pads[0][1], pads[1][1])
-
-
-def _layout(w: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last) \
-        else torch.contiguous_format
 
 
 def _conv(x: torch.Tensor, conv: nn.Conv2d, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -132,9 +127,9 @@ def _conv(x: torch.Tensor, conv: nn.Conv2d, w: torch.Tensor, b: torch.Tensor) ->
     from timm.layers import Conv2dSame, pad_same
 
     if isinstance(conv, Conv2dSame):
-        depthwise = conv.groups == conv.in_channels and conv.groups > 1
-        sym = (_symmetric_same(x, conv, w) if SYMMETRIC_SAME == "all" or (SYMMETRIC_SAME == "depthwise" and depthwise)
-               else None)
+        depthwise = conv.groups == conv.in_channels > 1
+        use = SYMMETRIC_SAME == "all" or (SYMMETRIC_SAME == "depthwise" and depthwise)
+        sym = _symmetric_same(x, conv, w) if use else None
         if sym is not None:
             return F.conv2d(x, sym[0], b, conv.stride, sym[1], conv.dilation, conv.groups)
         x = pad_same(x, conv.kernel_size, conv.stride, conv.dilation)

@@ -30,7 +30,7 @@ import torch
 from ..data import TensorDataset, normalize
 from ..engine.flops import FlopTable
 from ..engine.network import SkipNetwork
-from ..evaluate.loop import PolicyEval, agreement_margin_words, curve_row, evaluate_policy, operating_point
+from ..evaluate.loop import PolicyEval, agreement_margin_words, curve_row, operating_point, threshold_curve
 from ..measure.profile import ExitCheckCost
 from ..policies import EarlyExitPolicy
 
@@ -200,12 +200,11 @@ class ExitPoints:
 
 def _curve(net: SkipNetwork, data: TensorDataset, reference: PolicyEval, blocks: list[int],
            cfg: ExitPointsConfig) -> pd.DataFrame:
-    rows = []
-    for t in cfg.thresholds:
-        ev = evaluate_policy(net, data, EarlyExitPolicy(t, blocks=blocks), cfg.batch_size)
-        summary = {k: v for k, v in ev.summary(reference).items() if k != "policy"}
-        rows.append({"threshold": float(t), "blocks": list(blocks), **summary})
-    return pd.DataFrame(rows)
+    """The exits' threshold curve on ``data`` with the real engine, checking after ``blocks``."""
+    curve, _ = threshold_curve(net, data, cfg.thresholds, lambda t: EarlyExitPolicy(t, blocks=blocks), reference,
+                               cfg.batch_size)
+    curve.insert(1, "blocks", [list(blocks)] * len(curve))
+    return curve
 
 
 def exit_operating_points(net: SkipNetwork, val_set: TensorDataset, val_reference: PolicyEval,

@@ -245,7 +245,8 @@ def test_exit_check_cost_is_a_paired_share_of_the_full_run(tiny_net, batch):
     cost = exit_check_cost(tiny_net, batch[:4], rounds=3)
     assert cost.checks == tiny_net.num_blocks - 1 and cost.rounds == 3 and cost.batch_size == 1
     assert cost.full_ms > 0 and cost.check_ms >= 0 and cost.fraction == cost.check_ms / cost.full_ms
-    assert cost.device.startswith("CPU") and json.dumps(cost.to_dict())
+    assert cost.device.startswith("CPU") and cost.device_name == device_info("cpu").device_name
+    assert json.dumps(cost.to_dict())
     with pytest.raises(ValueError, match="no probe heads"):
         exit_check_cost(create_model("cifar_resnet20", probes=False), batch[:2], rounds=2)
 
