@@ -23,6 +23,7 @@ from torch import nn
 
 from .._checkpoint import CheckpointError, apply_state_dict, load_state_dict
 from ._registry import PretrainedWeights, register_model, register_pretrained
+from ..engine._onednn import conv_act
 from ..engine.blocks import SkippableBlock
 from ..engine.folding import bn_is_foldable, folded_conv_bn_weights, memory_layout
 from ..engine.heads import HEAD_PREFIXES, GateHead, PlanHead, ProbeHead
@@ -122,8 +123,9 @@ def _symmetric_same(x: torch.Tensor, conv: nn.Conv2d, w: torch.Tensor) -> tuple[
     return w, (pads[0][1], pads[1][1])
 
 
-def _conv(x: torch.Tensor, conv: nn.Conv2d, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``conv`` applied with the weights ``w``/``b``, TF "same" padding included for timm's ``Conv2dSame``."""
+def _conv_act(x: torch.Tensor, conv: nn.Conv2d, w: torch.Tensor, b: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    """``act(conv(x))`` with the weights ``w``/``b``, TF "same" padding included for timm's ``Conv2dSame``; one
+    fused oneDNN primitive where it applies (:func:`skipviz.engine._onednn.conv_act`)."""
     from timm.layers import Conv2dSame, pad_same
 
     if isinstance(conv, Conv2dSame):
@@ -131,24 +133,20 @@ def _conv(x: torch.Tensor, conv: nn.Conv2d, w: torch.Tensor, b: torch.Tensor) ->
         use = SYMMETRIC_SAME == "all" or (SYMMETRIC_SAME == "depthwise" and depthwise)
         sym = _symmetric_same(x, conv, w) if use else None
         if sym is not None:
-            return F.conv2d(x, sym[0], b, conv.stride, sym[1], conv.dilation, conv.groups)
+            return conv_act(x, conv, sym[0], b, sym[1], act)
         x = pad_same(x, conv.kernel_size, conv.stride, conv.dilation)
-        return F.conv2d(x, w, b, conv.stride, 0, conv.dilation, conv.groups)
-    return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return conv_act(x, conv, w, b, (0, 0), act)
+    return conv_act(x, conv, w, b, conv.padding, act)
 
 
 def conv_bn_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> torch.Tensor:
     """timm's ``bn(conv(x))`` with ``BatchNormAct2d`` (BatchNorm then its activation): (N, C_in, H, W) ->
-    (N, C_out, H', W'). At inference one folded convolution and the activation in place (ReLU6 as
-    ``clamp_``); otherwise the modules."""
+    (N, C_out, H', W'). At inference one convolution with the BatchNorm folded in and the activation fused
+    (:func:`_conv_act`); otherwise the modules."""
     if not bn_is_foldable(bn):
         return bn(conv(x))
     w, b = folded_conv_bn_weights(conv, bn)
-    y = _conv(x, conv, w, b)
-    act = bn.act
-    if type(act) is nn.ReLU6:
-        return y.clamp_(0.0, 6.0)
-    return y if type(act) is nn.Identity else act(y)
+    return _conv_act(x, conv, w, b, bn.act)
 
 
 def _rows_within(budget: int, per_sample: int) -> int:
