@@ -227,6 +227,16 @@ class ProbeHead(nn.Module):
             return logits if logits.dtype == h.dtype else logits.to(h.dtype)
         return self.fc(h.mean((2, 3)))
 
+    def confidence_of_one(self, h: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """For a batch of ONE, (1, C, H, W) -> the logits (1, K) and the top class's softmax probability as a
+        Python float, read back once: what an exit check needs, in fewer operations than ``forward`` then a
+        softmax, a maximum, a comparison and a read-back per tensor (a batch-1 check is a handful of tiny
+        operations, each paying its fixed cost)."""
+        if h.shape[0] != 1:
+            raise ValueError(f"a batch of one is expected, got {h.shape[0]}")
+        logits = self(h)
+        return logits, float(torch.softmax(logits, 1).max())
+
     def _folded_weights(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(w, b)``: the weight (C, K), transposed, contiguous and divided by the map's H*W, and the bias (K,);
         float32 for a half-precision map (its channel sums are taken in float32, :func:`_channel_sums`). Cached

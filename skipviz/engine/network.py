@@ -167,6 +167,10 @@ class SkipNetwork(nn.Module):
                 leave, logits, conf = ex
                 rec.score, rec.gate_evaluated = conf, True
                 rec.exit_now = leave
+                if leave.__class__ is bool:  # a batch of one decided on the host: no tensor, no read-back
+                    if not leave:
+                        continue
+                    leave = torch.ones(1, dtype=torch.bool, device=logits.device)
                 if bool(leave.any()):
                     all_rows = rows if rows is not None else torch.arange(n, device=x.device)
                     if exit_block is None:

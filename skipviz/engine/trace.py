@@ -165,7 +165,7 @@ class BlockRecord:
     score: torch.Tensor | float | None
     threshold: float | None
     gate_evaluated: bool
-    exit_now: torch.Tensor | None = None  # (M,) bool: samples leaving after this block
+    exit_now: torch.Tensor | bool | None = None  # (M,) bool: samples leaving after this block (a bool: one row)
 
 
 class SkipResult:
@@ -207,7 +207,7 @@ class SkipResult:
                 score[rows, i] = rec.score.detach().cpu().double() if torch.is_tensor(rec.score) else float(rec.score)
             evaluated[rows, i] = rec.gate_evaluated
             if rec.exit_now is not None:
-                exit_now[rows, i] = rec.exit_now.cpu()
+                exit_now[rows, i] = rec.exit_now.cpu() if torch.is_tensor(rec.exit_now) else bool(rec.exit_now)
         self._dense = {"executed": executed, "reason": reason, "score": score, "evaluated": evaluated,
                        "exit_now": exit_now}
         return self._dense

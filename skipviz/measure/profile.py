@@ -178,9 +178,11 @@ class _ExitChecksOnly(EarlyExitPolicy):
         super().__init__(1.0)
 
     def exit_after(self, net: "SkipNetwork", index: int,
-                   h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                   h: torch.Tensor) -> tuple[torch.Tensor | bool, torch.Tensor, torch.Tensor | float] | None:
         ex = super().exit_after(net, index, h)
-        return None if ex is None else (torch.zeros_like(ex[0]), ex[1], ex[2])
+        if ex is None:
+            return None
+        return (False if ex[0].__class__ is bool else torch.zeros_like(ex[0])), ex[1], ex[2]
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,8 @@ def run_masked(net: "SkipNetwork", x: torch.Tensor, policy: Policy | None = None
         ex = policy.exit_after(net, i, h)
         if ex is not None:
             leave, logits, _ = ex
+            if leave.__class__ is bool:  # a batch of one decided on the host
+                leave = torch.full_like(active, leave)
             leave = leave & active
             if exit_logits is None:
                 exit_logits = logits.new_zeros(logits.shape)

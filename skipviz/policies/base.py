@@ -117,8 +117,9 @@ class Policy:
         raise NotImplementedError
 
     def exit_after(self, net: "SkipNetwork", index: int,
-                   h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """After block ``index``: ``(exit (M,) bool, probe_logits (M, K), confidence (M,))``, or ``None``."""
+                   h: torch.Tensor) -> tuple[torch.Tensor | bool, torch.Tensor, torch.Tensor | float] | None:
+        """After block ``index``: ``(exit (M,) bool, probe_logits (M, K), confidence (M,))``, or ``None``; for a
+        batch of one (M = 1) the exit and the confidence may be a Python bool and float (decided on the host)."""
         return None
 
     def head_flops(self, table: "FlopTable") -> list[int]:

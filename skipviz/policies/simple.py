@@ -102,10 +102,14 @@ class EarlyExitPolicy(Policy):
         return Decision(execute=True, reason=int(Reason.EXIT_CONTINUE), threshold=t)
 
     def exit_after(self, net: "SkipNetwork", index: int,
-                   h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                   h: torch.Tensor) -> tuple[torch.Tensor | bool, torch.Tensor, torch.Tensor | float] | None:
         if not self.exits_possible_after(net, index):
             return None
-        logits = net.probe(index)(h)
+        probe = net.probe(index)
+        if h.shape[0] == 1:  # a batch of one: decided on the host, one read-back (see SkipNetwork.run)
+            logits, top = probe.confidence_of_one(h)
+            return top >= self.threshold_for(index), logits, top
+        logits = probe(h)
         conf = torch.softmax(logits, dim=1).amax(1)
         return conf >= self.threshold_for(index), logits, conf
 
@@ -151,7 +155,7 @@ class FrozenPolicy(Policy):
         return Decision(execute=run, reason=int(Reason.STATIC_RUN if run else Reason.STATIC_SKIP))
 
     def exit_after(self, net: "SkipNetwork", index: int,
-                   h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                   h: torch.Tensor) -> tuple[torch.Tensor | bool, torch.Tensor, torch.Tensor | float] | None:
         if self.exit_block is None or index != self.exit_block:
             return None
         logits = net.probe(index)(h)

@@ -117,3 +117,14 @@ def test_probe_inference_path_agrees_with_the_module_path_and_follows_weight_cha
     with torch.no_grad():
         out = half(feats[2].detach().half() * 30)  # a large map: its sums are taken in float32
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+def test_probe_confidence_of_one_is_the_top_softmax_probability(tiny_net):
+    probe = tiny_net.probe(2)
+    h = torch.randn(1, probe.fc.in_features, 6, 5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, top = probe.confidence_of_one(h)
+        assert torch.allclose(logits, probe(h)) and isinstance(top, float)
+        assert top == pytest.approx(float(torch.softmax(probe(h), 1).max()), abs=1e-7)
+        with pytest.raises(ValueError, match="batch of one"):
+            probe.confidence_of_one(torch.cat([h, h]))

@@ -115,6 +115,28 @@ def test_exits_are_checked_only_after_the_listed_blocks(tiny_net, batch):
         EarlyExitPolicy(0.9, blocks=[-1])
 
 
+@torch.no_grad()
+def test_a_batch_of_one_decides_its_exit_on_the_host_as_the_batch_does(tiny_net, batch):
+    from skipviz.measure.runs import run_masked
+
+    confidences = tiny_net.run(batch, EarlyExitPolicy(1.0, blocks=[2, 4])).scores[:, [2, 4]]
+    t = float(confidences.flatten().median())  # some inputs leave, some stay
+    policy = EarlyExitPolicy(t, blocks=[2, 4])
+    together = tiny_net.run(batch, policy)
+    assert {-1 if b is None else b for b in together.exit_block} > {-1}
+    ex = policy.exit_after(tiny_net, 2, tiny_net.blocks[2](tiny_net.blocks[1](tiny_net.blocks[0](
+        tiny_net._stem(batch[:1])))))
+    assert ex[0].__class__ is bool and ex[2].__class__ is float  # decided on the host, no tensors
+    for i in range(len(batch)):
+        alone = tiny_net.run(batch[i: i + 1], policy)
+        assert alone.exit_block == [together.exit_block[i]]
+        assert torch.allclose(alone.logits, together.logits[i: i + 1], atol=1e-5)
+        assert torch.allclose(alone.scores, together.scores[i: i + 1], atol=1e-5, equal_nan=True)
+        for key in ("executed", "reason", "evaluated", "exit_now"):
+            assert torch.equal(alone._densify()[key], together._densify()[key][i: i + 1])
+        assert torch.allclose(run_masked(tiny_net, batch[i: i + 1], policy), alone.logits, atol=1e-5)
+
+
 def test_the_cards_exit_blocks_reach_the_policy_and_its_words():
     from skipviz.policies.words import describe_policy
 
