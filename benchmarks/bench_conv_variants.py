@@ -12,11 +12,11 @@ Two switches (the results are equal up to float rounding; tests):
 
 Variants: ``plain`` (depthwise symmetric, ``F.conv2d``: the engine before the fused path, the baseline),
 ``padded`` (padded copies everywhere, ``F.conv2d``), ``fused`` (depthwise symmetric, fused: what the engine does)
-and ``fused_all`` (the stem symmetric too, fused). Each variant times the full network and the skipped run at the
-card's default decision source and threshold, at batch 1 (``--batch1-images`` photos one by one) and in batches;
+and ``fused_all`` (the stem symmetric too, fused). Each variant times the full network and the skipped runs of the
+card's default decision source at its default threshold and its fast operating point, at batch 1 (``--batch1-images`` photos one by one) and in batches;
 all callables run round-robin (``skipviz.measure.clock.measure_interleaved``, one call per repeat). With the
 FLOPs the skipped run saves on the same inputs, each variant's efficiency (time saved fraction / FLOPs saved
-fraction, from the medians) shows how the variant moves the skipping's payoff. Writes
+fraction, per round) shows how the variant moves the skipping's payoff. Writes
 ``benchmarks/results/conv_variants_<device>.json`` and ``.md``.
 
     . .venv/bin/activate
@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,55 +96,83 @@ def _flops_saved(net: SkipNetwork, batches: list[torch.Tensor], policy: Policy) 
     return 1.0 - spent / full
 
 
+def _points(net: SkipNetwork, names: list[str]) -> dict[str, Policy]:
+    """The skipped runs timed: the card's default decision source at its default threshold (``default``) and at
+    its named operating points (``fast``, ``faithful``) the card has."""
+    source = net.meta.default_source()
+    known = net.meta.operating_points(source)
+    return {name: policy_for(net, source, None if name == "default" else known[name])
+            for name in names if name == "default" or name in known}
+
+
+def _paired_efficiency(full: list[float], skipped: list[float], flops_saved: float) -> list[float]:
+    """Median and quartiles over repeats of (1 - skipped / full) / flops_saved, the two timed in the same
+    round-robin round (drifts of the machine cancel)."""
+    ratios = [(1.0 - s / f) / flops_saved for f, s in zip(full, skipped)]
+    return [float(v) for v in np.percentile(ratios, [50, 25, 75])]
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     cfg = BenchConfig(model=args.model or "efficientnet_lite0.imagenet_gated", inputs=args.inputs, seed=0)
     net, model_label = load_bench_model(cfg)
     net.eval()
     x_all, inputs_label = bench_inputs(net, cfg, max(max(args.batch_sizes), args.batch1_images))
-    policy = policy_for(net, net.meta.default_source())
+    points = _points(net, args.points)
+    runs = ["full", *points]
     rows = []
     with torch.inference_mode():
         for bs in args.batch_sizes:
             batches = [x_all[i:i + 1] for i in range(args.batch1_images)] if bs == 1 else [x_all[:bs]]
-            fns = {f"{v}/{kind}": _caller(net, batches, policy if kind == "skipped" else None, v)
-                   for v in VARIANTS for kind in ("full", "skipped")}
+            fns = {f"{v}/{kind}": _caller(net, batches, points.get(kind), v) for v in VARIANTS for kind in runs}
             stats = measure_interleaved(fns, warmup=args.warmup, repeats=args.repeats, device="cpu", batch_size=bs,
                                         batches_per_call=len(batches), min_repeat_s=0.0, number=1)
-            row: dict = {"batch_size": bs, "max_abs_logit_diff": _max_diff(net, batches),
-                         "flops_saved": _flops_saved(net, batches, policy)}
+            row: dict = {"batch_size": bs, "max_abs_logit_diff": _max_diff(net, batches)}
+            for kind, policy in points.items():
+                row[f"{kind}_flops_saved"] = _flops_saved(net, batches, policy)
             for name, st in stats.items():
                 row[name.replace("/", "_") + "_ms"] = st.per_batch_ms
                 row[name.replace("/", "_") + "_iqr_ms"] = st.iqr_ms / st.batches_per_call
             for v in VARIANTS:
-                for kind in ("full", "skipped"):
+                for kind in runs:
                     row[f"{v}_{kind}_speedup"] = row[f"{BASE}_{kind}_ms"] / row[f"{v}_{kind}_ms"]
-                row[f"{v}_efficiency"] = (1.0 - row[f"{v}_skipped_ms"] / row[f"{v}_full_ms"]) / row["flops_saved"]
+                for kind in points:
+                    saved = row[f"{kind}_flops_saved"]
+                    row[f"{v}_{kind}_efficiency"] = (1.0 - row[f"{v}_{kind}_ms"] / row[f"{v}_full_ms"]) / saved
+                    row[f"{v}_{kind}_paired_efficiency"] = _paired_efficiency(
+                        stats[f"{v}/full"].times_ms, stats[f"{v}/{kind}"].times_ms, saved)
             rows.append(row)
-            print(f"batch {bs:3d}: full " + ", ".join(f"{v} {row[f'{v}_full_ms']:.3f}" for v in VARIANTS)
-                  + " ms; skipped " + ", ".join(f"{v} {row[f'{v}_skipped_ms']:.3f}" for v in VARIANTS) + " ms",
-                  flush=True)
+            print(f"batch {bs:3d}: " + "; ".join(
+                f"{kind} " + ", ".join(f"{v} {row[f'{v}_{kind}_ms']:.3f}" for v in VARIANTS) for kind in runs)
+                + " ms", flush=True)
     settings = {"batch_sizes": args.batch_sizes, "batch1_images": args.batch1_images,
-                "policy": describe_policy(policy), "repeats": args.repeats, "warmup": args.warmup}
+                "points": {k: describe_policy(p) for k, p in points.items()}, "repeats": args.repeats,
+                "warmup": args.warmup}
     return engine_bench_report(model_label, inputs_label, settings, "bench_conv_variants.py",
-                               "skipviz.measure.clock.measure_interleaved: the eight callables round-robin, medians over "
-                               "repeats; batch 1 times each image one by one and reports ms per image", rows)
+                               "skipviz.measure.clock.measure_interleaved: every variant's full and skipped runs "
+                               "round-robin, medians over repeats; batch 1 times each image one by one and reports ms "
+                               "per image", rows)
 
 
 def markdown(report: dict) -> str:
-    lines = report_header("Convolution variants of the engine", report,
-                          f"skipped run: {report['settings']['policy']}") + [
-        f"Speed-ups against `{BASE}` (the engine before the fused path: depthwise symmetric padding, `F.conv2d`); "
-        "efficiency = time saved fraction / FLOPs saved fraction of the skipped run, from the medians.", "",
+    points = report["settings"]["points"]
+    runs = ["full", *points]
+    lines = report_header("Convolution variants of the engine", report, "skipped runs: " + "; ".join(
+        f"{k}: {v}" for k, v in points.items())) + [
+        f"Speed-ups against `{BASE}` (the engine before the fused path: depthwise symmetric padding, `F.conv2d`). "
+        "Efficiency = time saved fraction / FLOPs saved fraction of a skipped run: the median (quartiles) of the "
+        "per-round ratios, full and skipped timed in the same round.", "",
         "| batch | run | " + " | ".join(f"{v} ms" + ("" if v == BASE else " (speed-up)") for v in VARIANTS) + " |",
         "|---:|---|" + "---:|" * len(VARIANTS)]
     for r in report["rows"]:
-        for kind in ("full", "skipped"):
+        for kind in runs:
             cells = [f"{r[f'{v}_{kind}_ms']:.3f}" + ("" if v == BASE else f" ({r[f'{v}_{kind}_speedup']:.3f}x)")
                      for v in VARIANTS]
             lines.append(f"| {r['batch_size']} | {kind} | " + " | ".join(cells) + " |")
-        lines.append(f"| {r['batch_size']} | efficiency ({100 * r['flops_saved']:.1f}% FLOPs saved) | "
-                     + " | ".join(f"{r[f'{v}_efficiency']:.2f}" for v in VARIANTS) + " |")
+        for kind in points:
+            cells = ["{:.2f} ({:.2f}-{:.2f})".format(*r[f"{v}_{kind}_paired_efficiency"]) for v in VARIANTS]
+            lines.append(f"| {r['batch_size']} | {kind}: efficiency ({100 * r[f'{kind}_flops_saved']:.1f}% FLOPs "
+                         "saved) | " + " | ".join(cells) + " |")
     lines += ["", "Largest logit difference from the baseline: "
               + ", ".join(f"batch {r['batch_size']}: {r['max_abs_logit_diff']:.1e}" for r in report["rows"]) + "."]
     return "\n".join(lines + report_footer(report))
@@ -154,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="a registered EfficientNet-Lite (default: the ImageNet default)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     p.add_argument("--batch1-images", type=int, default=16, help="photos timed one by one at batch 1")
+    p.add_argument("--points", nargs="+", default=["default", "fast"], choices=["default", "fast", "faithful"],
+                   help="skipped runs: the card's default and/or its named operating points")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
