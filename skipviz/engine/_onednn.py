@@ -41,7 +41,8 @@ _ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
 _DISPATCH_MODES = torch._C._len_torch_dispatch_stack
 _HAVE_OPS = _POINTWISE is not None and _REORDER is not None and torch.backends.mkldnn.is_available()
 
-#: conv module -> (source weight, padding, packed weight); ``None`` as the packed weight: oneDNN refused it
+#: conv module -> (source weight, its in-place version, padding, packed weight); ``None`` as the packed weight:
+#: oneDNN refused it
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
@@ -59,27 +60,39 @@ def packed_weight(conv: nn.Module) -> torch.Tensor | None:
     """The oneDNN weight cached for ``conv`` (an opaque ``torch._mkldnn`` tensor), or ``None``: not packed yet,
     or refused."""
     entry = _PACKED.get(conv)
-    return None if entry is None else entry[2]
+    return None if entry is None else entry[3]
 
 
 def _packed(conv: nn.Module, w: torch.Tensor, padding: tuple[int, int], stride: tuple[int, int],
             dilation: tuple[int, int], groups: int) -> torch.Tensor | None:
+    """``w`` packed for ``conv`` (cached while ``w`` is the same tensor, unchanged in place, at the same padding),
+    or ``None`` where oneDNN refused it."""
     entry = _PACKED.get(conv)
-    if entry is not None and entry[0] is w and entry[1] == padding:
-        return entry[2]
+    version = _version(w)
+    if entry is not None and entry[0] is w and entry[1] == version and entry[2] == padding:
+        return entry[3]
     with _LOCK:
         try:
             packed = _REORDER(w, list(padding), list(stride), list(dilation), groups, None)
         except RuntimeError:
             packed = None
-        _PACKED[conv] = (w, padding, packed)
+        _PACKED[conv] = (w, version, padding, packed)
     return packed
 
 
-def conv_act(x: torch.Tensor, conv: nn.Module, w: torch.Tensor, b: torch.Tensor | None, padding: tuple[int, int],
-             activation: nn.Module) -> torch.Tensor:
-    """``activation(conv2d(x, w, b))`` with ``conv``'s stride, dilation and groups and the given symmetric
-    ``padding``: (N, C_in, H, W) -> (N, C_out, H', W'), in ``x``'s memory layout.
+def _version(w: torch.Tensor) -> int:
+    """``w``'s in-place version counter (0 for an inference tensor, which keeps none: the engine's folded weights
+    made under ``inference_mode`` are new tensors whenever their sources change)."""
+    return 0 if w.is_inference() else w._version
+
+
+def conv_act(x: torch.Tensor, conv: nn.Module, w: torch.Tensor, b: torch.Tensor | None,
+             padding: tuple[int, int] | str, activation: nn.Module) -> torch.Tensor:
+    """``activation(conv2d(x, w, b))`` with ``conv``'s stride, dilation and groups and the given ``padding``
+    (symmetric, per dimension, or ``F.conv2d``'s ``"same"``/``"valid"``, which take the plain path):
+    (N, C_in, H, W) -> (N, C_out, H', W'), channels-last for a channels-last ``x`` and contiguous for a
+    contiguous one (oneDNN returns channels-last for both: the fused path copies that back, a cost only layouts
+    other than the engine's pay).
 
     ``w`` (C_out, C_in/groups, kh, kw) and ``b`` (C_out,) are the weights to apply (e.g. BatchNorm folded in);
     ``conv`` keys the packed-weight cache. Inference only: no autograd through the fused path.
@@ -88,18 +101,20 @@ def conv_act(x: torch.Tensor, conv: nn.Module, w: torch.Tensor, b: torch.Tensor 
     act = type(activation)
     fused = _FUSED_ACTIVATIONS.get(act)
     if (ENABLED and fused is not None and x.device.type == "cpu" and x.dtype == torch.float32
-            and w.dtype == torch.float32 and not torch.is_grad_enabled() and fused_path_available()
+            and w.dtype == torch.float32 and not isinstance(padding, str) and not torch.is_grad_enabled()
+            and fused_path_available()
             and not _DISPATCH_MODES()  # a FLOP counter or fake tensors see the plain aten convolution
             and not (_ANY_AUTOCAST() if _ANY_AUTOCAST is not None else torch.is_autocast_enabled("cpu"))):
-        padding = tuple(padding)
-        pw = _packed(conv, w, padding, stride, dilation, groups)
+        pad = tuple(padding)
+        pw = _packed(conv, w, pad, stride, dilation, groups)
         if pw is not None:
             try:
-                return _POINTWISE(x, pw, b, list(padding), list(stride), list(dilation), groups, fused[0], fused[1],
-                                  None)
+                y = _POINTWISE(x, pw, b, list(pad), list(stride), list(dilation), groups, fused[0], fused[1], None)
             except RuntimeError:  # refused at run time (a shape or layout it does not take): the plain path
                 with _LOCK:
-                    _PACKED[conv] = (w, padding, None)
+                    _PACKED[conv] = (w, _version(w), pad, None)
+            else:
+                return y.contiguous() if x.is_contiguous() and not y.is_contiguous() else y
     y = F.conv2d(x, w, b, stride, padding, dilation, groups)
     if act is nn.ReLU6:
         return y.clamp_(0.0, 6.0)

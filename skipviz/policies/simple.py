@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
@@ -50,6 +51,12 @@ class StaticMaskPolicy(Policy):
     @classmethod
     def from_config(cls, config: Mapping) -> "StaticMaskPolicy":
         return cls(config.get("skip", []))
+
+
+@functools.lru_cache(maxsize=256)
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    """``value`` as a tensor of ``dtype`` holds it (``conf >= t`` on a tensor compares with ``t`` so rounded)."""
+    return float(torch.tensor(value, dtype=dtype))
 
 
 class EarlyExitPolicy(Policy):
@@ -108,7 +115,8 @@ class EarlyExitPolicy(Policy):
         probe = net.probe(index)
         if h.shape[0] == 1:  # a batch of one: decided on the host, one read-back (see SkipNetwork.run)
             logits, top = probe.confidence_of_one(h)
-            return top >= self.threshold_for(index), logits, top
+            # against the threshold as the batched comparison sees it: rounded to the logits' dtype
+            return top >= _rounded(self.threshold_for(index), logits.dtype), logits, top
         logits = probe(h)
         conf = torch.softmax(logits, dim=1).amax(1)
         return conf >= self.threshold_for(index), logits, conf

@@ -40,6 +40,7 @@ def test_fused_convolution_equals_the_plain_one(cin, cout, k, stride, groups, pa
         ref = _plain(x, conv, w, b, (padding, padding), act)
     assert out.shape == ref.shape
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    assert out.is_contiguous(memory_format=layout)  # the input's layout, as F.conv2d returns it
     if fused_path_available() and not isinstance(act, nn.SiLU):
         assert packed_weight(conv) is not None and packed_weight(conv).layout == torch._mkldnn
     else:  # an activation oneDNN is not given here runs the plain way
@@ -110,15 +111,43 @@ def test_a_convolution_onednn_refuses_runs_the_plain_way(monkeypatch):
     conv = nn.Conv2d(4, 4, 1)
     x = torch.randn(1, 4, 5, 5)
 
+    calls = []
+
     def refuse(*args):
+        calls.append(1)
         raise RuntimeError("mkldnn_convolution_pointwise: unsupported")
 
     monkeypatch.setattr(onednn, "_POINTWISE", refuse)
     with torch.inference_mode():
         out = conv_act(x, conv, conv.weight, conv.bias, (0, 0), nn.ReLU())
         assert torch.allclose(out, F.conv2d(x, conv.weight, conv.bias).relu(), atol=1e-6)
-        assert packed_weight(conv) is None  # remembered: later calls do not try again
-        conv_act(x, conv, conv.weight, conv.bias, (0, 0), nn.ReLU())
+        assert packed_weight(conv) is None and len(calls) == 1
+        again = conv_act(x, conv, conv.weight, conv.bias, (0, 0), nn.ReLU())
+    assert len(calls) == 1 and torch.equal(again, out)  # remembered: later calls do not try again
+
+
+@needs_onednn
+def test_a_weight_changed_in_place_is_packed_again():
+    conv = nn.Conv2d(4, 4, 1)
+    x = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        conv_act(x, conv, conv.weight, conv.bias, (0, 0), nn.Identity())
+        packed = packed_weight(conv)
+        with torch.no_grad():
+            conv.weight.mul_(2)  # load_state_dict copies in place the same way
+        out = conv_act(x, conv, conv.weight, conv.bias, (0, 0), nn.Identity())
+    assert packed_weight(conv) is not packed
+    assert torch.allclose(out, F.conv2d(x, conv.weight, conv.bias), atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_string_paddings_take_the_plain_path(padding):
+    conv = nn.Conv2d(4, 4, 3)
+    x = torch.randn(1, 4, 6, 6)
+    with torch.inference_mode():
+        out = conv_act(x, conv, conv.weight, conv.bias, padding, nn.ReLU6())
+        assert torch.equal(out, F.conv2d(x, conv.weight, conv.bias, 1, padding).clamp(0, 6))
+    assert packed_weight(conv) is None
 
 
 def test_the_shipped_family_takes_the_fused_path_and_keeps_its_results():

@@ -137,6 +137,30 @@ def test_a_batch_of_one_decides_its_exit_on_the_host_as_the_batch_does(tiny_net,
         assert torch.allclose(run_masked(tiny_net, batch[i: i + 1], policy), alone.logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_threshold_one_rounding_step_from_a_confidence_decides_alone_as_in_a_batch(batch, dtype):
+    import toys
+
+    net = toys.tiny_net().to(dtype)
+    x = batch.to(dtype)
+    with torch.no_grad():
+        conf = net.run(x, EarlyExitPolicy(1.0, blocks=[2])).scores[:, 2]
+        # a threshold that only rounds to the first input's confidence in the network's dtype
+        t = float(conf[0]) + float(torch.finfo(dtype).eps) * float(conf[0]) / 4
+        assert t > float(conf[0]) and float(torch.tensor(t, dtype=dtype)) == float(conf[0])
+        policy = EarlyExitPolicy(t, blocks=[2])
+        together = net.run(x, policy).exit_block[0]
+        alone = net.run(x[:1], policy).exit_block[0]
+        # a batch that narrows to that input alone: a more confident one leaves after block 1 first
+        first = net.run(x, EarlyExitPolicy(1.0, blocks=[1])).scores[:, 1]
+        other = int(first.argmax())
+        assert first[other] > first[0]
+        mid = (float(first[0]) + float(first[other])) / 2
+        narrowed = net.run(x[[0, other]], EarlyExitPolicy(t, {1: mid}, blocks=[1, 2]))
+    assert together == alone == 2
+    assert narrowed.exit_block == [2, 1]
+
+
 def test_the_cards_exit_blocks_reach_the_policy_and_its_words():
     from skipviz.policies.words import describe_policy
 
