@@ -4,10 +4,11 @@ the decision (gate heads, plan head, per-block policy work) and how much the arc
 For each image of a held-out sample the model's policy (gates, plan or early exits, at the card default or at a
 named operating point of the card) decides which blocks run. Three runs per image, each a batch of one: the full network (``FullPolicy``), the policy itself, and a
 ``FrozenPolicy`` replaying that image's own decisions (the same blocks skipped, no head evaluated, no policy
-work: the free-decision ceiling; for an early exit, the blocks up to the exit and the one probe that answers). Per round every image goes through each run once, the order of the three runs
-rotating between rounds (``skipviz.measure.clock.measure_interleaved``); efficiency = time-saved fraction /
-FLOPs-saved fraction over the sample (heads counted as spent for the policy, not for the replay), median of the
-per-round ratios with the quartiles. Writes ``benchmarks/results/batch1_decision_ceiling_<model>_cpu.json`` and
+work: the free-decision ceiling; for an early exit, the blocks up to the exit and the one probe that answers). Per round every image goes through the three runs back to back, their order
+rotating between images and rounds (``skipviz.measure.clock.measure_per_input``: pairs milliseconds apart, where
+timing every image of one run before the next run's left the machine's drift in the ratios); efficiency =
+time-saved fraction / FLOPs-saved fraction over the sample (heads counted as spent for the policy, not for the
+replay), median of the per-round ratios with the quartiles. Writes ``benchmarks/results/batch1_decision_ceiling_<model>_cpu.json`` and
 ``.md``.
 
     . .venv/bin/activate
@@ -21,6 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from skipviz import FullPolicy, create_model, keep_heap_memory  # noqa: E402
 from skipviz.cli.bench import write_results  # noqa: E402
 from skipviz.cli.bench_common import held_out_or_exit, report_header  # noqa: E402
-from skipviz.measure.clock import device_info, measure_interleaved  # noqa: E402
+from skipviz.measure.clock import device_info, measure_per_input  # noqa: E402
 from skipviz.policies import DECISION_SOURCES, describe_policy, policy_for  # noqa: E402
 from skipviz.policies.simple import FrozenPolicy  # noqa: E402
 
@@ -55,33 +57,30 @@ def run(args: argparse.Namespace) -> dict:
         saved = 1.0 - float(res.flops_executed().double().sum()) / full_flops
         singles = [x[i:i + 1].contiguous() for i in range(x.shape[0])]
 
-        def over(pol_of):
-            return lambda: [net.run(s, pol_of(i)) for i, s in enumerate(singles)]
-
-        runs = {"full": over(lambda i: FullPolicy()), "policy": over(lambda i: policy)}
+        full_policy = FullPolicy()
         # an exit is replayed as the blocks up to it and the one probe it answers from (no other probe evaluated)
         exits = res.exit_block
         replays = [FrozenPolicy(res.executed[i].tolist(), exits[i]) for i in range(len(x))]
-        if replays is not None:
-            replay_flops = sum(float(net.run(x[i:i + 1], replays[i]).flops_executed().double().sum())
-                               for i in range(x.shape[0]))
-            saved_replay = 1.0 - replay_flops / full_flops
-            runs["replay"] = over(lambda i: replays[i])
-        stats = measure_interleaved(runs, warmup=2, repeats=args.rounds, number=1, batch_size=1,
-                                    batches_per_call=len(singles))
-        tf, tp = stats["full"].times_ms, stats["policy"].times_ms
+        replay_flops = sum(float(net.run(x[i:i + 1], replays[i]).flops_executed().double().sum())
+                           for i in range(x.shape[0]))
+        saved_replay = 1.0 - replay_flops / full_flops
+        runs = {"full": lambda i: net.run(singles[i], full_policy), "policy": lambda i: net.run(singles[i], policy),
+                "replay": lambda i: net.run(singles[i], replays[i])}
+        # photo by photo: each photo's three runs back to back (skipviz.measure.clock.measure_per_input)
+        times = measure_per_input(runs, len(singles), rounds=args.rounds, warmup=1)
+        # per round: the sample's time (sum over its photos) in ms
+        tf, tp = (1e3 * times[k].sum(1) for k in ("full", "policy"))
         eff_p = [(1 - p / f) / saved for f, p in zip(tf, tp)]
         q = lambda v: statistics.quantiles(v, n=4, method="inclusive")  # noqa: E731
         row = {"source": source, "point": point, "policy": describe_policy(policy), "threshold": t,
-               "flops_saved": saved, "full_ms": statistics.median(tf) / len(singles),
-               "policy_ms": statistics.median(tp) / len(singles),
+               "flops_saved": saved, "full_ms": float(np.median(tf)) / len(singles),
+               "policy_ms": float(np.median(tp)) / len(singles),
                "efficiency_policy": statistics.median(eff_p), "efficiency_policy_iqr": [q(eff_p)[0], q(eff_p)[2]],
                "flops_saved_replay": None, "replay_ms": None, "efficiency_replay": None, "efficiency_replay_iqr": None}
-        if replays is not None:
-            tr = stats["replay"].times_ms
-            eff_r = [(1 - r / f) / saved_replay for f, r in zip(tf, tr)]
-            row.update(flops_saved_replay=saved_replay, replay_ms=statistics.median(tr) / len(singles),
-                       efficiency_replay=statistics.median(eff_r), efficiency_replay_iqr=[q(eff_r)[0], q(eff_r)[2]])
+        tr = 1e3 * times["replay"].sum(1)
+        eff_r = [(1 - r / f) / saved_replay for f, r in zip(tf, tr)]
+        row.update(flops_saved_replay=saved_replay, replay_ms=float(np.median(tr)) / len(singles),
+                   efficiency_replay=statistics.median(eff_r), efficiency_replay_iqr=[q(eff_r)[0], q(eff_r)[2]])
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return {"model": args.model, "inputs": inputs, "environment": device_info("cpu").to_dict(), "rounds": args.rounds,

@@ -16,9 +16,9 @@ engine that add one piece of the check at a time after each of the card's exit b
 * ``10-class probe + confidence on the host``: the same check with a probe of 10 classes in place of 1,000 (its
   weight 100 times smaller), separating the weight's read from the operations' fixed costs.
 
-All variants run round-robin (``skipviz.measure.clock.measure_interleaved``, one call = one photo, the same photo
-for every variant in a round, the next photo in the next round); the extra time is the median over rounds of each
-variant's time minus the plain forward's in the same round. Writes
+Each photo goes through every variant back to back in every round, the order rotating
+(``skipviz.measure.clock.measure_per_input``); the extra time is the median over photos and rounds of each
+variant's time minus the plain forward's on the same photo in the same round. Writes
 ``benchmarks/results/exit_check_breakdown_cpu.json`` and ``.md``.
 
     . .venv/bin/activate
@@ -42,7 +42,7 @@ from skipviz.cli.bench import write_results  # noqa: E402
 from skipviz.cli.bench_common import engine_bench_report, held_out_or_exit, report_footer, report_header  # noqa: E402
 from skipviz.engine.heads import ProbeHead  # noqa: E402
 from skipviz.engine.network import SkipNetwork  # noqa: E402
-from skipviz.measure.clock import measure_interleaved  # noqa: E402
+from skipviz.measure.clock import measure_per_input  # noqa: E402
 from skipviz.policies import EarlyExitPolicy  # noqa: E402
 
 
@@ -103,41 +103,34 @@ def run(args: argparse.Namespace) -> dict:
     photos = [x[i:i + 1] for i in range(len(x))]
 
     def caller(policy: EarlyExitPolicy | None):
-        """One photo per call, the next one at the next call: in every round each variant runs the same photo
-        (one forward, about 12 ms, per variant: pairs close in time, so the machine's drift cancels; calls of
-        every photo at once, 0.1 s, left differences of +-0.6 ms per photo)."""
-        turn = iter(range(1 << 62))
-
-        def call() -> None:
-            p = photos[next(turn) % len(photos)]
-            if policy is None:
-                net(p)
-            else:
-                net.run(p, policy)
-        return call
+        if policy is None:
+            return lambda i: net(photos[i])
+        return lambda i: net.run(photos[i], policy)
 
     fns = {"forward": caller(None)}
     for name, (piece, tiny) in VARIANTS.items():
         fns[name] = caller(_Piece(blocks, piece, small if tiny else None))
     with torch.inference_mode():
-        stats = measure_interleaved(fns, warmup=args.warmup, repeats=args.repeats, device="cpu", batch_size=1,
-                                    batches_per_call=1, min_repeat_s=0.0, number=1)
-    base = np.asarray(stats["forward"].times_ms)
-    rows = [{"variant": "forward", "ms": stats["forward"].per_batch_ms, "extra_us": 0.0, "extra_q25_us": 0.0,
+        # photo by photo: each photo through every variant back to back (pairs about 12 ms apart; calls of every
+        # photo at once, 0.1 s, left differences of +-0.6 ms per photo on this machine)
+        times = measure_per_input(fns, len(photos), rounds=args.repeats, warmup=args.warmup)
+    base = times["forward"].ravel()
+    rows = [{"variant": "forward", "ms": 1e3 * float(np.median(base)), "extra_us": 0.0, "extra_q25_us": 0.0,
              "extra_q75_us": 0.0, "per_check_us": 0.0}]
     for name in VARIANTS:
-        extra = (np.asarray(stats[name].times_ms) - base) * 1e3
+        extra = (times[name].ravel() - base) * 1e6
         q25, med, q75 = (float(v) for v in np.percentile(extra, [25, 50, 75]))
-        rows.append({"variant": name, "ms": stats[name].per_batch_ms, "extra_us": med, "extra_q25_us": q25,
+        ms = 1e3 * float(np.median(times[name]))
+        rows.append({"variant": name, "ms": ms, "extra_us": med, "extra_q25_us": q25,
                      "extra_q75_us": q75, "per_check_us": med / len(blocks)})
-        print(f"{name}: {stats[name].per_batch_ms:.3f} ms, +{med:.0f} us per photo", flush=True)
+        print(f"{name}: {ms:.3f} ms, +{med:.0f} us per photo", flush=True)
     settings = {"model": args.model, "blocks": blocks, "images": len(photos), "repeats": args.repeats,
                 "warmup": args.warmup}
     return engine_bench_report(f"{args.model} (trained weights)", inputs_label, settings,
-                               "exit_check_breakdown.py", "skipviz.measure.clock.measure_interleaved: the plain "
-                               "forward and every variant round-robin, one call = one photo at batch 1, the same photo for every "
-                               "variant in a round; extra = median over rounds of the variant's time minus the "
-                               "forward's in the same round", rows)
+                               "exit_check_breakdown.py", "skipviz.measure.clock.measure_per_input: each photo "
+                               "through the plain forward and every variant back to back, the order rotating; extra = "
+                               "median over photos and rounds of the variant's time minus the forward's on the same "
+                               "photo in the same round", rows)
 
 
 def markdown(report: dict) -> str:
@@ -154,16 +147,16 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="efficientnet_lite0.imagenet_gated")
-    p.add_argument("--images", type=int, default=8, help="held-out photos, one per round in turn")
-    p.add_argument("--repeats", type=int, default=400)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--images", type=int, default=8, help="held-out photos, each through every variant per round")
+    p.add_argument("--repeats", type=int, default=50, help="rounds")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="tiny smoke setting: 2 photos, 3 repeats")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     keep_heap_memory()  # as the skipviz command does: stable CPU timings (skipviz._allocator)
     if args.quick:
-        args.images, args.repeats, args.warmup = 2, 4, 1
+        args.images, args.repeats, args.warmup = 2, 3, 1
     report = run(args)
     jp, mp = write_results(report, args.out, f"exit_check_breakdown_{report['environment']['device_type']}",
                            markdown)

@@ -6,6 +6,7 @@
 * :func:`measure_interleaved` / :func:`measure_latency` - warm-up, repeated timed calls, median and
   inter-quartile range. On CPU through ``torch.utils.benchmark.Timer.timeit``; on CUDA with CUDA events and a
   synchronisation after each repeat.
+* :func:`measure_per_input` - variants paired input by input: each input through every variant back to back.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .._allocator import allocator_setting
 from .._env import __version__, package_version
 
 __all__ = ["DeviceInfo", "LatencyStats", "asdict_with", "cpu_name", "device_info", "device_label", "environment", "measure_interleaved",
-           "measure_latency", "resolve_device", "software_versions", "synchronize"]
+           "measure_latency", "measure_per_input", "resolve_device", "software_versions", "synchronize"]
 
 
 # ------------------------------------------------------------------------------------------------- devices
@@ -289,6 +290,48 @@ def measure_interleaved(fns: Mapping[str, Callable[[], object]], warmup: int = 3
         torch.set_num_threads(old_threads)
     return {name: _stats(name, times[name], dev, clocks[name].method, number, threads, batch_size, batches_per_call)
             for name in fns}
+
+
+def measure_per_input(fns: Mapping[str, Callable[[int], object]], n_inputs: int, rounds: int = 10, warmup: int = 1,
+                      device: str | torch.device | None = None, threads: int | None = None) -> dict[str, np.ndarray]:
+    """Time variants input by input: in every round each input goes through every variant (``fns[name](i)`` for
+    input ``i``) back to back, in an order that rotates between inputs and rounds, so each input's variants are
+    timed milliseconds apart. :func:`measure_interleaved` pairs whole calls: where a call covers many inputs (a
+    sample of photos at batch 1, 0.1-0.4 s) the machine's drift between the variants of one round left per-round
+    differences of +-0.6 ms per photo on the 2-core AMD EPYC, against a 12 ms photo; paired photo by photo, the
+    same check's quartiles shrank and its medians stopped moving between runs
+    (``benchmarks/exit_check_breakdown.py``).
+
+    Returns ``{name: (rounds, n_inputs) seconds}``. One host clock per call (``time.perf_counter``), the device
+    synchronised before and after it; ``warmup`` untimed rounds first; ``threads`` intra-op threads on CPU while
+    timing (default: torch's current setting).
+    """
+    import time
+
+    _check_counts(warmup, rounds)
+    if n_inputs < 1:
+        raise ValueError(f"n_inputs must be >= 1, got {n_inputs}")
+    if not fns:
+        raise ValueError("nothing to time: give at least one callable")
+    dev = resolve_device(device)
+    names = list(fns)
+    out = {name: np.zeros((int(rounds), int(n_inputs))) for name in names}
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(int(threads or old_threads))
+    try:
+        for r in range(-int(warmup), int(rounds)):
+            for i in range(int(n_inputs)):
+                k = (r + i) % len(names)
+                for name in names[k:] + names[:k]:
+                    synchronize(dev)
+                    t0 = time.perf_counter()
+                    fns[name](i)
+                    synchronize(dev)
+                    if r >= 0:
+                        out[name][r, i] = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(old_threads)
+    return out
 
 
 def measure_latency(fn: Callable[[], object], warmup: int = 3, repeats: int = 20,

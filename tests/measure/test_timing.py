@@ -12,7 +12,7 @@ from skipviz import EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy, c
 from skipviz.measure.predict import SWAP_FRACTION_ESTIMATE, check_prediction, predict_latency
 from skipviz.cli.bench import BenchConfig, results_markdown
 from skipviz.measure.profile import BlockProfile, exit_check_cost, gate_cost, profile_blocks
-from skipviz.measure.clock import device_info, measure_interleaved, measure_latency, resolve_device
+from skipviz.measure.clock import device_info, measure_interleaved, measure_latency, measure_per_input, resolve_device
 from skipviz.measure.runs import run_masked, time_policy
 
 FAST = dict(warmup=1, repeats=3, min_repeat_s=0.0)  # one call per repeat: keeps the suite fast
@@ -37,6 +37,31 @@ def test_measure_interleaved_orders_by_work():
     assert set(out) == {"small", "big"}
     assert out["small"].number == out["big"].number  # same calls per repeat for a fair comparison
     assert out["big"].median_ms > out["small"].median_ms
+
+
+def test_measure_per_input_pairs_variants_input_by_input():
+    import time
+
+    calls: list[tuple[str, int]] = []
+
+    def variant(name: str, seconds: float):
+        def call(i: int) -> None:
+            calls.append((name, i))
+            time.sleep(seconds * (1 + i))
+        return call
+
+    out = measure_per_input({"fast": variant("fast", 0.0005), "slow": variant("slow", 0.0015)}, n_inputs=3, rounds=4,
+                            warmup=1)
+    assert {k: v.shape for k, v in out.items()} == {"fast": (4, 3), "slow": (4, 3)}
+    assert len(calls) == 2 * 3 * (4 + 1)  # every input through every variant, each round, warm-up round included
+    # each input's variants back to back, and which goes first rotates
+    assert all(calls[k][1] == calls[k + 1][1] for k in range(0, len(calls), 2))
+    assert {calls[k][0] for k in range(0, len(calls), 2)} == {"fast", "slow"}
+    assert (out["slow"] > out["fast"]).all() and (np.diff(out["slow"], axis=1) > 0).all()  # later inputs sleep longer
+    with pytest.raises(ValueError, match="n_inputs"):
+        measure_per_input({"x": lambda i: None}, n_inputs=0)
+    with pytest.raises(ValueError, match="repeats"):
+        measure_per_input({"x": lambda i: None}, n_inputs=1, rounds=0)
 
 
 def test_bad_timing_arguments_give_clear_errors():
