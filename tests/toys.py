@@ -67,7 +67,8 @@ def reference_forward(net, x, skip=frozenset(), fold=True):
 
 class FakeClock:
     """A deterministic stand-in for the timing source under every measurement
-    (``skipviz.measure.clock._Clock.once``, seconds per call of one timed repeat): the full pass takes
+    (``skipviz.measure.clock._Clock.once``, seconds per call of one timed repeat, and ``_time_call``, one call on
+    one input of ``measure_per_input``): the full pass takes
     ``full_s``, the skipped pass ``full_s - saving_s``, each plus a seeded normal draw of standard deviation
     ``spread_s``. With a spread far wider than the saving it is a noisy machine on which no saving is
     measurable; with a small one, a clear saving. Nothing is timed for real, so tests stay fast.
@@ -89,11 +90,18 @@ class FakeClock:
         base = self.full_s - (self.saving_s if name == "skipped" else 0.0)
         return max(1e-6, base + float(self.rng.normal(0.0, self.spread_s)))
 
+    def per_input(self, name: str) -> float:
+        """One call of one variant on one input (``skipviz.measure.clock._time_call``): as :meth:`once`."""
+        self.calls += 1
+        base = self.full_s - (self.saving_s if name == "skipped" else 0.0)
+        return max(1e-6, base + float(self.rng.normal(0.0, self.spread_s)))
+
     def install(self, monkeypatch) -> "FakeClock":
         from skipviz.measure import clock
 
         fake = self
         monkeypatch.setattr(clock._Clock, "once", lambda timed, number: fake.once(timed, number))
+        monkeypatch.setattr(clock, "_time_call", lambda name, fn, i, device: fake.per_input(name))
         return self
 
     @staticmethod

@@ -23,8 +23,8 @@ import torch
 from .._allocator import allocator_setting
 from .._env import __version__, package_version
 
-__all__ = ["DeviceInfo", "LatencyStats", "asdict_with", "cpu_name", "device_info", "device_label", "environment", "measure_interleaved",
-           "measure_latency", "measure_per_input", "resolve_device", "software_versions", "synchronize"]
+__all__ = ["DeviceInfo", "LatencyStats", "asdict_with", "cpu_name", "device_info", "device_label", "environment", "latency_of_rounds",
+           "measure_interleaved", "measure_latency", "measure_per_input", "resolve_device", "software_versions", "synchronize"]
 
 
 # ------------------------------------------------------------------------------------------------- devices
@@ -292,6 +292,18 @@ def measure_interleaved(fns: Mapping[str, Callable[[], object]], warmup: int = 3
             for name in fns}
 
 
+def _time_call(name: str, fn: Callable[[int], object], i: int, device: torch.device) -> float:
+    """Seconds of one call ``fn(i)`` of the variant ``name`` (:func:`measure_per_input`), ``device`` synchronised
+    before and after it."""
+    import time
+
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn(i)
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
 def measure_per_input(fns: Mapping[str, Callable[[int], object]], n_inputs: int, rounds: int = 10, warmup: int = 1,
                       device: str | torch.device | None = None, threads: int | None = None) -> dict[str, np.ndarray]:
     """Time variants input by input: in every round each input goes through every variant (``fns[name](i)`` for
@@ -302,12 +314,10 @@ def measure_per_input(fns: Mapping[str, Callable[[int], object]], n_inputs: int,
     same check's quartiles shrank and its medians stopped moving between runs
     (``benchmarks/exit_check_breakdown.py``).
 
-    Returns ``{name: (rounds, n_inputs) seconds}``. One host clock per call (``time.perf_counter``), the device
+    Returns ``{name: (rounds, n_inputs) seconds}``. One host clock per call (:func:`_time_call`), the device
     synchronised before and after it; ``warmup`` untimed rounds first; ``threads`` intra-op threads on CPU while
     timing (default: torch's current setting).
     """
-    import time
-
     _check_counts(warmup, rounds)
     if n_inputs < 1:
         raise ValueError(f"n_inputs must be >= 1, got {n_inputs}")
@@ -323,15 +333,27 @@ def measure_per_input(fns: Mapping[str, Callable[[int], object]], n_inputs: int,
             for i in range(int(n_inputs)):
                 k = (r + i) % len(names)
                 for name in names[k:] + names[:k]:
-                    synchronize(dev)
-                    t0 = time.perf_counter()
-                    fns[name](i)
-                    synchronize(dev)
-                    if r >= 0:
-                        out[name][r, i] = time.perf_counter() - t0
+                    if r < 0:
+                        fns[name](i)
+                    else:
+                        out[name][r, i] = _time_call(name, fns[name], i, dev)
     finally:
         torch.set_num_threads(old_threads)
     return out
+
+
+#: how :func:`latency_of_rounds` statistics were timed (``LatencyStats.method``)
+PER_INPUT_METHOD = "skipviz.measure.clock.measure_per_input (each input through every variant back to back), time.perf_counter"
+
+
+def latency_of_rounds(label: str, times_s: np.ndarray, device: str | torch.device | None, threads: int,
+                      batch_size: int = 1) -> LatencyStats:
+    """:class:`LatencyStats` of one variant of :func:`measure_per_input` (``times_s``: (rounds, n_inputs) seconds):
+    one repeat per round, its time the round's total over the inputs (``batches_per_call`` = n_inputs, so
+    ``per_batch_ms`` is per input), the r-th repeats of two variants from the same round."""
+    times_s = np.asarray(times_s, dtype=np.float64)
+    return _stats(label, times_s.sum(1).tolist(), resolve_device(device), PER_INPUT_METHOD, 1, int(threads),
+                  int(batch_size), int(times_s.shape[1]))
 
 
 def measure_latency(fn: Callable[[], object], warmup: int = 3, repeats: int = 20,

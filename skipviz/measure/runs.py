@@ -18,7 +18,8 @@ import torch
 
 from ..policies.base import Policy
 from ..policies.simple import FullPolicy
-from .clock import DeviceInfo, LatencyStats, device_info, measure_interleaved, resolve_device, synchronize
+from .clock import (DeviceInfo, LatencyStats, device_info, latency_of_rounds, measure_interleaved, measure_per_input,
+                    resolve_device, synchronize)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.network import SkipNetwork
@@ -189,15 +190,30 @@ def _timed_passes(net: "SkipNetwork", chunks: list[torch.Tensor], policy: Policy
     return fns
 
 
+def _per_batch_passes(net: "SkipNetwork", chunks: list[torch.Tensor], policy: Policy,
+                      include_masked: bool) -> dict[str, Callable[[int], object]]:
+    """Per batch ``i`` of ``chunks``: the full forward, the skipped run and (with ``include_masked``) the masked
+    run, for :func:`~skipviz.measure.clock.measure_per_input`."""
+    fns: dict[str, Callable[[int], object]] = {"full": lambda i: net(chunks[i]),
+                                               "skipped": lambda i: net.run(chunks[i], policy)}
+    if include_masked:
+        fns["masked"] = lambda i: run_masked(net, chunks[i], policy)
+    return fns
+
+
 def time_policy(net: "SkipNetwork", x: torch.Tensor, policy: Policy, batch_size: int | None = None, warmup: int = 3,
                 repeats: int = 20, device: str | torch.device | None = None, include_masked: bool = True,
                 threads: int | None = None, number: int | None = None, min_repeat_s: float = 0.02) -> PolicyTiming:
     """Time ``net(x)`` (full), ``net.run(x, policy)`` (skipped) and :func:`run_masked` interleaved.
 
     Args:
-        x: (N, 3, H, W) normalised images; split into batches of ``batch_size`` (default N) that one timed
-            call runs one after another, so batch-1 latency is averaged over N different inputs (and their
-            different decisions). N must be a multiple of ``batch_size``.
+        x: (N, 3, H, W) normalised images; split into batches of ``batch_size`` (default N), so batch-1
+            latency is averaged over N different inputs (and their different decisions). N must be a multiple of
+            ``batch_size``. With several batches, each round puts every batch through the full, skipped and
+            masked runs back to back (:func:`~skipviz.measure.clock.measure_per_input`; ``number`` and
+            ``min_repeat_s`` then do not apply: one call per batch and variant); one batch is timed by
+            :func:`~skipviz.measure.clock.measure_interleaved`. Either way the r-th repeats of the variants come
+            from the same round.
         device: must be the device ``net`` is on (default: that device).
     """
     _check_input(net, x)
@@ -221,9 +237,19 @@ def time_policy(net: "SkipNetwork", x: torch.Tensor, policy: Policy, batch_size:
                 skip_logits = torch.cat([r.logits for r in results])
                 diff = float((masked_logits - skip_logits).abs().max())
             del results
-        fns = _timed_passes(net, chunks, policy, include_masked)
-        stats = measure_interleaved(fns, warmup=warmup, repeats=repeats, device=dev, number=number, threads=threads,
-                                    batch_size=bs, batches_per_call=len(chunks), min_repeat_s=min_repeat_s)
+        if len(chunks) > 1:
+            # batch by batch: each batch through every variant back to back. Timing whole passes over the batches
+            # in turn left the machine's drift in the paired ratios: at batch 1 over 32 photos (0.4 s a pass) the
+            # per-round efficiencies of one benchmark spanned -0.5 to 1.1, and 0.54-0.67 paired batch by batch
+            fns = _per_batch_passes(net, chunks, policy, include_masked)
+            th = int(threads or torch.get_num_threads())
+            with torch.inference_mode():
+                times = measure_per_input(fns, len(chunks), rounds=repeats, warmup=warmup, device=dev, threads=th)
+            stats = {name: latency_of_rounds(name, t, dev, th, bs) for name, t in times.items()}
+        else:
+            fns = _timed_passes(net, chunks, policy, include_masked)
+            stats = measure_interleaved(fns, warmup=warmup, repeats=repeats, device=dev, number=number,
+                                        threads=threads, batch_size=bs, batches_per_call=1, min_repeat_s=min_repeat_s)
     finally:
         net.train(was_training)
     dtype = next(net.parameters()).dtype

@@ -88,10 +88,12 @@ def test_measure_saving_pairs_interleaved_rounds_of_the_real_engine(monkeypatch)
     fake = FakeClock(full_s=3e-3, saving_s=1e-3, spread_s=2e-5, seed=1).install(monkeypatch)
     FakeClock.quiet(monkeypatch)
     s = measure_saving(net, x, GatePolicy(0.5), batch_size=2, rounds=9)
-    assert fake.calls == 18  # 9 rounds, full and skipped once each
+    assert fake.calls == 36  # 9 rounds, each of the two batches through full and skipped back to back
     assert s.rounds == 9 and s.batch_size == 2 and s.device.startswith("CPU")
-    # one call runs both batches of 2: the times are per batch
-    assert s.full_median_s == pytest.approx(1.5e-3, rel=0.02) and s.saving_s == pytest.approx(0.5e-3, rel=0.05)
+    # each batch of 2 timed by itself (3 ms full, 1 ms saved): the times are per batch
+    assert s.full_median_s == pytest.approx(3e-3, rel=0.02) and s.saving_s == pytest.approx(1e-3, rel=0.05)
+    one = measure_saving(net, x, GatePolicy(0.5), rounds=9)  # one batch of 4: whole calls, interleaved
+    assert fake.calls == 36 + 18 and one.batch_size == 4 and one.full_median_s == pytest.approx(3e-3, rel=0.02)
     assert s.measurable and s.headline().endswith("ms saved") and s.busy is None
 
 
