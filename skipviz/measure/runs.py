@@ -239,8 +239,9 @@ def time_policy(net: "SkipNetwork", x: torch.Tensor, policy: Policy, batch_size:
             del results
         if len(chunks) > 1:
             # batch by batch: each batch through every variant back to back. Timing whole passes over the batches
-            # in turn left the machine's drift in the paired ratios: at batch 1 over 32 photos (0.4 s a pass) the
-            # per-round efficiencies of one benchmark spanned -0.5 to 1.1, and 0.54-0.67 paired batch by batch
+            # in turn left the machine's drift in the paired ratios: batch-1 exits of the ImageNet model over 32
+            # photos (0.4 s a pass), per-round efficiency quartiles -0.53 to 0.51 pass by pass, 0.47-0.67 and
+            # 0.54-0.60 photo by photo (benchmarks/batch1_decision_ceiling.py, 2026-12-07, AMD EPYC Zen 4)
             fns = _per_batch_passes(net, chunks, policy, include_masked)
             th = int(threads or torch.get_num_threads())
             with torch.inference_mode():
