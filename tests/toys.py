@@ -86,7 +86,7 @@ class FakeClock:
 
     def once(self, timed, number: int) -> float:
         self.calls += 1
-        name = getattr(timed.fn, "__name__", "")
+        name = timed.label  # the variant's name in measure_interleaved
         base = self.full_s - (self.saving_s if name == "skipped" else 0.0)
         return max(1e-6, base + float(self.rng.normal(0.0, self.spread_s)))
 

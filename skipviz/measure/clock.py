@@ -211,7 +211,7 @@ class _Clock:
     """Times ``number`` calls of one callable: ``torch.utils.benchmark.Timer`` on CPU, CUDA events on GPU."""
 
     def __init__(self, fn: Callable[[], object], device: torch.device, threads: int, label: str) -> None:
-        self.fn, self.device = fn, device
+        self.fn, self.device, self.label = fn, device, label
         if device.type == "cuda":
             self.method = "cuda_events"
             self.timer = None

@@ -8,6 +8,8 @@ paired saving with its interval that the dashboard shows builds on :func:`time_p
 """
 from __future__ import annotations
 
+import functools
+
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -165,31 +167,6 @@ class PolicyTiming:
         return out
 
 
-def _timed_passes(net: "SkipNetwork", chunks: list[torch.Tensor], policy: Policy,
-                  include_masked: bool) -> dict[str, Callable[[], None]]:
-    """The callables :func:`time_policy` times: one pass over ``chunks`` of the full forward, the skipped run
-    and (with ``include_masked``) the masked run."""
-    def full() -> None:
-        with torch.inference_mode():
-            for c in chunks:
-                net(c)
-
-    def skipped() -> None:
-        with torch.inference_mode():
-            for c in chunks:
-                net.run(c, policy)
-
-    def masked() -> None:
-        with torch.inference_mode():
-            for c in chunks:
-                run_masked(net, c, policy)
-
-    fns: dict[str, Callable[[], None]] = {"full": full, "skipped": skipped}
-    if include_masked:
-        fns["masked"] = masked
-    return fns
-
-
 def _per_batch_passes(net: "SkipNetwork", chunks: list[torch.Tensor], policy: Policy,
                       include_masked: bool) -> dict[str, Callable[[int], object]]:
     """Per batch ``i`` of ``chunks``: the full forward, the skipped run and (with ``include_masked``) the masked
@@ -199,6 +176,26 @@ def _per_batch_passes(net: "SkipNetwork", chunks: list[torch.Tensor], policy: Po
     if include_masked:
         fns["masked"] = lambda i: run_masked(net, chunks[i], policy)
     return fns
+
+
+def _time_batches(fns: dict[str, Callable[[int], object]], n_batches: int, bs: int, dev: torch.device, warmup: int,
+                  repeats: int, threads: int | None, number: int | None,
+                  min_repeat_s: float) -> dict[str, LatencyStats]:
+    """:func:`time_policy`'s statistics of the per-batch callables ``fns`` (one per variant), the r-th repeats of
+    the variants from the same round."""
+    if n_batches > 1:
+        # batch by batch: each batch through every variant back to back. Timing whole passes over the batches
+        # in turn left the machine's drift in the paired ratios: batch-1 exits of the ImageNet model over 32
+        # photos (0.4 s a pass), per-round efficiency quartiles -0.53 to 0.51 pass by pass, 0.47-0.67 and
+        # 0.54-0.60 photo by photo (benchmarks/batch1_decision_ceiling.py, 2026-12-07, AMD EPYC Zen 4)
+        th = int(threads or torch.get_num_threads())
+        with torch.inference_mode():
+            times = measure_per_input(fns, n_batches, rounds=repeats, warmup=warmup, device=dev, threads=th)
+        return {name: latency_of_rounds(name, t, dev, th, bs) for name, t in times.items()}
+    with torch.inference_mode():  # one batch: whole calls, calibrated (torch.utils.benchmark runs them in this thread)
+        return measure_interleaved({name: functools.partial(fn, 0) for name, fn in fns.items()}, warmup=warmup,
+                                   repeats=repeats, device=dev, number=number, threads=threads, batch_size=bs,
+                                   batches_per_call=1, min_repeat_s=min_repeat_s)
 
 
 def time_policy(net: "SkipNetwork", x: torch.Tensor, policy: Policy, batch_size: int | None = None, warmup: int = 3,
@@ -237,20 +234,8 @@ def time_policy(net: "SkipNetwork", x: torch.Tensor, policy: Policy, batch_size:
                 skip_logits = torch.cat([r.logits for r in results])
                 diff = float((masked_logits - skip_logits).abs().max())
             del results
-        if len(chunks) > 1:
-            # batch by batch: each batch through every variant back to back. Timing whole passes over the batches
-            # in turn left the machine's drift in the paired ratios: batch-1 exits of the ImageNet model over 32
-            # photos (0.4 s a pass), per-round efficiency quartiles -0.53 to 0.51 pass by pass, 0.47-0.67 and
-            # 0.54-0.60 photo by photo (benchmarks/batch1_decision_ceiling.py, 2026-12-07, AMD EPYC Zen 4)
-            fns = _per_batch_passes(net, chunks, policy, include_masked)
-            th = int(threads or torch.get_num_threads())
-            with torch.inference_mode():
-                times = measure_per_input(fns, len(chunks), rounds=repeats, warmup=warmup, device=dev, threads=th)
-            stats = {name: latency_of_rounds(name, t, dev, th, bs) for name, t in times.items()}
-        else:
-            fns = _timed_passes(net, chunks, policy, include_masked)
-            stats = measure_interleaved(fns, warmup=warmup, repeats=repeats, device=dev, number=number,
-                                        threads=threads, batch_size=bs, batches_per_call=1, min_repeat_s=min_repeat_s)
+        stats = _time_batches(_per_batch_passes(net, chunks, policy, include_masked), len(chunks), bs, dev,
+                              warmup, repeats, threads, number, min_repeat_s)
     finally:
         net.train(was_training)
     dtype = next(net.parameters()).dtype
