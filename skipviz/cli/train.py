@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..training.distill import DistillConfig, distill_heads
+from ..training.decision_points import reprice_decisions
 from ..training.distill_export import HeadsExportConfig, export_heads
 from ..training.export import export
 from ..training.finetune import FinetuneConfig, finetune
@@ -17,7 +18,7 @@ from ..training.finetune_export import FinetuneExportConfig, export_finetuned
 from ..training.joint import TrainConfig, train
 from ..training.plan import PlanConfig, export_plan
 
-__all__ = ["add_cli", "cmd_finetune", "cmd_train", "cmd_train_heads", "cmd_train_plan"]
+__all__ = ["add_cli", "cmd_finetune", "cmd_reprice_card", "cmd_train", "cmd_train_heads", "cmd_train_plan"]
 
 #: ``skipviz train``'s schedule for a CIFAR ResNet (with ``--model``, DistillConfig's defaults apply)
 CIFAR_DEFAULTS = {"epochs": 15, "target_rate": 0.4, "batch_size": 128, "lr": 0.1}
@@ -162,12 +163,43 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reprice_card(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..models._registry import create_model, list_pretrained
+
+    pre = next((w for w in list_pretrained() if w.name == args.model), None)
+    if pre is None or not pre.card_path.is_file():
+        known = ", ".join(w.name for w in list_pretrained() if w.card_path.is_file())
+        raise SystemExit(f"{args.model}: not a shipped model with a card here (shipped: {known})")
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    net = create_model(args.model).eval()
+    if not net.gated_blocks or net.plan_head is None:
+        raise SystemExit(f"{args.model}: its card has no gate and plan heads to price")
+    card_path = pre.card_path
+    card = reprice_decisions(net, card_path)
+    for source, fields in (("gates", card["default_policy"]), ("plan", card["plan"])):
+        cost = fields["time_model"]["decision_cost"]
+        threshold = fields["threshold"] if source == "gates" else fields["default_threshold"]
+        print(f"{source}: {cost['checks']} decision(s) per input at {cost['fraction']:.2%} of the run each "
+              f"({cost['device']}); default threshold {threshold:g}")
+    print(f"wrote {card_path}")
+    return 0
+
+
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Add ``skipviz train``, ``finetune``, ``train-plan`` and ``train-heads`` to the ``skipviz`` command."""
+    """Add ``skipviz train``, ``finetune``, ``train-plan``, ``train-heads`` and ``reprice-card`` to the ``skipviz``
+    command."""
     _add_train(sub)
     _add_finetune(sub)
     _add_train_plan(sub)
     _add_train_heads(sub)
+    rp = sub.add_parser("reprice-card", help="choose a shipped distilled card's gate and plan operating points "
+                                             "again with their decisions' cost measured on this machine (run it "
+                                             "on an idle machine)")
+    rp.add_argument("--model", required=True, help="a shipped model with gate and plan heads")
+    rp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    rp.set_defaults(func=cmd_reprice_card)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

@@ -44,6 +44,7 @@ class Reason(IntEnum):
     KL_RUN = 12
     PLAN_RUN = 13
     PLAN_SKIP = 14
+    CANNOT_SKIP = 15  # threshold 0: a probability is never below it, so the head is not evaluated
 
 
 _REASONS: dict[int, Reason] = {int(r): r for r in Reason}  # a dict read per block of a trace, not Reason(code)

@@ -1,5 +1,5 @@
 """Per-part latency profile of a model at one batch size (:func:`profile_blocks`, :class:`BlockProfile`) and what
-the decision heads cost (:func:`gate_cost`; an early-exit check inside a run: :func:`exit_check_cost`). The
+the decision heads cost (:func:`gate_cost`, from the profile; one decision inside runs: :func:`decision_cost`). The
 prediction of a decision set's latency from a profile is :mod:`skipviz.measure.predict`'s."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ..engine.rows import gather_rows, scatter_rows_
+from ..policies.base import Decision, Plan, Policy
 from ..policies.simple import EarlyExitPolicy, FullPolicy
 from ..policies.threshold import GatePolicy, PlanPolicy
 from .clock import DeviceInfo, asdict_with, device_info, measure_interleaved, measure_latency, resolve_device
@@ -17,7 +18,7 @@ from .runs import _as_net_input, _check_input, _net_device
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.network import SkipNetwork
 
-__all__ = ["BlockProfile", "ExitCheckCost", "GateCost", "exit_check_cost", "gate_cost", "profile_blocks"]
+__all__ = ["BlockProfile", "DecisionCost", "GateCost", "decision_cost", "gate_cost", "profile_blocks"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class BlockProfile:
     block_half_ms: list[float] = field(default_factory=list)
     plan_ms: float = 0.0  # the plan head's decisions for the batch (PlanPolicy), 0 without a plan head
     block_scale: float = 1.0
-    # one early-exit check (probe head, softmax, threshold) inside a run, measured there (exit_check_cost): a
+    # one early-exit check (probe head, softmax, threshold) inside a run, measured there (decision_cost): a
     # batch-1 EfficientNet run paid 130-210 us per check against 25-50 us for the probe timed alone
     probe_ms: float = 0.0
 
@@ -153,7 +154,7 @@ def profile_blocks(net: "SkipNetwork", batch_size: int = 1, device: str | torch.
             both = measure_interleaved({"full": lambda: _inference(net, x),
                                         "full_run": lambda: _inference(net.run, x, FullPolicy())}, **kw)
         # one home for what an exit check costs: per batch of bs, the engine's per-run cost spread over the checks
-        probe_ms = (exit_check_cost(net, x, rounds=repeats, batch_size=bs, threads=threads).check_ms * bs
+        probe_ms = (decision_cost(net, x, "early_exit", rounds=repeats, batch_size=bs, threads=threads).check_ms * bs
                     if net.probes is not None and net.num_blocks > 1 else 0.0)
     finally:
         net.train(was_training)
@@ -185,13 +186,55 @@ class _ExitChecksOnly(EarlyExitPolicy):
         return (False if ex[0].__class__ is bool else torch.zeros_like(ex[0])), ex[1], ex[2]
 
 
+class _GatesOnly(GatePolicy):
+    """Evaluates every gate as a real decision does (its threshold above 0) and runs every block."""
+
+    def __init__(self) -> None:
+        super().__init__(1.0)
+
+    def decide(self, net: "SkipNetwork", index: int, h: torch.Tensor) -> Decision:
+        d = super().decide(net, index, h)
+        return Decision(True, d.reason, d.score, d.threshold, d.evaluated)
+
+
+class _PlanOnly(PlanPolicy):
+    """Evaluates the plan head as a real plan does and runs every block."""
+
+    def __init__(self) -> None:
+        super().__init__(1.0)
+
+    def plan(self, net: "SkipNetwork", h: torch.Tensor) -> Plan:
+        p = super().plan(net, h)
+        return Plan([True] * len(p.execute), p.score, p.reason, p.threshold, p.evaluated)
+
+
+def _decisions_only(net: "SkipNetwork", source: str) -> tuple[Policy, int]:
+    """The policy that makes every decision of ``source`` and skips nothing, and the decisions per input."""
+    if source == "early_exit":
+        policy: Policy = _ExitChecksOnly()
+        n = sum(policy.exits_possible_after(net, i) for i in range(net.num_blocks))
+        if not n:
+            raise ValueError(f"{net.meta.display_name} has no probe heads: there is no exit check to time")
+        return policy, n
+    if source == "gates":
+        if not net.gated_blocks:
+            raise ValueError(f"{net.meta.display_name} has no gate heads: there is no gate decision to time")
+        return _GatesOnly(), len(net.gated_blocks)
+    if source == "plan":
+        if net.plan_head is None:
+            raise ValueError(f"{net.meta.display_name} has no plan head: there is no plan to time")
+        return _PlanOnly(), 1
+    raise ValueError(f"unknown decision source {source!r}: 'gates', 'plan' or 'early_exit'")
+
+
 @dataclass(frozen=True)
-class ExitCheckCost:
-    """What one early-exit check (probe head, softmax, threshold) costs inside a run, from paired rounds of the
-    full network against a run checking after every block with a probe and letting no input leave: ``checks``
-    per input, ``check_ms`` one check (the median per-round difference over ``checks``), ``full_ms`` the full
-    run (median), both per input at ``batch_size``; ``device`` as the saving's label (``"CPU (2 threads)"``),
-    ``device_name`` the processor or GPU model."""
+class DecisionCost:
+    """What one decision of a source costs inside a run (an early-exit check: probe head, softmax, threshold; a
+    gate: gate head, sigmoid, threshold; the plan head, once per input), from paired rounds of the full network
+    against a run making every decision of ``source`` and skipping nothing: ``checks`` decisions per input,
+    ``check_ms`` one decision (the median per-round difference over ``checks``), ``full_ms`` the full run (median),
+    both per input at ``batch_size``; ``device`` as the saving's label (``"CPU (2 threads)"``), ``device_name``
+    the processor or GPU model."""
 
     checks: int
     check_ms: float
@@ -200,40 +243,42 @@ class ExitCheckCost:
     batch_size: int
     device: str
     device_name: str = ""
+    source: str = "early_exit"
 
     @property
     def fraction(self) -> float:
-        """One check's time over the full run's."""
+        """One decision's time over the full run's."""
         return self.check_ms / self.full_ms
 
     def to_dict(self) -> dict:
         return asdict_with(self, "fraction")
 
 
-def exit_check_cost(net: "SkipNetwork", x: torch.Tensor, rounds: int = 30, batch_size: int = 1,
-                    threads: int | None = None) -> ExitCheckCost:
-    """Time the exit checks of ``net`` (it needs probe heads) on ``x`` (N, 3, H, W, normalised; N a multiple of
-    ``batch_size``) in batches of ``batch_size``: the plain full forward against a run with every check and no
-    exit (so the engine's own per-run cost counts with the checks), in ``rounds`` interleaved paired rounds
+def decision_cost(net: "SkipNetwork", x: torch.Tensor, source: str = "early_exit", rounds: int = 30,
+                  batch_size: int = 1, threads: int | None = None) -> DecisionCost:
+    """Time the decisions of ``source`` (``"early_exit"``: every exit check ``net``'s probes allow; ``"gates"``:
+    every gate; ``"plan"``: the plan head) on ``x`` (N, 3, H, W, normalised; N a multiple of ``batch_size``) in
+    batches of ``batch_size``: the plain full forward against a run making every decision and skipping nothing
+    (so the engine's own per-run cost counts with them), in ``rounds`` interleaved paired rounds
     (:func:`~skipviz.measure.saving.measure_saving`). A ratio of paired times: the machine's drift, which moved a
-    batch-1 EfficientNet-Lite0 forward between 12 and 20 ms within minutes on the 2-core AMD EPYC, cancels."""
+    batch-1 EfficientNet-Lite0 forward between 12 and 20 ms within minutes on the 2-core AMD EPYC, cancels.
+    Decisions timed inside runs, not one by one: a decision timed alone on warm caches took a third to a half of
+    its time inside a run (the shipped EfficientNet-Lite0's gates: 1.9 % of the run one by one, 3.3 % inside runs,
+    2-core AMD EPYC)."""
     from .saving import measure_saving
 
-    checks = _ExitChecksOnly()
-    n_checks = sum(checks.exits_possible_after(net, i) for i in range(net.num_blocks))
-    if not n_checks:
-        raise ValueError(f"{net.meta.display_name} has no probe heads: there is no exit check to time")
+    policy, n = _decisions_only(net, source)
     was_training = net.training
     net.eval()
     try:
         with torch.inference_mode():
-            s = measure_saving(net, x, checks, batch_size=batch_size, rounds=rounds, threads=threads)
+            s = measure_saving(net, x, policy, batch_size=batch_size, rounds=rounds, threads=threads)
     finally:
         net.train(was_training)
     per_input = 1e3 / batch_size  # measure_saving's seconds per batch -> ms per input
-    return ExitCheckCost(checks=n_checks, check_ms=max(0.0, -s.saving_s) * per_input / n_checks,
-                         full_ms=s.full_median_s * per_input, rounds=s.rounds, batch_size=batch_size, device=s.device,
-                         device_name=device_info(_net_device(net)).device_name)
+    return DecisionCost(checks=n, check_ms=max(0.0, -s.saving_s) * per_input / n, full_ms=s.full_median_s * per_input,
+                        rounds=s.rounds, batch_size=batch_size, device=s.device,
+                        device_name=device_info(_net_device(net)).device_name, source=source)
 
 
 def _timer(kw: dict) -> Callable[[Callable[[], object], str], float]:

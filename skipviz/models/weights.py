@@ -178,7 +178,7 @@ class ModelMeta:
             rows.append(("default decision source", DECISION_SOURCES[card["default_source"]].label))
         if card.get("default_policy"):
             rows.append(("default policy", json.dumps({k: v for k, v in card["default_policy"].items()
-                                                       if k != "rule"})))
+                                                       if k not in ("rule", "time_model")})))
         if card.get("date"):
             rows.append(("trained", str(card["date"])))
         if card.get("reproduce"):

@@ -55,6 +55,7 @@ _FIXED_REASONS: dict[Reason, str] = {
     Reason.STATIC_SKIP: "static mask",
     Reason.STATIC_RUN: "not in static mask",
     Reason.NOT_GATED: "no gate on this block: always runs",
+    Reason.CANNOT_SKIP: "threshold 0: no probability is below it, so the block runs and its head is not evaluated",
 }
 
 

@@ -33,6 +33,7 @@ __all__ = ["DECISION_SOURCES", "DecisionSource", "GatePolicy", "PlanPolicy", "TH
 
 
 _GATE_RUN, _GATE_SKIP = int(Reason.GATE_RUN), int(Reason.GATE_SKIP)
+_CANNOT_SKIP = int(Reason.CANNOT_SKIP)
 
 
 class GatePolicy(Policy):
@@ -40,7 +41,9 @@ class GatePolicy(Policy):
 
     ``threshold`` is the global threshold; ``overrides`` maps a block index to ``"run"`` (force run),
     ``"skip"`` (force skip) or a float (that block's own threshold). Blocks without a gate head always run.
-    The gate is evaluated on every running sample (its FLOPs count) unless the block is forced. A batch of
+    The gate is evaluated on every running sample (its FLOPs count) unless the block is forced or its threshold
+    is 0 (a probability is never below 0: the block runs whatever the gate says, so the gate is not evaluated and
+    costs nothing; ``Reason.CANNOT_SKIP``). A batch of
     one is decided on the host from the gate's probability in float64 (:meth:`GateHead.probability_of_one`), a
     batch from float32 probabilities: the two agree except for a probability within float rounding (~1e-7) of
     the threshold.
@@ -66,6 +69,8 @@ class GatePolicy(Policy):
         if gate is None:
             return Decision(execute=True, reason=int(Reason.NOT_GATED))
         t = ov if isinstance(ov, float) else self.threshold
+        if t <= 0.0:  # no probability is below 0: the decision is known without the gate
+            return Decision(True, _CANNOT_SKIP, None, t, False)
         if h.shape[0] == 1:  # batch of one: decide on the host from one read-back, no gather/scatter needed
             p = gate.probability_of_one(h)
             run = p >= t
@@ -76,8 +81,12 @@ class GatePolicy(Policy):
         return Decision(execute=execute, reason=reason, score=prob, threshold=t, evaluated=True)
 
     def head_flops(self, table: "FlopTable") -> list[int]:
-        return [table.gates.get(i, 0) if not isinstance(self.overrides.get(i), str) else 0
-                for i in range(len(table.blocks))]
+        return [table.gates.get(i, 0) if self.evaluates(i) else 0 for i in range(len(table.blocks))]
+
+    def evaluates(self, index: int) -> bool:
+        """Whether block ``index``'s head is evaluated (where the network has one): not forced, threshold above 0."""
+        ov = self.overrides.get(index)
+        return not isinstance(ov, str) and (ov if isinstance(ov, float) else self.threshold) > 0.0
 
     def config(self) -> dict:
         return {"name": self.name, "threshold": self.threshold,
@@ -151,7 +160,11 @@ class PlanPolicy(GatePolicy):
         for j, i in enumerate(head.gated_blocks):
             ov = overrides.get(i)
             if not isinstance(ov, str):
-                free.append((i, j, self.threshold if ov is None else ov))
+                t = self.threshold if ov is None else ov
+                if t > 0.0:
+                    free.append((i, j, t))
+                elif 0 <= i < n_blocks:  # threshold 0: runs whatever the plan says (GatePolicy.decide)
+                    re[i] = _CANNOT_SKIP
         return ex, re, free
 
     def decide(self, net: "SkipNetwork", index: int, h: torch.Tensor) -> Decision:
@@ -159,7 +172,9 @@ class PlanPolicy(GatePolicy):
                         "(SkipNetwork.run does)")
 
     def head_flops(self, table: "FlopTable") -> list[int]:
-        return [table.plan if i == 0 else 0 for i in range(len(table.blocks))]
+        # the head runs when a block it decides has a threshold above 0 (its blocks are not in the table: any)
+        evaluated = self.threshold > 0.0 or any(isinstance(v, float) and v > 0.0 for v in self.overrides.values())
+        return [table.plan if i == 0 and evaluated else 0 for i in range(len(table.blocks))]
 
     def reason_text(self, code: Reason, score: float | None, threshold: float | None, index: int,
                     exit_block: int | None = None) -> str:

@@ -11,7 +11,13 @@ Operating points are chosen on the validation split carved from ``train/`` and r
   ``min_agreement`` at the lower end of its Wilson interval at ``faithful_margin_se`` standard errors
   (:func:`~skipviz.evaluate.agreement_meets`).
 
-"fast" is the gates' (and the plan head's) default threshold.
+Both must also save batch-1 time as predicted with the decisions' measured cost
+(:mod:`skipviz.training.decision_points`): a
+gate decision costs time at every gated block whatever it decides, so a threshold that cuts fewer FLOPs than its
+decisions cost is no operating point (the shipped EfficientNet-Lite0's nine gates cost 3 % of a batch-1 run,
+against 1.3 % of FLOPs cut at the one threshold within a point of accuracy: the gates were measurably slower than
+the full network). "fast" is the gates' (and the plan head's) default threshold; without one the default is 0,
+at which no gate can close and none is evaluated: the full network.
 
 For a user's network (``DistillConfig.model``, e.g. ``timm:resnet50``) the same evaluation runs on the user's
 images: reported on ``val/`` when the folder has one (else on the validation split alone); when the images
@@ -34,13 +40,13 @@ from ..models._registry import data_dir
 from ..data import TensorDataset, imagenette_root
 from ..engine.heads import PlanHead
 from ..engine.network import SkipNetwork
-from ..evaluate import curve_row, operating_point
-from ..measure.profile import exit_check_cost
+from ..measure.profile import decision_cost
 from .distill import (DistillConfig, build_network, head_state, load_training_images, split_train_val, test_images,
                       with_extra_images)
+from .decision_points import cost_inputs, decision_defaults, default_source, threshold_points
 from .exit_points import ExitPoints, ExitPointsConfig, exit_operating_points
 
-__all__ = ["HeadsExportConfig", "STORAGE_NOTE", "default_source", "export_heads"]
+__all__ = ["HeadsExportConfig", "STORAGE_NOTE", "export_heads"]
 
 
 @dataclass
@@ -53,7 +59,7 @@ class HeadsExportConfig:
     # after are chosen by the batch-1 time predicted with the cost of a check measured at the start of the export
     exit_thresholds: tuple[float, ...] = ExitPointsConfig.thresholds
     check_cost_inputs: int = 8  # seeded random inputs, timed one by one
-    check_cost_rounds: int = 30  # paired rounds (skipviz.measure.profile.exit_check_cost)
+    check_cost_rounds: int = 30  # paired rounds (skipviz.measure.profile.decision_cost), for exits, gates and plan
     max_drop_points: float = 1.0
     min_agreement: float = 0.99
     faithful_margin_se: float = ExitPointsConfig.faithful_margin_se  # skipviz.evaluate.agreement_meets
@@ -80,20 +86,6 @@ def _round_to_storage(net: SkipNetwork) -> None:
     for v in net.state_dict().values():
         if v.is_floating_point():
             v.copy_(v.half().to(v.dtype))
-
-
-def default_source(points: dict) -> str:
-    """The decision source a card recommends (its ``default_source``) from its operating points: the early exits
-    when their faithful point met its rule on validation and cuts more FLOPs there than the gates' fast point
-    (more saved, and the network's answers kept), else the gates."""
-    def cut(source: str, name: str) -> float | None:
-        point = (points.get(source) or {}).get(name) or {}
-        val = point.get("validation") if point.get("threshold") is not None else None
-        return val.get("flops_saved_fraction") if isinstance(val, dict) else None
-
-    exits, gates = cut("early_exit", "faithful"), cut("gates", "fast")
-    met = ((points.get("early_exit") or {}).get("faithful") or {}).get("rule_met_on_validation", False)
-    return "early_exit" if exits is not None and met and exits > (gates or 0.0) else "gates"
 
 
 def _exit_config(cfg: HeadsExportConfig) -> ExitPointsConfig:
@@ -225,11 +217,7 @@ def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Pa
         "training": {"config": asdict(dcfg), "epochs_run": len(log), "log": log,
                      "hours": sum(r["seconds"] for r in log) / 3600, "cpu": cpu_name(), "device": "cpu",
                      "labels_used": False},
-        "default_policy": {"name": "gates", "threshold": fast_t, "operating_point": "fast",
-                           "rule": (f"largest FLOPs cut on validation with accuracy drop <= {cfg.max_drop_points} "
-                                    "points vs the published full network") if labelled else
-                                   (f"largest FLOPs cut on validation with top-1 agreement >= "
-                                    f"{cfg.unlabelled_fast_agreement} with the full network (no labels)")},
+        "default_policy": ev["defaults"][0],
         "operating_points": points,
         "default_source": default_source(points),
         "flops": card_flops(net._count_flops(tuple(net.meta.input_size[-2:]))),
@@ -238,6 +226,7 @@ def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Pa
                           "gate_curve": test["gates"].to_dict("records"),
                           "early_exit_curve": exits.test.to_dict("records") if exits.test is not None else [],
                           "blocks_mean_correct": outcome["correct"], "blocks_mean_wrong": outcome["wrong"],
+                          "outcome_threshold": fast_t,
                           "per_class": per_class.to_dict("records")} if outcome is not None else {}),
         "metrics_validation": {"full_accuracy": val["full"].accuracy if labelled else None,
                                **({"published_full_accuracy": val["published"].accuracy if labelled else None}
@@ -245,7 +234,7 @@ def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Pa
                                "gate_curve": val["gates"].to_dict("records"),
                                "early_exit_curve": exits.validation.to_dict("records")},
         "early_exit": exits.card_section(_exit_config(cfg)),
-        "plan": {**plan, "default_threshold": points["plan"]["fast"]["threshold"] or cfg.plan_thresholds[0],
+        "plan": {**plan, **ev["defaults"][1],
                  "validation": {"curve": val["plan"].to_dict("records")},
                  "curve_test": test["plan"].to_dict("records") if test is not None else None},
         "software": software_versions(),
@@ -258,21 +247,6 @@ def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Pa
         if test is not None and outcome is None:  # a test split without labels: the curves, no accuracy
             card["metrics_test"] = {"gate_curve": test["gates"].to_dict("records")}
     return card
-
-
-def _threshold_points(val: dict, test: dict | None, cfg: HeadsExportConfig, labelled: bool) -> dict:
-    """The gates' and the plan's fast and faithful points, chosen on the validation curves ``val`` and reported
-    on the test curves ``test``."""
-    points = {}
-    for source in ("gates", "plan"):
-        fast = (operating_point(val[source], max_drop_points=cfg.max_drop_points) if labelled else
-                operating_point(val[source], min_agreement=cfg.unlabelled_fast_agreement))
-        faithful = operating_point(val[source], min_agreement=cfg.min_agreement, margin_se=cfg.faithful_margin_se)
-        points[source] = {"fast": {"threshold": fast, "validation": curve_row(val[source], fast),
-                                   "test": curve_row(test[source], fast) if test is not None else None},
-                          "faithful": {"threshold": faithful, "validation": curve_row(val[source], faithful),
-                                       "test": curve_row(test[source], faithful) if test is not None else None}}
-    return points
 
 
 def _write(net: SkipNetwork, card: dict, dcfg: DistillConfig, src: dict, dest: Path, val: dict,
@@ -332,8 +306,8 @@ def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: st
     if tuned:
         _round_to_storage(net)  # the card's numbers are measured on exactly what ships (the plan head: below)
     # first, while the machine is quiet: the exits' blocks are chosen by the batch-1 time predicted with it
-    x = torch.randn(cfg.check_cost_inputs, *net.meta.input_size, generator=torch.Generator().manual_seed(0))
-    check_cost = exit_check_cost(net, x, rounds=cfg.check_cost_rounds)
+    x = cost_inputs(net, cfg)
+    costs = {source: decision_cost(net, x, source, rounds=cfg.check_cost_rounds) for source in ("early_exit", "gates")}
     train_set, val_set = split_train_val(dcfg, load_training_images(dcfg, net, root, progress=False))
     train_set = with_extra_images(dcfg, net, train_set, progress=False)  # the plan head learns from them too
     test_set = test_images(dcfg, net, root)
@@ -341,13 +315,15 @@ def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: st
     plan = _fit_plan(net, train_set, val_set, cfg)
     if tuned:
         _round_to_storage(net)  # the plan head just fitted, before anything is measured
+    costs["plan"] = decision_cost(net, x, "plan", rounds=cfg.check_cost_rounds)
     val = _curves(net, val_set, cfg, published)
     test = _curves(net, test_set, cfg, published) if test_set is not None else None
-    points = _threshold_points(val, test, cfg, labelled)
-    exits = exit_operating_points(net, val_set, val["published"], check_cost, test_set,
+    points = threshold_points(val, test, cfg, labelled, costs)
+    exits = exit_operating_points(net, val_set, val["published"], costs["early_exit"], test_set,
                                   test["published"] if test is not None else None, _exit_config(cfg))
     points["early_exit"] = exits.points
-    fast_t = points["gates"]["fast"]["threshold"] or cfg.gate_thresholds[0]  # none qualifies: the most cautious
+    # the outcome tables at the gates' fast point; without one at the most cautious threshold measured
+    fast_t = points["gates"]["fast"]["threshold"] or cfg.gate_thresholds[0]
     classes = imagenet_classes() if dcfg.model is None else list(net.meta.classes)
     outcome, per_class = None, None
     if test is not None and bool((test_set.labels >= 0).all()):
@@ -355,7 +331,7 @@ def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: st
     src = _source(dcfg, net, str(root), labelled)
     card = _card(net, dcfg, cfg, run, {"train": train_set, "validation": val_set, "test": test_set},
                  {"plan": plan, "val": val, "test": test, "points": points, "fast": fast_t, "labelled": labelled,
-                  "exits": exits,
+                  "exits": exits, "defaults": decision_defaults(points, costs, cfg, labelled),
                   "outcome": outcome, "per_class": per_class, "classes": classes, "source": src}, t_start)
     weights_path = _write(net, card, dcfg, src, dest or data_dir(), val, test)
     return weights_path, card

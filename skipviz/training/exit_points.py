@@ -9,7 +9,7 @@ card's ``early_exit.blocks``, what :func:`~skipviz.policies.policy_for` builds w
 the two named points save together, predicted by a cost model in units of the full run: an input's FLOPs (at
 batch 1 the bypassed blocks' time follows their FLOPs: the same decisions replayed for free saved 0.93-1.19 of
 their FLOPs' share, ``benchmarks/batch1_decision_ceiling.py``) plus each check it passes at its measured share of
-the full run (:func:`~skipviz.measure.profile.exit_check_cost`, a ratio of paired times: machine drift, which
+the full run (:func:`~skipviz.measure.profile.decision_cost`, a ratio of paired times: machine drift, which
 moved that forward between 12 and 20 ms within minutes, cancels; a per-block profile did not, its block times
 varied by half between runs). The named points differ in their threshold only, so a dashboard slider over the
 threshold reaches both.
@@ -31,7 +31,7 @@ from ..data import TensorDataset, normalize
 from ..engine.flops import FlopTable
 from ..engine.network import SkipNetwork
 from ..evaluate.loop import PolicyEval, agreement_margin_words, curve_row, operating_point, threshold_curve
-from ..measure.profile import ExitCheckCost
+from ..measure.profile import DecisionCost
 from ..policies import EarlyExitPolicy
 
 __all__ = ["ExitPointsConfig", "ExitPoints", "ProbeOutputs", "choose_exit_blocks", "exit_operating_points",
@@ -174,7 +174,7 @@ class ExitPoints:
     blocks: list[int]
     points: dict
     choice: list[dict]
-    check_cost: ExitCheckCost
+    check_cost: DecisionCost
     validation: pd.DataFrame
     test: pd.DataFrame | None
 
@@ -208,7 +208,7 @@ def _curve(net: SkipNetwork, data: TensorDataset, reference: PolicyEval, blocks:
 
 
 def exit_operating_points(net: SkipNetwork, val_set: TensorDataset, val_reference: PolicyEval,
-                          check_cost: ExitCheckCost, test_set: TensorDataset | None = None,
+                          check_cost: DecisionCost, test_set: TensorDataset | None = None,
                           test_reference: PolicyEval | None = None,
                           cfg: ExitPointsConfig = ExitPointsConfig()) -> ExitPoints:
     """Choose the blocks exits are checked after (:func:`choose_exit_blocks`, by the batch-1 time predicted with

@@ -11,7 +11,7 @@ import torch
 from skipviz import EarlyExitPolicy, FullPolicy, GatePolicy, StaticMaskPolicy, create_model
 from skipviz.measure.predict import SWAP_FRACTION_ESTIMATE, check_prediction, predict_latency
 from skipviz.cli.bench import BenchConfig, results_markdown
-from skipviz.measure.profile import BlockProfile, exit_check_cost, gate_cost, profile_blocks
+from skipviz.measure.profile import BlockProfile, decision_cost, gate_cost, profile_blocks
 from skipviz.measure.clock import device_info, measure_interleaved, measure_latency, measure_per_input, resolve_device
 from skipviz.measure.runs import run_masked, time_policy
 
@@ -267,13 +267,41 @@ def test_profile_blocks_and_prediction_are_positive_and_monotone(tiny_net, batch
 
 
 def test_exit_check_cost_is_a_paired_share_of_the_full_run(tiny_net, batch):
-    cost = exit_check_cost(tiny_net, batch[:4], rounds=3)
-    assert cost.checks == tiny_net.num_blocks - 1 and cost.rounds == 3 and cost.batch_size == 1
+    cost = decision_cost(tiny_net, batch[:4], rounds=3)
+    assert cost.source == "early_exit" and cost.checks == tiny_net.num_blocks - 1
+    assert cost.rounds == 3 and cost.batch_size == 1
     assert cost.full_ms > 0 and cost.check_ms >= 0 and cost.fraction == cost.check_ms / cost.full_ms
     assert cost.device.startswith("CPU") and cost.device_name == device_info("cpu").device_name
     assert json.dumps(cost.to_dict())
     with pytest.raises(ValueError, match="no probe heads"):
-        exit_check_cost(create_model("cifar_resnet20", probes=False), batch[:2], rounds=2)
+        decision_cost(create_model("cifar_resnet20", probes=False), batch[:2], rounds=2)
+
+
+def test_gate_and_plan_decisions_are_timed_as_made_inside_runs_that_skip_nothing(tiny_net, batch, monkeypatch):
+    planned = create_model("cifar_resnet20", plan=True).eval()
+    called = {"gates": 0, "plan": 0}
+    for g in planned.gated_blocks:
+        real = planned.gate(g).probability_of_one
+        monkeypatch.setattr(planned.gate(g), "probability_of_one",
+                            lambda h, real=real: called.__setitem__("gates", called["gates"] + 1) or real(h))
+    real_plan = planned.plan_head.probabilities_of_one
+    monkeypatch.setattr(planned.plan_head, "probabilities_of_one",
+                        lambda h: called.__setitem__("plan", called["plan"] + 1) or real_plan(h))
+    gates = decision_cost(planned, batch[:2], "gates", rounds=2)
+    plan = decision_cost(planned, batch[:2], "plan", rounds=2)
+    assert (gates.source, gates.checks, plan.source, plan.checks) == ("gates", len(planned.gated_blocks), "plan", 1)
+    assert called["gates"] > 0 and called["plan"] > 0  # every decision really made (batch of one: the host path)
+    assert gates.check_ms >= 0 and plan.check_ms >= 0 and gates.full_ms > 0
+    from skipviz.measure.profile import _GatesOnly, _PlanOnly
+    x = batch[:3]
+    with torch.no_grad():
+        for policy in (_GatesOnly(), _PlanOnly()):
+            res = planned.run(x, policy)
+            assert res.executed.all() and torch.equal(res.logits, planned(x))
+    with pytest.raises(ValueError, match="no plan head"):
+        decision_cost(tiny_net, batch[:2], "plan", rounds=2)
+    with pytest.raises(ValueError, match="unknown decision source"):
+        decision_cost(tiny_net, batch[:2], "kl", rounds=2)
 
 
 def test_gate_heads_cost_under_two_percent_of_flops(tiny_net):

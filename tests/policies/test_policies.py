@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skipviz import FullPolicy, PlanHead, PlanPolicy, Reason, create_model, policy_for, policy_from_config
+from skipviz import (FullPolicy, GatePolicy, PlanHead, PlanPolicy, Reason, StaticMaskPolicy, create_model, policy_for,
+                     policy_from_config)
 from skipviz.measure.runs import run_masked
 from skipviz.policies import Plan
 
@@ -59,9 +60,55 @@ def test_plan_flops_are_counted_once_per_input(planned_net):
     table = planned_net.flop_table()
     assert table.plan == 2 * (16 * 16 * 128 + 128 * len(planned_net.gated_blocks))  # two linear layers
     x = varied_images(4, seed=6)
-    res = planned_net.run(x, PlanPolicy(0.0))  # every block runs: the plan is the only extra
+    res = planned_net.run(x, PlanPolicy(1e-6))  # every block runs: the plan is the only extra
+    assert res.executed.all()
     assert torch.equal(res.flops_executed(), torch.full((4,), table.full + table.plan))
     assert PlanPolicy(0.5).head_flops(table) == [table.plan] + [0] * 8
+    assert PlanPolicy(0.0).head_flops(table) == [0] * 9  # threshold 0: the head is not evaluated
+    assert PlanPolicy(0.0, {3: 0.5}).head_flops(table) == [table.plan] + [0] * 8
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("a head was evaluated at threshold 0")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("n", [1, 4])
+def test_at_threshold_zero_no_head_is_evaluated_and_every_block_runs(planned_net, n, monkeypatch):
+    # a probability is never below 0: the decision is known without the head, which then costs no time and no
+    # FLOPs (the card's "gates cannot close" default is the full network, not the full network plus its gates)
+    net, x, table = planned_net, varied_images(n, seed=8), planned_net.flop_table()
+    full = net.run(x, FullPolicy())
+    for g in net.gated_blocks:
+        monkeypatch.setattr(net.gate(g), "forward", _refuse)
+        monkeypatch.setattr(net.gate(g), "probability_of_one", _refuse)
+    monkeypatch.setattr(net.plan_head, "forward", _refuse)
+    monkeypatch.setattr(net.plan_head, "probabilities_of_one", _refuse)
+    for policy in (GatePolicy(0.0), PlanPolicy(0.0), GatePolicy(0.0, {1: "skip"}), PlanPolicy(0.0, {1: "skip"})):
+        res = net.run(x, policy)
+        forced = policy.overrides.get(1) == "skip"
+        assert res.executed[:, [i for i in range(9) if not (forced and i == 1)]].all()
+        assert torch.equal(res.logits, net.run(x, StaticMaskPolicy({1} if forced else set())).logits)
+        assert torch.equal(res.flops_executed(), net.run(x, StaticMaskPolicy({1} if forced else set())).flops_executed())
+        block = res.traces()[0].blocks[net.gated_blocks[-1]]
+        assert block.score is None and block.executed and block.reason.startswith("threshold 0: ")
+    assert torch.equal(net.run(x, GatePolicy(0.0)).logits, full.logits)
+    assert GatePolicy(0.0).head_flops(table) == [0] * 9
+
+
+@torch.no_grad()
+def test_a_block_threshold_of_zero_spares_only_that_blocks_head(planned_net):
+    net, x = planned_net, varied_images(4, seed=9)
+    zero, other = net.gated_blocks[0], net.gated_blocks[1]
+    res = net.run(x, GatePolicy(0.5, {zero: 0.0}))
+    assert res.executed[:, zero].all() and res.scores[:, zero].isnan().all()
+    assert not res.scores[:, other].isnan().any()
+    table = net.flop_table()
+    assert GatePolicy(0.5, {zero: 0.0}).head_flops(table)[zero] == 0
+    assert GatePolicy(0.5, {zero: 0.0}).head_flops(table)[other] == table.gates[other]
+    plan = net.run(x, PlanPolicy(0.5, {zero: 0.0}))
+    assert plan.executed[:, zero].all() and plan.scores[:, zero].isnan().all()
+    assert plan.traces()[0].blocks[zero].reason.startswith("threshold 0: ")
 
 
 @torch.no_grad()

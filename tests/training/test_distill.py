@@ -62,6 +62,15 @@ def test_distill_then_export_keeps_the_backbone_and_writes_a_card(tiny_imagenett
     assert create_model("efficientnet_lite0", weights=path).meta.source_options("early_exit")["blocks"] == \
         exits["blocks"]  # what policy_for builds the exits with
     assert card["training"]["cpu"] and card["classes"][701] == "parachute"
+    # the gates' and the plan's points pay for their decisions, measured inside runs; without one: threshold 0
+    gates, plan = card["default_policy"], card["plan"]
+    assert gates["time_model"]["decision_cost"]["checks"] == 9 and plan["time_model"]["decision_cost"]["checks"] == 1
+    for source, default in (("gates", gates["threshold"]), ("plan", plan["default_threshold"])):
+        fast = card["operating_points"][source]["fast"]
+        assert default == (fast["threshold"] if fast["threshold"] is not None else 0.0)
+        if fast["threshold"] is not None:
+            assert fast["validation"]["time_saved_fraction_predicted"] > 0
+    assert all("time_saved_fraction_predicted" in r for r in card["metrics_validation"]["gate_curve"])
     net = create_model("efficientnet_lite0", weights=path)
     assert net.plan_head is not None
     after = net.state_dict()
@@ -206,7 +215,7 @@ def test_a_run_is_not_resumed_as_another_kind_of_run(tiny_imagenette, tmp_path, 
 
 
 def test_the_card_recommends_exits_only_when_their_faithful_point_saves_more():
-    from skipviz.training.distill_export import default_source
+    from skipviz.training.decision_points import default_source
 
     def point(t, cut, met=True):
         return {"threshold": t, "rule_met_on_validation": met, "validation": {"flops_saved_fraction": cut}}

@@ -9,7 +9,7 @@ from skipviz.data import TensorDataset
 from skipviz.evaluate import evaluate_policy
 from skipviz.policies import EarlyExitPolicy, FullPolicy
 from skipviz.engine.flops import FlopTable
-from skipviz.measure.profile import ExitCheckCost
+from skipviz.measure.profile import DecisionCost
 from skipviz.training.exit_points import (ExitPointsConfig, ProbeOutputs, choose_exit_blocks, exit_operating_points,
                                           probe_outputs, simulate_exits)
 
@@ -21,8 +21,8 @@ def _images(n: int, seed: int, labels: torch.Tensor | None = None) -> TensorData
     return TensorDataset(images, y, [str(i) for i in range(10)], [f"{i}.png" for i in range(n)], "mem", "0" * 64)
 
 
-def _check_cost(fraction: float) -> ExitCheckCost:
-    return ExitCheckCost(checks=8, check_ms=fraction * 10.0, full_ms=10.0, rounds=3, batch_size=1, device="CPU")
+def _check_cost(fraction: float) -> DecisionCost:
+    return DecisionCost(checks=8, check_ms=fraction * 10.0, full_ms=10.0, rounds=3, batch_size=1, device="CPU")
 
 
 @pytest.mark.parametrize("labelled", [True, False])

@@ -1,0 +1,139 @@
+"""The gates' and the plan head's operating points of a distilled card (:mod:`skipviz.training.distill_export`),
+priced with their decisions' measured cost, and the card's recommended decision source.
+
+A gate decision costs time at every gated block whatever it decides, and the plan head once per input: timed
+inside runs that skip nothing (:func:`~skipviz.measure.profile.decision_cost`), the shipped EfficientNet-Lite0's
+nine gates took 3 % of a batch-1 run on the 2-core AMD EPYC, while its one gate threshold within a point of
+accuracy cut 1.3 % of the FLOPs: at that default the gates ran slower than the full network. So a point must
+also save batch-1 time, predicted in units of the full run as its FLOPs cut less every decision's measured share
+(:func:`decision_time_saved`), as the early exits' blocks are chosen (:mod:`skipviz.training.exit_points`). A
+source without a fast point defaults to threshold 0, at which no probability is below the threshold: every block
+runs and no head is evaluated (``Reason.CANNOT_SKIP``), the full network. :func:`reprice_decisions` applies this
+to a card already written, from the curves it holds.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import torch
+
+from ..engine.network import SkipNetwork
+from ..evaluate import curve_row, operating_point
+from ..measure.profile import DecisionCost, decision_cost
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .distill_export import HeadsExportConfig
+
+__all__ = ["cost_inputs", "decision_defaults", "decision_time_saved", "default_source", "reprice_decisions",
+           "threshold_points"]
+
+
+def default_source(points: dict) -> str:
+    """The decision source a card recommends (its ``default_source``) from its operating points: the early exits
+    when their faithful point met its rule on validation and cuts more FLOPs there than the gates' fast point
+    (more saved, and the network's answers kept), else the gates."""
+    def cut(source: str, name: str) -> float | None:
+        point = (points.get(source) or {}).get(name) or {}
+        val = point.get("validation") if point.get("threshold") is not None else None
+        return val.get("flops_saved_fraction") if isinstance(val, dict) else None
+
+    exits, gates = cut("early_exit", "faithful"), cut("gates", "fast")
+    met = ((points.get("early_exit") or {}).get("faithful") or {}).get("rule_met_on_validation", False)
+    return "early_exit" if exits is not None and met and exits > (gates or 0.0) else "gates"
+
+
+def decision_time_saved(curve: pd.DataFrame, cost: DecisionCost) -> pd.Series:
+    """Batch-1 time saved, predicted in units of the full run, at each row of a gate or plan threshold curve
+    (rows: ``flops_saved_fraction``, decision heads' FLOPs counted as spent): the FLOPs cut less every decision's
+    measured share of the run (``cost``: ``checks`` decisions per input, each ``cost.fraction``; all of them made
+    at every threshold above 0)."""
+    return curve["flops_saved_fraction"] - cost.checks * cost.fraction
+
+
+def threshold_points(val: dict, test: dict | None, cfg: HeadsExportConfig, labelled: bool,
+                      costs: dict[str, DecisionCost]) -> dict:
+    """The gates' and the plan's fast and faithful points, chosen on the validation curves ``val`` and reported
+    on the test curves ``test``: each the largest FLOPs cut meeting its rule that also saves batch-1 time with its
+    decisions' measured cost (``costs`` by source; the curves gain ``time_saved_fraction_predicted``)."""
+    points = {}
+    for source in ("gates", "plan"):
+        for curves in (val, test) if test is not None else (val,):
+            curves[source]["time_saved_fraction_predicted"] = decision_time_saved(curves[source], costs[source])
+        paying = {"cutting_only": True, "by": "time_saved_fraction_predicted"}
+        fast = (operating_point(val[source], max_drop_points=cfg.max_drop_points, **paying) if labelled else
+                operating_point(val[source], min_agreement=cfg.unlabelled_fast_agreement, **paying))
+        faithful = operating_point(val[source], min_agreement=cfg.min_agreement, margin_se=cfg.faithful_margin_se,
+                                   **paying)
+        points[source] = {"fast": {"threshold": fast, "validation": curve_row(val[source], fast),
+                                   "test": curve_row(test[source], fast) if test is not None else None},
+                          "faithful": {"threshold": faithful, "validation": curve_row(val[source], faithful),
+                                       "test": curve_row(test[source], faithful) if test is not None else None}}
+    return points
+
+
+def decision_defaults(points: dict, costs: dict[str, DecisionCost], cfg: HeadsExportConfig,
+                       labelled: bool) -> tuple[dict, dict]:
+    """The card's ``default_policy`` (the gates) and the plan's default fields from the fast points: a source
+    without one defaults to threshold 0 (no head evaluated, the full network), and says why."""
+    rule = (f"largest FLOPs cut on validation with accuracy drop <= {cfg.max_drop_points} points vs the published "
+            "full network" if labelled else f"largest FLOPs cut on validation with top-1 agreement >= "
+            f"{cfg.unlabelled_fast_agreement} with the full network (no labels)")
+    rule += (" that saves batch-1 time, predicted as the FLOPs cut less each decision at its measured share of the "
+             "full run (time_model); none: threshold 0, at which no head is evaluated and every block runs")
+    out = []
+    for source in ("gates", "plan"):
+        fast = points[source]["fast"]["threshold"]
+        out.append({"threshold": 0.0 if fast is None else fast, "operating_point": None if fast is None else "fast",
+                    "rule": rule, "time_model": {"decision_cost": costs[source].to_dict(),
+                                                 "predicted_time_saved": "flops_saved_fraction - checks * fraction"}})
+    gates, plan = out
+    return {"name": "gates", **gates}, {"default_threshold": plan["threshold"], "default_rule": plan["rule"],
+                                        "time_model": plan["time_model"]}
+
+
+def cost_inputs(net: SkipNetwork, cfg: HeadsExportConfig) -> torch.Tensor:
+    """The seeded random inputs (N, 3, H, W) the decisions' cost is timed on."""
+    return torch.randn(cfg.check_cost_inputs, *net.meta.input_size, generator=torch.Generator().manual_seed(0))
+
+
+def reprice_decisions(net: SkipNetwork, card_path: Path, cfg: "HeadsExportConfig | None" = None) -> dict:
+    """Choose a distilled card's gate and plan operating points again, as :func:`~skipviz.training.distill_export.export_heads` does, with
+    their decisions' cost measured here and now (:func:`~skipviz.measure.profile.decision_cost` on ``net``, the
+    card's network, in eval mode) and the threshold curves the card already holds (no image is evaluated again;
+    the early exits, whose blocks were chosen with their own measured cost, are left as they are). Rewrites the
+    card at ``card_path`` (the weights, and so ``weights_sha256``, are unchanged) and returns it."""
+    from ..measure.clock import software_versions
+    from .distill_export import HeadsExportConfig
+
+    cfg = cfg or HeadsExportConfig()
+    card = json.loads(card_path.read_text())
+    test_m, plan = card.get("metrics_test") or {}, card["plan"]
+    val = {"gates": pd.DataFrame(card["metrics_validation"]["gate_curve"]),
+           "plan": pd.DataFrame(plan["validation"]["curve"])}
+    test = ({"gates": pd.DataFrame(test_m["gate_curve"]), "plan": pd.DataFrame(plan["curve_test"])}
+            if test_m.get("gate_curve") and plan.get("curve_test") else None)
+    labelled = card["metrics_validation"].get("full_accuracy") is not None
+    x = cost_inputs(net, cfg)
+    costs = {source: decision_cost(net, x, source, rounds=cfg.check_cost_rounds) for source in ("gates", "plan")}
+    points = threshold_points(val, test, cfg, labelled, costs)
+    card["operating_points"].update(points)
+    if test_m.get("blocks_mean_correct") is not None:  # measured at the old default, kept with its threshold
+        test_m.setdefault("outcome_threshold", card["default_policy"]["threshold"])
+    card["default_policy"], plan_defaults = decision_defaults(points, costs, cfg, labelled)
+    plan.update(plan_defaults)
+    card["metrics_validation"]["gate_curve"] = val["gates"].to_dict("records")
+    plan["validation"]["curve"] = val["plan"].to_dict("records")
+    if test is not None:
+        test_m["gate_curve"], plan["curve_test"] = test["gates"].to_dict("records"), test["plan"].to_dict("records")
+    card["default_source"] = default_source(card["operating_points"])
+    card["repriced"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "software": software_versions(),
+                        "reproduce": f"skipviz reprice-card --model {card['name']}",
+                        "what": "the gates' and the plan's operating points and defaults chosen again from the "
+                                "card's curves with the decisions' cost measured then (time_model)"}
+    card_path.write_text(json.dumps(card, indent=2))
+    return card

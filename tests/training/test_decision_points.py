@@ -1,0 +1,81 @@
+"""The gates' and the plan's operating points priced with their decisions' measured cost
+(:mod:`skipviz.training.decision_points`)."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from skipviz import create_model
+from skipviz.measure.profile import DecisionCost
+from skipviz.training.decision_points import (decision_defaults, decision_time_saved, reprice_decisions,
+                                             threshold_points)
+from skipviz.training.distill_export import HeadsExportConfig
+
+
+def _cost(checks: int, fraction: float, source: str) -> DecisionCost:
+    return DecisionCost(checks=checks, check_ms=fraction * 10.0, full_ms=10.0, rounds=3, batch_size=1, device="CPU",
+                        source=source)
+
+
+def _curve(cuts: list[float], drops: list[float]) -> pd.DataFrame:
+    return pd.DataFrame({"threshold": [0.05, 0.1, 0.2][:len(cuts)], "flops_saved_fraction": cuts,
+                         "accuracy_drop_points": drops, "agreement_with_full": [0.99] * len(cuts),
+                         "n": [1000] * len(cuts)})
+
+
+def test_a_point_whose_decisions_cost_more_than_it_cuts_is_no_operating_point():
+    # the shipped EfficientNet-Lite0 before: its one threshold within a point cut 1.3 % of FLOPs, its nine
+    # gates cost 3 % of a batch-1 run (0.36 ms), so the gates' default ran slower than the full network
+    val = {"gates": _curve([0.013, 0.04, 0.09], [0.7, 2.6, 4.0]), "plan": _curve([0.012, 0.05], [0.8, 1.5])}
+    costs = {"gates": _cost(9, 0.0037, "gates"), "plan": _cost(1, 0.004, "plan")}
+    points = threshold_points(val, None, HeadsExportConfig(), True, costs)
+    assert points["gates"]["fast"]["threshold"] is None
+    assert points["plan"]["fast"]["threshold"] == 0.05  # 1.2 % cut less one 0.4 % decision: it pays
+    assert points["plan"]["fast"]["validation"]["time_saved_fraction_predicted"] == pytest.approx(0.008)
+    assert list(val["gates"]["time_saved_fraction_predicted"]) == pytest.approx([0.013 - 9 * 0.0037, 0.04 - 0.0333,
+                                                                                 0.09 - 0.0333])
+    gates, plan = decision_defaults(points, costs, HeadsExportConfig(), True)
+    assert gates["threshold"] == 0.0 and gates["operating_point"] is None and gates["name"] == "gates"
+    assert "threshold 0, at which no head is evaluated" in gates["rule"]
+    assert gates["time_model"]["decision_cost"]["checks"] == 9
+    assert plan["default_threshold"] == 0.05 and plan["time_model"]["decision_cost"]["source"] == "plan"
+    # cheaper gates: the largest cut within the accuracy rule again
+    cheap = threshold_points(val, None, HeadsExportConfig(), True, {**costs, "gates": _cost(9, 0.0001, "gates")})
+    assert cheap["gates"]["fast"]["threshold"] == 0.05
+    assert decision_time_saved(val["gates"], _cost(2, 0.01, "gates")).tolist() == pytest.approx([-0.007, 0.02, 0.07])
+
+
+def test_a_shipped_card_is_repriced_from_its_own_curves(tmp_path, monkeypatch):
+    import skipviz.training.decision_points as decision_points
+
+    net = create_model("cifar_resnet20", plan=True).eval()
+    timed = []
+
+    def fake_cost(net_, x, source, rounds):  # decision_cost itself: tests/measure/test_timing.py
+        timed.append((net_, tuple(x.shape), source, rounds))
+        return _cost(len(net.gated_blocks) if source == "gates" else 1, 0.01 if source == "gates" else 0.5, source)
+
+    monkeypatch.setattr(decision_points, "decision_cost", fake_cost)
+    rows = _curve([0.013, 0.3], [0.5, 0.9]).to_dict("records")
+    card = {"name": "toy.gated", "default_policy": {"name": "gates", "threshold": 0.05, "operating_point": "fast"},
+            "operating_points": {"gates": {}, "plan": {}, "early_exit": {"faithful": {"threshold": 0.9}}},
+            "metrics_validation": {"full_accuracy": 0.7, "gate_curve": rows},
+            "metrics_test": {"gate_curve": rows, "blocks_mean_correct": 8.5},
+            "plan": {"default_threshold": 0.05, "validation": {"curve": rows}, "curve_test": rows}}
+    path = tmp_path / "toy.json"
+    path.write_text(json.dumps(card))
+    out = reprice_decisions(net, path, HeadsExportConfig(check_cost_inputs=2, check_cost_rounds=2))
+    assert [(t[1], t[2], t[3]) for t in timed] == [((2, 3, 32, 32), "gates", 2), ((2, 3, 32, 32), "plan", 2)]
+    assert json.loads(path.read_text()) == out
+    assert out["metrics_test"]["outcome_threshold"] == 0.05  # the outcome tables keep the threshold they had
+    assert out["default_policy"]["time_model"]["decision_cost"]["checks"] == len(net.gated_blocks)
+    # gates: 30 % cut less 7 x 1 % pays; the plan head at half a run pays at neither threshold
+    assert out["operating_points"]["gates"]["fast"]["threshold"] == 0.1 == out["default_policy"]["threshold"]
+    assert out["operating_points"]["plan"]["fast"]["threshold"] is None and out["plan"]["default_threshold"] == 0.0
+    assert out["operating_points"]["plan"]["fast"]["validation"] is None
+    assert out["plan"]["validation"]["curve"][1]["time_saved_fraction_predicted"] == pytest.approx(-0.2)
+    assert out["operating_points"]["early_exit"] == {"faithful": {"threshold": 0.9}}  # exits untouched
+    assert out["repriced"]["reproduce"] == "skipviz reprice-card --model toy.gated"
+    assert out["default_source"] == "gates"  # recomputed: the exits' faithful point here has no validation record
