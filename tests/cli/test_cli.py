@@ -39,8 +39,11 @@ def test_predict_with_the_plan_policy(tmp_path, capsys):
     img = tmp_path / "a.png"
     Image.new("RGB", (40, 40), (30, 90, 200)).save(img)
     assert main(["predict", str(img), "--policy", "plan"]) == 0  # the shipped default model has a plan head
+    out = capsys.readouterr().out  # at its card's default, 0: no plan point pays for the head on that model
+    assert "policy: plan, threshold 0.00" in out and "its head is not evaluated" in out and "0.0% saved" in out
+    assert main(["predict", str(img), "--policy", "plan", "--threshold", "0.5"]) == 0
     out = capsys.readouterr().out
-    assert "policy: plan, threshold" in out and "decided at the stem" in out
+    assert "policy: plan, threshold 0.50" in out and "decided at the stem" in out
     weights = tmp_path / "r20.safetensors"
     save_file({k: v.contiguous() for k, v in create_model("cifar_resnet20").state_dict().items()}, str(weights))
     assert main(["predict", str(img), "--model", "cifar_resnet20", "--weights", str(weights), "--policy", "plan"]) == 2

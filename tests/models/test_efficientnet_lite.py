@@ -95,8 +95,9 @@ def test_heads_file_for_another_backbone_is_refused(lite, tmp_path):
 
 def test_shipped_imagenet_default_classifies_a_real_photo_and_skips():
     """The shipped default (published backbone + distilled heads from data/): a cat photo from scikit-image is a
-    cat in the top-5 of the full and of the skipped networks (the card's fast threshold and a skip-heavy 0.5), and at
-    0.5 blocks are really bypassed."""
+    cat in the top-5 of the full and of the skipped networks (the gates' most cautious threshold on the card's
+    curve, 0.05, and a skip-heavy 0.5), and at 0.5 blocks are really bypassed. Its gates and plan have no operating
+    point (none pays for its decisions at batch 1: skipviz.training.decision_points), so both default to 0."""
     from skipviz import DEFAULT_MODEL, GatePolicy, PlanPolicy, load_image
     from skipviz.samples import sample_bytes
 
@@ -105,13 +106,15 @@ def test_shipped_imagenet_default_classifies_a_real_photo_and_skips():
     image, _ = load_image(sample_bytes("cat (scikit-image 'chelsea')"))
     x = net.meta.preprocess(image)
     assert tuple(x.shape) == (1, 3, 224, 224)
-    fast = net.meta.operating_point("fast", "gates")
-    assert fast is not None and net.meta.default_threshold("gates") == fast
+    assert net.meta.operating_points("gates") == {} == net.meta.operating_points("plan")
+    assert net.meta.default_threshold("gates") == 0.0 == net.meta.default_threshold("plan")
+    cautious = net.meta.card["metrics_test"]["gate_curve"][0]
+    assert cautious["threshold"] == 0.05 and cautious["flops_saved_fraction"] > 0
     with torch.no_grad():
         full = net.run(x, FullPolicy())
-        gated = net.run(x, GatePolicy(threshold=fast))
+        gated = net.run(x, GatePolicy(threshold=cautious["threshold"]))
         heavy = net.run(x, GatePolicy(threshold=0.5))
-        planned = net.run(x, PlanPolicy(threshold=net.meta.default_threshold("plan")))
+        planned = net.run(x, PlanPolicy(threshold=0.1))
     for res in (full, gated, heavy, planned):
         top5 = [net.meta.classes[i] for i in res.logits[0].topk(5).indices]
         assert any("cat" in name.lower() for name in top5), top5
@@ -119,7 +122,7 @@ def test_shipped_imagenet_default_classifies_a_real_photo_and_skips():
     assert card["backbone"]["sha256"] == card["backbone"]["sha256"].lower() and len(card["backbone"]["sha256"]) == 64
     assert "Apache" in json.dumps(card["backbone"])
     assert bool(heavy.executed[0, net.gated_blocks].all()) is False  # a real skip on a real photo
-    assert card["operating_points"]["gates"]["fast"]["test"]["flops_saved_fraction"] > 0
+    assert card["default_policy"]["time_model"]["decision_cost"]["checks"] == 9
 
 
 def test_blocks_without_a_bypass_are_profiled_and_scored_as_always_run():
