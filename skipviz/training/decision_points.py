@@ -9,7 +9,15 @@ also save batch-1 time, predicted in units of the full run as its FLOPs cut less
 (:func:`decision_time_saved`), as the early exits' blocks are chosen (:mod:`skipviz.training.exit_points`). A
 source without a fast point defaults to threshold 0, at which no probability is below the threshold: every block
 runs and no head is evaluated (``Reason.CANNOT_SKIP``), the full network. :func:`reprice_decisions` applies this
-to a card already written, from the curves it holds.
+to a card already written, from the curves it holds. :func:`add_exit_points` chooses the early exits of a card
+written without them (the CIFAR cards) the way distilled cards choose theirs.
+
+The exits' blocks are chosen with a time model in FLOPs, and an exit bypasses the network's tail, whose blocks
+can take less than their FLOPs' share of the time: on the CIFAR ResNet-56 the best exits (after blocks 24 and 25,
+2.4 % of FLOPs cut) were predicted to save 1.1 % of a batch-1 run and, timed, made it 1.7 % slower (the same
+decisions replayed for free saved 0.48 of their FLOPs' share). So the exits' default is then timed at batch 1
+against the full network (:func:`batch1_saving`, photo by photo) and kept only where it saves time
+(:func:`exit_card_entries`).
 """
 from __future__ import annotations
 
@@ -21,15 +29,17 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
+from ..data import TensorDataset
 from ..engine.network import SkipNetwork
 from ..evaluate import curve_row, operating_point
 from ..measure.profile import DecisionCost, decision_cost
+from .exit_points import ExitPoints, ExitPointsConfig, exit_operating_points
 
 if TYPE_CHECKING:  # pragma: no cover
     from .distill_export import HeadsExportConfig
 
-__all__ = ["cost_inputs", "decision_defaults", "decision_time_saved", "default_source", "reprice_decisions",
-           "threshold_points"]
+__all__ = ["add_exit_points", "batch1_saving", "cost_inputs", "exit_card_entries", "decision_defaults", "decision_time_saved", "default_source",
+           "reprice_decisions", "threshold_points"]
 
 
 def default_source(points: dict) -> str:
@@ -137,3 +147,78 @@ def reprice_decisions(net: SkipNetwork, card_path: Path, cfg: "HeadsExportConfig
                                 "card's curves with the decisions' cost measured then (time_model)"}
     card_path.write_text(json.dumps(card, indent=2))
     return card
+
+
+def add_exit_points(net: SkipNetwork, card: dict, val_set: TensorDataset, test_set: TensorDataset | None,
+                    exit_cfg: ExitPointsConfig, cost_cfg: "HeadsExportConfig | None" = None) -> dict:
+    """Choose a card's early exits for ``net`` (it needs probe heads) as distilled cards do
+    (:func:`~skipviz.training.exit_points.exit_operating_points`: the blocks checked and the fast and faithful
+    thresholds by the batch-1 time predicted with a check's cost measured here and now, on ``val_set``, the card's
+    validation split; the curves measured on ``test_set`` too), judged against ``net``'s own full network. Adds
+    the card's ``early_exit`` section, ``operating_points.early_exit`` and the ``early_exit_curve`` of
+    ``metrics_validation`` and ``metrics_test`` at the chosen blocks; returns the card (not written)."""
+    from ..evaluate import evaluate_policy
+    from ..policies import FullPolicy
+
+    from .distill_export import HeadsExportConfig
+
+    cost_cfg = cost_cfg or HeadsExportConfig()
+    cost = decision_cost(net, cost_inputs(net, cost_cfg), "early_exit", rounds=cost_cfg.check_cost_rounds)
+    val_ref = evaluate_policy(net, val_set, FullPolicy(), batch_size=exit_cfg.batch_size)
+    test_ref = (evaluate_policy(net, test_set, FullPolicy(), batch_size=exit_cfg.batch_size)
+                if test_set is not None else None)
+    exits = exit_operating_points(net, val_set, val_ref, cost, test_set, test_ref, exit_cfg)
+    card["early_exit"], points = exit_card_entries(net, exits, exit_cfg, val_set)
+    card.setdefault("operating_points", {})["early_exit"] = points
+    card.setdefault("metrics_validation", {})["early_exit_curve"] = exits.validation.to_dict("records")
+    if exits.test is not None:
+        card.setdefault("metrics_test", {})["early_exit_curve"] = exits.test.to_dict("records")
+    return card
+
+
+def batch1_saving(net: SkipNetwork, policy, images: torch.Tensor, rounds: int = 10) -> dict:
+    """``policy`` against the full network at batch 1 on ``images`` (N, 3, H, W, normalised), photo by photo
+    (:func:`~skipviz.measure.clock.measure_per_input`: each photo's two runs back to back, the order rotating):
+    ``saved_fraction`` the median over rounds of the sample's time saved as a share of its full run, its quartiles
+    (``saved_iqr``), ``full_ms`` per photo, ``images``, ``rounds`` and the ``device``."""
+    import numpy as np
+
+    from ..measure.clock import device_info, measure_per_input
+    from ..policies import FullPolicy
+
+    singles = [images[i:i + 1].contiguous() for i in range(images.shape[0])]
+    full = FullPolicy()
+    runs = {"full": lambda i: net.run(singles[i], full), "policy": lambda i: net.run(singles[i], policy)}
+    with torch.inference_mode():
+        times = measure_per_input(runs, len(singles), rounds=rounds, warmup=1)
+    tf, tp = times["full"].sum(1), times["policy"].sum(1)
+    saved = 1.0 - tp / tf
+    return {"saved_fraction": float(np.median(saved)), "saved_iqr": [float(q) for q in np.percentile(saved, [25, 75])],
+            "full_ms": 1e3 * float(np.median(tf)) / len(singles), "images": len(singles), "rounds": int(rounds),
+            "device": device_info("cpu").device_name}
+
+
+def exit_card_entries(net: SkipNetwork, exits: ExitPoints, cfg: ExitPointsConfig, val_set: TensorDataset,
+                      images: int = 32, rounds: int = 10) -> tuple[dict, dict]:
+    """The card's ``early_exit`` section and ``operating_points.early_exit`` for ``exits``, the default timed at
+    batch 1 on the first ``images`` of ``val_set`` (:func:`batch1_saving`, recorded as ``batch1_check``): a default
+    that saves no time there (the median <= 0) leaves no exit point, and the section then checks nowhere."""
+    import copy
+
+    from ..data import normalize
+    from ..policies import EarlyExitPolicy
+
+    section, points = exits.card_section(cfg), copy.deepcopy(exits.points)
+    if not section["blocks"]:
+        return section, points
+    x = normalize(val_set.images[:images], net.meta.mean, net.meta.std)
+    check = batch1_saving(net, EarlyExitPolicy(section["default_threshold"], blocks=section["blocks"]), x, rounds)
+    section["batch1_check"] = check
+    if check["saved_fraction"] > 0:
+        return section, points
+    section.update(blocks=[], operating_point=None)
+    for point in points.values():
+        point.update(threshold=None, rule_met_on_validation=False, validation=None, test=None,
+                     rule=point["rule"] + "; withdrawn: the default, timed at batch 1 (batch1_check), saved no time")
+    return section, points
+

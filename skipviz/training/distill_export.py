@@ -43,7 +43,7 @@ from ..engine.network import SkipNetwork
 from ..measure.profile import decision_cost
 from .distill import (DistillConfig, build_network, head_state, load_training_images, split_train_val, test_images,
                       with_extra_images)
-from .decision_points import cost_inputs, decision_defaults, default_source, threshold_points
+from .decision_points import cost_inputs, decision_defaults, default_source, exit_card_entries, threshold_points
 from .exit_points import ExitPoints, ExitPointsConfig, exit_operating_points
 
 __all__ = ["HeadsExportConfig", "STORAGE_NOTE", "export_heads"]
@@ -233,7 +233,7 @@ def _card(net: SkipNetwork, dcfg: DistillConfig, cfg: HeadsExportConfig, run: Pa
                                   if dcfg.backbone_lr > 0 else {}),
                                "gate_curve": val["gates"].to_dict("records"),
                                "early_exit_curve": exits.validation.to_dict("records")},
-        "early_exit": exits.card_section(_exit_config(cfg)),
+        "early_exit": ev["exit_section"],
         "plan": {**plan, **ev["defaults"][1],
                  "validation": {"curve": val["plan"].to_dict("records")},
                  "curve_test": test["plan"].to_dict("records") if test is not None else None},
@@ -321,7 +321,7 @@ def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: st
     points = threshold_points(val, test, cfg, labelled, costs)
     exits = exit_operating_points(net, val_set, val["published"], costs["early_exit"], test_set,
                                   test["published"] if test is not None else None, _exit_config(cfg))
-    points["early_exit"] = exits.points
+    exit_section, points["early_exit"] = exit_card_entries(net, exits, _exit_config(cfg), val_set)
     # the outcome tables at the gates' fast point; without one at the most cautious threshold measured
     fast_t = points["gates"]["fast"]["threshold"] or cfg.gate_thresholds[0]
     classes = imagenet_classes() if dcfg.model is None else list(net.meta.classes)
@@ -331,7 +331,7 @@ def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: st
     src = _source(dcfg, net, str(root), labelled)
     card = _card(net, dcfg, cfg, run, {"train": train_set, "validation": val_set, "test": test_set},
                  {"plan": plan, "val": val, "test": test, "points": points, "fast": fast_t, "labelled": labelled,
-                  "exits": exits, "defaults": decision_defaults(points, costs, cfg, labelled),
+                  "exits": exits, "exit_section": exit_section, "defaults": decision_defaults(points, costs, cfg, labelled),
                   "outcome": outcome, "per_class": per_class, "classes": classes, "source": src}, t_start)
     weights_path = _write(net, card, dcfg, src, dest or data_dir(), val, test)
     return weights_path, card

@@ -180,11 +180,13 @@ class ExitPoints:
 
     def card_section(self, cfg: ExitPointsConfig) -> dict:
         """The card's ``early_exit`` section: the default threshold (the faithful point, else the most cautious
-        threshold), ``blocks`` and how both were chosen."""
+        threshold), ``blocks`` and how both were chosen. With no point at all (no threshold meets a rule and saves
+        time at any set of blocks) ``blocks`` is empty: the default checks nowhere, so it is the full network."""
         faithful = self.points["faithful"]["threshold"]
+        some = faithful is not None or self.points["fast"]["threshold"] is not None
         return {"default_threshold": faithful if faithful is not None else max(cfg.thresholds),
-                "operating_point": "faithful",
-                "blocks": list(self.blocks),
+                "operating_point": "faithful" if faithful is not None else None,
+                "blocks": list(self.blocks) if some else [],
                 "rule": "blocks: backward elimination from every block with a probe, each step dropping the exit "
                         "check whose removal most raises the batch-1 time the fast and faithful points save "
                         "together on validation, predicted as an input's FLOPs plus each check it passes at the "

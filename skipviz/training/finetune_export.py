@@ -7,6 +7,11 @@ The card's default decision source (``default_source``) is the one, of the gates
 saves the most batch-1 time on validation, predicted from a per-block profile measured at the start of the
 export with every decision head's time counted: 24 gate decisions took 0.7 ms of a 3.0 ms batch-1 ResNet-56 run
 on a 2-core AMD EPYC (about 30 us each inside the run), the plan head one decision per input.
+
+The early exits on the probe heads are chosen as a distilled card's are
+(:func:`~skipviz.training.decision_points.add_exit_points`: the blocks checked and the thresholds by the batch-1
+time predicted with a check's measured cost, the accuracy bound of the gates' fast point); with no paying point
+the exits' default checks nowhere.
 """
 from __future__ import annotations
 
@@ -17,12 +22,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..data import TensorDataset
+from ..engine.network import SkipNetwork
 from ..evaluate.loop import agreement_margin_words, evaluate_policy, operating_point, pick_threshold, within_drop
 from ..measure.clock import device_info
 from ..measure.predict import predict_latency
 from ..measure.profile import BlockProfile, profile_blocks
 from ..models._registry import create_model
 from ..policies.threshold import policy_for
+from .decision_points import add_exit_points
+from .exit_points import ExitPointsConfig
 from .export import export
 from .finetune import FinetuneConfig
 from .joint import TrainConfig, load_data
@@ -99,12 +108,10 @@ def _operating_points(val_rows: list[dict], test_rows: list[dict], fast: float, 
     return points
 
 
-def _default_source(weights_path: Path, tcfg: TrainConfig, points: dict, profile: BlockProfile) -> dict:
+def _default_source(net: SkipNetwork, val_set: TensorDataset, points: dict, profile: BlockProfile) -> dict:
     """The card's ``default_source`` section: of the sources with operating points, the one whose fast point saves
     the most batch-1 time on the validation split, predicted from ``profile`` (a batch-1 profile of the network)
     with every gate decision (or the plan head, once) counted; each source's predicted time saved."""
-    net = create_model(tcfg.arch, weights=str(weights_path)).eval()
-    _, val_set, _ = load_data(tcfg)
     L = net.num_blocks
     full_ms = predict_latency(profile, np.ones(L), np.zeros(L))
     saved = {}
@@ -166,8 +173,12 @@ def export_finetuned(cfg: FinetuneExportConfig, dest: Path | None = None) -> tup
                                            card["plan"]["default_threshold"], cfg)
     card["operating_points"] = points
     card["default_policy"]["operating_point"] = "fast"
-    choice = _default_source(weights_path, tcfg, points, profile)
+    net = create_model(tcfg.arch, weights=str(weights_path)).eval()
+    _, val_set, test_set = load_data(tcfg)
+    choice = _default_source(net, val_set, points, profile)
     card["default_source"], card["default_source_choice"] = choice["source"], choice
+    if net.probes is not None:
+        add_exit_points(net, card, val_set, test_set, ExitPointsConfig(max_drop_points=cfg.max_drop_points))
     card["reproduce"] = reproduce_command(fcfg)
     weights_path.with_suffix(".json").write_text(json.dumps(card, indent=2))
     return weights_path, card

@@ -9,8 +9,8 @@ import pytest
 
 from skipviz import create_model
 from skipviz.measure.profile import DecisionCost
-from skipviz.training.decision_points import (decision_defaults, decision_time_saved, reprice_decisions,
-                                             threshold_points)
+from skipviz.training.decision_points import (add_exit_points, decision_defaults, decision_time_saved,
+                                             reprice_decisions, threshold_points)
 from skipviz.training.distill_export import HeadsExportConfig
 
 
@@ -79,3 +79,65 @@ def test_a_shipped_card_is_repriced_from_its_own_curves(tmp_path, monkeypatch):
     assert out["operating_points"]["early_exit"] == {"faithful": {"threshold": 0.9}}  # exits untouched
     assert out["repriced"]["reproduce"] == "skipviz reprice-card --model toy.gated"
     assert out["default_source"] == "gates"  # recomputed: the exits' faithful point here has no validation record
+
+
+def test_a_card_without_exits_gains_them_chosen_on_its_own_splits(tiny_net, monkeypatch):
+    import skipviz.training.decision_points as decision_points
+    from skipviz.training.exit_points import ExitPointsConfig
+
+    from test_exit_points import _images
+
+    monkeypatch.setattr(decision_points, "decision_cost", lambda net, x, source, rounds: _cost(8, 0.001, source))
+    val, test = _images(16, 5), _images(8, 6)
+    card = {"name": "toy", "operating_points": {"gates": {"fast": {"threshold": 0.1}}},
+            "metrics_validation": {"gate_curve": []}, "metrics_test": {"gate_curve": []}}
+    cfg = ExitPointsConfig(thresholds=(0.0, 0.5), batch_size=8, max_drop_points=0.5)
+    out = add_exit_points(tiny_net, card, val, test, cfg, HeadsExportConfig(check_cost_inputs=2, check_cost_rounds=2))
+    assert out is card and out["operating_points"]["gates"] == {"fast": {"threshold": 0.1}}  # the rest untouched
+    section, points = out["early_exit"], out["operating_points"]["early_exit"]
+    assert section["time_model"]["check_cost"]["source"] == "early_exit"
+    assert set(points) == {"fast", "faithful"} and all(p["blocks"] == section["blocks_choice"][-1]["blocks"]
+                                                          for p in points.values())
+    assert [r["threshold"] for r in out["metrics_test"]["early_exit_curve"]] == [0.0, 0.5]
+    assert len(out["metrics_validation"]["early_exit_curve"]) == 2
+
+
+
+def test_batch1_saving_times_the_policy_against_the_full_network_photo_by_photo(tiny_net):
+    from skipviz.policies import EarlyExitPolicy
+    from skipviz.training.decision_points import batch1_saving
+
+    from conftest import varied_images
+
+    out = batch1_saving(tiny_net, EarlyExitPolicy(0.0, blocks=[0]), varied_images(3, seed=2), rounds=2)
+    assert (out["images"], out["rounds"]) == (3, 2) and out["full_ms"] > 0
+    assert out["saved_iqr"][0] <= out["saved_fraction"] <= out["saved_iqr"][1] and out["device"]
+
+
+@pytest.mark.parametrize("saved", [0.05, -0.01])
+def test_an_exit_default_measured_slower_than_full_at_batch_one_is_withdrawn(tiny_net, monkeypatch, saved):
+    import skipviz.training.decision_points as decision_points
+    from skipviz.evaluate import evaluate_policy
+    from skipviz.policies import FullPolicy
+    from skipviz.training.exit_points import ExitPointsConfig, exit_operating_points
+
+    from test_exit_points import _images
+
+    val = _images(16, 7)
+    cfg = ExitPointsConfig(thresholds=(0.0, 0.5), batch_size=8)
+    exits = exit_operating_points(tiny_net, val, evaluate_policy(tiny_net, val, FullPolicy()),
+                                  _cost(8, 0.0001, "early_exit"), None, None, cfg)
+    assert exits.blocks and exits.points["fast"]["threshold"] is not None  # cheap checks: points found
+    timed = []
+    monkeypatch.setattr(decision_points, "batch1_saving",
+                        lambda net, policy, x, rounds: timed.append((sorted(policy.blocks), policy.threshold, x.shape))
+                        or {"saved_fraction": saved})
+    section, points = decision_points.exit_card_entries(tiny_net, exits, cfg, val, images=4)
+    assert timed == [(exits.blocks, section["default_threshold"], (4, 3, 32, 32))]
+    assert section["batch1_check"] == {"saved_fraction": saved}
+    if saved > 0:
+        assert section["blocks"] == exits.blocks and points == exits.points
+    else:  # the default checks nowhere, and no point is offered
+        assert section["blocks"] == [] and section["operating_point"] is None
+        assert all(p["threshold"] is None and "withdrawn" in p["rule"] for p in points.values())
+        assert exits.points["fast"]["threshold"] is not None  # the chosen exits themselves are left as they were

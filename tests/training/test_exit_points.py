@@ -56,7 +56,22 @@ def test_points_follow_their_rules_on_validation_and_are_reported_on_test(tiny_n
     section = out.card_section(cfg)
     faithful = out.points["faithful"]["threshold"]
     assert section["default_threshold"] == (faithful if faithful is not None else max(cfg.thresholds))
-    assert section["blocks"] == out.blocks and section["time_model"]["check_cost"]["fraction"] == pytest.approx(0.005)
+    some = faithful is not None or out.points["fast"]["threshold"] is not None
+    assert section["blocks"] == (out.blocks if some else [])  # no point at all: the default checks nowhere
+    assert section["time_model"]["check_cost"]["fraction"] == pytest.approx(0.005)
+
+
+def test_exits_that_never_pay_leave_a_default_that_checks_nowhere(tiny_net):
+    # random probes are never 99.9 % sure and a check costs half the run: no threshold saves time anywhere
+    val, test = _images(16, 3), _images(8, 4)
+    cfg = ExitPointsConfig(thresholds=(0.999,), batch_size=8)
+    out = exit_operating_points(tiny_net, val, evaluate_policy(tiny_net, val, FullPolicy()), _check_cost(0.5), test,
+                                evaluate_policy(tiny_net, test, FullPolicy()), cfg)
+    assert out.points["fast"]["threshold"] is None and out.points["faithful"]["threshold"] is None
+    section = out.card_section(cfg)
+    assert section["blocks"] == [] and section["operating_point"] is None
+    policy = EarlyExitPolicy(section["default_threshold"], blocks=section["blocks"])  # what policy_for builds
+    assert not any(policy.exits_possible_after(tiny_net, i) for i in range(tiny_net.num_blocks))
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.2, 0.5])

@@ -12,6 +12,7 @@ from PIL import Image
 from skipviz import create_model
 from skipviz.policies import GatePolicy
 from skipviz.training.finetune import FinetuneConfig, compare_precision, finetune, measure_step_speed
+from skipviz.training.exit_points import ExitPointsConfig
 from skipviz.training.finetune_export import FinetuneExportConfig, export_finetuned
 from skipviz.models.weights import CIFAR10_CLASSES, IMAGENET_MEAN
 
@@ -97,6 +98,12 @@ def test_finetune_resume_and_export(tiny, capsys):
     assert card["source"]["file"] == "resnet20-test.th" and card["source"]["best_prec1"] == 90.0
     assert card["training"]["speed"] == {"float32": {"img_per_s": 1.0}} and card["training"]["epochs_run"] == 3
     assert {"blocks_mean_correct", "blocks_mean_wrong", "per_class", "early_exit_curve"} <= set(card["metrics_test"])
+    # the exits chosen as a distilled card's, within the gates' accuracy bound; the curves at the blocks chosen
+    exits = card["early_exit"]
+    assert exits["time_model"]["check_cost"]["source"] == "early_exit" and "blocks_choice" in exits
+    assert set(card["operating_points"]["early_exit"]) == {"fast", "faithful"}
+    assert "0.5 points" in card["operating_points"]["early_exit"]["fast"]["rule"]
+    assert {r["threshold"] for r in card["metrics_test"]["early_exit_curve"]} == set(ExitPointsConfig.thresholds)
     # the default source: the one whose fast point saves the most predicted batch-1 time on validation
     choice = card["default_source_choice"]
     assert set(choice["fast_points"]) == {"gates", "plan"} and card["default_source"] == choice["source"]
