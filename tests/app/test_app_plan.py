@@ -139,32 +139,40 @@ def test_the_slider_shows_the_threshold_in_use_after_every_switch(shipped_env):
 
 
 def test_early_exits_are_a_decision_source_on_every_page(shipped_env):
-    """The exits on the probe heads: their own slider (the card's default, else 0.95), the table's decisions and
-    reasons from the engine, the same choice and value on the Thresholds page."""
+    """The exits on the probe heads: their own slider (the card's default), the table's decisions and reasons from
+    the engine, the same choice and value on the Thresholds page. The shipped ResNet-20's exits check nowhere (none
+    saved time at batch 1: skipviz card-exits), so the exits are then checked after blocks 2 and 5 of its card."""
     from streamlit.testing.v1 import AppTest
 
     from skipviz import EarlyExitPolicy
 
-    net = dashboard.load_model(SMALL_CIFAR_MODEL).net
+    net = dashboard.load_model(SMALL_CIFAR_MODEL).net  # the app's cached network: its card is the app's
     default = net.meta.default_threshold("early_exit")
+    assert net.meta.source_options("early_exit")["blocks"] == []
     at = AppTest.from_file(APP, default_timeout=120).run()
     at.radio(key="inspect_source").set_value("early_exit").run()
     assert not at.exception
     s = slider_in_use(at, "inspect")
     assert s.key == "inspect_threshold_early_exit" and s.label == "Exit threshold" and s.value == default
     assert "leaves after a block" in s.help
-    policy = policies.policy_for(net, "early_exit", default)
-    assert list(frame(at, "blocks")["decision"]) == decisions(net, policy)
-    at.slider(key="inspect_threshold_early_exit").set_value(0.0).run()  # every input leaves at the first exit
     table = frame(at, "blocks")
-    first = policies.policy_for(net, "early_exit", 0.0).min_block
-    assert list(table["decision"]) == decisions(net, EarlyExitPolicy(0.0, min_block=first))
-    assert "exit after this block" in table["reason"].iloc[first]
-    assert all("early exit" in r for r in table["reason"].iloc[first + 1:])
-    at.switch_page("pages/thresholds.py").run()
-    assert not at.exception and at.radio(key="thresholds_source").value == "early_exit"
-    assert slider_in_use(at, "thresholds").value == 0.0
-    calib = calibration.load_calibration(net, 16)
-    full = calibration.evaluate_calibration(net, calib, FullPolicy())
-    point = calibration.evaluate_calibration(net, calib, EarlyExitPolicy(0.0, min_block=first), full.predictions)
-    assert metric(at, "Agreement with full") == dashboard.percent(point.agreement)
+    assert set(table["decision"]) == {"fired"} and set(table["reason"]) == {"runs: no exit after this block"}
+    real = type(net.meta).source_options
+
+    def exits_after_2_and_5(meta, source: str) -> dict:
+        return {**real(meta, source), "blocks": [2, 5]} if source == "early_exit" else real(meta, source)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(net.meta), "source_options", exits_after_2_and_5)
+        at.slider(key="inspect_threshold_early_exit").set_value(0.0).run()  # every input leaves at the first exit
+        table = frame(at, "blocks")
+        assert list(table["decision"]) == decisions(net, EarlyExitPolicy(0.0, blocks=[2, 5]))
+        assert "exit after this block" in table["reason"].iloc[2]
+        assert all("early exit" in r for r in table["reason"].iloc[3:])
+        at.switch_page("pages/thresholds.py").run()
+        assert not at.exception and at.radio(key="thresholds_source").value == "early_exit"
+        assert slider_in_use(at, "thresholds").value == 0.0
+        calib = calibration.load_calibration(net, 16)
+        full = calibration.evaluate_calibration(net, calib, FullPolicy())
+        point = calibration.evaluate_calibration(net, calib, EarlyExitPolicy(0.0, blocks=[2, 5]), full.predictions)
+        assert metric(at, "Agreement with full") == dashboard.percent(point.agreement)

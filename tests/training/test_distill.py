@@ -56,9 +56,14 @@ def test_distill_then_export_keeps_the_backbone_and_writes_a_card(tiny_imagenett
     assert set(card["operating_points"]) == {"gates", "plan", "early_exit"}
     exits = card["early_exit"]  # the exits' blocks and default, chosen on validation (training/exit_points)
     assert exits["blocks_choice"][0]["blocks"] == list(range(15)) and 0.0 <= exits["default_threshold"] <= 1.0
-    assert exits["blocks"] == exits["blocks_choice"][-1]["blocks"]
+    # the chosen blocks, or none where the default, timed at batch 1, saved no time (on these random photos)
+    withdrawn = exits["blocks"] == []
+    assert withdrawn or exits["blocks"] == exits["blocks_choice"][-1]["blocks"]
+    chosen = exits["blocks_choice"][-1]["blocks"]
+    unmet = all(p["threshold"] is None for p in card["operating_points"]["early_exit"].values())
+    assert withdrawn == (exits.get("batch1_check", {}).get("saved_fraction", 1.0) <= 0 or unmet)
     assert exits["time_model"]["check_cost"]["check_ms"] >= 0.0 and exits["time_model"]["check_cost"]["checks"] == 15
-    assert all(r["blocks"] == exits["blocks"] for r in card["metrics_test"]["early_exit_curve"])
+    assert all(r["blocks"] == chosen for r in card["metrics_test"]["early_exit_curve"])
     assert create_model("efficientnet_lite0", weights=path).meta.source_options("early_exit")["blocks"] == \
         exits["blocks"]  # what policy_for builds the exits with
     assert card["training"]["cpu"] and card["classes"][701] == "parachute"
