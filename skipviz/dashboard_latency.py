@@ -82,10 +82,10 @@ def live_latency(net: SkipNetwork, xb: torch.Tensor, policy: Policy, profile: Bl
         raise ValueError(f"the profile is of batch {profile.batch_size}, the batch has {xb.shape[0]} inputs")
     saving = measure_saving(net, xb, policy, rounds=rounds)
     res = net.run(xb, policy)
-    planned = policy.decides_up_front
+    checked = res.evaluated  # (B, L): where the policy's head ran (none at threshold 0)
+    planned = policy.decides_up_front and bool(checked.any())  # a plan at threshold 0 runs no head
     # gates: the gate time of every row whose gate ran; exits: no gate, but each block's exit check (the profile's
     # probe_ms, timed inside a run) for the share of the batch checked there
-    checked = ~torch.isnan(res.scores)
     evaluated = None if planned else torch.zeros_like(res.executed) if policy.exits_early else checked
     block_ms = predict_block_ms(profile, res.executed, evaluated, planned=planned)
     if policy.exits_early:

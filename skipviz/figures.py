@@ -52,8 +52,8 @@ __all__ = ["BYPASSED_COLOR", "EXECUTED_COLOR", "PROTECTED_COLOR", "RUN_COLOR", "
 
 # ------------------------------------------------------------------------------------------- one input
 #: The block map's two legend groups per decision source: blocks with a score, blocks without one.
-_BLOCK_GROUPS = {"gates": ("gated blocks", "no score (ungated or forced)"),
-                 "plan": ("blocks the plan decides", "no score (ungated or forced)"),
+_BLOCK_GROUPS = {"gates": ("gated blocks", "no score (ungated, forced, or threshold 0)"),
+                 "plan": ("blocks the plan decides", "no score (ungated, forced, or threshold 0)"),
                  "early_exit": ("blocks with an exit check", "no score (no exit check, or after the exit)")}
 
 

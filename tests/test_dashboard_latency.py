@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from skipviz import GatePolicy, dashboard, figures, policies
+from skipviz import GatePolicy, create_model, dashboard, figures, policies
 from skipviz.evaluate import calibration
 from skipviz.measure import clock
 
@@ -55,6 +55,12 @@ def test_live_latency_pairs_full_and_skipped_and_estimates_each_block(tiny_net, 
                                      described, rounds=3).block_ms
     assert [a - b for a, b in zip(with_checks, without)] == pytest.approx([5.0 if i == 2 else 0.0
                                                                           for i in range(len(without))])
+    # a plan at threshold 0 runs no head: its time is not charged to block 0; above 0 it is
+    planned_net = create_model("cifar_resnet20", plan=True).eval()
+    plan_profile = type(profile)(**{**dashboard.block_profile(planned_net, xb).__dict__, "plan_ms": 7.0})
+    at_zero = dashboard.live_latency(planned_net, xb, policies.PlanPolicy(0.0), plan_profile, described, rounds=3)
+    above = dashboard.live_latency(planned_net, xb, policies.PlanPolicy(1e-9), plan_profile, described, rounds=3)
+    assert above.block_ms[0] - at_zero.block_ms[0] == pytest.approx(7.0)
 
 
 @pytest.fixture(scope="module")

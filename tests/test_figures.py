@@ -55,7 +55,7 @@ def test_block_map_names_blocks_without_a_score_for_what_they_are(tiny_net, cat_
     forced = dashboard.overrides_from_choices({i: "skip" for i in range(tiny_net.num_blocks)})
     res = dashboard.inspect(tiny_net, cat_x, policies.make_policy(tiny_net, 0.5, forced))
     names = [tr.name for tr in figures.block_map_figure(res.trace).data if tr.type == "bar"]
-    assert names == ["no score (ungated or forced)"]
+    assert names == ["no score (ungated, forced, or threshold 0)"]
 
 
 # --------------------------------------------------------------------------------------------- latency

@@ -1,4 +1,5 @@
-"""The ``skipviz`` command, one module per command: ``predict``, ``train`` / ``train-plan``, ``audit``,
+"""The ``skipviz`` command, one module per command: ``predict``, ``train`` / ``train-plan``, ``reprice-card`` /
+``card-exits`` (:mod:`skipviz.cli.cards`), ``audit``,
 ``import-weights`` and ``bench`` (the latency benchmark; :mod:`skipviz.cli.bench_common` holds what the
 benchmark scripts share)."""
 from __future__ import annotations
@@ -7,7 +8,7 @@ import argparse
 import sys
 
 from .._allocator import keep_heap_memory
-from . import audit, bench, import_weights, predict, train
+from . import audit, bench, cards, import_weights, predict, train
 
 __all__ = ["build_parser", "main"]
 
@@ -15,7 +16,7 @@ __all__ = ["build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skipviz", description="Layer-skipping networks: run, inspect, audit.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (predict, train, audit, import_weights, bench):
+    for command in (predict, train, cards, audit, import_weights, bench):
         command.add_cli(sub)
     return parser
 

@@ -7,11 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 from ..training.distill import DistillConfig, distill_heads
-from ..training.decision_points import reprice_decisions
 from ..training.distill_export import HeadsExportConfig, export_heads
 from ..training.export import export
 from ..training.finetune import FinetuneConfig, finetune
@@ -19,8 +17,7 @@ from ..training.finetune_export import FinetuneExportConfig, export_finetuned
 from ..training.joint import TrainConfig, train
 from ..training.plan import PlanConfig, export_plan
 
-__all__ = ["add_cli", "cmd_card_exits", "cmd_finetune", "cmd_reprice_card", "cmd_train", "cmd_train_heads",
-           "cmd_train_plan"]
+__all__ = ["add_cli", "cmd_finetune", "cmd_train", "cmd_train_heads", "cmd_train_plan"]
 
 #: ``skipviz train``'s schedule for a CIFAR ResNet (with ``--model``, DistillConfig's defaults apply)
 CIFAR_DEFAULTS = {"epochs": 15, "target_rate": 0.4, "batch_size": 128, "lr": 0.1}
@@ -165,101 +162,12 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_reprice_card(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..models._registry import create_model
-
-    pre = _shipped_card(args.model)
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    net = create_model(args.model).eval()
-    if not net.gated_blocks or net.plan_head is None:
-        raise SystemExit(f"{args.model}: its card has no gate and plan heads to price")
-    card_path = pre.card_path
-    card = reprice_decisions(net, card_path)
-    for source, fields in (("gates", card["default_policy"]), ("plan", card["plan"])):
-        cost = fields["time_model"]["decision_cost"]
-        threshold = fields["threshold"] if source == "gates" else fields["default_threshold"]
-        print(f"{source}: {cost['checks']} decision(s) per input at {cost['fraction']:.2%} of the run each "
-              f"({cost['device']}); default threshold {threshold:g}")
-    print(f"wrote {card_path}")
-    return 0
-
-
-def _shipped_card(name: str):
-    """The registry entry of a shipped model with its card beside it, or the command ends naming the ones there
-    are."""
-    from ..models._registry import list_pretrained
-
-    pre = next((w for w in list_pretrained() if w.name == name), None)
-    if pre is None or not pre.card_path.is_file():
-        known = ", ".join(w.name for w in list_pretrained() if w.card_path.is_file())
-        raise SystemExit(f"{name}: not a shipped model with a card here (shipped: {known})")
-    return pre
-
-
-def cmd_card_exits(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..data import cifar10_root, load_split, load_validation_subset
-    from ..measure.clock import software_versions
-    from ..models._registry import create_model
-    from ..training.decision_points import add_exit_points
-    from ..training.exit_points import ExitPointsConfig
-
-    pre = _shipped_card(args.model)
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    net = create_model(args.model).eval()
-    card = json.loads(pre.card_path.read_text())
-    if net.probes is None or "early_exit" in card:
-        raise SystemExit(f"{args.model}: {'no probe heads' if net.probes is None else 'its card has exit points'}")
-    root = args.data or cifar10_root()
-    split = card.get("dataset") or {}
-    val = load_validation_subset(root, split.get("validation"), int((split.get("validation") or {}).get("n", 0)),
-                                 size=tuple(net.meta.input_size[-2:])) if root else None
-    test = load_split(root, "test", size=tuple(net.meta.input_size[-2:])) if val is not None else None
-    if val is None or test.files_sha256 != (split.get("test") or {}).get("files_sha256"):
-        raise SystemExit(f"{args.model}: the card's validation and test splits are not in {root} (--data, or "
-                         "$SKIPVIZ_CIFAR10): its exits must be chosen on its own splits")
-    card = add_exit_points(net, card, val, test, ExitPointsConfig(max_drop_points=FinetuneExportConfig.max_drop_points))
-    card["exits_added"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           "software": software_versions(), "reproduce": f"skipviz card-exits --model {args.model}",
-                           "what": "early_exit chosen on the card's validation split (skipviz.training.exit_points), "
-                                   "the accuracy bound of the card's gates (0.5 points)"}
-    pre.card_path.write_text(json.dumps(card, indent=2))
-    for name, point in card["operating_points"]["early_exit"].items():
-        print(f"{name}: threshold {point['threshold']} after blocks {point['blocks']}, "
-              f"{point['test']['flops_saved_fraction']:.1%} of FLOPs cut on test" if point["test"] else
-              f"{name}: no point ({point['rule'].rsplit('; ', 1)[-1]})")
-    section = card["early_exit"]
-    check = section.get("batch1_check")
-    timed = (f", timed at batch 1: {check['saved_fraction']:+.1%} of the full run saved" if check else "")
-    print(f"default: {section['default_threshold']} after blocks {section['blocks'] or 'none'}{timed}; "
-          f"wrote {pre.card_path}")
-    return 0
-
-
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Add ``skipviz train``, ``finetune``, ``train-plan``, ``train-heads``, ``reprice-card`` and ``card-exits`` to
-    the ``skipviz`` command."""
+    """Add ``skipviz train``, ``finetune``, ``train-plan`` and ``train-heads`` to the ``skipviz`` command."""
     _add_train(sub)
     _add_finetune(sub)
     _add_train_plan(sub)
     _add_train_heads(sub)
-    rp = sub.add_parser("reprice-card", help="choose a shipped distilled card's gate and plan operating points "
-                                             "again with their decisions' cost measured on this machine (run it "
-                                             "on an idle machine)")
-    rp.add_argument("--model", required=True, help="a shipped model with gate and plan heads")
-    rp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    rp.set_defaults(func=cmd_reprice_card)
-    ce = sub.add_parser("card-exits", help="choose the early exits of a shipped card written without them (the CIFAR "
-                                           "cards) on its own validation split, with a check's cost measured on "
-                                           "this machine (run it on an idle machine)")
-    ce.add_argument("--model", required=True, help="a shipped model with probe heads and no exit points")
-    ce.add_argument("--data", default=None, help="CIFAR-10 ImageFolder root (default: $SKIPVIZ_CIFAR10 or "
-                                                 "../shared/datasets/cifar10)")
-    ce.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ce.set_defaults(func=cmd_card_exits)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

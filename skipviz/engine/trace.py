@@ -219,6 +219,11 @@ class SkipResult:
         return self._densify()["executed"]
 
     @property
+    def evaluated(self) -> torch.Tensor:
+        """(N, L) bool: where the policy's head (gate, plan or exit probe) ran for each sample (its FLOPs count)."""
+        return self._densify()["evaluated"]
+
+    @property
     def scores(self) -> torch.Tensor:
         """(N, L) float64: the policy's score per block (NaN where none was computed)."""
         return self._densify()["score"]

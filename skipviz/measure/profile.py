@@ -194,7 +194,8 @@ class _GatesOnly(GatePolicy):
 
     def decide(self, net: "SkipNetwork", index: int, h: torch.Tensor) -> Decision:
         d = super().decide(net, index, h)
-        return Decision(True, d.reason, d.score, d.threshold, d.evaluated)
+        run = torch.ones_like(d.execute) if isinstance(d.execute, torch.Tensor) else True  # a batch's per-row work
+        return Decision(run, d.reason, d.score, d.threshold, d.evaluated)
 
 
 class _PlanOnly(PlanPolicy):
@@ -205,7 +206,8 @@ class _PlanOnly(PlanPolicy):
 
     def plan(self, net: "SkipNetwork", h: torch.Tensor) -> Plan:
         p = super().plan(net, h)
-        return Plan([True] * len(p.execute), p.score, p.reason, p.threshold, p.evaluated)
+        run = [torch.ones_like(e) if isinstance(e, torch.Tensor) else True for e in p.execute]  # rows as decided
+        return Plan(run, p.score, p.reason, p.threshold, p.evaluated)
 
 
 def _decisions_only(net: "SkipNetwork", source: str) -> tuple[Policy, int]:

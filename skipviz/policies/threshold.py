@@ -125,7 +125,7 @@ class PlanPolicy(GatePolicy):
         n_blocks = len(net.blocks)
         ex, re, free = self._layout(head, n_blocks)
         sc: list = [None] * n_blocks
-        th: list = [None] * n_blocks
+        th: list = [0.0 if r == _CANNOT_SKIP else None for r in re]  # threshold 0 recorded, as GatePolicy does
         ev: list = [False] * n_blocks
         if not free:
             return Plan(ex, sc, re, th, ev)

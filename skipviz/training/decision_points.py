@@ -67,21 +67,22 @@ def decision_time_saved(curve: pd.DataFrame, cost: DecisionCost) -> pd.Series:
 def threshold_points(val: dict, test: dict | None, cfg: HeadsExportConfig, labelled: bool,
                       costs: dict[str, DecisionCost]) -> dict:
     """The gates' and the plan's fast and faithful points, chosen on the validation curves ``val`` and reported
-    on the test curves ``test``: each the largest FLOPs cut meeting its rule that also saves batch-1 time with its
-    decisions' measured cost (``costs`` by source; the curves gain ``time_saved_fraction_predicted``)."""
+    on the test curves ``test`` (either, or a source in it, may be missing: no test record then): each the
+    largest FLOPs cut meeting its rule that also saves batch-1 time with its decisions' measured cost (``costs`` by
+    source; the curves gain ``time_saved_fraction_predicted``)."""
     points = {}
     for source in ("gates", "plan"):
-        for curves in (val, test) if test is not None else (val,):
-            curves[source]["time_saved_fraction_predicted"] = decision_time_saved(curves[source], costs[source])
+        test_curve = (test or {}).get(source)
+        for curve in (val[source], test_curve) if test_curve is not None else (val[source],):
+            curve["time_saved_fraction_predicted"] = decision_time_saved(curve, costs[source])
         paying = {"cutting_only": True, "by": "time_saved_fraction_predicted"}
         fast = (operating_point(val[source], max_drop_points=cfg.max_drop_points, **paying) if labelled else
                 operating_point(val[source], min_agreement=cfg.unlabelled_fast_agreement, **paying))
         faithful = operating_point(val[source], min_agreement=cfg.min_agreement, margin_se=cfg.faithful_margin_se,
                                    **paying)
-        points[source] = {"fast": {"threshold": fast, "validation": curve_row(val[source], fast),
-                                   "test": curve_row(test[source], fast) if test is not None else None},
-                          "faithful": {"threshold": faithful, "validation": curve_row(val[source], faithful),
-                                       "test": curve_row(test[source], faithful) if test is not None else None}}
+        points[source] = {name: {"threshold": t, "validation": curve_row(val[source], t),
+                                 "test": curve_row(test_curve, t)}
+                          for name, t in (("fast", fast), ("faithful", faithful))}
     return points
 
 
@@ -105,27 +106,51 @@ def decision_defaults(points: dict, costs: dict[str, DecisionCost], cfg: HeadsEx
                                         "time_model": plan["time_model"]}
 
 
+_CURVE_COLUMNS = {"threshold", "flops_saved_fraction", "accuracy_drop_points", "agreement_with_full"}
+
+
+def _distilled_curves(card: dict, where: Path) -> tuple[dict, dict]:
+    """The gates' and the plan's validation and test curves of a distilled card, as DataFrames by source (test:
+    only the sources the card has); ``ValueError`` naming what is missing."""
+    if "backbone" not in card:  # what a distilled export writes (a CIFAR card names its "source" checkpoint)
+        raise ValueError(f"{where}: not a card of distilled heads (skipviz train-heads --export); its operating "
+                         "points follow its own export's rules")
+    plan, test_m = card.get("plan") or {}, card.get("metrics_test") or {}
+    val = {"gates": (card.get("metrics_validation") or {}).get("gate_curve"),
+           "plan": (plan.get("validation") or {}).get("curve")}
+    test = {"gates": test_m.get("gate_curve"), "plan": plan.get("curve_test")}
+    frames = {}
+    for split, curves in (("validation", val), ("test", test)):
+        frames[split] = {s: pd.DataFrame(c) for s, c in curves.items() if c}
+        for s, frame in frames[split].items():
+            if not _CURVE_COLUMNS <= set(frame.columns):
+                raise ValueError(f"{where}: its {s} {split} curve lacks {sorted(_CURVE_COLUMNS - set(frame.columns))}")
+    if set(frames["validation"]) != {"gates", "plan"}:
+        raise ValueError(f"{where}: the card holds no validation curve for "
+                         f"{' and '.join(sorted({'gates', 'plan'} - set(frames['validation'])))}")
+    return frames["validation"], frames["test"]
+
+
 def cost_inputs(net: SkipNetwork, cfg: HeadsExportConfig) -> torch.Tensor:
     """The seeded random inputs (N, 3, H, W) the decisions' cost is timed on."""
     return torch.randn(cfg.check_cost_inputs, *net.meta.input_size, generator=torch.Generator().manual_seed(0))
 
 
 def reprice_decisions(net: SkipNetwork, card_path: Path, cfg: "HeadsExportConfig | None" = None) -> dict:
-    """Choose a distilled card's gate and plan operating points again, as :func:`~skipviz.training.distill_export.export_heads` does, with
-    their decisions' cost measured here and now (:func:`~skipviz.measure.profile.decision_cost` on ``net``, the
-    card's network, in eval mode) and the threshold curves the card already holds (no image is evaluated again;
-    the early exits, whose blocks were chosen with their own measured cost, are left as they are). Rewrites the
-    card at ``card_path`` (the weights, and so ``weights_sha256``, are unchanged) and returns it."""
+    """Choose a distilled card's gate and plan operating points again, with the rules of
+    :func:`~skipviz.training.distill_export.export_heads` (``cfg``, default :class:`HeadsExportConfig`), their
+    decisions' cost measured here and now (:func:`~skipviz.measure.profile.decision_cost` on ``net``, the card's
+    network, in eval mode) and the threshold curves the card already holds (no image is evaluated again; the early
+    exits, whose blocks were chosen with their own measured cost, are left as they are). Rewrites the card at
+    ``card_path`` (the weights, and so ``weights_sha256``, are unchanged) and returns it. ``ValueError`` for a card
+    that is not a distilled export (a CIFAR card has its own rules) or lacks the curves."""
     from ..measure.clock import software_versions
     from .distill_export import HeadsExportConfig
 
     cfg = cfg or HeadsExportConfig()
     card = json.loads(card_path.read_text())
+    val, test = _distilled_curves(card, card_path)
     test_m, plan = card.get("metrics_test") or {}, card["plan"]
-    val = {"gates": pd.DataFrame(card["metrics_validation"]["gate_curve"]),
-           "plan": pd.DataFrame(plan["validation"]["curve"])}
-    test = ({"gates": pd.DataFrame(test_m["gate_curve"]), "plan": pd.DataFrame(plan["curve_test"])}
-            if test_m.get("gate_curve") and plan.get("curve_test") else None)
     labelled = card["metrics_validation"].get("full_accuracy") is not None
     x = cost_inputs(net, cfg)
     costs = {source: decision_cost(net, x, source, rounds=cfg.check_cost_rounds) for source in ("gates", "plan")}
@@ -137,8 +162,10 @@ def reprice_decisions(net: SkipNetwork, card_path: Path, cfg: "HeadsExportConfig
     plan.update(plan_defaults)
     card["metrics_validation"]["gate_curve"] = val["gates"].to_dict("records")
     plan["validation"]["curve"] = val["plan"].to_dict("records")
-    if test is not None:
-        test_m["gate_curve"], plan["curve_test"] = test["gates"].to_dict("records"), test["plan"].to_dict("records")
+    if "gates" in test:
+        test_m["gate_curve"] = test["gates"].to_dict("records")
+    if "plan" in test:
+        plan["curve_test"] = test["plan"].to_dict("records")
     card["default_source"] = default_source(card["operating_points"])
     card["repriced"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         "software": software_versions(),
@@ -150,11 +177,13 @@ def reprice_decisions(net: SkipNetwork, card_path: Path, cfg: "HeadsExportConfig
 
 
 def add_exit_points(net: SkipNetwork, card: dict, val_set: TensorDataset, test_set: TensorDataset | None,
-                    exit_cfg: ExitPointsConfig, cost_cfg: "HeadsExportConfig | None" = None) -> dict:
+                    exit_cfg: ExitPointsConfig, cost_cfg: "HeadsExportConfig | None" = None,
+                    reference: SkipNetwork | None = None) -> dict:
     """Choose a card's early exits for ``net`` (it needs probe heads) as distilled cards do
     (:func:`~skipviz.training.exit_points.exit_operating_points`: the blocks checked and the fast and faithful
     thresholds by the batch-1 time predicted with a check's cost measured here and now, on ``val_set``, the card's
-    validation split; the curves measured on ``test_set`` too), judged against ``net``'s own full network. Adds
+    validation split; the curves measured on ``test_set`` too), judged against ``reference``'s full network
+    (default ``net``'s own; a fine-tuned copy is judged against the published network). Adds
     the card's ``early_exit`` section, ``operating_points.early_exit`` and the ``early_exit_curve`` of
     ``metrics_validation`` and ``metrics_test`` at the chosen blocks; returns the card (not written)."""
     from ..evaluate import evaluate_policy
@@ -164,8 +193,9 @@ def add_exit_points(net: SkipNetwork, card: dict, val_set: TensorDataset, test_s
 
     cost_cfg = cost_cfg or HeadsExportConfig()
     cost = decision_cost(net, cost_inputs(net, cost_cfg), "early_exit", rounds=cost_cfg.check_cost_rounds)
-    val_ref = evaluate_policy(net, val_set, FullPolicy(), batch_size=exit_cfg.batch_size)
-    test_ref = (evaluate_policy(net, test_set, FullPolicy(), batch_size=exit_cfg.batch_size)
+    reference = reference or net
+    val_ref = evaluate_policy(reference, val_set, FullPolicy(), batch_size=exit_cfg.batch_size)
+    test_ref = (evaluate_policy(reference, test_set, FullPolicy(), batch_size=exit_cfg.batch_size)
                 if test_set is not None else None)
     exits = exit_operating_points(net, val_set, val_ref, cost, test_set, test_ref, exit_cfg)
     card["early_exit"], points = exit_card_entries(net, exits, exit_cfg, val_set)
@@ -186,16 +216,17 @@ def batch1_saving(net: SkipNetwork, policy, images: torch.Tensor, rounds: int = 
     from ..measure.clock import device_info, measure_per_input
     from ..policies import FullPolicy
 
-    singles = [images[i:i + 1].contiguous() for i in range(images.shape[0])]
+    device = next(net.parameters()).device
+    singles = [images[i:i + 1].to(device).contiguous() for i in range(images.shape[0])]
     full = FullPolicy()
     runs = {"full": lambda i: net.run(singles[i], full), "policy": lambda i: net.run(singles[i], policy)}
     with torch.inference_mode():
-        times = measure_per_input(runs, len(singles), rounds=rounds, warmup=1)
+        times = measure_per_input(runs, len(singles), rounds=rounds, warmup=1, device=device)
     tf, tp = times["full"].sum(1), times["policy"].sum(1)
     saved = 1.0 - tp / tf
     return {"saved_fraction": float(np.median(saved)), "saved_iqr": [float(q) for q in np.percentile(saved, [25, 75])],
             "full_ms": 1e3 * float(np.median(tf)) / len(singles), "images": len(singles), "rounds": int(rounds),
-            "device": device_info("cpu").device_name}
+            "device": device_info(device).device_name}
 
 
 def exit_card_entries(net: SkipNetwork, exits: ExitPoints, cfg: ExitPointsConfig, val_set: TensorDataset,
@@ -217,8 +248,11 @@ def exit_card_entries(net: SkipNetwork, exits: ExitPoints, cfg: ExitPointsConfig
     if check["saved_fraction"] > 0:
         return section, points
     section.update(blocks=[], operating_point=None)
+    lo, hi = check["saved_iqr"]
     for point in points.values():
         point.update(threshold=None, rule_met_on_validation=False, validation=None, test=None,
-                     rule=point["rule"] + "; withdrawn: the default, timed at batch 1 (batch1_check), saved no time")
+                     rule=point["rule"] + f"; withdrawn: the default, timed at batch 1 (batch1_check), saved no time "
+                                          f"({check['saved_fraction']:+.1%} of the run, quartiles {lo:+.1%} to "
+                                          f"{hi:+.1%})")
     return section, points
 

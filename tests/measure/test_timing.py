@@ -298,6 +298,8 @@ def test_gate_and_plan_decisions_are_timed_as_made_inside_runs_that_skip_nothing
         for policy in (_GatesOnly(), _PlanOnly()):
             res = planned.run(x, policy)
             assert res.executed.all() and torch.equal(res.logits, planned(x))
+    for source in ("gates", "plan"):  # in batches: the rows' decisions stay tensors, as a real decision's
+        assert decision_cost(planned, batch[:4], source, rounds=2, batch_size=2).batch_size == 2
     with pytest.raises(ValueError, match="no plan head"):
         decision_cost(tiny_net, batch[:2], "plan", rounds=2)
     with pytest.raises(ValueError, match="unknown decision source"):

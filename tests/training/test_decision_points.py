@@ -59,7 +59,8 @@ def test_a_shipped_card_is_repriced_from_its_own_curves(tmp_path, monkeypatch):
 
     monkeypatch.setattr(decision_points, "decision_cost", fake_cost)
     rows = _curve([0.013, 0.3], [0.5, 0.9]).to_dict("records")
-    card = {"name": "toy.gated", "default_policy": {"name": "gates", "threshold": 0.05, "operating_point": "fast"},
+    card = {"name": "toy.gated", "backbone": {"file": "toy.pth"},
+            "default_policy": {"name": "gates", "threshold": 0.05, "operating_point": "fast"},
             "operating_points": {"gates": {}, "plan": {}, "early_exit": {"faithful": {"threshold": 0.9}}},
             "metrics_validation": {"full_accuracy": 0.7, "gate_curve": rows},
             "metrics_test": {"gate_curve": rows, "blocks_mean_correct": 8.5},
@@ -79,6 +80,28 @@ def test_a_shipped_card_is_repriced_from_its_own_curves(tmp_path, monkeypatch):
     assert out["operating_points"]["early_exit"] == {"faithful": {"threshold": 0.9}}  # exits untouched
     assert out["repriced"]["reproduce"] == "skipviz reprice-card --model toy.gated"
     assert out["default_source"] == "gates"  # recomputed: the exits' faithful point here has no validation record
+    # a card with the plan's test curve only: the gates' points get no test record, the plan's do
+    del card["metrics_test"]["gate_curve"]
+    path.write_text(json.dumps(card))
+    out = reprice_decisions(net, path, HeadsExportConfig(check_cost_inputs=2, check_cost_rounds=2))
+    assert out["operating_points"]["gates"]["fast"]["test"] is None
+    assert "time_saved_fraction_predicted" in out["plan"]["curve_test"][0]
+
+
+def test_only_a_distilled_card_with_its_curves_is_repriced(tmp_path):
+    net = create_model("cifar_resnet20", plan=True).eval()
+    rows = _curve([0.013, 0.3], [0.5, 0.9]).to_dict("records")
+    cifar = {"name": "c", "source": {"file": "resnet20.th"}, "metrics_validation": {"gate_curve": rows},
+             "plan": {"validation": {"curve": rows}}}
+    for card, message in ((cifar, "not a card of distilled heads"),
+                          ({**cifar, "backbone": {}, "plan": {}}, "no validation curve for plan"),
+                          ({**cifar, "backbone": {}, "metrics_validation": {"gate_curve": [{"threshold": 0.1}]}},
+                           "gates validation curve lacks")):
+        path = tmp_path / "card.json"
+        path.write_text(json.dumps(card))
+        with pytest.raises(ValueError, match=message):
+            reprice_decisions(net, path)
+        assert json.loads(path.read_text()) == card  # refused before anything is timed or written
 
 
 def test_a_card_without_exits_gains_them_chosen_on_its_own_splits(tiny_net, monkeypatch):
@@ -131,10 +154,10 @@ def test_an_exit_default_measured_slower_than_full_at_batch_one_is_withdrawn(tin
     timed = []
     monkeypatch.setattr(decision_points, "batch1_saving",
                         lambda net, policy, x, rounds: timed.append((sorted(policy.blocks), policy.threshold, x.shape))
-                        or {"saved_fraction": saved})
+                        or {"saved_fraction": saved, "saved_iqr": [saved - 0.01, saved + 0.01]})
     section, points = decision_points.exit_card_entries(tiny_net, exits, cfg, val, images=4)
     assert timed == [(exits.blocks, section["default_threshold"], (4, 3, 32, 32))]
-    assert section["batch1_check"] == {"saved_fraction": saved}
+    assert section["batch1_check"]["saved_fraction"] == saved
     if saved > 0:
         assert section["blocks"] == exits.blocks and points == exits.points
     else:  # the default checks nowhere, and no point is offered
