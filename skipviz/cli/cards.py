@@ -25,18 +25,33 @@ def _shipped_card(name: str):
 def cmd_reprice_card(args: argparse.Namespace) -> int:
     import torch
 
+    from ..measure.clock import software_versions
+    from ..measure.profile import decision_cost
     from ..models._registry import create_model
-    from ..training.decision_points import reprice_decisions
+    from ..training.decision_points import cost_inputs, reprice_decisions, veto_unpaid_defaults
+    from ..training.distill_export import HeadsExportConfig
 
     pre = _shipped_card(args.model)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     net = create_model(args.model).eval()
     if not net.gated_blocks or net.plan_head is None:
         raise SystemExit(f"{args.model}: its card has no gate and plan heads to price")
+    card = json.loads(pre.card_path.read_text())
     try:
-        card = reprice_decisions(net, pre.card_path)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        if "backbone" in card:  # distilled heads: their points chosen again with the export's rules
+            card = reprice_decisions(net, pre.card_path)
+        else:  # a CIFAR card keeps its rules: a default that does not pay is set to 0
+            x = cost_inputs(net, HeadsExportConfig())
+            costs = {s: decision_cost(net, x, s, rounds=HeadsExportConfig.check_cost_rounds) for s in ("gates", "plan")}
+            card = veto_unpaid_defaults(card, costs)
+            card["repriced"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                "software": software_versions(),
+                                "reproduce": f"skipviz reprice-card --model {args.model}",
+                                "what": "a gate or plan default that saves no batch-1 time with its decisions' cost "
+                                        "measured then set to 0 (vetoed, time_model)"}
+            pre.card_path.write_text(json.dumps(card, indent=2))
+    except (ValueError, KeyError) as e:
+        raise SystemExit(f"error: {pre.card_path}: {e}") from None
     for source, fields in (("gates", card["default_policy"]), ("plan", card["plan"])):
         cost = fields["time_model"]["decision_cost"]
         threshold = fields["threshold"] if source == "gates" else fields["default_threshold"]
@@ -113,10 +128,10 @@ def cmd_card_exits(args: argparse.Namespace) -> int:
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     """Add ``skipviz reprice-card`` and ``skipviz card-exits`` to the ``skipviz`` command."""
-    rp = sub.add_parser("reprice-card", help="choose a shipped distilled card's gate and plan operating points "
-                                             "again with their decisions' cost measured on this machine (run it "
-                                             "on an idle machine)")
-    rp.add_argument("--model", required=True, help="a shipped model with distilled gate and plan heads")
+    rp = sub.add_parser("reprice-card", help="price a shipped card's gate and plan decisions on this machine: a "
+                                             "distilled card's points are chosen again, a CIFAR card's defaults that "
+                                             "save no time are set to 0 (run it on an idle machine)")
+    rp.add_argument("--model", required=True, help="a shipped model with gate and plan heads")
     rp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     rp.set_defaults(func=cmd_reprice_card)
     ce = sub.add_parser("card-exits", help="choose the early exits of a shipped card written without them (the CIFAR "

@@ -211,6 +211,8 @@ class ModelMeta:
         card = self.card or {}
         m = card.get("metrics_test") or {}
         if m.get("gated_accuracy") is not None:
+            if m.get("gated_threshold") != self.default_threshold("gates"):  # a default since set to 0 (vetoed)
+                return None
             return {"threshold": m.get("gated_threshold"), "accuracy": m["gated_accuracy"],
                     "flops_saved_fraction": m.get("gated_flops_saved_fraction"),
                     "agreement_with_full": m.get("agreement_with_full")}

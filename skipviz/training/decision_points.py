@@ -9,8 +9,9 @@ also save batch-1 time, predicted in units of the full run as its FLOPs cut less
 (:func:`decision_time_saved`), as the early exits' blocks are chosen (:mod:`skipviz.training.exit_points`). A
 source without a fast point defaults to threshold 0, at which no probability is below the threshold: every block
 runs and no head is evaluated (``Reason.CANNOT_SKIP``), the full network. :func:`reprice_decisions` applies this
-to a card already written, from the curves it holds. :func:`add_exit_points` chooses the early exits of a card
-written without them (the CIFAR cards) the way distilled cards choose theirs.
+to a card already written, from the curves it holds; a CIFAR card keeps its own export's rules, and
+:func:`veto_unpaid_defaults` only replaces a default that does not pay by 0. :func:`add_exit_points` chooses the
+early exits of a card written without them (the CIFAR cards) the way distilled cards choose theirs.
 
 The exits' blocks are chosen with a time model in FLOPs, and an exit bypasses the network's tail, whose blocks
 can take less than their FLOPs' share of the time: on the CIFAR ResNet-56 the best exits (after blocks 24 and 25,
@@ -38,8 +39,8 @@ from .exit_points import ExitPoints, ExitPointsConfig, exit_operating_points
 if TYPE_CHECKING:  # pragma: no cover
     from .distill_export import HeadsExportConfig
 
-__all__ = ["add_exit_points", "batch1_saving", "cost_inputs", "exit_card_entries", "decision_defaults", "decision_time_saved", "default_source",
-           "reprice_decisions", "threshold_points"]
+__all__ = ["add_exit_points", "batch1_saving", "cost_inputs", "decision_defaults", "decision_time_saved",
+           "default_source", "exit_card_entries", "reprice_decisions", "threshold_points", "veto_unpaid_defaults"]
 
 
 def default_source(points: dict) -> str:
@@ -255,4 +256,36 @@ def exit_card_entries(net: SkipNetwork, exits: ExitPoints, cfg: ExitPointsConfig
                                           f"({check['saved_fraction']:+.1%} of the run, quartiles {lo:+.1%} to "
                                           f"{hi:+.1%})")
     return section, points
+
+
+def veto_unpaid_defaults(card: dict, costs: dict[str, DecisionCost]) -> dict:
+    """A card written by the CIFAR exports (``skipviz train`` / ``finetune``, their own rules, not re-chosen
+    here): the gates' and the plan's default thresholds kept where they save batch-1 time predicted with their
+    decisions' measured cost (``costs`` by source; the FLOPs cut of the card's validation curve at the default),
+    else set to 0 (no head evaluated: the full network), the threshold set aside under ``vetoed``. Each section
+    records its ``time_model``. A card whose recommended source (``default_source``, else the gates) was vetoed
+    recommends the other where that one pays. Returns the card (not written); ``ValueError`` when a default is
+    not on its curve."""
+    sections = {"gates": (card["default_policy"], "threshold", card["metrics_validation"]["gate_curve"]),
+                "plan": (card["plan"], "default_threshold", card["plan"]["validation"]["curve"])}
+    pays = {}
+    for source, (section, field, curve) in sections.items():
+        t = section[field]
+        row = next((r for r in curve if r["threshold"] == t), None)
+        if row is None:
+            raise ValueError(f"the {source}' default {t} is not on the card's validation curve")
+        saved = row["flops_saved_fraction"] - costs[source].checks * costs[source].fraction
+        section["time_model"] = {"decision_cost": costs[source].to_dict(), "predicted_time_saved_at_default": saved,
+                                 "predicted_time_saved": "flops_saved_fraction - checks * fraction"}
+        pays[source] = saved > 0
+        if saved <= 0:
+            section[field] = 0.0
+            section["vetoed"] = {"threshold": t, "why": f"{row['flops_saved_fraction']:.1%} of FLOPs cut on "
+                                 f"validation against {costs[source].checks} decision(s) at "
+                                 f"{costs[source].fraction:.2%} of a batch-1 run each: no time saved"}
+    source = card.get("default_source", "gates")
+    other = "plan" if source == "gates" else "gates"
+    if source in pays and not pays[source] and pays[other]:
+        card["default_source"] = other
+    return card
 

@@ -50,7 +50,8 @@ def test_inspect_switches_to_the_plan(shipped_env):
 
     net = dashboard.load_model(SMALL_CIFAR_MODEL).net
     at = AppTest.from_file(APP, default_timeout=120).run()
-    assert not at.exception
+    assert not at.exception and at.radio(key="inspect_source").value == net.meta.default_source() == "plan"
+    at.radio(key="inspect_source").set_value("gates").run()  # the card recommends the plan: its gates pay nothing
     at.slider(key="inspect_threshold").set_value(0.5).run()
     assert list(frame(at, "blocks")["decision"]) == decisions(net, GatePolicy(0.5))
     at.radio(key="inspect_source").set_value("plan").run()
@@ -108,6 +109,7 @@ def test_the_slider_shows_the_threshold_in_use_after_every_switch(shipped_env):
     net = dashboard.load_model(SMALL_CIFAR_MODEL).net
     plan_default = net.meta.card["plan"]["default_threshold"]
     at = AppTest.from_file(APP, default_timeout=120).run()
+    at.radio(key="inspect_source").set_value("gates").run()  # from the gates (the card recommends the plan)
     at.slider(key="inspect_threshold").set_value(0.3).run()
     at.radio(key="inspect_source").set_value("plan").run()
     s = slider_in_use(at, "inspect")

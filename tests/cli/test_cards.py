@@ -16,7 +16,6 @@ def _card_digest(name: str) -> str:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["reprice-card", "--model", "cifar_resnet56.cifar10_gated"], "not a card of distilled heads"),
     (["card-exits", "--model", "efficientnet_lite0.imagenet_gated"], "its card has exit points"),
     (["card-exits", "--model", "cifar_resnet56.cifar10_gated"], "its card has exit points"),
 ])

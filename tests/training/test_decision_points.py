@@ -10,7 +10,7 @@ import pytest
 from skipviz import create_model
 from skipviz.measure.profile import DecisionCost
 from skipviz.training.decision_points import (add_exit_points, decision_defaults, decision_time_saved,
-                                             reprice_decisions, threshold_points)
+                                             reprice_decisions, threshold_points, veto_unpaid_defaults)
 from skipviz.training.distill_export import HeadsExportConfig
 
 
@@ -164,3 +164,23 @@ def test_an_exit_default_measured_slower_than_full_at_batch_one_is_withdrawn(tin
         assert section["blocks"] == [] and section["operating_point"] is None
         assert all(p["threshold"] is None and "withdrawn" in p["rule"] for p in points.values())
         assert exits.points["fast"]["threshold"] is not None  # the chosen exits themselves are left as they were
+
+
+@pytest.mark.parametrize("gate_cost, plan_cost", [(0.01, 0.01), (0.05, 0.01), (0.05, 0.5)])
+def test_a_cifar_cards_default_that_does_not_pay_is_set_to_zero(gate_cost, plan_cost):
+    rows = _curve([0.013, 0.3], [0.5, 0.9]).to_dict("records")  # thresholds 0.05 and 0.1
+    card = {"default_policy": {"name": "gates", "threshold": 0.1},
+            "metrics_validation": {"gate_curve": rows},
+            "plan": {"default_threshold": 0.1, "validation": {"curve": rows}}}
+    out = veto_unpaid_defaults(card, {"gates": _cost(7, gate_cost, "gates"), "plan": _cost(1, plan_cost, "plan")})
+    gates_pay, plan_pays = 0.3 > 7 * gate_cost, 0.3 > plan_cost
+    assert out["default_policy"]["threshold"] == (0.1 if gates_pay else 0.0)
+    assert out["plan"]["default_threshold"] == (0.1 if plan_pays else 0.0)
+    assert ("vetoed" in out["default_policy"]) == (not gates_pay) and ("vetoed" in out["plan"]) == (not plan_pays)
+    assert out["default_policy"]["time_model"]["predicted_time_saved_at_default"] == pytest.approx(0.3 - 7 * gate_cost)
+    # a card recommending the gates (by default) recommends the plan once only the plan pays
+    assert out.get("default_source", "gates") == ("plan" if not gates_pay and plan_pays else "gates")
+    with pytest.raises(ValueError, match="not on the card's validation curve"):
+        veto_unpaid_defaults({**card, "default_policy": {"threshold": 0.7}}, {"gates": _cost(7, 0.01, "gates"),
+                                                                              "plan": _cost(1, 0.01, "plan")})
+
