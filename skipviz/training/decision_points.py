@@ -1,10 +1,12 @@
-"""The gates' and the plan head's operating points of a distilled card (:mod:`skipviz.training.distill_export`),
-priced with their decisions' measured cost, and the card's recommended decision source.
+"""Model cards' decision points priced with what their decisions cost: the gates' and the plan head's operating
+points of a distilled card (:mod:`skipviz.training.distill_export`) and its recommended decision source, the
+defaults of a CIFAR card, and the early exits of both.
 
 A gate decision costs time at every gated block whatever it decides, and the plan head once per input: timed
 inside runs that skip nothing (:func:`~skipviz.measure.profile.decision_cost`), the shipped EfficientNet-Lite0's
-nine gates took 3 % of a batch-1 run on the 2-core AMD EPYC, while its one gate threshold within a point of
-accuracy cut 1.3 % of the FLOPs: at that default the gates ran slower than the full network. So a point must
+nine gates took 7.0-8.2 % of a batch-1 run on the 2-core AMD EPYC (2026-12-07, four runs), while its one gate
+threshold within a point of accuracy cut 1.3 % of the FLOPs: at that default the gates ran slower than the full
+network. So a point must
 also save batch-1 time, predicted in units of the full run as its FLOPs cut less every decision's measured share
 (:func:`decision_time_saved`), as the early exits' blocks are chosen (:mod:`skipviz.training.exit_points`). A
 source without a fast point defaults to threshold 0, at which no probability is below the threshold: every block
