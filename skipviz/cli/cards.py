@@ -25,31 +25,16 @@ def _shipped_card(name: str):
 def cmd_reprice_card(args: argparse.Namespace) -> int:
     import torch
 
-    from ..measure.clock import software_versions
-    from ..measure.profile import decision_cost
     from ..models._registry import create_model
-    from ..training.decision_points import cost_inputs, reprice_decisions, veto_unpaid_defaults
-    from ..training.distill_export import HeadsExportConfig
+    from ..training.decision_points import reprice_decisions
 
     pre = _shipped_card(args.model)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     net = create_model(args.model).eval()
     if not net.gated_blocks or net.plan_head is None:
         raise SystemExit(f"{args.model}: its card has no gate and plan heads to price")
-    card = json.loads(pre.card_path.read_text())
     try:
-        if "backbone" in card:  # distilled heads: their points chosen again with the export's rules
-            card = reprice_decisions(net, pre.card_path)
-        else:  # a CIFAR card keeps its rules: a default that does not pay is set to 0
-            x = cost_inputs(net, HeadsExportConfig())
-            costs = {s: decision_cost(net, x, s, rounds=HeadsExportConfig.check_cost_rounds) for s in ("gates", "plan")}
-            card = veto_unpaid_defaults(card, costs)
-            card["repriced"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                "software": software_versions(),
-                                "reproduce": f"skipviz reprice-card --model {args.model}",
-                                "what": "a gate or plan default that saves no batch-1 time with its decisions' cost "
-                                        "measured then set to 0 (vetoed, time_model)"}
-            pre.card_path.write_text(json.dumps(card, indent=2))
+        card = reprice_decisions(net, pre.card_path)
     except (ValueError, KeyError) as e:
         raise SystemExit(f"error: {pre.card_path}: {e}") from None
     for source, fields in (("gates", card["default_policy"]), ("plan", card["plan"])):
@@ -68,7 +53,7 @@ def _card_splits(card: dict, net, data: str | None):
     splits are not there."""
     from ..data import cifar10_root, imagenette_root, load_split, load_validation_subset
     from ..training.distill import DistillConfig, build_network, load_training_images, split_train_val, test_images
-    from ..training.distill_export import HeadsExportConfig, _exit_config
+    from ..training.distill_export import HeadsExportConfig
     from ..training.exit_points import ExitPointsConfig
     from ..training.finetune_export import FinetuneExportConfig
 
@@ -79,7 +64,7 @@ def _card_splits(card: dict, net, data: str | None):
         root = data or dcfg.data_root or imagenette_root()
         val = split_train_val(dcfg, load_training_images(dcfg, net, root))[1] if root else None
         test = test_images(dcfg, net, root) if val is not None else None
-        rules, reference = _exit_config(HeadsExportConfig()), build_network(dcfg).eval() if dcfg.backbone_lr else net
+        rules, reference = HeadsExportConfig().exit_config(), build_network(dcfg).eval() if dcfg.backbone_lr else net
     else:  # a CIFAR card (skipviz train / finetune)
         root, size = data or cifar10_root(), tuple(net.meta.input_size[-2:])
         n = int((split.get("validation") or {}).get("n", 0))

@@ -43,10 +43,9 @@ class GatePolicy(Policy):
     ``"skip"`` (force skip) or a float (that block's own threshold). Blocks without a gate head always run.
     The gate is evaluated on every running sample (its FLOPs count) unless the block is forced or its threshold
     is 0 (a probability is never below 0: the block runs whatever the gate says, so the gate is not evaluated and
-    costs nothing; ``Reason.CANNOT_SKIP``). A batch of
-    one is decided on the host from the gate's probability in float64 (:meth:`GateHead.probability_of_one`), a
-    batch from float32 probabilities: the two agree except for a probability within float rounding (~1e-7) of
-    the threshold.
+    costs nothing; ``Reason.CANNOT_SKIP``). A batch of one is decided on the host from the gate's probability in
+    float64 (:meth:`GateHead.probability_of_one`), a batch from float32 probabilities: the two agree except for a
+    probability within float rounding (~1e-7) of the threshold.
     """
 
     name = "gates"
@@ -85,8 +84,7 @@ class GatePolicy(Policy):
 
     def evaluates(self, index: int) -> bool:
         """Whether block ``index``'s head is evaluated (where the network has one): not forced, threshold above 0."""
-        ov = self.overrides.get(index)
-        return not isinstance(ov, str) and (ov if isinstance(ov, float) else self.threshold) > 0.0
+        return not isinstance(self.overrides.get(index), str) and self.threshold_for(index) > 0.0
 
     def config(self) -> dict:
         return {"name": self.name, "threshold": self.threshold,

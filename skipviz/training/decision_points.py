@@ -19,7 +19,7 @@ The exits' blocks are chosen with a time model in FLOPs, and an exit bypasses th
 can take less than their FLOPs' share of the time: on the CIFAR ResNet-56 the best exits (after blocks 24 and 25,
 2.4 % of FLOPs cut) were predicted to save 1.1 % of a batch-1 run and, timed, made it 1.7 % slower (the same
 decisions replayed for free saved 0.48 of their FLOPs' share). So the exits' default is then timed at batch 1
-against the full network (:func:`batch1_saving`, photo by photo) and kept only where it saves time
+against the full network (:func:`batch1_saving`, paired photo by photo) and kept only where it saves time
 (:func:`exit_card_entries`).
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ from .exit_points import ExitPoints, ExitPointsConfig, exit_operating_points
 if TYPE_CHECKING:  # pragma: no cover
     from .distill_export import HeadsExportConfig
 
-__all__ = ["add_exit_points", "batch1_saving", "cost_inputs", "decision_defaults", "decision_time_saved",
+__all__ = ["add_exit_points", "batch1_saving", "decision_costs", "decision_defaults", "decision_time_saved",
            "default_source", "exit_card_entries", "reprice_decisions", "threshold_points", "veto_unpaid_defaults"]
 
 
@@ -115,9 +115,6 @@ _CURVE_COLUMNS = {"threshold", "flops_saved_fraction", "accuracy_drop_points", "
 def _distilled_curves(card: dict, where: Path) -> tuple[dict, dict]:
     """The gates' and the plan's validation and test curves of a distilled card, as DataFrames by source (test:
     only the sources the card has); ``ValueError`` naming what is missing."""
-    if "backbone" not in card:  # what a distilled export writes (a CIFAR card names its "source" checkpoint)
-        raise ValueError(f"{where}: not a card of distilled heads (skipviz train-heads --export); its operating "
-                         "points follow its own export's rules")
     plan, test_m = card.get("plan") or {}, card.get("metrics_test") or {}
     val = {"gates": (card.get("metrics_validation") or {}).get("gate_curve"),
            "plan": (plan.get("validation") or {}).get("curve")}
@@ -134,29 +131,54 @@ def _distilled_curves(card: dict, where: Path) -> tuple[dict, dict]:
     return frames["validation"], frames["test"]
 
 
-def cost_inputs(net: SkipNetwork, cfg: HeadsExportConfig) -> torch.Tensor:
-    """The seeded random inputs (N, 3, H, W) the decisions' cost is timed on."""
-    return torch.randn(cfg.check_cost_inputs, *net.meta.input_size, generator=torch.Generator().manual_seed(0))
-
-
-def reprice_decisions(net: SkipNetwork, card_path: Path, cfg: "HeadsExportConfig | None" = None) -> dict:
-    """Choose a distilled card's gate and plan operating points again, with the rules of
-    :func:`~skipviz.training.distill_export.export_heads` (``cfg``, default :class:`HeadsExportConfig`), their
-    decisions' cost measured here and now (:func:`~skipviz.measure.profile.decision_cost` on ``net``, the card's
-    network, in eval mode) and the threshold curves the card already holds (no image is evaluated again; the early
-    exits, whose blocks were chosen with their own measured cost, are left as they are). Rewrites the card at
-    ``card_path`` (the weights, and so ``weights_sha256``, are unchanged) and returns it. ``ValueError`` for a card
-    that is not a distilled export (a CIFAR card has its own rules) or lacks the curves."""
-    from ..measure.clock import software_versions
+def decision_costs(net: SkipNetwork, sources: tuple[str, ...], cfg: "HeadsExportConfig | None" = None
+                   ) -> dict[str, DecisionCost]:
+    """What one decision of each of ``sources`` costs inside a batch-1 run of ``net``
+    (:func:`~skipviz.measure.profile.decision_cost`), timed on ``cfg.check_cost_inputs`` seeded random inputs in
+    ``cfg.check_cost_rounds`` paired rounds (default :class:`HeadsExportConfig`)."""
     from .distill_export import HeadsExportConfig
 
     cfg = cfg or HeadsExportConfig()
+    x = torch.randn(cfg.check_cost_inputs, *net.meta.input_size, generator=torch.Generator().manual_seed(0))
+    return {source: decision_cost(net, x, source, rounds=cfg.check_cost_rounds) for source in sources}
+
+
+def reprice_decisions(net: SkipNetwork, card_path: Path, cfg: "HeadsExportConfig | None" = None) -> dict:
+    """Price a card's gate and plan decisions again with their cost measured here and now
+    (:func:`decision_costs` on ``net``, the card's network, in eval mode), from the threshold curves the card
+    already holds (no image is evaluated again; the early exits, chosen with their own measured cost, are left as
+    they are). A distilled card's points are chosen again with the rules of
+    :func:`~skipviz.training.distill_export.export_heads` (``cfg``, default :class:`HeadsExportConfig`); a CIFAR
+    card keeps its export's rules and only a default that does not pay is set to 0
+    (:func:`veto_unpaid_defaults`). Rewrites the card at ``card_path`` (the weights, and so ``weights_sha256``, are
+    unchanged) and returns it. ``ValueError`` for a card whose curves it cannot read."""
+    from ..measure.clock import software_versions
+
     card = json.loads(card_path.read_text())
-    val, test = _distilled_curves(card, card_path)
+    if "backbone" in card:  # distilled heads (skipviz train-heads); a CIFAR card names its "source" checkpoint
+        val, test = _distilled_curves(card, card_path)  # checked before anything is timed
+        _rechoose_points(card, val, test, decision_costs(net, ("gates", "plan"), cfg), cfg)
+        what = ("the gates' and the plan's operating points and defaults chosen again from the card's curves with "
+                "the decisions' cost measured then (time_model)")
+    else:
+        veto_unpaid_defaults(card, decision_costs(net, ("gates", "plan"), cfg))
+        what = ("a gate or plan default that saves no batch-1 time with its decisions' cost measured then set to 0 "
+                "(vetoed, time_model)")
+    card["repriced"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "software": software_versions(), "reproduce": f"skipviz reprice-card --model {card['name']}",
+                        "what": what}
+    card_path.write_text(json.dumps(card, indent=2))
+    return card
+
+
+def _rechoose_points(card: dict, val: dict, test: dict, costs: dict[str, DecisionCost],
+                     cfg: "HeadsExportConfig | None") -> None:
+    """A distilled card's gate and plan points, defaults, curves and recommended source, chosen again in place."""
+    from .distill_export import HeadsExportConfig
+
+    cfg = cfg or HeadsExportConfig()
     test_m, plan = card.get("metrics_test") or {}, card["plan"]
     labelled = card["metrics_validation"].get("full_accuracy") is not None
-    x = cost_inputs(net, cfg)
-    costs = {source: decision_cost(net, x, source, rounds=cfg.check_cost_rounds) for source in ("gates", "plan")}
     points = threshold_points(val, test, cfg, labelled, costs)
     card["operating_points"].update(points)
     if test_m.get("blocks_mean_correct") is not None:  # measured at the old default, kept with its threshold
@@ -170,13 +192,6 @@ def reprice_decisions(net: SkipNetwork, card_path: Path, cfg: "HeadsExportConfig
     if "plan" in test:
         plan["curve_test"] = test["plan"].to_dict("records")
     card["default_source"] = default_source(card["operating_points"])
-    card["repriced"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "software": software_versions(),
-                        "reproduce": f"skipviz reprice-card --model {card['name']}",
-                        "what": "the gates' and the plan's operating points and defaults chosen again from the "
-                                "card's curves with the decisions' cost measured then (time_model)"}
-    card_path.write_text(json.dumps(card, indent=2))
-    return card
 
 
 def add_exit_points(net: SkipNetwork, card: dict, val_set: TensorDataset, test_set: TensorDataset | None,
@@ -192,10 +207,7 @@ def add_exit_points(net: SkipNetwork, card: dict, val_set: TensorDataset, test_s
     from ..evaluate import evaluate_policy
     from ..policies import FullPolicy
 
-    from .distill_export import HeadsExportConfig
-
-    cost_cfg = cost_cfg or HeadsExportConfig()
-    cost = decision_cost(net, cost_inputs(net, cost_cfg), "early_exit", rounds=cost_cfg.check_cost_rounds)
+    cost = decision_costs(net, ("early_exit",), cost_cfg)["early_exit"]
     reference = reference or net
     val_ref = evaluate_policy(reference, val_set, FullPolicy(), batch_size=exit_cfg.batch_size)
     test_ref = (evaluate_policy(reference, test_set, FullPolicy(), batch_size=exit_cfg.batch_size)
@@ -211,25 +223,18 @@ def add_exit_points(net: SkipNetwork, card: dict, val_set: TensorDataset, test_s
 
 def batch1_saving(net: SkipNetwork, policy, images: torch.Tensor, rounds: int = 10) -> dict:
     """``policy`` against the full network at batch 1 on ``images`` (N, 3, H, W, normalised), photo by photo
-    (:func:`~skipviz.measure.clock.measure_per_input`: each photo's two runs back to back, the order rotating):
-    ``saved_fraction`` the median over rounds of the sample's time saved as a share of its full run, its quartiles
-    (``saved_iqr``), ``full_ms`` per photo, ``images``, ``rounds`` and the ``device``."""
-    import numpy as np
+    (:func:`~skipviz.measure.saving.measure_saving` at batch 1): ``saved_fraction`` the median paired saving over
+    the full run's median time, ``saved_interval`` its bootstrap 95 % interval in the same unit, ``full_ms`` per
+    photo, ``images``, ``rounds``, the ``device`` label and model, and ``busy`` (why the machine was not idle)."""
+    from ..measure.clock import device_info
+    from ..measure.saving import measure_saving
 
-    from ..measure.clock import device_info, measure_per_input
-    from ..policies import FullPolicy
-
-    device = next(net.parameters()).device
-    singles = [images[i:i + 1].to(device).contiguous() for i in range(images.shape[0])]
-    full = FullPolicy()
-    runs = {"full": lambda i: net.run(singles[i], full), "policy": lambda i: net.run(singles[i], policy)}
     with torch.inference_mode():
-        times = measure_per_input(runs, len(singles), rounds=rounds, warmup=1, device=device)
-    tf, tp = times["full"].sum(1), times["policy"].sum(1)
-    saved = 1.0 - tp / tf
-    return {"saved_fraction": float(np.median(saved)), "saved_iqr": [float(q) for q in np.percentile(saved, [25, 75])],
-            "full_ms": 1e3 * float(np.median(tf)) / len(singles), "images": len(singles), "rounds": int(rounds),
-            "device": device_info(device).device_name}
+        s = measure_saving(net, images, policy, batch_size=1, rounds=rounds)
+    full = s.full_median_s
+    return {"saved_fraction": s.saving_s / full, "saved_interval": [s.low_s / full, s.high_s / full],
+            "full_ms": 1e3 * full, "images": int(images.shape[0]), "rounds": s.rounds, "device": s.device,
+            "device_name": device_info(next(net.parameters()).device).device_name, "busy": s.busy}
 
 
 def exit_card_entries(net: SkipNetwork, exits: ExitPoints, cfg: ExitPointsConfig, val_set: TensorDataset,
@@ -251,11 +256,11 @@ def exit_card_entries(net: SkipNetwork, exits: ExitPoints, cfg: ExitPointsConfig
     if check["saved_fraction"] > 0:
         return section, points
     section.update(blocks=[], operating_point=None)
-    lo, hi = check["saved_iqr"]
+    lo, hi = check["saved_interval"]
     for point in points.values():
         point.update(threshold=None, rule_met_on_validation=False, validation=None, test=None,
                      rule=point["rule"] + f"; withdrawn: the default, timed at batch 1 (batch1_check), saved no time "
-                                          f"({check['saved_fraction']:+.1%} of the run, quartiles {lo:+.1%} to "
+                                          f"({check['saved_fraction']:+.1%} of the run, 95 % interval {lo:+.1%} to "
                                           f"{hi:+.1%})")
     return section, points
 

@@ -40,10 +40,9 @@ from ..models._registry import data_dir
 from ..data import TensorDataset, imagenette_root
 from ..engine.heads import PlanHead
 from ..engine.network import SkipNetwork
-from ..measure.profile import decision_cost
 from .distill import (DistillConfig, build_network, head_state, load_training_images, split_train_val, test_images,
                       with_extra_images)
-from .decision_points import cost_inputs, decision_defaults, default_source, exit_card_entries, threshold_points
+from .decision_points import decision_costs, decision_defaults, default_source, exit_card_entries, threshold_points
 from .exit_points import ExitPoints, ExitPointsConfig, exit_operating_points
 
 __all__ = ["HeadsExportConfig", "STORAGE_NOTE", "export_heads"]
@@ -68,6 +67,12 @@ class HeadsExportConfig:
     batch_size: int = 100
     unlabelled_fast_agreement: float = 0.95  # images without labels: "fast" keeps this top-1 agreement
 
+    def exit_config(self) -> ExitPointsConfig:
+        """The rules the early exits are chosen by (:mod:`skipviz.training.exit_points`), from these settings."""
+        return ExitPointsConfig(thresholds=tuple(self.exit_thresholds), max_drop_points=self.max_drop_points,
+                                min_agreement=self.min_agreement, faithful_margin_se=self.faithful_margin_se,
+                                batch_size=self.batch_size)
+
 
 #: How a fine-tuned copy's tensors are stored (about 13 MB instead of 26 MB in float32).
 STORAGE_NOTE = ("float16 storage of every floating-point tensor, loaded into a float32 network; every number in "
@@ -86,13 +91,6 @@ def _round_to_storage(net: SkipNetwork) -> None:
     for v in net.state_dict().values():
         if v.is_floating_point():
             v.copy_(v.half().to(v.dtype))
-
-
-def _exit_config(cfg: HeadsExportConfig) -> ExitPointsConfig:
-    return ExitPointsConfig(thresholds=tuple(cfg.exit_thresholds),
-                            max_drop_points=cfg.max_drop_points, min_agreement=cfg.min_agreement,
-                            faithful_margin_se=cfg.faithful_margin_se,
-                            batch_size=cfg.batch_size)
 
 
 def _fit_plan(net: SkipNetwork, train_set: TensorDataset, val_set: TensorDataset, cfg: HeadsExportConfig) -> dict:
@@ -306,8 +304,7 @@ def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: st
     if tuned:
         _round_to_storage(net)  # the card's numbers are measured on exactly what ships (the plan head: below)
     # first, while the machine is quiet: the exits' blocks are chosen by the batch-1 time predicted with it
-    x = cost_inputs(net, cfg)
-    costs = {source: decision_cost(net, x, source, rounds=cfg.check_cost_rounds) for source in ("early_exit", "gates")}
+    costs = decision_costs(net, ("early_exit", "gates"), cfg)
     train_set, val_set = split_train_val(dcfg, load_training_images(dcfg, net, root, progress=False))
     train_set = with_extra_images(dcfg, net, train_set, progress=False)  # the plan head learns from them too
     test_set = test_images(dcfg, net, root)
@@ -315,13 +312,13 @@ def export_heads(cfg: HeadsExportConfig, dest: Path | None = None, data_root: st
     plan = _fit_plan(net, train_set, val_set, cfg)
     if tuned:
         _round_to_storage(net)  # the plan head just fitted, before anything is measured
-    costs["plan"] = decision_cost(net, x, "plan", rounds=cfg.check_cost_rounds)
+    costs.update(decision_costs(net, ("plan",), cfg))  # the head just fitted
     val = _curves(net, val_set, cfg, published)
     test = _curves(net, test_set, cfg, published) if test_set is not None else None
     points = threshold_points(val, test, cfg, labelled, costs)
     exits = exit_operating_points(net, val_set, val["published"], costs["early_exit"], test_set,
-                                  test["published"] if test is not None else None, _exit_config(cfg))
-    exit_section, points["early_exit"] = exit_card_entries(net, exits, _exit_config(cfg), val_set)
+                                  test["published"] if test is not None else None, cfg.exit_config())
+    exit_section, points["early_exit"] = exit_card_entries(net, exits, cfg.exit_config(), val_set)
     # the outcome tables at the gates' fast point; without one at the most cautious threshold measured
     fast_t = points["gates"]["fast"]["threshold"] or cfg.gate_thresholds[0]
     classes = imagenet_classes() if dcfg.model is None else list(net.meta.classes)

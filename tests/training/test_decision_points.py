@@ -88,13 +88,15 @@ def test_a_shipped_card_is_repriced_from_its_own_curves(tmp_path, monkeypatch):
     assert "time_saved_fraction_predicted" in out["plan"]["curve_test"][0]
 
 
-def test_only_a_distilled_card_with_its_curves_is_repriced(tmp_path):
+def test_only_a_card_with_its_curves_is_repriced_and_a_cifar_card_keeps_its_rules(tmp_path, monkeypatch):
+    import skipviz.training.decision_points as decision_points
+
     net = create_model("cifar_resnet20", plan=True).eval()
     rows = _curve([0.013, 0.3], [0.5, 0.9]).to_dict("records")
     cifar = {"name": "c", "source": {"file": "resnet20.th"}, "metrics_validation": {"gate_curve": rows},
-             "plan": {"validation": {"curve": rows}}}
-    for card, message in ((cifar, "not a card of distilled heads"),
-                          ({**cifar, "backbone": {}, "plan": {}}, "no validation curve for plan"),
+             "default_policy": {"name": "gates", "threshold": 0.05},
+             "plan": {"default_threshold": 0.1, "validation": {"curve": rows}}}
+    for card, message in (({**cifar, "backbone": {}, "plan": {}}, "no validation curve for plan"),
                           ({**cifar, "backbone": {}, "metrics_validation": {"gate_curve": [{"threshold": 0.1}]}},
                            "gates validation curve lacks")):
         path = tmp_path / "card.json"
@@ -102,6 +104,13 @@ def test_only_a_distilled_card_with_its_curves_is_repriced(tmp_path):
         with pytest.raises(ValueError, match=message):
             reprice_decisions(net, path)
         assert json.loads(path.read_text()) == card  # refused before anything is timed or written
+    # a CIFAR card: its thresholds are not chosen again, a default that does not pay is set to 0
+    monkeypatch.setattr(decision_points, "decision_cost", lambda net_, x, source, rounds: _cost(7, 0.01, source))
+    path.write_text(json.dumps(cifar))
+    out = reprice_decisions(net, path, HeadsExportConfig(check_cost_inputs=2, check_cost_rounds=2))
+    assert out["default_policy"]["threshold"] == 0.0 and out["default_policy"]["vetoed"]["threshold"] == 0.05
+    assert out["plan"]["default_threshold"] == 0.1 and "vetoed" in out["repriced"]["what"]
+    assert json.loads(path.read_text()) == out and "operating_points" not in out
 
 
 def test_a_card_without_exits_gains_them_chosen_on_its_own_splits(tiny_net, monkeypatch):
@@ -134,7 +143,8 @@ def test_batch1_saving_times_the_policy_against_the_full_network_photo_by_photo(
 
     out = batch1_saving(tiny_net, EarlyExitPolicy(0.0, blocks=[0]), varied_images(3, seed=2), rounds=2)
     assert (out["images"], out["rounds"]) == (3, 2) and out["full_ms"] > 0
-    assert out["saved_iqr"][0] <= out["saved_fraction"] <= out["saved_iqr"][1] and out["device"]
+    assert out["saved_interval"][0] <= out["saved_fraction"] <= out["saved_interval"][1]
+    assert out["device"].startswith("CPU") and out["device_name"]
 
 
 @pytest.mark.parametrize("saved", [0.05, -0.01])
@@ -154,7 +164,7 @@ def test_an_exit_default_measured_slower_than_full_at_batch_one_is_withdrawn(tin
     timed = []
     monkeypatch.setattr(decision_points, "batch1_saving",
                         lambda net, policy, x, rounds: timed.append((sorted(policy.blocks), policy.threshold, x.shape))
-                        or {"saved_fraction": saved, "saved_iqr": [saved - 0.01, saved + 0.01]})
+                        or {"saved_fraction": saved, "saved_interval": [saved - 0.01, saved + 0.01]})
     section, points = decision_points.exit_card_entries(tiny_net, exits, cfg, val, images=4)
     assert timed == [(exits.blocks, section["default_threshold"], (4, 3, 32, 32))]
     assert section["batch1_check"]["saved_fraction"] == saved
